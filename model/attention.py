@@ -1,0 +1,175 @@
+"""Masked multi-head attention, written out by hand, with grouped-query heads and RoPE.
+
+Shape letters: B batch, Q query length, K key length, H query heads,
+G key/value heads (groups), R = H // G query heads per group, D head dim.
+
+One boolean mask decides what a query sees. It is built from per-token
+positions and segment ids (`attention_mask`): a query sees a key only if both
+belong to the same document (segment id, 0 meaning padding) and the key's
+position is not later than the query's. Because positions restart at 0 in
+every packed document, the same rule is causality, padding and packing at
+once, and it also covers a KV cache whose unwritten slots hold an impossible
+position.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+from model.layers import dense_param
+
+# Finite rather than -inf: a fully masked row (a padding query) then gets a
+# uniform softmax instead of NaNs, and nothing reads that row's output.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Position stored in empty KV-cache slots: later than any query, so never seen.
+EMPTY_POSITION = jnp.iinfo(jnp.int32).max
+
+
+class LayerCache(NamedTuple):
+    """Keys and values of one layer for every cache slot (already RoPE-rotated)."""
+
+    k_BSGD: jax.Array
+    v_BSGD: jax.Array
+
+
+def attention_mask(
+    q_positions_BQ: jax.Array,
+    kv_positions_BK: jax.Array,
+    q_segments_BQ: jax.Array | None,
+    kv_segments_BK: jax.Array | None,
+) -> jax.Array:
+    """mask_BQK: True where the query may attend to the key."""
+    mask_BQK = kv_positions_BK[:, None, :] <= q_positions_BQ[:, :, None]
+    if q_segments_BQ is not None:
+        same_doc_BQK = q_segments_BQ[:, :, None] == kv_segments_BK[:, None, :]
+        mask_BQK &= same_doc_BQK & (q_segments_BQ[:, :, None] != 0)
+    return mask_BQK
+
+
+def apply_rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021), rotate-half layout, in float32."""
+    half = x_BLHD.shape[-1] // 2
+    inv_freq_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BLF = positions_BL[..., None].astype(jnp.float32) * inv_freq_F
+    sin_BL1F = jnp.sin(angles_BLF)[:, :, None, :]
+    cos_BL1F = jnp.cos(angles_BLF)[:, :, None, :]
+    x1, x2 = jnp.split(x_BLHD.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos_BL1F - x2 * sin_BL1F, x2 * cos_BL1F + x1 * sin_BL1F], -1)
+    return rotated.astype(x_BLHD.dtype)
+
+
+def reference_attention(
+    q_BQHD: jax.Array, k_BKGD: jax.Array, v_BKGD: jax.Array, mask_BQK: jax.Array
+) -> jax.Array:
+    """softmax(q k^T / sqrt(D), masked) v, scores and softmax in float32."""
+    B, Q, H, D = q_BQHD.shape
+    G = k_BKGD.shape[2]
+    q_BQGRD = q_BQHD.reshape(B, Q, G, H // G, D)
+    scores_BGRQK = jnp.einsum(
+        "bqgrd,bkgd->bgrqk", q_BQGRD, k_BKGD, preferred_element_type=jnp.float32
+    ) * (D**-0.5)
+    scores_BGRQK = jnp.where(mask_BQK[:, None, None], scores_BGRQK, MASK_VALUE)
+    probs_BGRQK = jax.nn.softmax(scores_BGRQK, axis=-1).astype(v_BKGD.dtype)
+    out_BQGRD = jnp.einsum("bgrqk,bkgd->bqgrd", probs_BGRQK, v_BKGD)
+    return out_BQGRD.reshape(B, Q, H, D)
+
+
+def fused_attention(
+    q_BQHD: jax.Array,
+    k_BKGD: jax.Array,
+    v_BKGD: jax.Array,
+    mask_BQK: jax.Array | None,
+    implementation: str,
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` (XLA or cuDNN flash attention).
+
+    `mask_BQK=None` means plain causal attention over full rows, which cuDNN
+    runs without materialising any mask.
+    """
+    mask_B1QK = None if mask_BQK is None else mask_BQK[:, None]
+    return jax.nn.dot_product_attention(
+        q_BQHD, k_BKGD, v_BKGD, mask=mask_B1QK, is_causal=mask_BQK is None,
+        implementation=implementation,
+    )
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with optional grouped-query heads and KV cache."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BLD: jax.Array,
+        positions_BL: jax.Array,
+        segment_ids_BL: jax.Array | None,
+        cache: tuple[LayerCache, jax.Array, jax.Array | None] | None = None,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """Returns (y_BLD, updated layer cache or None).
+
+        `cache` is (layer cache, kv_positions_BS, kv_segments_BS) where the
+        positions and segments already include the tokens of this call; the
+        new keys and values are written at slots `positions_BL` (one sequence
+        per row while decoding, so slot index equals position).
+        """
+        cfg = self.cfg
+        H, G, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        dtype = cfg.compute_dtype
+
+        def project(name, heads, axes):
+            w = dense_param(self, name, (cfg.d_model, heads, D), ("embed", axes, "head_dim"))
+            y = jnp.einsum("bld,dhk->blhk", x_BLD, w.astype(dtype))
+            if cfg.use_bias:
+                y += dense_param(self, name + "_bias", (heads, D), (axes, "head_dim"), zeros=True)
+            return y.astype(dtype)
+
+        q_BLHD = project("query", H, "heads")
+        k_BLGD = project("key", G, "kv_heads")
+        v_BLGD = project("value", G, "kv_heads")
+        if cfg.positional == "rope":
+            q_BLHD = apply_rope(q_BLHD, positions_BL, cfg.rope_theta)
+            k_BLGD = apply_rope(k_BLGD, positions_BL, cfg.rope_theta)
+        q_BLHD = nn.with_logical_constraint(q_BLHD, ("batch", "length", "act_heads", "head_dim"))
+
+        if cache is None:
+            new_cache = None
+            k_BKGD, v_BKGD = k_BLGD, v_BLGD
+            kv_positions_BK, kv_segments_BK = positions_BL, segment_ids_BL
+        else:
+            layer_cache, kv_positions_BK, kv_segments_BK = cache
+            new_cache = LayerCache(
+                _write_slots(layer_cache.k_BSGD, k_BLGD, positions_BL[:, 0]),
+                _write_slots(layer_cache.v_BSGD, v_BLGD, positions_BL[:, 0]),
+            )
+            k_BKGD, v_BKGD = new_cache
+
+        plain_causal = cache is None and segment_ids_BL is None
+        if cfg.attention_backend == "reference":
+            mask = attention_mask(positions_BL, kv_positions_BK, segment_ids_BL, kv_segments_BK)
+            out_BLHD = reference_attention(q_BLHD, k_BKGD, v_BKGD, mask)
+        else:
+            mask = None if plain_causal else attention_mask(
+                positions_BL, kv_positions_BK, segment_ids_BL, kv_segments_BK
+            )
+            out_BLHD = fused_attention(q_BLHD, k_BKGD, v_BKGD, mask, cfg.attention_backend)
+
+        w_out = dense_param(self, "out", (H, D, cfg.d_model), ("heads", "head_dim", "embed"))
+        y_BLD = jnp.einsum("blhk,hkd->bld", out_BLHD, w_out.astype(dtype))
+        if cfg.use_bias:
+            y_BLD += dense_param(self, "out_bias", (cfg.d_model,), ("embed",), zeros=True)
+        return y_BLD.astype(dtype), new_cache
+
+
+def _write_slots(cache_BSGD: jax.Array, new_BLGD: jax.Array, start_B: jax.Array) -> jax.Array:
+    """Writes each row's new entries into its cache starting at slot start_B[b]."""
+
+    def write_row(row_SGD, new_LGD, start):
+        return jax.lax.dynamic_update_slice_in_dim(row_SGD, new_LGD.astype(row_SGD.dtype), start, 0)
+
+    return jax.vmap(write_row)(cache_BSGD, new_BLGD, start_B)

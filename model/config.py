@@ -1,0 +1,139 @@
+"""Model configuration and named presets.
+
+A `ModelConfig` is a frozen dataclass validated at construction, so a bad
+value fails before any array is allocated, with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+Positional = Literal["learned", "rope"]
+Norm = Literal["layernorm", "rmsnorm"]
+Activation = Literal["gelu", "swiglu"]
+AttentionBackend = Literal["reference", "xla", "cudnn"]
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+
+_CHOICES = {
+    "positional": ("learned", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "activation": ("gelu", "swiglu"),
+    "attention_backend": ("reference", "xla", "cudnn"),
+    "remat": ("none", "full", "dots", "dots_no_batch"),
+    "dtype": ("float32", "bfloat16", "float16"),
+    "param_dtype": ("float32", "bfloat16"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a decoder-only transformer.
+
+    `attention_backend`: "reference" is the hand-written attention (the
+    definition every other backend is tested against); "xla" and "cudnn" call
+    `jax.nn.dot_product_attention` with that implementation (cuDNN flash
+    attention needs a GPU and bf16/fp16).
+    """
+
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (plain multi-head)
+    d_ff: int = 256
+    max_len: int = 128
+    positional: Positional = "learned"
+    rope_theta: float = 10_000.0
+    norm: Norm = "layernorm"
+    norm_eps: float = 1e-5
+    activation: Activation = "gelu"
+    use_bias: bool = False
+    tie_embeddings: bool = True
+    dropout_rate: float = 0.0
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of parameters
+    remat: RematPolicy = "none"
+    scan_layers: bool = False
+    attention_backend: AttentionBackend = "reference"
+
+    def __post_init__(self):
+        for field, allowed in _CHOICES.items():
+            value = getattr(self, field)
+            if value not in allowed:
+                raise ValueError(f"ModelConfig.{field}={value!r} is not one of {allowed}")
+        for field in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"ModelConfig.{field} must be positive, got {getattr(self, field)}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"ModelConfig: n_heads={self.n_heads} does not divide d_model={self.d_model}"
+            )
+        if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"ModelConfig: n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}"
+            )
+        if self.positional == "rope" and self.head_dim % 2:
+            raise ValueError(f"ModelConfig: RoPE needs an even head_dim, got {self.head_dim}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+_GPT2 = dict(
+    vocab_size=50304,  # 50257 rounded up to a multiple of 128 for fast matmuls
+    max_len=1024,
+    positional="learned",
+    norm="layernorm",
+    activation="gelu",
+    tie_embeddings=True,
+    dtype="bfloat16",
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    # Small enough to train in seconds on one CPU core; the unit tests use it.
+    "tiny": ModelConfig(),
+    "tiny-llama": ModelConfig(
+        n_kv_heads=2, positional="rope", norm="rmsnorm", activation="swiglu",
+        tie_embeddings=False,
+    ),
+    "gpt2-124m": ModelConfig(d_model=768, n_layers=12, n_heads=12, d_ff=3072, **_GPT2),
+    "gpt2-350m": ModelConfig(d_model=1024, n_layers=24, n_heads=16, d_ff=4096, **_GPT2),
+    # GPT-3 XL shape (Brown et al. 2020, table 2.1): 1.3B parameters, context 2048.
+    "gpt-1.3b": ModelConfig(
+        d_model=2048, n_layers=24, n_heads=16, d_ff=8192, **{**_GPT2, "max_len": 2048}
+    ),
+    # Llama-3.2-1B-like trunk with this project's 32k sentencepiece vocabulary.
+    "llama-1b": ModelConfig(
+        vocab_size=32768, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+        max_len=2048, positional="rope", rope_theta=500_000.0, norm="rmsnorm",
+        activation="swiglu", tie_embeddings=False, dtype="bfloat16",
+    ),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+    """Returns the named preset, optionally with fields replaced."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -1,0 +1,110 @@
+"""Building blocks: parameters with logical axis names, norms, feed-forward, embeddings.
+
+Every parameter is created through `dense_param`, which attaches logical axis
+names (see `train/sharding.py` for the one table that maps them to mesh axes).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+
+
+def dense_param(
+    module: nn.Module,
+    name: str,
+    shape: tuple[int, ...],
+    axes: tuple[str, ...],
+    zeros: bool = False,
+    ones: bool = False,
+    fan_in: int | None = None,
+) -> jax.Array:
+    """Declares a parameter whose dimensions carry logical axis names.
+
+    Weights get a truncated-normal init with std 1/sqrt(fan_in), fan_in being
+    the first dimension unless given.
+    """
+    if zeros:
+        init = nn.initializers.zeros_init()
+    elif ones:
+        init = nn.initializers.ones_init()
+    else:
+        std = (fan_in or shape[0]) ** -0.5
+        init = nn.initializers.truncated_normal(stddev=std)
+    cfg: ModelConfig = module.cfg
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weight_dtype)
+
+
+def gather_rows(table_ND: jax.Array, ids_BL: jax.Array) -> jax.Array:
+    """table[ids] for a sharded table: gathered whole first (as FSDP does for
+    every weight), since a lookup into a split table cannot keep the batch split."""
+    table_ND = nn.with_logical_constraint(table_ND, (None, None))
+    return nn.with_logical_constraint(jnp.take(table_ND, ids_BL, axis=0), ("batch", "length", "act_embed"))
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm, statistics in float32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        x = x_BLD.astype(jnp.float32)
+        if cfg.norm == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + cfg.norm_eps)
+        x = x * dense_param(self, "scale", (cfg.d_model,), ("norm",), ones=True)
+        if cfg.norm == "layernorm" and cfg.use_bias:
+            x = x + dense_param(self, "bias", (cfg.d_model,), ("norm",), zeros=True)
+        return x.astype(cfg.compute_dtype)
+
+
+class MLP(nn.Module):
+    """Feed-forward block: GELU (GPT-2) or SwiGLU (Shazeer 2020, as in Llama)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        dtype = cfg.compute_dtype
+
+        def up(name):
+            w = dense_param(self, name, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
+            h = x_BLD @ w.astype(dtype)
+            if cfg.use_bias:
+                h += dense_param(self, name + "_bias", (cfg.d_ff,), ("mlp",), zeros=True)
+            return nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+
+        if cfg.activation == "swiglu":
+            h_BLF = nn.silu(up("gate")) * up("up")
+        else:
+            h_BLF = nn.gelu(up("up"), approximate=True)
+        w_down = dense_param(self, "down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
+        y_BLD = h_BLF.astype(dtype) @ w_down.astype(dtype)
+        if cfg.use_bias:
+            y_BLD += dense_param(self, "down_bias", (cfg.d_model,), ("embed",), zeros=True)
+        return y_BLD.astype(dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding; `attend` reuses the table as the tied output head."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        # std 1/sqrt(d) keeps tied logits O(1) at init.
+        self.embedding = dense_param(
+            self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), fan_in=cfg.d_model
+        )
+
+    def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+        return gather_rows(self.embedding, tokens_BL).astype(self.cfg.compute_dtype)
+
+    def attend(self, x_BLD: jax.Array) -> jax.Array:
+        return x_BLD @ self.embedding.astype(self.cfg.compute_dtype).T

@@ -1,0 +1,187 @@
+"""The decoder-only transformer: pre-norm blocks, optional scan over layers and remat.
+
+`Decoder` maps embedded tokens to final hidden states (shared by the language
+model and the reward model); `LanguageModel` adds the embedding and output head. Both are used purely
+functionally: `params = model.init(...)["params"]`, `model.apply({"params": params}, ...)`.
+
+Decoding with a KV cache: `init_cache` allocates a `DecodeCache`; passing it to
+`LanguageModel.__call__` writes this call's keys and values and returns the
+updated cache (see `model/sampling.py`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.attention import EMPTY_POSITION, Attention, LayerCache
+from model.config import ModelConfig
+from model.layers import MLP, Embed, Norm, dense_param, gather_rows
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class DecodeCache(NamedTuple):
+    """Per-layer keys/values stacked on a leading layer axis, plus slot metadata."""
+
+    layers: LayerCache  # k/v: [n_layers, B, S, G, D]
+    positions_BS: jax.Array  # position held by each slot; EMPTY_POSITION if unwritten
+    segments_BS: jax.Array  # segment id of each slot; 0 for padding / unwritten
+
+
+def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> DecodeCache:
+    shape = (cfg.n_layers, batch_size, max_len, cfg.kv_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, cfg.compute_dtype)
+    return DecodeCache(
+        LayerCache(zeros, zeros),
+        jnp.full((batch_size, max_len), EMPTY_POSITION, jnp.int32),
+        jnp.zeros((batch_size, max_len), jnp.int32),
+    )
+
+
+class Block(nn.Module):
+    """x + attn(norm(x)), then x + mlp(norm(x)); the carry of the layer scan."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BLD, positions_BL, segment_ids_BL, kv_meta, layer_cache):
+        cfg = self.cfg
+        dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+        cache = None if layer_cache is None else (layer_cache, *kv_meta)
+        h_BLD, new_cache = Attention(cfg, name="attn")(
+            Norm(cfg, name="attn_norm")(x_BLD), positions_BL, segment_ids_BL, cache
+        )
+        x_BLD = x_BLD + dropout(h_BLD)
+        x_BLD = x_BLD + dropout(MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BLD)))
+        x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
+        return x_BLD, new_cache
+
+
+def _block_class(cfg: ModelConfig):
+    if cfg.remat == "none":
+        return Block
+    return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+
+
+class Decoder(nn.Module):
+    """Position embedding, the stack of blocks and the final norm: x_BLD -> hidden_BLD.
+
+    The token embedding lives beside it (in `LanguageModel`, and in the reward
+    model), because the tied output head reuses that table.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BLD: jax.Array,
+        positions_BL: jax.Array,
+        segment_ids_BL: jax.Array | None = None,
+        cache: DecodeCache | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, DecodeCache | None]:
+        """Returns (hidden_BLD after the final norm, updated cache or None)."""
+        cfg = self.cfg
+        if cfg.positional == "learned":
+            table = dense_param(
+                self, "position_embedding", (cfg.max_len, cfg.d_model), ("positions", "embed"),
+                fan_in=cfg.d_model,
+            )
+            x_BLD = x_BLD + gather_rows(table, positions_BL).astype(cfg.compute_dtype)
+        x_BLD = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x_BLD)
+        x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
+
+        kv_meta = layer_caches = None
+        if cache is not None:
+            if segment_ids_BL is None:
+                segment_ids_BL = jnp.ones_like(positions_BL)
+            cache = _record_slots(cache, positions_BL, segment_ids_BL)
+            kv_meta = (cache.positions_BS, cache.segments_BS)
+            layer_caches = cache.layers
+        block = _block_class(cfg)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, deterministic, name="blocks")
+            x_BLD, new_layers = stack(x_BLD, positions_BL, segment_ids_BL, kv_meta, layer_caches)
+        else:
+            new_layers = []
+            for i in range(cfg.n_layers):
+                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], layer_caches)
+                x_BLD, new_layer = block(cfg, deterministic, name=f"block_{i}")(
+                    x_BLD, positions_BL, segment_ids_BL, kv_meta, layer_cache
+                )
+                new_layers.append(new_layer)
+            if cache is not None:
+                new_layers = jax.tree.map(lambda *layers: jnp.stack(layers), *new_layers)
+        hidden_BLD = Norm(cfg, name="final_norm")(x_BLD)
+        new_cache = None if cache is None else cache._replace(layers=new_layers)
+        return hidden_BLD, new_cache
+
+
+def default_positions(tokens_BL: jax.Array) -> jax.Array:
+    """0..L-1 in every row."""
+    return jnp.broadcast_to(jnp.arange(tokens_BL.shape[1], dtype=jnp.int32), tokens_BL.shape)
+
+
+def _record_slots(cache: DecodeCache, positions_BL, segment_ids_BL) -> DecodeCache:
+    """Marks the slots this call writes with their positions and segment ids."""
+    start_B = positions_BL[:, 0]
+
+    def write(row_S, new_L, start):
+        return jax.lax.dynamic_update_slice_in_dim(row_S, new_L.astype(row_S.dtype), start, 0)
+
+    return cache._replace(
+        positions_BS=jax.vmap(write)(cache.positions_BS, positions_BL, start_B),
+        segments_BS=jax.vmap(write)(cache.segments_BS, segment_ids_BL, start_B),
+    )
+
+
+class LanguageModel(nn.Module):
+    """Token embedding, decoder and output head: tokens -> next-token logits."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BL: jax.Array,
+        positions_BL: jax.Array | None = None,
+        segment_ids_BL: jax.Array | None = None,
+        cache: DecodeCache | None = None,
+        deterministic: bool = True,
+    ):
+        """Returns logits_BLV (compute dtype), or (logits_BLV, cache) when a cache is given.
+
+        positions default to 0..L-1 in every row; segment_ids None means every
+        row is one whole document with no padding (the fastest attention path).
+        """
+        cfg = self.cfg
+        if positions_BL is None:
+            positions_BL = default_positions(tokens_BL)
+        embed = Embed(cfg, name="embed")
+        hidden_BLD, new_cache = Decoder(cfg, name="decoder")(
+            embed(tokens_BL), positions_BL, segment_ids_BL, cache, deterministic
+        )
+        if cfg.tie_embeddings:
+            logits_BLV = embed.attend(hidden_BLD)
+        else:
+            w = dense_param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+            logits_BLV = hidden_BLD @ w.astype(cfg.compute_dtype)
+        logits_BLV = nn.with_logical_constraint(logits_BLV, ("batch", "length", "act_vocab"))
+        return logits_BLV if cache is None else (logits_BLV, new_cache)

@@ -1,0 +1,76 @@
+"""Gradient accumulation over microbatches and the optimizer update, shared by every stage.
+
+A stage supplies `loss_sums(params, microbatch, rng) -> (loss_sum, sums)`
+where `sums` is a dict of additive statistics that includes "weight_sum".
+Gradients of the summed loss are accumulated over microbatches in a
+`lax.scan` and divided once by the total weight, so k microbatches give the
+same update as one pass over the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from train.state import TrainState
+
+LossSums = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def split_microbatches(batch: dict, num_microbatches: int) -> dict:
+    """[B, ...] -> [k, B/k, ...], taking every k-th row so each device's rows
+    spread over all microbatches (no resharding of a batch split by rows)."""
+
+    def split(x):
+        if x.shape[0] % num_microbatches:
+            raise ValueError(
+                f"batch size {x.shape[0]} is not divisible by num_microbatches={num_microbatches}"
+            )
+        x = x.reshape(x.shape[0] // num_microbatches, num_microbatches, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(
+    loss_sums: LossSums, params: Any, batch: dict, rng: jax.Array, num_microbatches: int
+) -> tuple[Any, dict[str, jax.Array]]:
+    """Returns (gradient of the weight-normalised loss, summed statistics)."""
+    grad_fn = jax.grad(loss_sums, has_aux=True)
+
+    if num_microbatches == 1:
+        grads, sums = grad_fn(params, batch, rng)
+    else:
+        micro = split_microbatches(batch, num_microbatches)
+
+        def body(carry, xs):
+            grads_acc, sums_acc = carry
+            index, microbatch = xs
+            grads, sums = grad_fn(params, microbatch, jax.random.fold_in(rng, index))
+            grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+            sums_acc = jax.tree.map(jnp.add, sums_acc, sums)
+            return (grads_acc, sums_acc), None
+
+        zeros_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        abstract_sums = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)[1])
+        zeros_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_sums)
+        (grads, sums), _ = jax.lax.scan(
+            body, (zeros_grads, zeros_sums), (jnp.arange(num_microbatches), micro)
+        )
+    denominator = jnp.maximum(sums["weight_sum"], 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, params)
+    return grads, sums
+
+
+def apply_gradients(
+    state: TrainState, grads: Any, tx: optax.GradientTransformation
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update; returns the new state and the gradient norm before clipping."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, {"grad_norm": optax.global_norm(grads)}

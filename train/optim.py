@@ -1,0 +1,81 @@
+"""AdamW with warmup and decay, global-norm clipping, and a weight-decay mask."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    total_steps: int = 10_000  # the decay ends here; the schedule stays at end_lr after
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    end_lr: float = 3e-5
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float | None = 1.0
+    decay_embeddings: bool = False  # whether token/position embeddings get weight decay
+
+    def __post_init__(self):
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"OptimConfig.schedule={self.schedule!r} is not cosine/linear/constant")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.total_steps <= 0:
+            raise ValueError(f"OptimConfig: lr, total_steps must be positive, got {self}")
+        if self.warmup_steps > self.total_steps:
+            raise ValueError(
+                f"OptimConfig: warmup_steps={self.warmup_steps} > total_steps={self.total_steps}"
+            )
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Linear warmup to lr, then cosine or linear decay to end_lr.
+
+    Step s uses the rate of s + 1, so the first update is lr / warmup_steps
+    rather than a wasted step at rate 0.
+    """
+    warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
+    decay_steps = max(cfg.total_steps - cfg.warmup_steps, 1)
+    if cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr / cfg.lr)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(cfg.lr, cfg.end_lr, decay_steps)
+    else:
+        decay = optax.constant_schedule(cfg.lr)
+    schedule = optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+    return lambda step: schedule(step + 1)
+
+
+_NO_DECAY_NAMES = ("scale", "bias")  # norm gains and biases
+_EMBEDDING_NAMES = ("embedding", "position_embedding")
+
+
+def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
+    """True for parameters that get weight decay: matrices, not norms or biases.
+
+    Decided by name, not rank, because scanned layers add a leading axis.
+    """
+
+    def decays(path, _):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name in _NO_DECAY_NAMES or name.endswith("_bias"):
+            return False
+        return decay_embeddings or name not in _EMBEDDING_NAMES
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity()
+    adamw = optax.adamw(
+        learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=lambda p: weight_decay_mask(p, cfg.decay_embeddings),
+    )
+    return optax.chain(clip, adamw)

@@ -1,0 +1,153 @@
+"""The device mesh and the ONE table mapping logical axis names to mesh axes.
+
+Mesh axes:
+  data   - pure data parallelism: parameters replicated, batch split.
+  fsdp   - data parallelism with parameters and optimizer state split too
+           (ZeRO-3 / fully sharded data parallel); the batch is split over it.
+  tensor - Megatron-style tensor parallelism: heads, feed-forward width and
+           vocabulary split; activations all-reduced inside each block.
+
+The mesh uses `AxisType.Auto`: shardings are given at the jit boundary and as
+hints inside the model (`nn.with_logical_constraint`), and XLA's partitioner
+places the collectives. That keeps the model code free of mesh details, so
+the same code runs on 1 device or a pod.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis name -> mesh axis (or axes, or None for replicated).
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("positions", None),
+    ("norm", None),
+    ("layers", None),
+    # activations
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; one of them may be -1 to take the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def shape(self, n_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1:
+            raise ValueError(f"MeshConfig: at most one axis may be -1, got {self}")
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(f"MeshConfig: axis sizes must be positive or -1, got {self}")
+        if -1 in sizes:
+            known = math.prod(s for s in sizes if s != -1)
+            if n_devices % known:
+                raise ValueError(
+                    f"MeshConfig {self}: {n_devices} devices are not divisible by {known}"
+                )
+            sizes[sizes.index(-1)] = n_devices // known
+        if math.prod(sizes) != n_devices:
+            raise ValueError(
+                f"MeshConfig {self}: mesh size {math.prod(sizes)} differs from the "
+                f"device count {n_devices}"
+            )
+        return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = cfg.shape(len(devices))
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) dimension split over data and fsdp; the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def logical_to_mesh(logical_specs: Any, mesh: Mesh) -> Any:
+    """Tree of logical PartitionSpecs -> tree of NamedShardings on `mesh`."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, LOGICAL_AXIS_RULES)
+
+
+def check_divisible(abstract_tree: Any, shardings: Any) -> None:
+    """Fails with the parameter's path if a sharded dimension does not divide evenly."""
+
+    def check(path, leaf, sharding):
+        for dim, (size, axes) in enumerate(zip(leaf.shape, sharding.spec)):
+            axes = (axes,) if isinstance(axes, str) else axes or ()
+            parts = math.prod(sharding.mesh.shape[a] for a in axes)
+            if size % parts:
+                raise ValueError(
+                    f"{jax.tree_util.keystr(path)} has shape {leaf.shape}: dimension {dim} "
+                    f"({size}) is split over mesh axes {axes} of total size {parts}, "
+                    "which does not divide it; change the model or the mesh"
+                )
+
+    jax.tree_util.tree_map_with_path(check, abstract_tree, shardings)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh):
+    """Activates the mesh and the logical axis rules for tracing model code."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+        yield
+
+
+def jit_sharded(
+    fn: Callable,
+    mesh: Mesh,
+    in_shardings: Any,
+    out_shardings: Any,
+    donate_argnums: int | tuple[int, ...] = (),
+) -> Callable:
+    """`jax.jit` with explicit shardings (today's pjit), traced under `mesh_context`.
+
+    Every stage (pretraining, SFT, reward, PPO) compiles its step this way.
+    """
+    jitted = jax.jit(
+        fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate_argnums
+    )
+
+    def call(*args):
+        with mesh_context(mesh):
+            return jitted(*args)
+
+    call.jitted = jitted  # for .lower(...) in benchmarks and tests
+    return call

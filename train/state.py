@@ -1,0 +1,77 @@
+"""Train state created directly sharded over the mesh.
+
+The parameters and optimizer state are produced by a jitted init whose
+output shardings come from the logical axis names, so the full model never
+exists on one device or on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, PartitionSpec
+
+from train import sharding
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of optimizer updates applied
+    params: Any
+    opt_state: Any
+
+
+def strip_axis_names(boxed: Any) -> Any:
+    """The plain arrays inside logically partitioned boxes (no sharding constraint)."""
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    return jax.tree.map(lambda x: x.value if is_box(x) else x, boxed, is_leaf=is_box)
+
+
+def state_logical_specs(abstract_boxed_params: Any, tx: optax.GradientTransformation) -> TrainState:
+    """Logical PartitionSpecs for every leaf of the train state.
+
+    Optimizer moments take their parameter's spec; scalars (counts) are replicated.
+    """
+    param_specs = nn.get_partition_spec(abstract_boxed_params)
+    abstract_params = strip_axis_names(abstract_boxed_params)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    opt_specs = optax.tree_map_params(
+        tx, lambda _, spec: spec, abstract_opt, param_specs,
+        transform_non_params=lambda _: PartitionSpec(), is_leaf=is_spec,
+    )
+    return TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs)
+
+
+def create_train_state(
+    init_params: Callable[[jax.Array], Any],
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rng: jax.Array,
+) -> tuple[TrainState, TrainState]:
+    """Returns (state, state_shardings), the state created sharded by jit.
+
+    `init_params(rng)` returns the boxed (logically annotated) parameters,
+    e.g. `lambda r: model.init(r, tokens)["params"]`.
+    """
+    with sharding.mesh_context(mesh):
+        abstract_boxed = jax.eval_shape(init_params, rng)
+        shardings = sharding.logical_to_mesh(state_logical_specs(abstract_boxed, tx), mesh)
+        sharding.check_divisible(strip_axis_names(abstract_boxed), shardings.params)
+
+        def init(rng):
+            params = nn.unbox(init_params(rng))
+            return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+        state = jax.jit(init, out_shardings=shardings)(rng)
+    return state, shardings
+
+
+def count_params(params: Any) -> int:
+    return sum(x.size for x in jax.tree.leaves(params))
