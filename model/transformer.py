@@ -2,7 +2,8 @@
 
 `Decoder` maps embedded tokens to final hidden states (shared by the language
 model and the reward model); `LanguageModel` adds the embedding and output
-head. Both are used purely functionally: `params = model.init(...)["params"]`, `model.apply({"params": params}, ...)`.
+head. Both are used purely functionally: `params = model.init(...)["params"]`,
+then `model.apply({"params": params}, ...)`.
 
 Decoding with a KV cache: `init_cache` allocates a `DecodeCache`; passing it to
 `LanguageModel.__call__` writes this call's keys and values and returns the
@@ -125,7 +126,9 @@ class Decoder(nn.Module):
         else:
             new_layers = []
             for i in range(cfg.n_layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], layer_caches)
+                layer_cache = None
+                if cache is not None:
+                    layer_cache = jax.tree.map(lambda c, i=i: c[i], layer_caches)
                 x_BLD, new_layer = block(cfg, deterministic, name=f"block_{i}")(
                     x_BLD, positions_BL, segment_ids_BL, kv_meta, layer_cache
                 )

@@ -1,4 +1,4 @@
-"""The sharded pretraining step equals the single-device step; parameters sit where the rules say."""
+"""Sharded pretraining steps equal the single-device step; parameters sit where the rules say."""
 
 import jax
 import numpy as np
