@@ -79,7 +79,8 @@ def test_exact_and_near_duplicates_and_quality_rules():
 
     other = " ".join(reversed(PROSE.split())) + " The end of the story."
     texts = {
-        "a": PROSE, "a_copy": PROSE, "a_nfd": unicodedata.normalize("NFD", PROSE).replace("\n", "\r\n"),
+        "a": PROSE, "a_copy": PROSE,
+        "a_nfd": unicodedata.normalize("NFD", PROSE).replace("\n", "\r\n"),
         "a_near": PROSE.replace("grain", "corn").replace("spring", "year"),
         "b": other, "short": "Too short to be a document.",
         "lorem": PROSE + " Lorem ipsum dolor sit amet.",
