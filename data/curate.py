@@ -60,7 +60,8 @@ def _analyse(doc: RawDocument) -> tuple[str | None, str | None, bytes | None, np
     digest = dedup.content_hash(text)
     reason = quality.drop_reason(text, doc.kind)
     sig = None if reason else dedup.minhash_signature(text, *_PERM)
-    return reason, text, digest, sig
+    # Most texts are already normalised: send None back rather than pickling a copy.
+    return reason, (None if text == doc.text else text), digest, sig
 
 
 class CurationReport:
@@ -134,7 +135,7 @@ def _analysed(
                 yield doc
 
         # imap keeps input order, which keeps dedup decisions deterministic.
-        for result in pool.imap(_analyse, tagged(), chunksize=8):
+        for result in pool.imap(_analyse, tagged(), chunksize=4):
             yield pending.popleft(), result
 
 
@@ -168,7 +169,7 @@ def curate(
             reason = "near_duplicate"
         report.add(doc, reason)
         if reason is None:
-            kept.append(CuratedDocument(doc.name, doc.kind, text, doc.nbytes))
+            kept.append(CuratedDocument(doc.name, doc.kind, text or doc.text, doc.nbytes))
     seconds = time.perf_counter() - start
     result = report.to_dict()
     result["thresholds"] = thresholds()
