@@ -1,4 +1,4 @@
-"""The training loop end to end: exact resume after SIGKILL, SIGTERM, bad input, corrupt checkpoints."""
+"""The training loop end to end: exact resume, SIGTERM, bad input, corrupt checkpoints."""
 
 from __future__ import annotations
 
