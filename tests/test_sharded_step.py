@@ -20,6 +20,17 @@ MESHES = [
 ]
 
 
+_REFERENCE = {}
+
+
+def _single_device_reference(cfg):
+    """The single-device run of `cfg`, computed once per config."""
+    if cfg not in _REFERENCE:
+        state, _, losses = _run_steps(cfg, single_device_mesh())
+        _REFERENCE[cfg] = (jax.tree.map(np.asarray, state.params), losses)
+    return _REFERENCE[cfg]
+
+
 def _run_steps(cfg, mesh, steps=2, step_cfg=StepConfig()):
     step, state, shardings = build_training(cfg, mesh, step_cfg=step_cfg)
     losses = []
@@ -33,11 +44,11 @@ def _run_steps(cfg, mesh, steps=2, step_cfg=StepConfig()):
 @pytest.mark.parametrize("mesh_shape, cfg", MESHES, ids=[str(m) for m, _ in MESHES])
 def test_sharded_step_matches_single_device(mesh_shape, cfg):
     mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_shape))
-    ref_state, _, ref_losses = _run_steps(cfg, single_device_mesh())
+    ref_params, ref_losses = _single_device_reference(cfg)
     state, _, losses = _run_steps(cfg, mesh)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     for (path, a), b in zip(
-        jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(ref_state.params)
+        jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(ref_params)
     ):
         np.testing.assert_allclose(
             np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6, err_msg=str(path)
