@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model.sampling import filter_logits
 from train.losses import token_log_probs
 
 
@@ -39,10 +40,11 @@ def gather_at(x_BL: jax.Array, index_B: jax.Array) -> jax.Array:
 def lm_logits(
     model: nn.Module, params, tokens_BL: jax.Array, mask_BL: jax.Array, temperature: float = 1.0
 ) -> jax.Array:
-    """logits_BTV / temperature for predicting tokens 1..L-1 (dropout off)."""
+    """logits_BTV at `temperature` for predicting tokens 1..L-1 (dropout off), through
+    the sampler's own `filter_logits`, so log-probs match what was sampled."""
     positions_BL, segments_BL = positions_and_segments(mask_BL)
     logits_BLV = model.apply({"params": params}, tokens_BL, positions_BL, segments_BL)
-    return logits_BLV[:, :-1].astype(jnp.float32) / temperature
+    return filter_logits(logits_BLV[:, :-1], temperature, top_k=0, top_p=1.0)
 
 
 def log_probs_and_entropy(logits_BTV: jax.Array, tokens_BL: jax.Array):
