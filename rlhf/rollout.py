@@ -25,7 +25,8 @@ def join_prompt_and_response(
     prompts_BP: jax.Array, prompt_lengths_B: jax.Array, response_BR: jax.Array,
     response_lengths_B: jax.Array, pad_id: int,
 ) -> dict[str, jax.Array]:
-    """{tokens_BL, mask_BL, response_mask_BL} with L = P + R, prompt and response contiguous."""
+    """{tokens_BL, mask_BL, response_mask_BL} with L = P + R, prompt and response contiguous
+    (works for any per-token array in place of tokens, e.g. log-probs)."""
     B, P = prompts_BP.shape
     L = P + response_BR.shape[1]
     i_BL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
@@ -36,7 +37,7 @@ def join_prompt_and_response(
     joined_BL = jnp.take_along_axis(jnp.concatenate([prompts_BP, response_BR], 1), source_BL, 1)
     mask_BL = (i_BL < end_B1).astype(jnp.int32)
     return {
-        "tokens": jnp.where(mask_BL > 0, joined_BL, pad_id).astype(jnp.int32),
+        "tokens": jnp.where(mask_BL > 0, joined_BL, jnp.asarray(pad_id, joined_BL.dtype)),
         "mask": mask_BL,
         "response_mask": ((i_BL >= plen_B1) & (i_BL < end_B1)).astype(jnp.int32),
     }
@@ -56,6 +57,11 @@ def make_rollout(model: nn.Module, cfg: SamplingConfig) -> Callable[..., dict]:
             prompts_BP, prompt_lengths_B, samples.tokens_BT, samples.lengths_B, cfg.pad_id
         )
         out["response_mask"] = out["response_mask"][:, 1:]
+        # The sampler's own log-probs in the same layout (a check on the recomputed ones).
+        zeros_BP = jnp.zeros(prompts_BP.shape, jnp.float32)
+        out["sampler_logp"] = join_prompt_and_response(
+            zeros_BP, prompt_lengths_B, samples.logprobs_BT, samples.lengths_B, 0
+        )["tokens"][:, 1:]
         out["no_eos"] = ~samples.finished_B
         out["response_lengths"] = samples.lengths_B
         return out
