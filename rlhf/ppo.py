@@ -228,12 +228,10 @@ def _batch_axes(x: jax.Array) -> tuple:
     return ("batch",) + (None,) * (x.ndim - 1)
 
 
-def make_ppo_step(
-    policy_model: nn.Module, value_model: RewardModel, tx: optax.GradientTransformation,
-    cfg: PPOConfig = PPOConfig(),
-) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
-    """Returns the pure step `(state, batch, rng) -> (state, metrics)` (not yet jitted):
-    `cfg.epochs` passes of `cfg.num_minibatches` updates over the prepared batch."""
+def make_ppo_loss_sums(policy_model: nn.Module, value_model: RewardModel, cfg: PPOConfig):
+    """`loss_sums(params, minibatch, rng) -> (loss_sum, sums)` for `accumulate_gradients`:
+    token sums of the clipped policy loss + vf_coef * clipped value loss over response
+    tokens, with weight_sum = the number of response tokens."""
 
     def loss_sums(params, mb, rng):
         tokens_BL, mask_BL = mb["tokens"], mb["mask"]
@@ -250,6 +248,17 @@ def make_ppo_step(
         sums["weight_sum"] = jnp.sum(m_BT)
         loss_sum = sums["policy_loss_sum"] + cfg.vf_coef * sums["value_loss_sum"]
         return loss_sum, sums
+
+    return loss_sums
+
+
+def make_ppo_step(
+    policy_model: nn.Module, value_model: RewardModel, tx: optax.GradientTransformation,
+    cfg: PPOConfig = PPOConfig(),
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+    """Returns the pure step `(state, batch, rng) -> (state, metrics)` (not yet jitted):
+    `cfg.epochs` passes of `cfg.num_minibatches` updates over the prepared batch."""
+    loss_sums = make_ppo_loss_sums(policy_model, value_model, cfg)
 
     def minibatch_update(state, mb):
         mb, rng = mb
