@@ -1,5 +1,8 @@
 """A fake tokenizer and tiny models for the post-training tests."""
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -32,11 +35,19 @@ TINY = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, ma
 CHAT = TINY.replace(vocab_size=264)
 
 
+def _init(model, seed):
+    # jitted: an eager init of even a tiny transformer dispatches hundreds of ops.
+    init = jax.jit(lambda rng: nn.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]))
+    return model, init(jax.random.key(seed))
+
+
+@functools.cache
 def init_lm(cfg=TINY, seed=0):
-    model = LanguageModel(cfg)
-    return model, model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    """(LanguageModel, unboxed params); cached, so treat the params as read-only."""
+    return _init(LanguageModel(cfg), seed)
 
 
+@functools.cache
 def init_rm(cfg=TINY, seed=1):
-    model = RewardModel(cfg)
-    return model, model.init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    """(RewardModel, unboxed params); cached, so treat the params as read-only."""
+    return _init(RewardModel(cfg), seed)

@@ -2,6 +2,7 @@
 
 import random
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -50,11 +51,12 @@ def test_packing_keeps_examples_apart():
     assert not batch["weights"][0, n0 + n1 :].any()  # padding carries no loss
     # The second example's logits are the same packed or alone: no cross-example attention.
     model, params = init_lm(CHAT)
-    packed = model.apply(
+    apply = jax.jit(model.apply)
+    packed = apply(
         {"params": params}, jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]),
         jnp.asarray(batch["segment_ids"]),
     )
-    alone = model.apply({"params": params}, jnp.asarray(examples[1][0])[None])
+    alone = apply({"params": params}, jnp.asarray(examples[1][0])[None])
     np.testing.assert_allclose(packed[0, n0 : n0 + n1], alone[0], atol=1e-5)
 
 
