@@ -129,8 +129,9 @@ def ppo_token_losses(
     return {
         "policy_loss": jnp.maximum(pg1_BT, pg2_BT),
         "value_loss": 0.5 * jnp.maximum(vf1_BT, vf2_BT),
-        "clip_frac": (pg2_BT > pg1_BT).astype(jnp.float32),
-        "value_clip_frac": (vf2_BT > vf1_BT).astype(jnp.float32),
+        # Fractions outside the trust region (robust to ties at ratio == 1).
+        "clip_frac": (jnp.abs(ratio_BT - 1.0) > clip_eps).astype(jnp.float32),
+        "value_clip_frac": (jnp.abs(values_BT - old_values_BT) > value_clip).astype(jnp.float32),
         # k3 estimator of KL(old || new) (Schulman 2020): unbiased and >= 0.
         "approx_kl": ratio_BT - 1.0 - log_ratio_BT,
     }
