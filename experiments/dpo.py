@@ -41,8 +41,11 @@ def run(config: ConfigDict, root: Path) -> dict:
     tx = common.optimizer(dc)
     state, shardings = common.state_from(lm_init, sft_params, tx, mesh)
     arrays, _ = pair_arrays(data["pairs_train"], pre.tokenizer, config.reward.seq_len)
-    n = len(arrays["chosen_tokens"]) // dc.batch_size * dc.batch_size
-    arrays = {k: v[:n] for k, v in arrays.items()}
+    # Reference log-probs only for the pairs the steps will see (one epoch at most).
+    available = len(arrays["chosen_tokens"]) // dc.batch_size * dc.batch_size
+    n = min(available, dc.steps * dc.batch_size)
+    keep = np.random.default_rng(config.seed).permutation(available)[:n]
+    arrays = {k: v[keep] for k, v in arrays.items()}
     reference = sharding.jit_sharded(
         make_reference_log_probs(lm), mesh,
         in_shardings=(shardings.params, sharding.batch_sharding(mesh)),

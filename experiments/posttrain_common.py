@@ -85,7 +85,13 @@ def state_from(init_params: Callable, params: Any, tx, mesh, seed: int = 0):
     created sharded by `create_train_state` only needs its params replaced.
     """
     state, shardings = create_train_state(init_params, tx, mesh, jax.random.key(seed))
-    return state.replace(params=jax.device_put(params, shardings.params)), shardings
+    return state.replace(params=copy_to(params, shardings.params)), shardings
+
+
+def copy_to(tree: Any, shardings: Any) -> Any:
+    """A copy of `tree` placed by `shardings`: the steps donate their state, so a state
+    must never share buffers with params used later (the frozen reference, say)."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
 
 
 def save_params(directory: Path, params: Any, meta: dict) -> None:

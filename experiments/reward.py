@@ -79,7 +79,8 @@ def run(config: ConfigDict, root: Path) -> dict[str, float]:
     sft_params = common.load_params(root / "sft", lm_init, mesh)
     tx = common.optimizer(rc)
     state, shardings = create_train_state(rm_init, tx, mesh, jax.random.key(config.seed))
-    state = state.replace(params=init_from_lm(state.params, sft_params))
+    params = init_from_lm(state.params, sft_params)
+    state = state.replace(params=common.copy_to(params, shardings.params))
 
     train_arrays, _ = pair_arrays(data["pairs_train"], tokenizer, rc.seq_len)
     eval_arrays, eval_kinds = pair_arrays(data["pairs_eval"], tokenizer, rc.seq_len)

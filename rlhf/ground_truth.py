@@ -13,6 +13,9 @@ import numpy as np
 
 
 def parses(code: str) -> bool:
+    """Whether the code is non-blank valid Python (a blank answer parses, but answers nothing)."""
+    if not code.strip():
+        return False
     try:
         ast.parse(code)
         return True

@@ -39,8 +39,8 @@ class RewardModel(nn.Module):
         hidden_BLD, _ = Decoder(cfg, name="decoder")(
             Embed(cfg, name="embed")(tokens_BL), positions_BL, segment_ids_BL, None, deterministic
         )
-        # Small init: rewards start near 0 whatever the trunk's scale.
-        w_D = dense_param(self, "reward_head", (cfg.d_model,), ("embed",), fan_in=cfg.d_model**3)
+        # std 1/d: initial rewards are small (about d^-1/2) but the trunk still gets gradient.
+        w_D = dense_param(self, "reward_head", (cfg.d_model,), ("embed",), fan_in=cfg.d_model**2)
         b = dense_param(self, "reward_bias", (1,), (None,), zeros=True)
         scores_BL = hidden_BLD.astype(jnp.float32) @ w_D.astype(jnp.float32) + b[0]
         return nn.with_logical_constraint(scores_BL, ("batch", "length"))

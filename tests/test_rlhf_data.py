@@ -158,7 +158,7 @@ def test_corruptions_are_controlled(tmp_path):
 def test_ground_truth_parses_and_never_executes():
     code = "def f(x):\n    return x\n"
     bomb = "def f():\n    raise SystemExit\nf()\n"  # would exit if executed
-    assert parses(code) and not parses("def f(:\n")
+    assert parses(code) and not parses("def f(:\n") and not parses("   \n")
     assert defines_function(code, "f") and not defines_function(code, "g")
     result = ground_truth([code, bomb, "nope("], ["f", "f", "f"], scores=[1.0, 2.0, 3.0])
     assert result == {"parse_rate": 2 / 3, "defines_name_rate": 2 / 3, "n": 3, "reward_mean": 2.0}

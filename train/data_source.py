@@ -30,25 +30,22 @@ def data_dir(config: ConfigDict, workdir: Path) -> Path:
 
 def build_data(config: ConfigDict, workdir: Path, mesh) -> DataSource:
     """Prepares the corpus and tokenizer if missing, then opens the train and eval streams."""
-    from data.prepare import ensure_prepared
-    from data.tokenizer import load_tokenizer
-
     from data import pipeline
+    from data.prepare import ensure_prepared, load_prepared_tokenizer
 
     dc, tc = config.data, config.train
     directory = data_dir(config, workdir)
     ensure_prepared(dc.corpus, directory, vocab_size=dc.vocab_size, tokenizer=dc.tokenizer)
-    tokenizer = load_tokenizer(directory)
-    common = dict(
-        seq_len=dc.seq_len,
-        global_batch_size=tc.global_batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+    tokenizer = load_prepared_tokenizer(directory)
+    common = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = pipeline.make_train_iterator(
+        directory, "train", dc.seq_len, tc.global_batch_size, seed=tc.seed, **common
     )
-    train_iter = pipeline.train_iterator(directory, seed=tc.seed, **common)
     eval_batches = [
         pipeline.to_global_batch(b, mesh)
-        for b in pipeline.eval_batches(directory, num_batches=tc.eval_batches, **common)
+        for b in pipeline.make_eval_iterator(
+            directory, dc.seq_len, tc.global_batch_size, max_batches=tc.eval_batches, **common
+        )
     ]
     return DataSource(
         tokenizer, train_iter, eval_batches, pipeline.bytes_per_token(directory, "val"), mesh

@@ -10,20 +10,20 @@ def get_config():
     c = ConfigDict()
     c.seed = 0
     c.pretrain = stdlib_tiny.get_config()
-    c.pretrain.train.num_steps = 400
-    c.pretrain.optim.total_steps = 400
-    c.pretrain.train.eval_every = 200
-    c.pretrain.train.checkpoint_every = 200
+    c.pretrain.train.num_steps = 300
+    c.pretrain.optim.total_steps = 300
+    c.pretrain.train.eval_every = 150
+    c.pretrain.train.checkpoint_every = 150
     c.pretrain.sample.num_samples = 0
     # Mined from the interpreter's own standard library; short functions, so that prompt
     # and answer fit the tiny model's context.
     c.posttrain_data = ConfigDict(dict(root="", eval_fraction=0.1, max_files=0, max_chars=400))
     c.sft = ConfigDict(dict(
-        steps=200, batch_size=16, seq_len=256, lr=1e-3, warmup_steps=20, log_every=20,
+        steps=120, batch_size=16, seq_len=256, lr=1e-3, warmup_steps=10, log_every=20,
         eval_rows=64,
     ))
     c.reward = ConfigDict(dict(
-        steps=150, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=15, log_every=25,
+        steps=100, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=10, log_every=20,
         margin=0.0, normalization_samples=64,
     ))
     c.ppo = ConfigDict(dict(
@@ -33,7 +33,7 @@ def get_config():
         missing_eos_penalty=1.0, log_every=5,
     ))
     c.dpo = ConfigDict(dict(
-        enabled=True, steps=100, batch_size=16, lr=5e-5, warmup_steps=10, beta=0.1, log_every=20,
+        enabled=True, steps=40, batch_size=16, lr=5e-5, warmup_steps=5, beta=0.1, log_every=10,
     ))
     c.eval = ConfigDict(dict(num_prompts=64, temperature=0.0))  # greedy answers for the table
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
