@@ -1,6 +1,6 @@
 """Data pipeline benchmark: curation MB/s and loader tokens/s on this machine.
 
-    python -m data.bench [--out=/tmp/bench_stdlib] [--seq_len=1024] [--batch=64]
+python -m data.bench [--out=/tmp/bench_stdlib] [--seq_len=1024] [--batch=64]
 """
 
 from __future__ import annotations
@@ -22,8 +22,12 @@ def bench_curation(num_workers: int) -> dict:
     _, report = curate(docs, num_workers=num_workers)
     seconds = time.perf_counter() - start
     mb = report["input"]["bytes"] / 1e6
-    return {"workers": num_workers, "mb": round(mb, 2), "seconds": round(seconds, 2),
-            "mb_per_s": round(mb / seconds, 2)}
+    return {
+        "workers": num_workers,
+        "mb": round(mb, 2),
+        "seconds": round(seconds, 2),
+        "mb_per_s": round(mb / seconds, 2),
+    }
 
 
 def bench_loader(prepared_dir: str, seq_len: int, batch: int, n_batches: int) -> dict:
@@ -34,8 +38,12 @@ def bench_loader(prepared_dir: str, seq_len: int, batch: int, n_batches: int) ->
     for _ in range(n_batches):
         tokens += next(it)["inputs"].size
     seconds = time.perf_counter() - start
-    return {"seq_len": seq_len, "batch": batch, "batches": n_batches,
-            "tokens_per_s": round(tokens / seconds)}
+    return {
+        "seq_len": seq_len,
+        "batch": batch,
+        "batches": n_batches,
+        "tokens_per_s": round(tokens / seconds),
+    }
 
 
 def main() -> None:

@@ -102,13 +102,17 @@ def thresholds() -> dict:
     """Every threshold in force, recorded in the report so a run documents itself."""
     consts = {k: v for k, v in vars(quality).items() if k.isupper() and k[:1] != "_"}
     consts = {k: sorted(v) if isinstance(v, frozenset) else v for k, v in consts.items()}
-    consts["GOPHER_MAX_TOP_NGRAM_CHARS"] = {str(k): v for k, v in
-                                            quality.GOPHER_MAX_TOP_NGRAM_CHARS.items()}
-    consts["GOPHER_MAX_DUP_NGRAM_CHARS"] = {str(k): v for k, v in
-                                            quality.GOPHER_MAX_DUP_NGRAM_CHARS.items()}
+    consts["GOPHER_MAX_TOP_NGRAM_CHARS"] = {
+        str(k): v for k, v in quality.GOPHER_MAX_TOP_NGRAM_CHARS.items()
+    }
+    consts["GOPHER_MAX_DUP_NGRAM_CHARS"] = {
+        str(k): v for k, v in quality.GOPHER_MAX_DUP_NGRAM_CHARS.items()
+    }
     consts.update(
-        MINHASH_SHINGLE_WORDS=dedup.SHINGLE_WORDS, MINHASH_BANDS=dedup.BANDS,
-        MINHASH_ROWS=dedup.ROWS, NEAR_DUP_THRESHOLD=dedup.NEAR_DUP_THRESHOLD,
+        MINHASH_SHINGLE_WORDS=dedup.SHINGLE_WORDS,
+        MINHASH_BANDS=dedup.BANDS,
+        MINHASH_ROWS=dedup.ROWS,
+        NEAR_DUP_THRESHOLD=dedup.NEAR_DUP_THRESHOLD,
     )
     return consts
 

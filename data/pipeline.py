@@ -64,14 +64,16 @@ class PackedBatchIterator:
         drop_remainder: bool = True,
     ):
         if global_batch_size % process_count:
-            raise ValueError(f"global batch {global_batch_size} is not divisible by "
-                             f"{process_count} processes")
+            raise ValueError(
+                f"global batch {global_batch_size} is not divisible by {process_count} processes"
+            )
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} outside [0, {process_count})")
         meta = load_meta(prepared_dir)
         self.split = split
-        self.data = store.TokenizedSplit.open(Path(prepared_dir, split),
-                                              np.dtype(meta["token_dtype"]))
+        self.data = store.TokenizedSplit.open(
+            Path(prepared_dir, split), np.dtype(meta["token_dtype"])
+        )
         self.pad_id = meta["tokenizer"]["pad_id"]
         self.seq_len = seq_len
         self.global_batch_size = global_batch_size
@@ -143,9 +145,11 @@ class PackedBatchIterator:
         self._layout(epoch)
         start = batch * self.global_batch_size
         idx = np.arange(start, start + self.global_batch_size)
-        return np.where(idx < self.rows_per_epoch,
-                        self._row_order[np.minimum(idx, self.rows_per_epoch - 1)],
-                        self.rows_per_epoch)
+        return np.where(
+            idx < self.rows_per_epoch,
+            self._row_order[np.minimum(idx, self.rows_per_epoch - 1)],
+            self.rows_per_epoch,
+        )
 
     # --- iteration ---
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -165,20 +169,29 @@ class PackedBatchIterator:
 
     # --- checkpointing ---
     def _config(self) -> dict:
-        return {"split": self.split, "seq_len": self.seq_len, "seed": self.seed,
-                "global_batch_size": self.global_batch_size, "shuffle": self.shuffle,
-                "num_docs": self.data.num_docs}
+        return {
+            "split": self.split,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "shuffle": self.shuffle,
+            "num_docs": self.data.num_docs,
+        }
 
     def get_state(self) -> dict:
-        return {"version": STATE_VERSION, "epoch": self._epoch, "batch": self._batch,
-                **self._config()}
+        return {
+            "version": STATE_VERSION,
+            "epoch": self._epoch,
+            "batch": self._batch,
+            **self._config(),
+        }
 
     def set_state(self, state: dict) -> None:
-        mismatch = {k: (state.get(k), v) for k, v in self._config().items()
-                    if state.get(k) != v}
+        mismatch = {k: (state.get(k), v) for k, v in self._config().items() if state.get(k) != v}
         if mismatch:
-            raise ValueError(f"iterator state is for another configuration (saved, now): "
-                             f"{mismatch}")
+            raise ValueError(
+                f"iterator state is for another configuration (saved, now): {mismatch}"
+            )
         self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
 
     @property
@@ -202,9 +215,16 @@ def make_train_iterator(
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
-    return PackedBatchIterator(prepared_dir, split, seq_len, global_batch_size, seed=seed,
-                               process_index=process_index, process_count=process_count,
-                               num_epochs=num_epochs)
+    return PackedBatchIterator(
+        prepared_dir,
+        split,
+        seq_len,
+        global_batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        num_epochs=num_epochs,
+    )
 
 
 def make_eval_iterator(
@@ -221,9 +241,18 @@ def make_eval_iterator(
 
     Every token of the split is scored exactly once (up to `max_batches`).
     """
-    it = PackedBatchIterator(prepared_dir, split, seq_len, global_batch_size, seed=0,
-                             process_index=process_index, process_count=process_count,
-                             num_epochs=1, shuffle=False, drop_remainder=False)
+    it = PackedBatchIterator(
+        prepared_dir,
+        split,
+        seq_len,
+        global_batch_size,
+        seed=0,
+        process_index=process_index,
+        process_count=process_count,
+        num_epochs=1,
+        shuffle=False,
+        drop_remainder=False,
+    )
     for i, batch in enumerate(it):
         if max_batches is not None and i >= max_batches:
             return

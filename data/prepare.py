@@ -93,9 +93,18 @@ def prepare(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        meta = _build(spec, tmp, vocab_size=vocab_size, tokenizer=tokenizer,
-                      val_fraction=val_fraction, seed=seed, num_workers=num_workers,
-                      max_docs=max_docs, tfds_data_dir=tfds_data_dir, progress=progress)
+        meta = _build(
+            spec,
+            tmp,
+            vocab_size=vocab_size,
+            tokenizer=tokenizer,
+            val_fraction=val_fraction,
+            seed=seed,
+            num_workers=num_workers,
+            max_docs=max_docs,
+            tfds_data_dir=tfds_data_dir,
+            progress=progress,
+        )
         _commit(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -104,8 +113,19 @@ def prepare(
     return meta
 
 
-def _build(spec, tmp: Path, *, vocab_size, tokenizer, val_fraction, seed, num_workers,
-           max_docs, tfds_data_dir, progress) -> dict:
+def _build(
+    spec,
+    tmp: Path,
+    *,
+    vocab_size,
+    tokenizer,
+    val_fraction,
+    seed,
+    num_workers,
+    max_docs,
+    tfds_data_dir,
+    progress,
+) -> dict:
     started = time.perf_counter()
     docs = iter_documents(spec, max_docs=max_docs, tfds_data_dir=tfds_data_dir)
     kept, report = curate(docs, seed=seed, num_workers=num_workers, progress=progress)
@@ -128,8 +148,14 @@ def _build(spec, tmp: Path, *, vocab_size, tokenizer, val_fraction, seed, num_wo
     # A character set is not a statistic to hold out: build it from every kept document,
     # so val has no unknown characters. Subword models learn from train only.
     train_texts = [d.text for d in (kept if tokenizer == "char" else splits["train"])]
-    tok = train_tokenizer(train_texts, tok_file, vocab_size=vocab_size, model_type=tokenizer,
-                          seed=seed, verbose=progress)
+    tok = train_tokenizer(
+        train_texts,
+        tok_file,
+        vocab_size=vocab_size,
+        model_type=tokenizer,
+        seed=seed,
+        verbose=progress,
+    )
     dtype = store.token_dtype(tok.vocab_size)
 
     split_stats = {}
@@ -149,17 +175,25 @@ def _build(spec, tmp: Path, *, vocab_size, tokenizer, val_fraction, seed, num_wo
     val = split_stats["val"]
     heldout_bpt = val["bytes"] / max(val["text_tokens"], 1)
     _log(progress, f"held-out bytes per token: {heldout_bpt:.3f}")
-    report["splits"] = {s: {"docs": v["docs"], "bytes": v["bytes"]} for s, v in
-                        split_stats.items()}
+    report["splits"] = {s: {"docs": v["docs"], "bytes": v["bytes"]} for s, v in split_stats.items()}
     (tmp / "curation_report.json").write_text(json.dumps(report, indent=1))
     meta = {
         "format_version": FORMAT_VERSION,
         "corpus": str(spec),
-        "options": {"vocab_size": vocab_size, "tokenizer": tokenizer,
-                    "val_fraction": val_fraction, "seed": seed, "max_docs": max_docs},
+        "options": {
+            "vocab_size": vocab_size,
+            "tokenizer": tokenizer,
+            "val_fraction": val_fraction,
+            "seed": seed,
+            "max_docs": max_docs,
+        },
         "tokenizer": {
-            "file": tok_file.name, "type": tokenizer, "vocab_size": tok.vocab_size,
-            "pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "file": tok_file.name,
+            "type": tokenizer,
+            "vocab_size": tok.vocab_size,
+            "pad_id": tok.pad_id,
+            "bos_id": tok.bos_id,
+            "eos_id": tok.eos_id,
             "heldout_bytes_per_token": round(heldout_bpt, 4),
         },
         "token_dtype": dtype.name,
@@ -192,8 +226,9 @@ def _encode_all(tok, texts: list[str], progress: bool, split: str) -> list[list[
 def load_meta(prepared_dir: str | os.PathLike) -> dict:
     path = Path(prepared_dir) / "meta.json"
     if not path.exists():
-        raise FileNotFoundError(f"{prepared_dir} is not a prepared dataset (no meta.json); "
-                                "run python -m data.prepare")
+        raise FileNotFoundError(
+            f"{prepared_dir} is not a prepared dataset (no meta.json); run python -m data.prepare"
+        )
     return json.loads(path.read_text())
 
 
@@ -212,8 +247,13 @@ def ensure_prepared(corpus_spec: str, out_dir: str | os.PathLike, **options) -> 
     if (out / "meta.json").exists():
         meta = load_meta(out)
         wanted = str(parse_spec(corpus_spec))
-        defaults = {"vocab_size": 8192, "tokenizer": "bpe", "val_fraction": 0.05, "seed": 0,
-                    "max_docs": None}
+        defaults = {
+            "vocab_size": 8192,
+            "tokenizer": "bpe",
+            "val_fraction": 0.05,
+            "seed": 0,
+            "max_docs": None,
+        }
         asked = {k: options.get(k, defaults[k]) for k in _DATA_OPTIONS}
         have = {k: meta["options"].get(k) for k in _DATA_OPTIONS}
         if meta.get("corpus") != wanted or asked != have:
@@ -227,10 +267,16 @@ def ensure_prepared(corpus_spec: str, out_dir: str | os.PathLike, **options) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", default="stdlib",
-                        help="stdlib | text:PATH | jsonl:PATH:FIELD | tfds:NAME[:FIELD]")
+    parser = argparse.ArgumentParser(
+        prog="python -m data.prepare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--corpus",
+        default="stdlib",
+        help="stdlib | text:PATH | jsonl:PATH:FIELD | tfds:NAME[:FIELD]",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--vocab_size", type=int, default=8192)
     parser.add_argument("--tokenizer", choices=("bpe", "unigram", "char"), default="bpe")
@@ -241,9 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tfds_data_dir", default=None)
     args = parser.parse_args(argv)
     try:
-        prepare(args.corpus, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-                val_fraction=args.val_fraction, seed=args.seed, num_workers=args.num_workers,
-                max_docs=args.max_docs, tfds_data_dir=args.tfds_data_dir)
+        prepare(
+            args.corpus,
+            args.out,
+            vocab_size=args.vocab_size,
+            tokenizer=args.tokenizer,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            num_workers=args.num_workers,
+            max_docs=args.max_docs,
+            tfds_data_dir=args.tfds_data_dir,
+        )
     except CorpusError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

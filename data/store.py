@@ -36,8 +36,7 @@ def _tfds_builder_class():
             features = tfds.features.FeaturesDict(
                 {"name": tfds.features.Text(), "text": tfds.features.Text()}
             )
-            return tfds.core.DatasetInfo(builder=self, features=features,
-                                         disable_shuffling=True)
+            return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
 
         def _split_generators(self, dl_manager):
             return {name: self._generate_examples(docs) for name, docs in self._splits.items()}

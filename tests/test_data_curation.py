@@ -62,8 +62,14 @@ def test_bad_files_are_counted_not_fatal(tmp_path):
 
 def test_jsonl_bad_lines_are_counted(tmp_path):
     path = tmp_path / "c.jsonl"
-    lines = [json.dumps({"body": PROSE}), "{not json", json.dumps({"other": "x"}),
-             json.dumps({"body": 3}), "", json.dumps({"body": PROSE.replace("river", "lake")})]
+    lines = [
+        json.dumps({"body": PROSE}),
+        "{not json",
+        json.dumps({"other": "x"}),
+        json.dumps({"body": 3}),
+        "",
+        json.dumps({"body": PROSE.replace("river", "lake")}),
+    ]
     path.write_text("\n".join(lines) + "\n")
     kept, report = curate(iter_documents(f"jsonl:{path}:body"), num_workers=1)
     _account(report)
@@ -79,10 +85,12 @@ def test_exact_and_near_duplicates_and_quality_rules():
 
     other = " ".join(reversed(PROSE.split())) + " The end of the story."
     texts = {
-        "a": PROSE, "a_copy": PROSE,
+        "a": PROSE,
+        "a_copy": PROSE,
         "a_nfd": unicodedata.normalize("NFD", PROSE).replace("\n", "\r\n"),
         "a_near": PROSE.replace("grain", "corn").replace("spring", "year"),
-        "b": other, "short": "Too short to be a document.",
+        "b": other,
+        "short": "Too short to be a document.",
         "lorem": PROSE + " Lorem ipsum dolor sit amet.",
         "repeat": "\n".join(["the same line of text is here again and again"] * 60),
     }

@@ -21,8 +21,9 @@ L, B = 64, 8
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     out = tmp_path_factory.mktemp("prep") / "stdlib40"
-    prepare("stdlib", out, max_docs=40, vocab_size=400, val_fraction=0.2, num_workers=1,
-            progress=False)
+    prepare(
+        "stdlib", out, max_docs=40, vocab_size=400, val_fraction=0.2, num_workers=1, progress=False
+    )
     return out
 
 
@@ -137,16 +138,19 @@ def test_num_epochs_stops(prepared):
 @pytest.mark.parametrize("count", [2, 4])
 def test_process_shards_are_disjoint_and_cover_the_global_batch(prepared, count):
     whole = PackedBatchIterator(prepared, "train", L, B, seed=2)
-    parts = [PackedBatchIterator(prepared, "train", L, B, seed=2, process_index=p,
-                                 process_count=count) for p in range(count)]
+    parts = [
+        PackedBatchIterator(prepared, "train", L, B, seed=2, process_index=p, process_count=count)
+        for p in range(count)
+    ]
     for _ in range(3):
         full = next(whole)
         shards = [next(p) for p in parts]
         assert all(s["inputs"].shape == (B // count, L) for s in shards)
         for key in full:
             np.testing.assert_array_equal(np.concatenate([s[key] for s in shards]), full[key])
-    rows = [set(parts[0].global_rows(0, 0)[p * B // count:(p + 1) * B // count])
-            for p in range(count)]
+    rows = [
+        set(parts[0].global_rows(0, 0)[p * B // count : (p + 1) * B // count]) for p in range(count)
+    ]
     assert all(not (rows[i] & rows[j]) for i in range(count) for j in range(i))
 
 

@@ -26,8 +26,10 @@ def write_corpus(root, n=12):
     root.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         rng = random.Random(i)
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16))).capitalize()
-                     + "." for _ in range(rng.randint(20, 40))]
+        sentences = [
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16))).capitalize() + "."
+            for _ in range(rng.randint(20, 40))
+        ]
         (root / f"doc{i:02d}.txt").write_text(" ".join(sentences) + "\n")
     return root
 
@@ -40,8 +42,14 @@ def corpus(tmp_path_factory):
 def test_prepare_end_to_end(tmp_path, corpus):
     (corpus / "junk.bin").write_bytes(b"\x00\x01binary")
     try:
-        meta = prepare(f"text:{corpus}", tmp_path / "out", vocab_size=400, val_fraction=0.3,
-                       num_workers=1, progress=False)
+        meta = prepare(
+            f"text:{corpus}",
+            tmp_path / "out",
+            vocab_size=400,
+            val_fraction=0.3,
+            num_workers=1,
+            progress=False,
+        )
     finally:
         (corpus / "junk.bin").unlink()
     out = tmp_path / "out"
@@ -53,8 +61,9 @@ def test_prepare_end_to_end(tmp_path, corpus):
     assert report["dropped"]["by_reason"]["binary"]["docs"] == 1
     assert (out / "tokenizer.model").exists() and meta["complete"]
     # the curated text is a TFDS array_record dataset; no document is in both splits
-    texts = {s: [r["text"] for r in store.read_text_dataset(out / "text", s)]
-             for s in ("train", "val")}
+    texts = {
+        s: [r["text"] for r in store.read_text_dataset(out / "text", s)] for s in ("train", "val")
+    }
     assert texts["train"] and texts["val"] and not set(texts["train"]) & set(texts["val"])
     assert len(texts["train"]) + len(texts["val"]) == report["kept"]["docs"]
     assert meta["splits"]["val"]["docs"] == len(texts["val"])
@@ -63,16 +72,17 @@ def test_prepare_end_to_end(tmp_path, corpus):
 
 def test_same_input_same_output(tmp_path, corpus):
     for name in ("a", "b"):
-        prepare(f"text:{corpus}", tmp_path / name, vocab_size=400, num_workers=1,
-                progress=False)
+        prepare(f"text:{corpus}", tmp_path / name, vocab_size=400, num_workers=1, progress=False)
     for rel in ("train/tokens.bin", "val/tokens.bin", "curation_report.json"):
         a, b = (tmp_path / "a" / rel).read_bytes(), (tmp_path / "b" / rel).read_bytes()
         if rel.endswith(".json"):  # timings differ
             a, b = ({k: v for k, v in json.loads(x).items() if k != "throughput"} for x in (a, b))
         assert a == b
     # the .model files differ only in the temporary paths recorded in their trainer spec
-    pieces = [[t.sp.id_to_piece(i) for i in range(t.vocab_size)] for t in
-              (load_tokenizer(tmp_path / n / "tokenizer.model") for n in ("a", "b"))]
+    pieces = [
+        [t.sp.id_to_piece(i) for i in range(t.vocab_size)]
+        for t in (load_tokenizer(tmp_path / n / "tokenizer.model") for n in ("a", "b"))
+    ]
     assert pieces[0] == pieces[1]
 
 
@@ -130,8 +140,13 @@ def test_tfds_source_with_mock_data(tmp_path):
         assert all(d.text and d.name.startswith("tfds:lm1b[") for d in docs)
         # mock text is random letters: curation drops all of it, and says so
         with pytest.raises(CorpusError, match="tfds:lm1b:text has 0 document"):
-            prepare("tfds:lm1b", tmp_path / "out", tfds_data_dir=str(tmp_path),
-                    num_workers=1, progress=False)
+            prepare(
+                "tfds:lm1b",
+                tmp_path / "out",
+                tfds_data_dir=str(tmp_path),
+                num_workers=1,
+                progress=False,
+            )
     with tfds.testing.mock_data(num_examples=3):
         docs = list(iter_documents("tfds:lm1b:nofield", tfds_data_dir=str(tmp_path)))
         assert [d.error for d in docs] == ["tfds_missing_field"] * 3

@@ -24,8 +24,9 @@ def stdlib_texts():
 @pytest.fixture(scope="module")
 def bpe(tmp_path_factory, stdlib_texts):
     path = tmp_path_factory.mktemp("tok") / "bpe.model"
-    return train_tokenizer(stdlib_texts[::10], path, vocab_size=512, model_type="bpe",
-                           verbose=False)
+    return train_tokenizer(
+        stdlib_texts[::10], path, vocab_size=512, model_type="bpe", verbose=False
+    )
 
 
 def test_round_trip_every_stdlib_document(bpe, stdlib_texts):
@@ -39,8 +40,13 @@ def test_round_trip_every_stdlib_document(bpe, stdlib_texts):
 
 
 def test_unigram_round_trip_and_odd_text(tmp_path, stdlib_texts):
-    tok = train_tokenizer(stdlib_texts[::25], tmp_path / "u.model", vocab_size=600,
-                          model_type="unigram", verbose=False)
+    tok = train_tokenizer(
+        stdlib_texts[::25],
+        tmp_path / "u.model",
+        vocab_size=600,
+        model_type="unigram",
+        verbose=False,
+    )
     odd = "  leading\n\n\ttabs\r\n trailing  \x00 日本語 emoji 🙂 Ωmega\u00a0nbsp   \n"
     assert tok.decode(tok.encode(odd)) == odd
     for text in stdlib_texts[1::40]:
@@ -81,8 +87,9 @@ def test_char_tokenizer_interface(tmp_path):
     assert tok.decode(tok.encode("z")) == "\ufffd"  # unknown character
 
 
-@pytest.mark.skipif(not SHAKESPEARE.exists(),
-                    reason=f"{SHAKESPEARE} is absent (shared test data, never committed)")
+@pytest.mark.skipif(
+    not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is absent (shared test data, never committed)"
+)
 def test_char_tokenizer_on_tinyshakespeare(tmp_path):
     text = SHAKESPEARE.read_text()
     tok = train_tokenizer([text], tmp_path / "s.json", model_type="char")

@@ -9,13 +9,15 @@ The RNG needs no item of its own: every step's key is fold_in(key(seed), step),
 so restoring the step restores the random stream.
 
 Restoring walks back from the newest checkpoint: one that cannot be read
-(half written, truncated, corrupted) is reported and skipped in favour of
-the previous one.
+(half written, truncated, corrupted) is reported, moved aside to
+`<directory>.unreadable/` (kept for inspection, never deleted) and skipped in
+favour of the previous one.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +94,7 @@ class Checkpointer:
         `abstract_state` (jax.ShapeDtypeStruct leaves with shardings) says
         where each restored array goes.
         """
+        unreadable = []
         for step in reversed(self.steps()):
             try:
                 restored = self.manager.restore(
@@ -112,9 +115,29 @@ class Checkpointer:
                     type(error).__name__,
                     str(error).splitlines()[0][:200] if str(error) else "",
                 )
+                unreadable.append(step)
                 continue
+            self._move_aside(unreadable)
             return step, restored["state"], restored["data"], restored["meta"]
+        self._move_aside(unreadable)
         return None
+
+    def _move_aside(self, steps: list[int]) -> None:
+        """Moves unreadable checkpoints out of the way, so the run can save those steps anew."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            aside = self.directory.with_name(self.directory.name + ".unreadable")
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                (self.directory / str(step)).rename(target)
+                log.warning("moved the unreadable checkpoint of step %d to %s", step, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("unreadable checkpoints moved")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

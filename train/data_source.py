@@ -7,21 +7,23 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
+
+from data import pipeline
+from data.prepare import ensure_prepared, load_prepared_tokenizer
 
 
 @dataclasses.dataclass
 class DataSource:
     tokenizer: Any  # encode / decode / vocab_size / pad_id / bos_id / eos_id
-    train_iter: Any  # numpy batches; get_state() / set_state() for exact resume
+    train_iter: pipeline.PackedBatchIterator  # get_state() / set_state() for exact resume
     eval_batches: list[dict]  # the fixed validation set, as global jax.Arrays
-    bytes_per_token: float | None  # of the validation text, for bits per byte
+    bytes_per_token: float  # of the validation text, for bits per byte
     mesh: Any
 
     def next_train_batch(self) -> dict:
-        from data.pipeline import to_global_batch
-
-        return to_global_batch(next(self.train_iter), self.mesh)
+        return pipeline.to_global_batch(next(self.train_iter), self.mesh)
 
 
 def data_dir(config: ConfigDict, workdir: Path) -> Path:
@@ -29,24 +31,34 @@ def data_dir(config: ConfigDict, workdir: Path) -> Path:
 
 
 def build_data(config: ConfigDict, workdir: Path, mesh) -> DataSource:
-    """Prepares the corpus and tokenizer if missing, then opens the train and eval streams."""
-    from data import pipeline
-    from data.prepare import ensure_prepared, load_prepared_tokenizer
+    """Prepares the corpus and tokenizer if missing, then opens the train and eval streams.
 
+    Bits per byte use the bytes per token of the whole validation split, also
+    when evaluation reads only its first `eval_batches` batches.
+    """
     dc, tc = config.data, config.train
     directory = data_dir(config, workdir)
+    # One process prepares; the others wait, then find it complete.
+    if jax.process_index() == 0:
+        ensure_prepared(dc.corpus, directory, vocab_size=dc.vocab_size, tokenizer=dc.tokenizer)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("data prepared")
     ensure_prepared(dc.corpus, directory, vocab_size=dc.vocab_size, tokenizer=dc.tokenizer)
-    tokenizer = load_prepared_tokenizer(directory)
-    common = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    train_iter = pipeline.make_train_iterator(
-        directory, "train", dc.seq_len, tc.global_batch_size, seed=tc.seed, **common
+    common = dict(
+        seq_len=dc.seq_len,
+        global_batch_size=tc.global_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
     )
+    train_iter = pipeline.make_train_iterator(directory, "train", seed=tc.seed, **common)
     eval_batches = [
-        pipeline.to_global_batch(b, mesh)
-        for b in pipeline.make_eval_iterator(
-            directory, dc.seq_len, tc.global_batch_size, max_batches=tc.eval_batches, **common
-        )
+        pipeline.to_global_batch(batch, mesh)
+        for batch in pipeline.make_eval_iterator(directory, max_batches=tc.eval_batches, **common)
     ]
     return DataSource(
-        tokenizer, train_iter, eval_batches, pipeline.bytes_per_token(directory, "val"), mesh
+        load_prepared_tokenizer(directory),
+        train_iter,
+        eval_batches,
+        pipeline.bytes_per_token(directory, "val"),
+        mesh,
     )

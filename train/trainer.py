@@ -157,6 +157,7 @@ def train(config: ConfigDict, workdir: str | Path) -> dict[str, float]:
     def handle(step: int, metrics: dict) -> None:
         nonlocal skipped, window_start, window_steps
         metrics = jax.device_get(metrics)
+        window_steps += 1
         bad = [q for q in ("loss", "grad") if metrics[f"nonfinite_{q}"]]
         if bad:
             detail = f"loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])}"
@@ -203,7 +204,6 @@ def train(config: ConfigDict, workdir: str | Path) -> dict[str, float]:
         for step in range(start + 1, tc.num_steps + 1):
             batch = run.data.next_train_batch()
             run.state, metrics = run.step_fn(run.state, batch, base_rng)
-            window_steps += 1
             flush()
             pending = (step, metrics)
             progress.update(1)
@@ -224,7 +224,7 @@ def train(config: ConfigDict, workdir: str | Path) -> dict[str, float]:
                 flush()  # never save a state whose step was not checked
                 save(step, eval_metrics)
             if stop.requested:
-                progress.write(f"SIGTERM: saved a checkpoint at step {step}; exiting")
+                log.warning("SIGTERM: saved a checkpoint at step %d; exiting", step)
                 break
         flush()
     finally:

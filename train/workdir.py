@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import jax
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 # Fields a resumed run may change without becoming a different experiment.
@@ -62,6 +63,9 @@ def prepare_workdir(workdir: str | Path, config: ConfigDict) -> Path:
     may differ, otherwise nothing is touched and the differences are listed.
     """
     workdir = Path(workdir).expanduser().absolute()
+    if jax.process_index() != 0:  # process 0 checks and writes; the others wait for it
+        multihost_utils.sync_global_devices("workdir ready")
+        return workdir
     if not workdir.parent.is_dir():
         raise WorkdirError(f"the parent directory {workdir.parent} of workdir does not exist")
     config_path = workdir / "config.json"
@@ -81,9 +85,10 @@ def prepare_workdir(workdir: str | Path, config: ConfigDict) -> Path:
             f"{workdir} is not empty and holds no config.json: it is not a workdir of this "
             "project; choose a new or empty directory"
         )
-    if jax.process_index() == 0:
-        workdir.mkdir(exist_ok=True)
-        tmp = config_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, config_path)  # atomic: a crash leaves the old file or the new one
+    workdir.mkdir(exist_ok=True)
+    tmp = config_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, config_path)  # atomic: a crash leaves the old file or the new one
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("workdir ready")
     return workdir
