@@ -23,7 +23,7 @@ def get_config():
     c.reward.update(steps=1000, batch_size=32, seq_len=768, lr=5e-5, warmup_steps=50,
                     normalization_samples=256)
     c.ppo.update(iterations=200, batch_size=64, max_prompt_len=256, max_new_tokens=384,
-                 epochs=4, num_minibatches=4, lr=1e-6 * 5)
-    c.dpo.update(steps=500, batch_size=32, lr=5e-7 * 10)
+                 epochs=4, num_minibatches=4, lr=5e-6)
+    c.dpo.update(steps=500, batch_size=32, lr=5e-6)
     c.eval.num_prompts = 256
     return c
