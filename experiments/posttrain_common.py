@@ -1,0 +1,232 @@
+"""What the post-training stages share: the workdir layout, stage checkpoints, the step loop.
+
+Layout of a pipeline workdir DIR:
+  DIR/pretrain/        the pretraining run (experiments.pretrain's workdir)
+  DIR/posttrain_data/  mined SFT and preference JSONL (rlhf.stdlib_tasks)
+  DIR/sft, DIR/reward, DIR/ppo, DIR/dpo   one stage each: params checkpoint, metrics
+  DIR/report/summary.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import ConfigDict
+
+from model.config import ModelConfig
+from rlhf import stdlib_tasks
+from train import sharding
+from train.checkpoint import Checkpointer
+from train.metrics_writer import MetricsWriter
+from train.optim import OptimConfig, make_optimizer
+from train.state import (
+    TrainState,
+    create_train_state,
+    param_shardings,
+    strip_axis_names,
+)
+
+log = logging.getLogger(__name__)
+EXAMPLE = jnp.zeros((1, 8), jnp.int32)
+
+
+@dataclasses.dataclass
+class Pretrained:
+    cfg: ModelConfig
+    params: Any
+    tokenizer: Any
+    mesh: Any
+
+
+def load_pretrained(config: ConfigDict, root: Path) -> Pretrained:
+    """The pretraining stage's model, newest checkpoint, tokenizer and mesh."""
+    from train.trainer import load_for_inference
+
+    model, params, tokenizer, mesh, step = load_for_inference(config.pretrain, root / "pretrain")
+    log.info("loaded the pretrained model at step %d", step)
+    return Pretrained(model.cfg, params, tokenizer, mesh)
+
+
+def posttrain_data(config: ConfigDict, root: Path) -> dict[str, list[dict]]:
+    """The mined SFT / preference sets, built once and kept as JSONL."""
+    directory = root / "posttrain_data"
+    names = ("sft_train", "sft_eval", "pairs_train", "pairs_eval")
+    if not all((directory / f"{n}.jsonl").exists() for n in names):
+        dc = config.posttrain_data
+        data = stdlib_tasks.build_datasets(
+            root=dc.root or None, eval_fraction=dc.eval_fraction, seed=config.seed,
+            max_files=dc.max_files or None, max_chars=dc.max_chars,
+        )
+        for name in names:
+            stdlib_tasks.write_jsonl(directory / f"{name}.jsonl", data[name])
+    return {n: stdlib_tasks.read_jsonl(directory / f"{n}.jsonl") for n in names}
+
+
+def optimizer(stage: ConfigDict):
+    return make_optimizer(OptimConfig(
+        lr=stage.lr, warmup_steps=min(stage.warmup_steps, stage.steps), total_steps=stage.steps,
+        schedule="cosine", end_lr=stage.lr * 0.1, weight_decay=0.0, clip_norm=1.0,
+    ))
+
+
+def state_from(init_params: Callable, params: Any, tx, mesh, seed: int = 0):
+    """(state, shardings) with the given parameter values and a fresh optimizer.
+
+    Adam's initial moments do not depend on parameter values, so the state
+    created sharded by `create_train_state` only needs its params replaced.
+    """
+    state, shardings = create_train_state(init_params, tx, mesh, jax.random.key(seed))
+    return state.replace(params=copy_to(params, shardings.params)), shardings
+
+
+def copy_to(tree: Any, shardings: Any) -> Any:
+    """A copy of `tree` placed by `shardings`: the steps donate their state, so a state
+    must never share buffers with params used later (the frozen reference, say)."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+
+
+def save_params(directory: Path, params: Any, meta: dict) -> None:
+    ckpt = Checkpointer(directory / "checkpoints", keep_last=1, keep_best=0, async_save=False)
+    ckpt.save(0, params, {}, meta)
+    ckpt.close()
+
+
+def abstract_params(init_params: Callable, mesh) -> Any:
+    """ShapeDtypeStructs, with their shardings, of the params `init_params` creates."""
+    shardings = param_shardings(init_params, mesh)
+    with sharding.mesh_context(mesh):
+        shapes = strip_axis_names(jax.eval_shape(init_params, jax.random.key(0)))
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
+
+
+def load_params(directory: Path, init_params: Callable, mesh) -> Any:
+    """Params saved by `save_params`, sharded as `init_params`'s logical axes say."""
+    ckpt = Checkpointer(directory / "checkpoints", keep_last=1, keep_best=0, async_save=False)
+    restored = ckpt.restore_latest(abstract_params(init_params, mesh))
+    ckpt.close()
+    if restored is None:
+        raise FileNotFoundError(f"no stage checkpoint in {directory}; run that stage first")
+    return restored[1]
+
+
+def jit_step(step_fn: Callable, shardings: TrainState, mesh) -> Callable:
+    return sharding.jit_sharded(
+        step_fn, mesh,
+        in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def random_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int) -> Iterator[dict]:
+    """Endless batches of rows drawn without replacement, reshuffled every epoch."""
+    n = len(next(iter(arrays.values())))
+    if n < batch_size:
+        raise ValueError(f"only {n} examples for a batch of {batch_size}")
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(n)
+        for i in range(0, n - batch_size + 1, batch_size):
+            yield {k: v[order[i : i + batch_size]] for k, v in arrays.items()}
+
+
+def fit(
+    step_fn: Callable, state: TrainState, batches: Iterator[dict], steps: int, mesh,
+    writer: MetricsWriter, log_every: int, name: str, seed: int = 0,
+) -> tuple[TrainState, dict[str, float]]:
+    """Runs `steps` updates, logging every `log_every`; returns the state and last metrics."""
+    rng = jax.random.key(seed)
+    last: dict[str, float] = {}
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        batch = jax.device_put(next(batches), sharding.batch_sharding(mesh))
+        state, metrics = step_fn(state, batch, rng)
+        if step % log_every == 0 or step == steps:
+            last = {f"{name}/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+            writer.write(step, last)
+            elapsed = time.perf_counter() - start
+            log.info("%s step %d/%d %s (%.0fs)", name, step, steps, _short(last), elapsed)
+    return state, last
+
+
+def _short(metrics: dict[str, float]) -> str:
+    keys = [k for k in metrics if k.split("/")[-1] in ("loss", "accuracy", "margin")]
+    return " ".join(f"{k.split('/')[-1]}={metrics[k]:.4f}" for k in keys)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------ generation and evaluation
+
+
+def prompts_of(records: list[dict], tokenizer, max_prompt_len: int) -> tuple[list, list[str]]:
+    """(prompt ids, requested function names) of SFT records whose prompt fits."""
+    from rlhf.chat import ChatTokens, render_prompt
+
+    tokens = ChatTokens.from_tokenizer(tokenizer)
+    out, names = [], []
+    for r in records:
+        ids = render_prompt(r["messages"], tokenizer, tokens)
+        if len(ids) <= max_prompt_len:
+            out.append(ids)
+            names.append(r["name"])
+    return out, names
+
+
+def generate(
+    rollout_fn: Callable, params: Any, prompts: list, prompt_len: int, pad_id: int,
+    batch_size: int, mesh, seed: int, score_fn: Callable | None = None, reward_params=None,
+) -> list[dict]:
+    """Host-side rollouts (numpy) for every prompt, in batches of a fixed shape; with
+    `score_fn(reward_params, tokens, mask)`, each also holds the "score" of every row."""
+    from rlhf.rollout import prompt_batch
+
+    results = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = list(prompts[i : i + batch_size])
+        n = len(chunk)
+        chunk += [chunk[0]] * (batch_size - n)  # a fixed batch shape: one compilation
+        prompts_BP, lengths_B = prompt_batch(chunk, pad_id, prompt_len)
+        with sharding.mesh_context(mesh):
+            out = rollout_fn(params, prompts_BP, lengths_B, jax.random.key(seed + i))
+            if score_fn is not None:
+                out["score"] = score_fn(reward_params, out["tokens"], out["mask"])
+        results.append({k: np.asarray(v)[:n] for k, v in jax.device_get(out).items()})
+    return results
+
+
+def evaluate_policy(
+    rollout_fn: Callable, score_fn: Callable, policy_params: Any, reward_params: Any,
+    prompts: list, names: list[str], tokenizer, prompt_len: int, batch_size: int, mesh, seed: int,
+) -> dict[str, float]:
+    """Ground truth on held-out prompts: parse rate, defines-name rate, mean RM score."""
+    from rlhf.chat import ChatTokens
+    from rlhf.ground_truth import ground_truth
+    from rlhf.rollout import response_ids
+
+    end = ChatTokens.from_tokenizer(tokenizer).end
+    answers, scores = [], []
+    rollouts = generate(
+        rollout_fn, policy_params, prompts, prompt_len, tokenizer.pad_id, batch_size, mesh, seed,
+        score_fn, reward_params,
+    )
+    for rollout in rollouts:
+        answers += [tokenizer.decode(ids) for ids in response_ids(rollout, end)]
+        scores += rollout["score"].tolist()
+    result = ground_truth(answers, names, scores)
+    result["examples"] = answers[:3]
+    return result

@@ -1,0 +1,223 @@
+"""The embedded post-training data, mined from Python source files with `ast`.
+
+SFT: the instruction is a function's signature and docstring, the answer the
+function's whole source. Preferences: chosen = the real function, rejected =
+a controlled corruption of it (`CORRUPTIONS`). Train and eval are split by
+file (a stable hash of its path), so no file feeds both sides. Nothing mined
+here is ever executed.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+import random
+import re
+import sysconfig
+import textwrap
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+CORRUPTIONS = ("other_body", "truncation", "shuffled_lines", "renamed_identifiers", "broken_syntax")
+_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "turtledemo", "__pycache__"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionTask:
+    file: str  # path relative to the corpus root: the unit of the train/eval split
+    name: str
+    header: str  # `def ...:` through the docstring, dedented
+    body: tuple[str, ...]  # the lines after the docstring
+
+    @property
+    def source(self) -> str:
+        return "\n".join([self.header, *self.body])
+
+    @property
+    def instruction(self) -> str:
+        return f"Write the Python function `{self.name}`:\n\n{self.header}"
+
+
+def stdlib_files(root: str | None = None, max_files: int | None = None) -> list[Path]:
+    """Sorted .py files under `root` (default: this interpreter's standard library)."""
+    root_path = Path(root or sysconfig.get_paths()["stdlib"])
+    files = [
+        p for p in sorted(root_path.rglob("*.py"))
+        if not _SKIP_DIRS.intersection(p.relative_to(root_path).parts[:-1])
+    ]
+    return files[:max_files] if max_files else files
+
+
+def _functions(tree: ast.Module) -> Iterable[ast.FunctionDef | ast.AsyncFunctionDef]:
+    """Top-level functions and methods of top-level classes."""
+    is_function = lambda n: isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+    for node in tree.body:
+        if is_function(node):
+            yield node
+        elif isinstance(node, ast.ClassDef):
+            yield from filter(is_function, node.body)
+
+
+def mine_file(path: Path, root: Path, max_chars: int = 1200) -> list[FunctionTask]:
+    """Documented functions of one file with a non-empty body of at most `max_chars`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        tree = ast.parse(text)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    lines = text.splitlines()
+    tasks = []
+    for node in _functions(tree):
+        if ast.get_docstring(node) is None or len(node.body) < 2:
+            continue
+        doc_end = node.body[0].end_lineno
+        header = textwrap.dedent("\n".join(lines[node.lineno - 1 : doc_end]))
+        indent = len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())
+        body = [line[indent:] for line in lines[doc_end : node.end_lineno]]
+        body = tuple(line.rstrip() for line in body if line.strip())
+        task = FunctionTask(str(path.relative_to(root)), node.name, header, body)
+        if body and len(task.source) <= max_chars and _parses(task.source):
+            tasks.append(task)
+    return tasks
+
+
+def split_of(file: str, eval_fraction: float) -> str:
+    """'eval' or 'train' from a stable hash of the file path."""
+    bucket = int(hashlib.sha1(file.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "eval" if bucket < eval_fraction else "train"
+
+
+def _parses(code: str) -> bool:
+    try:
+        ast.parse(code)
+        return True
+    except SyntaxError:
+        return False
+
+
+# ------------------------------------------------------------------------ corruptions
+
+
+def _other_body(task, pool, rng):
+    other = rng.choice(pool)
+    return None if other.body == task.body else "\n".join([task.header, *other.body])
+
+
+def _truncation(task, pool, rng):
+    keep = rng.randint(0, max(len(task.body) - 1, 0))
+    if keep == len(task.body):
+        return None
+    return "\n".join([task.header, *task.body[:keep]])
+
+
+def _shuffled_lines(task, pool, rng):
+    body = list(task.body)
+    for _ in range(5):
+        rng.shuffle(body)
+        if tuple(body) != task.body:
+            return "\n".join([task.header, *body])
+    return None
+
+
+def _renamed_identifiers(task, pool, rng):
+    """Defines a different name, and renames one parameter in the body only, so the
+    body refers to a name that no longer exists."""
+    header = re.sub(rf"\bdef\s+{task.name}\b", f"def {task.name}_{rng.choice('xyz')}", task.header)
+    body = "\n".join(task.body)
+    params = [a.arg for a in ast.parse(task.source).body[0].args.args if a.arg != "self"]
+    used = [p for p in params if re.search(rf"\b{p}\b", body)]
+    if used:
+        victim = rng.choice(used)
+        body = re.sub(rf"\b{victim}\b", victim + "_", body)
+    return f"{header}\n{body}"
+
+
+def _broken_syntax(task, pool, rng):
+    lines = list(task.body)
+    i = rng.randrange(len(lines))
+    edits = [lambda s: s + " (", lambda s: s.replace(":", "", 1), lambda s: "  " + s + " ]"]
+    for edit in rng.sample(edits, len(edits)):
+        candidate = "\n".join([task.header, *lines[:i], edit(lines[i]), *lines[i + 1 :]])
+        if not _parses(candidate):
+            return candidate
+    return None
+
+
+_CORRUPT = {
+    "other_body": _other_body,
+    "truncation": _truncation,
+    "shuffled_lines": _shuffled_lines,
+    "renamed_identifiers": _renamed_identifiers,
+    "broken_syntax": _broken_syntax,
+}
+
+
+def corrupt(task: FunctionTask, kind: str, pool: Sequence[FunctionTask], rng: random.Random):
+    """The rejected answer of `kind` for `task`, or None if that corruption is a no-op."""
+    return _CORRUPT[kind](task, pool, rng)
+
+
+# ------------------------------------------------------------------------- datasets
+
+
+def sft_record(task: FunctionTask) -> dict:
+    return {
+        "messages": [
+            {"role": "user", "content": task.instruction},
+            {"role": "assistant", "content": task.source},
+        ],
+        "name": task.name,
+        "file": task.file,
+    }
+
+
+def preference_records(
+    tasks: Sequence[FunctionTask], seed: int = 0, kinds: Sequence[str] = CORRUPTIONS
+) -> list[dict]:
+    """One pair per (task, kind): {"prompt", "chosen", "rejected", "kind", "name", "file"}."""
+    rng = random.Random(seed)
+    records = []
+    for task in tasks:
+        for kind in kinds:
+            rejected = corrupt(task, kind, tasks, rng)
+            if rejected is None or rejected == task.source:
+                continue
+            records.append({
+                "prompt": [{"role": "user", "content": task.instruction}],
+                "chosen": task.source, "rejected": rejected,
+                "kind": kind, "name": task.name, "file": task.file,
+            })
+    return records
+
+
+def build_datasets(
+    root: str | None = None, eval_fraction: float = 0.1, seed: int = 0,
+    max_files: int | None = None, max_chars: int = 1200,
+) -> dict[str, list[dict]]:
+    """{"sft_train", "sft_eval", "pairs_train", "pairs_eval"}, split by file."""
+    root_path = Path(root or sysconfig.get_paths()["stdlib"])
+    split: dict[str, list[FunctionTask]] = {"train": [], "eval": []}
+    for path in stdlib_files(str(root_path), max_files):
+        tasks = mine_file(path, root_path, max_chars)
+        if tasks:
+            split[split_of(tasks[0].file, eval_fraction)].extend(tasks)
+    return {
+        "sft_train": [sft_record(t) for t in split["train"]],
+        "sft_eval": [sft_record(t) for t in split["eval"]],
+        "pairs_train": preference_records(split["train"], seed),
+        "pairs_eval": preference_records(split["eval"], seed + 1),
+    }
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
