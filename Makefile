@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make run    - the main job (creates .venv and installs the project on first use)
+#   make run    - the main job: the whole chain, raw text to RLHF (creates .venv on first use)
 #   make test   - the test suite, on CPU with 8 fake devices
 PYTHON ?= python3
 VENV := .venv
@@ -14,7 +14,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/python -m experiments.pretrain
+	$(VENV)/bin/python -m experiments.pipeline --workdir=runs/pipeline
 
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest
