@@ -9,15 +9,12 @@ exists (for the score column). Saves DIR/dpo.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 
-from experiments import cli
 from experiments import posttrain_common as common
 from experiments.ppo import ground_truth_fn
 from experiments.reward import pair_arrays
@@ -26,8 +23,6 @@ from rlhf.dpo import DPOConfig, make_dpo_step, make_reference_log_probs
 from rlhf.reward_model import RewardModel
 from train import sharding
 from train.metrics_writer import MetricsWriter
-
-DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "posttrain_tiny.py")
 
 
 def run(config: ConfigDict, root: Path) -> dict:
@@ -47,14 +42,21 @@ def run(config: ConfigDict, root: Path) -> dict:
     keep = np.random.default_rng(config.seed).permutation(available)[:n]
     arrays = {k: v[keep] for k, v in arrays.items()}
     reference = sharding.jit_sharded(
-        make_reference_log_probs(lm), mesh,
+        make_reference_log_probs(lm),
+        mesh,
         in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
         out_shardings=sharding.batch_sharding(mesh),
     )
     ref = [
-        jax.device_get(reference(sft_params, jax.device_put(
-            {k: v[i : i + dc.batch_size] for k, v in arrays.items()}, sharding.batch_sharding(mesh)
-        )))
+        jax.device_get(
+            reference(
+                sft_params,
+                jax.device_put(
+                    {k: v[i : i + dc.batch_size] for k, v in arrays.items()},
+                    sharding.batch_sharding(mesh),
+                ),
+            )
+        )
         for i in range(0, n, dc.batch_size)
     ]
     for key in ("ref_chosen_logp", "ref_rejected_logp"):
@@ -78,11 +80,4 @@ def run(config: ConfigDict, root: Path) -> dict:
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "post-training config")
-    flags.DEFINE_string("workdir", "runs/pipeline", "the pipeline workdir (holds DIR/sft)")
-
-    def main(argv):
-        cli.setup()
-        print(json.dumps(run(flags.FLAGS.config, Path(flags.FLAGS.workdir).absolute()), indent=2))
-
-    app.run(main)
+    common.stage_main(run, "DIR/sft")

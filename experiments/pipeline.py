@@ -60,7 +60,8 @@ def report(results: dict, root: Path) -> dict:
             "ppo_kept_parse_rate": table["ppo"]["parse_rate"] >= table["sft"]["parse_rate"],
             "ppo_final_kl": ppo_metrics.get("ppo/kl"),
             "ppo_train_score_first_last": [
-                ppo_metrics.get("ppo/score_first"), ppo_metrics.get("ppo/score_last"),
+                ppo_metrics.get("ppo/score_first"),
+                ppo_metrics.get("ppo/score_last"),
             ],
         }
     rows = {k: {m: v for m, v in t.items() if m != "examples"} for k, t in table.items()}

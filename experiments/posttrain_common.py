@@ -63,8 +63,11 @@ def posttrain_data(config: ConfigDict, root: Path) -> dict[str, list[dict]]:
     if not all((directory / f"{n}.jsonl").exists() for n in names):
         dc = config.posttrain_data
         data = stdlib_tasks.build_datasets(
-            root=dc.root or None, eval_fraction=dc.eval_fraction, seed=config.seed,
-            max_files=dc.max_files or None, max_chars=dc.max_chars,
+            root=dc.root or None,
+            eval_fraction=dc.eval_fraction,
+            seed=config.seed,
+            max_files=dc.max_files or None,
+            max_chars=dc.max_chars,
         )
         for name in names:
             stdlib_tasks.write_jsonl(directory / f"{name}.jsonl", data[name])
@@ -72,10 +75,17 @@ def posttrain_data(config: ConfigDict, root: Path) -> dict[str, list[dict]]:
 
 
 def optimizer(stage: ConfigDict):
-    return make_optimizer(OptimConfig(
-        lr=stage.lr, warmup_steps=min(stage.warmup_steps, stage.steps), total_steps=stage.steps,
-        schedule="cosine", end_lr=stage.lr * 0.1, weight_decay=0.0, clip_norm=1.0,
-    ))
+    return make_optimizer(
+        OptimConfig(
+            lr=stage.lr,
+            warmup_steps=min(stage.warmup_steps, stage.steps),
+            total_steps=stage.steps,
+            schedule="cosine",
+            end_lr=stage.lr * 0.1,
+            weight_decay=0.0,
+            clip_norm=1.0,
+        )
+    )
 
 
 def state_from(init_params: Callable, params: Any, tx, mesh, seed: int = 0):
@@ -122,7 +132,8 @@ def load_params(directory: Path, init_params: Callable, mesh) -> Any:
 
 def jit_step(step_fn: Callable, shardings: TrainState, mesh) -> Callable:
     return sharding.jit_sharded(
-        step_fn, mesh,
+        step_fn,
+        mesh,
         in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
         donate_argnums=0,
@@ -142,8 +153,15 @@ def random_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int) ->
 
 
 def fit(
-    step_fn: Callable, state: TrainState, batches: Iterator[dict], steps: int, mesh,
-    writer: MetricsWriter, log_every: int, name: str, seed: int = 0,
+    step_fn: Callable,
+    state: TrainState,
+    batches: Iterator[dict],
+    steps: int,
+    mesh,
+    writer: MetricsWriter,
+    log_every: int,
+    name: str,
+    seed: int = 0,
 ) -> tuple[TrainState, dict[str, float]]:
     """Runs `steps` updates, logging every `log_every`; returns the state and last metrics."""
     rng = jax.random.key(seed)
@@ -188,8 +206,16 @@ def prompts_of(records: list[dict], tokenizer, max_prompt_len: int) -> tuple[lis
 
 
 def generate(
-    rollout_fn: Callable, params: Any, prompts: list, prompt_len: int, pad_id: int,
-    batch_size: int, mesh, seed: int, score_fn: Callable | None = None, reward_params=None,
+    rollout_fn: Callable,
+    params: Any,
+    prompts: list,
+    prompt_len: int,
+    pad_id: int,
+    batch_size: int,
+    mesh,
+    seed: int,
+    score_fn: Callable | None = None,
+    reward_params=None,
 ) -> list[dict]:
     """Host-side rollouts (numpy) for every prompt, in batches of a fixed shape; with
     `score_fn(reward_params, tokens, mask)`, each also holds the "score" of every row."""
@@ -210,8 +236,17 @@ def generate(
 
 
 def evaluate_policy(
-    rollout_fn: Callable, score_fn: Callable, policy_params: Any, reward_params: Any,
-    prompts: list, names: list[str], tokenizer, prompt_len: int, batch_size: int, mesh, seed: int,
+    rollout_fn: Callable,
+    score_fn: Callable,
+    policy_params: Any,
+    reward_params: Any,
+    prompts: list,
+    names: list[str],
+    tokenizer,
+    prompt_len: int,
+    batch_size: int,
+    mesh,
+    seed: int,
 ) -> dict[str, float]:
     """Ground truth on held-out prompts: parse rate, defines-name rate, mean RM score."""
     from rlhf.chat import ChatTokens
@@ -221,8 +256,16 @@ def evaluate_policy(
     end = ChatTokens.from_tokenizer(tokenizer).end
     answers, scores = [], []
     rollouts = generate(
-        rollout_fn, policy_params, prompts, prompt_len, tokenizer.pad_id, batch_size, mesh, seed,
-        score_fn, reward_params,
+        rollout_fn,
+        policy_params,
+        prompts,
+        prompt_len,
+        tokenizer.pad_id,
+        batch_size,
+        mesh,
+        seed,
+        score_fn,
+        reward_params,
     )
     for rollout in rollouts:
         answers += [tokenizer.decode(ids) for ids in response_ids(rollout, end)]
@@ -230,3 +273,22 @@ def evaluate_policy(
     result = ground_truth(answers, names, scores)
     result["examples"] = answers[:3]
     return result
+
+
+def stage_main(run: Callable[[ConfigDict, Path], dict], needs: str) -> None:
+    """Command-line entry of one post-training stage: `--config`, `--workdir`, print the result."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from experiments import cli
+    from experiments.configs import posttrain_tiny
+
+    config_flags.DEFINE_config_file("config", posttrain_tiny.__file__, "post-training config")
+    flags.DEFINE_string("workdir", "runs/pipeline", f"the pipeline workdir (holds {needs})")
+
+    def main(argv):
+        del argv
+        cli.setup()
+        print(json.dumps(run(flags.FLAGS.config, Path(flags.FLAGS.workdir).absolute()), indent=2))
+
+    app.run(main)

@@ -8,15 +8,12 @@ requested name, reward) is measured before and after. Saves DIR/ppo.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 
-from experiments import cli
 from experiments import posttrain_common as common
 from model.sampling import SamplingConfig
 from model.transformer import LanguageModel
@@ -27,8 +24,6 @@ from rlhf.reward_model import RewardModel, sequence_reward
 from rlhf.rollout import make_rollout, prompt_batch
 from train.metrics_writer import MetricsWriter
 
-DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "posttrain_tiny.py")
-
 
 def ground_truth_fn(config: ConfigDict, root: Path, pre, lm, rm):
     """`evaluate(policy_params, reward_params) -> ground truth` on the held-out prompts."""
@@ -37,14 +32,25 @@ def ground_truth_fn(config: ConfigDict, root: Path, pre, lm, rm):
     prompts, names = common.prompts_of(data["sft_eval"], pre.tokenizer, pc.max_prompt_len)
     prompts, names = prompts[: config.eval.num_prompts], names[: config.eval.num_prompts]
     sampling = SamplingConfig(
-        max_new_tokens=pc.max_new_tokens, temperature=config.eval.temperature,
-        eos_id=chat.ChatTokens.from_tokenizer(pre.tokenizer).end, pad_id=pre.tokenizer.pad_id,
+        max_new_tokens=pc.max_new_tokens,
+        temperature=config.eval.temperature,
+        eos_id=chat.ChatTokens.from_tokenizer(pre.tokenizer).end,
+        pad_id=pre.tokenizer.pad_id,
     )
     rollout = make_rollout(lm, sampling)
     score = jax.jit(lambda p, t, m: sequence_reward(rm, p, t, m))
     return lambda policy_params, reward_params: common.evaluate_policy(
-        rollout, score, policy_params, reward_params, prompts, names, pre.tokenizer,
-        pc.max_prompt_len, pc.batch_size, pre.mesh, config.seed + 7,
+        rollout,
+        score,
+        policy_params,
+        reward_params,
+        prompts,
+        names,
+        pre.tokenizer,
+        pc.max_prompt_len,
+        pc.batch_size,
+        pre.mesh,
+        config.seed + 7,
     )
 
 
@@ -63,21 +69,38 @@ def run(config: ConfigDict, root: Path) -> dict:
     # The critic starts as the reward model (InstructGPT); both get fresh copies.
     state, shardings = common.state_from(
         lambda r: {"policy": lm_init(r), "value": rm_init(r)},
-        {"policy": sft_params, "value": reward_params}, tx, mesh,
+        {"policy": sft_params, "value": reward_params},
+        tx,
+        mesh,
     )
     ppo_cfg = PPOConfig(
-        temperature=pc.temperature, lam=pc.lam, clip_eps=pc.clip_eps, value_clip=pc.value_clip,
-        vf_coef=pc.vf_coef, epochs=pc.epochs, num_minibatches=pc.num_minibatches,
+        temperature=pc.temperature,
+        lam=pc.lam,
+        clip_eps=pc.clip_eps,
+        value_clip=pc.value_clip,
+        vf_coef=pc.vf_coef,
+        epochs=pc.epochs,
+        num_minibatches=pc.num_minibatches,
         missing_eos_penalty=pc.missing_eos_penalty,
     )
     end = chat.ChatTokens.from_tokenizer(tokenizer).end
     sampling = SamplingConfig(
-        max_new_tokens=pc.max_new_tokens, temperature=pc.temperature, eos_id=end,
+        max_new_tokens=pc.max_new_tokens,
+        temperature=pc.temperature,
+        eos_id=end,
         pad_id=tokenizer.pad_id,
     )
     kl = KLController(pc.kl_coef, pc.kl_target or None, pc.kl_horizon)
     trainer = make_ppo_trainer(
-        lm, rm, reward_model_fn(rm), tx, mesh, shardings, ppo_cfg, sampling, kl,
+        lm,
+        rm,
+        reward_model_fn(rm),
+        tx,
+        mesh,
+        shardings,
+        ppo_cfg,
+        sampling,
+        kl,
         reward_shardings=shardings.params["value"],
     )
     ground_truth = ground_truth_fn(config, root, pre, lm, rm)
@@ -91,8 +114,9 @@ def run(config: ConfigDict, root: Path) -> dict:
     history = []
     for it in range(1, pc.iterations + 1):
         chosen = rng.choice(len(prompts), pc.batch_size, replace=False)
-        prompts_BP, lengths_B = prompt_batch([prompts[i] for i in chosen], tokenizer.pad_id,
-                                             pc.max_prompt_len)
+        prompts_BP, lengths_B = prompt_batch(
+            [prompts[i] for i in chosen], tokenizer.pad_id, pc.max_prompt_len
+        )
         state, metrics = trainer.iteration(
             state, sft_params, reward_params, prompts_BP, lengths_B, jax.random.key(1000 + it)
         )
@@ -102,8 +126,12 @@ def run(config: ConfigDict, root: Path) -> dict:
         if it % pc.log_every == 0 or it == pc.iterations:
             common.log.info(
                 "ppo iteration %d: score %.3f kl %.3f beta %.4f len %.1f no_eos %.2f gen %.0f%%",
-                it, metrics["ppo/score_mean"], metrics["ppo/kl"], metrics["ppo/beta"],
-                metrics["ppo/response_length"], metrics["ppo/no_eos_frac"],
+                it,
+                metrics["ppo/score_mean"],
+                metrics["ppo/kl"],
+                metrics["ppo/beta"],
+                metrics["ppo/response_length"],
+                metrics["ppo/no_eos_frac"],
                 100 * metrics["ppo/frac_time_generate"],
             )
     writer.close()
@@ -119,11 +147,4 @@ def run(config: ConfigDict, root: Path) -> dict:
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "post-training config")
-    flags.DEFINE_string("workdir", "runs/pipeline", "the pipeline workdir (holds sft, reward)")
-
-    def main(argv):
-        cli.setup()
-        print(json.dumps(run(flags.FLAGS.config, Path(flags.FLAGS.workdir).absolute()), indent=2))
-
-    app.run(main)
+    common.stage_main(run, "DIR/sft and DIR/reward")

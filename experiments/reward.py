@@ -9,15 +9,12 @@ policy's own samples score mean 0, std 1, and saves DIR/reward.
 from __future__ import annotations
 
 import collections
-import json
 from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 
-from experiments import cli
 from experiments import posttrain_common as common
 from model.sampling import SamplingConfig
 from model.transformer import LanguageModel
@@ -34,8 +31,6 @@ from rlhf.rollout import make_rollout
 from train import sharding
 from train.metrics_writer import MetricsWriter
 from train.state import create_train_state
-
-DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "posttrain_tiny.py")
 
 
 def pair_arrays(pairs: list[dict], tokenizer, length: int) -> tuple[dict, list[str]]:
@@ -88,7 +83,8 @@ def run(config: ConfigDict, root: Path) -> dict[str, float]:
         train_arrays["margin"] = np.full(len(train_arrays["chosen_tokens"]), rc.margin, np.float32)
     step = common.jit_step(make_reward_step(rm, tx), shardings, mesh)
     evaluate = sharding.jit_sharded(
-        make_reward_eval(rm), mesh,
+        make_reward_eval(rm),
+        mesh,
         in_shardings=(shardings.params, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )
@@ -99,7 +95,8 @@ def run(config: ConfigDict, root: Path) -> dict[str, float]:
     state, last = common.fit(step, state, batches, rc.steps, mesh, writer, rc.log_every, "reward")
     writer.close()
     metrics = {
-        **last, "reward/train_pairs": len(train_arrays["chosen_tokens"]),
+        **last,
+        "reward/train_pairs": len(train_arrays["chosen_tokens"]),
         **accuracy_by_kind(evaluate, state.params, eval_arrays, eval_kinds, rc.batch_size, mesh),
     }
 
@@ -108,32 +105,38 @@ def run(config: ConfigDict, root: Path) -> dict[str, float]:
     prompts = prompts[: rc.normalization_samples]
     ends = chat.ChatTokens.from_tokenizer(tokenizer)
     sampling = SamplingConfig(
-        max_new_tokens=pc.max_new_tokens, temperature=pc.temperature, eos_id=ends.end,
+        max_new_tokens=pc.max_new_tokens,
+        temperature=pc.temperature,
+        eos_id=ends.end,
         pad_id=tokenizer.pad_id,
     )
     score = jax.jit(lambda p, t, m: sequence_reward(rm, p, t, m))
     rollouts = common.generate(
-        make_rollout(lm, sampling), sft_params, prompts, pc.max_prompt_len, tokenizer.pad_id,
-        pc.batch_size, mesh, config.seed, score, state.params,
+        make_rollout(lm, sampling),
+        sft_params,
+        prompts,
+        pc.max_prompt_len,
+        tokenizer.pad_id,
+        pc.batch_size,
+        mesh,
+        config.seed,
+        score,
+        state.params,
     )
     raw = np.concatenate([r["score"] for r in rollouts])
     gain, bias = normalization(raw)
     params = fold_normalization(state.params, gain, bias)
     common.save_params(out, params, {"gain": float(gain), "bias": float(bias)})
-    metrics.update({
-        "reward/sft_sample_raw_mean": float(raw.mean()),
-        "reward/sft_sample_raw_std": float(raw.std()),
-        "reward/gain": float(gain), "reward/bias": float(bias),
-    })
+    metrics.update(
+        {
+            "reward/sft_sample_raw_mean": float(raw.mean()),
+            "reward/sft_sample_raw_std": float(raw.std()),
+            "reward/gain": float(gain),
+            "reward/bias": float(bias),
+        }
+    )
     return metrics
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "post-training config")
-    flags.DEFINE_string("workdir", "runs/pipeline", "the pipeline workdir (holds DIR/sft)")
-
-    def main(argv):
-        cli.setup()
-        print(json.dumps(run(flags.FLAGS.config, Path(flags.FLAGS.workdir).absolute()), indent=2))
-
-    app.run(main)
+    common.stage_main(run, "DIR/sft")

@@ -6,15 +6,12 @@ tokens only, examples packed with segment ids) and saves DIR/sft.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
 import numpy as np
-from absl import app, flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 
-from experiments import cli
 from experiments import posttrain_common as common
 from model.transformer import LanguageModel
 from rlhf import chat
@@ -22,8 +19,6 @@ from rlhf.sft_step import StepConfig, make_sft_step
 from train import sharding
 from train.evaluate import evaluate, make_eval_step
 from train.metrics_writer import MetricsWriter
-
-DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "posttrain_tiny.py")
 
 
 def chat_rows(records: list[dict], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
@@ -47,7 +42,8 @@ def run(config: ConfigDict, root: Path) -> dict[str, float]:
     eval_rows = chat_rows(data["sft_eval"], pre.tokenizer, sc.seq_len)
     step = common.jit_step(make_sft_step(model, tx, StepConfig()), shardings, pre.mesh)
     eval_step = sharding.jit_sharded(
-        make_eval_step(model), pre.mesh,
+        make_eval_step(model),
+        pre.mesh,
         in_shardings=(shardings.params, sharding.batch_sharding(pre.mesh)),
         out_shardings=sharding.replicated(pre.mesh),
     )
@@ -69,17 +65,12 @@ def run(config: ConfigDict, root: Path) -> dict[str, float]:
     writer.close()
     common.save_params(out, state.params, {"model": pre.cfg.__dict__})
     return {
-        **last, "sft/train_rows": len(rows["inputs"]),
-        "sft/eval_loss_before": before["eval/loss"], "sft/eval_loss": after["eval/loss"],
+        **last,
+        "sft/train_rows": len(rows["inputs"]),
+        "sft/eval_loss_before": before["eval/loss"],
+        "sft/eval_loss": after["eval/loss"],
     }
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "post-training config")
-    flags.DEFINE_string("workdir", "runs/pipeline", "the pipeline workdir (holds DIR/pretrain)")
-
-    def main(argv):
-        cli.setup()
-        print(json.dumps(run(flags.FLAGS.config, Path(flags.FLAGS.workdir).absolute()), indent=2))
-
-    app.run(main)
+    common.stage_main(run, "DIR/pretrain")

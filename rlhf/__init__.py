@@ -1,14 +1,14 @@
 """Post-training: SFT, reward model, PPO and DPO on the functional core in `model/` and `train/`.
 
-  chat          chat template on the tokenizer's special tokens, assistant-only weights, packing
-  sequences     padded rows: positions/segments from a mask, last-token index, log-probs
-  sft_step      SFT = the pretraining step on chat batches
-  reward_model  trunk + scalar head, reward at the last real token, normalisation
-  reward_step   Bradley-Terry step with margin, accuracy, mean margin
-  dpo           DPO loss and step, reference log-probs
-  ppo           GAE, whitening, KL-penalised rewards, clipped losses, KL controller, PPO step
-  rollout       KV-cache sampler rollouts laid out for PPO
-  ppo_loop      one timed PPO iteration (generate, score, update)
-  stdlib_tasks  the embedded SFT set and preference pairs mined with `ast`
-  ground_truth  parse rate and defines-the-name rate (ast only, never executed)
+chat          chat template on the tokenizer's special tokens, assistant-only weights, packing
+sequences     padded rows: positions/segments from a mask, last-token index, log-probs
+sft_step      SFT = the pretraining step on chat batches
+reward_model  trunk + scalar head, reward at the last real token, normalisation
+reward_step   Bradley-Terry step with margin, accuracy, mean margin
+dpo           DPO loss and step, reference log-probs
+ppo           GAE, whitening, KL-penalised rewards, clipped losses, KL controller, PPO step
+rollout       KV-cache sampler rollouts laid out for PPO
+ppo_loop      one timed PPO iteration (generate, score, update)
+stdlib_tasks  the embedded SFT set and preference pairs mined with `ast`
+ground_truth  parse rate and defines-the-name rate (ast only, never executed)
 """

@@ -63,8 +63,13 @@ def make_reference_log_probs(model: nn.Module) -> Callable[[Any, dict], dict]:
 
 
 def dpo_sums(
-    chosen_B: jax.Array, rejected_B: jax.Array, ref_chosen_B: jax.Array,
-    ref_rejected_B: jax.Array, weight_B: jax.Array, beta: float, label_smoothing: float = 0.0,
+    chosen_B: jax.Array,
+    rejected_B: jax.Array,
+    ref_chosen_B: jax.Array,
+    ref_rejected_B: jax.Array,
+    weight_B: jax.Array,
+    beta: float,
+    label_smoothing: float = 0.0,
 ) -> dict[str, jax.Array]:
     """Weighted sums of the DPO loss, preference accuracy and implicit rewards."""
     reward_chosen_B = beta * (chosen_B - ref_chosen_B)
@@ -94,8 +99,13 @@ def make_dpo_step(
         chosen_B, rejected_B = pair_log_probs(model, params, batch)
         weight_B = batch.get("pair_weight", jnp.ones_like(chosen_B)).astype(jnp.float32)
         sums = dpo_sums(
-            chosen_B, rejected_B, batch["ref_chosen_logp"], batch["ref_rejected_logp"],
-            weight_B, cfg.beta, cfg.label_smoothing,
+            chosen_B,
+            rejected_B,
+            batch["ref_chosen_logp"],
+            batch["ref_rejected_logp"],
+            weight_B,
+            cfg.beta,
+            cfg.label_smoothing,
         )
         return sums["loss_sum"], sums
 

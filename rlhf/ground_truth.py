@@ -45,7 +45,9 @@ def ground_truth(
         "parse_rate": float(np.mean([parses(a) for a in answers])) if answers else 0.0,
         "defines_name_rate": float(
             np.mean([defines_function(a, n) for a, n in zip(answers, names)])
-        ) if answers else 0.0,
+        )
+        if answers
+        else 0.0,
         "n": len(answers),
     }
     if scores is not None:

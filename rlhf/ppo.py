@@ -114,9 +114,14 @@ def kl_penalized_rewards(
 
 
 def ppo_token_losses(
-    logp_BT: jax.Array, old_logp_BT: jax.Array, advantages_BT: jax.Array,
-    values_BT: jax.Array, old_values_BT: jax.Array, returns_BT: jax.Array,
-    clip_eps: float, value_clip: float,
+    logp_BT: jax.Array,
+    old_logp_BT: jax.Array,
+    advantages_BT: jax.Array,
+    values_BT: jax.Array,
+    old_values_BT: jax.Array,
+    returns_BT: jax.Array,
+    clip_eps: float,
+    value_clip: float,
 ) -> dict[str, jax.Array]:
     """Per-token clipped policy loss, clipped value loss and diagnostics (unmasked)."""
     log_ratio_BT = logp_BT - old_logp_BT
@@ -201,9 +206,13 @@ def make_prepare(
         if cfg.whiten_advantages:
             advantages_BT = whiten(advantages_BT, response_BT)
         batch = {
-            "tokens": tokens_BL, "mask": mask_BL, "response_mask": response_BT,
-            "old_logp": logp_BT, "old_values": values_BT * response_BT,
-            "advantages": advantages_BT, "returns": returns_BT,
+            "tokens": tokens_BL,
+            "mask": mask_BL,
+            "response_mask": response_BT,
+            "old_logp": logp_BT,
+            "old_values": values_BT * response_BT,
+            "advantages": advantages_BT,
+            "returns": returns_BT,
         }
         kl_B = jnp.sum(kl_BT, axis=1)
         stats = {
@@ -240,8 +249,14 @@ def make_ppo_loss_sums(policy_model: nn.Module, value_model: RewardModel, cfg: P
         logp_BT, entropy_BT = log_probs_and_entropy(logits_BTV, mb["tokens"])
         values_BT = token_scores(value_model, params["value"], mb["tokens"], mb["mask"])[:, :-1]
         terms = ppo_token_losses(
-            logp_BT, mb["old_logp"], mb["advantages"], values_BT, mb["old_values"],
-            mb["returns"], cfg.clip_eps, cfg.value_clip,
+            logp_BT,
+            mb["old_logp"],
+            mb["advantages"],
+            values_BT,
+            mb["old_values"],
+            mb["returns"],
+            cfg.clip_eps,
+            cfg.value_clip,
         )
         terms["entropy"] = entropy_BT
         m_BT = mb["response_mask"]
@@ -254,7 +269,9 @@ def make_ppo_loss_sums(policy_model: nn.Module, value_model: RewardModel, cfg: P
 
 
 def make_ppo_step(
-    policy_model: nn.Module, value_model: RewardModel, tx: optax.GradientTransformation,
+    policy_model: nn.Module,
+    value_model: RewardModel,
+    tx: optax.GradientTransformation,
     cfg: PPOConfig = PPOConfig(),
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
     """Returns the pure step `(state, batch, rng) -> (state, metrics)` (not yet jitted):

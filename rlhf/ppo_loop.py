@@ -34,8 +34,13 @@ class PPOTrainer:
     mesh: Mesh
 
     def iteration(
-        self, state: TrainState, ref_params: Any, reward_params: Any,
-        prompts_BP, prompt_lengths_B, rng: jax.Array,
+        self,
+        state: TrainState,
+        ref_params: Any,
+        reward_params: Any,
+        prompts_BP,
+        prompt_lengths_B,
+        rng: jax.Array,
     ) -> tuple[TrainState, dict[str, float]]:
         """Generates for a batch of prompts, scores, and runs the PPO epochs."""
         sample_rng, step_rng = jax.random.split(rng)
@@ -63,7 +68,9 @@ class PPOTrainer:
         return state, {
             **stats,
             **{k: float(v) for k, v in metrics.items()},
-            "time_generate": t1 - t0, "time_score": t2 - t1, "time_update": t3 - t2,
+            "time_generate": t1 - t0,
+            "time_score": t2 - t1,
+            "time_update": t3 - t2,
             "frac_time_generate": (t1 - t0) / total,
         }
 
@@ -91,14 +98,20 @@ def make_ppo_trainer(
     replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     params_sh = state_shardings.params
     prepare = sharding.jit_sharded(
-        make_prepare(policy_model, value_model, reward_fn, ppo_cfg), mesh,
+        make_prepare(policy_model, value_model, reward_fn, ppo_cfg),
+        mesh,
         in_shardings=(
-            params_sh, params_sh["policy"], reward_shardings or replicated, batch, replicated
+            params_sh,
+            params_sh["policy"],
+            reward_shardings or replicated,
+            batch,
+            replicated,
         ),
         out_shardings=(batch, replicated),
     )
     step = sharding.jit_sharded(
-        make_ppo_step(policy_model, value_model, tx, ppo_cfg), mesh,
+        make_ppo_step(policy_model, value_model, tx, ppo_cfg),
+        mesh,
         in_shardings=(state_shardings, batch, replicated),
         out_shardings=(state_shardings, replicated),
         donate_argnums=0,

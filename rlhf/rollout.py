@@ -22,8 +22,11 @@ from rlhf.chat import pad_sequences
 
 
 def join_prompt_and_response(
-    prompts_BP: jax.Array, prompt_lengths_B: jax.Array, response_BR: jax.Array,
-    response_lengths_B: jax.Array, pad_id: int,
+    prompts_BP: jax.Array,
+    prompt_lengths_B: jax.Array,
+    response_BR: jax.Array,
+    response_lengths_B: jax.Array,
+    pad_id: int,
 ) -> dict[str, jax.Array]:
     """{tokens_BL, mask_BL, response_mask_BL} with L = P + R, prompt and response contiguous
     (works for any per-token array in place of tokens, e.g. log-probs)."""

@@ -56,8 +56,12 @@ def log_probs_and_entropy(logits_BTV: jax.Array, tokens_BL: jax.Array):
 
 
 def sequence_log_probs(
-    model: nn.Module, params, tokens_BL: jax.Array, mask_BL: jax.Array,
-    loss_mask_BL: jax.Array, temperature: float = 1.0,
+    model: nn.Module,
+    params,
+    tokens_BL: jax.Array,
+    mask_BL: jax.Array,
+    loss_mask_BL: jax.Array,
+    temperature: float = 1.0,
 ) -> jax.Array:
     """logp_B: sum of log p(token) over the tokens where loss_mask_BL is 1."""
     logits_BTV = lm_logits(model, params, tokens_BL, mask_BL, temperature)

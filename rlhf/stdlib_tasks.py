@@ -44,7 +44,8 @@ def stdlib_files(root: str | None = None, max_files: int | None = None) -> list[
     """Sorted .py files under `root` (default: this interpreter's standard library)."""
     root_path = Path(root or sysconfig.get_paths()["stdlib"])
     files = [
-        p for p in sorted(root_path.rglob("*.py"))
+        p
+        for p in sorted(root_path.rglob("*.py"))
         if not _SKIP_DIRS.intersection(p.relative_to(root_path).parts[:-1])
     ]
     return files[:max_files] if max_files else files
@@ -184,17 +185,25 @@ def preference_records(
             rejected = corrupt(task, kind, tasks, rng)
             if rejected is None or rejected == task.source:
                 continue
-            records.append({
-                "prompt": [{"role": "user", "content": task.instruction}],
-                "chosen": task.source, "rejected": rejected,
-                "kind": kind, "name": task.name, "file": task.file,
-            })
+            records.append(
+                {
+                    "prompt": [{"role": "user", "content": task.instruction}],
+                    "chosen": task.source,
+                    "rejected": rejected,
+                    "kind": kind,
+                    "name": task.name,
+                    "file": task.file,
+                }
+            )
     return records
 
 
 def build_datasets(
-    root: str | None = None, eval_fraction: float = 0.1, seed: int = 0,
-    max_files: int | None = None, max_chars: int = 1200,
+    root: str | None = None,
+    eval_fraction: float = 0.1,
+    seed: int = 0,
+    max_files: int | None = None,
+    max_chars: int = 1200,
 ) -> dict[str, list[dict]]:
     """{"sft_train", "sft_eval", "pairs_train", "pairs_eval"}, split by file."""
     root_path = Path(root or sysconfig.get_paths()["stdlib"])

@@ -22,6 +22,18 @@ def make_corpus(directory: Path) -> Path:
     return directory
 
 
+def prepare_char_corpus(root: Path) -> tuple[Path, Path]:
+    """(corpus folder, prepared data dir) with a character tokenizer, prepared once."""
+    from data.prepare import prepare
+
+    corpus = make_corpus(root / "text")
+    data_dir = root / "prepared"
+    prepare(
+        f"text:{corpus}", data_dir, tokenizer="char", vocab_size=128, num_workers=1, progress=False
+    )
+    return corpus, data_dir
+
+
 def overrides(corpus: Path, data_dir: Path, **train) -> list[str]:
     """A 2-layer model on 32-token rows of characters; every step logged."""
     settings = {

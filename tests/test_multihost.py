@@ -7,8 +7,12 @@ import subprocess
 
 import numpy as np
 
-from data.prepare import prepare
-from tests.run_helpers import make_corpus, overrides, pretrain_command, run_pretrain
+from tests.run_helpers import (
+    overrides,
+    prepare_char_corpus,
+    pretrain_command,
+    run_pretrain,
+)
 from train.metrics_writer import read_metrics
 
 
@@ -23,18 +27,10 @@ def _losses(workdir):
 
 
 def test_two_processes_match_one(tmp_path):
-    corpus = make_corpus(tmp_path / "text")
-    prepare(
-        f"text:{corpus}",
-        tmp_path / "prepared",
-        tokenizer="char",
-        vocab_size=128,
-        num_workers=1,
-        progress=False,
-    )
+    corpus, prepared = prepare_char_corpus(tmp_path)
     args = overrides(
         corpus,
-        tmp_path / "prepared",
+        prepared,
         **{
             "train.num_steps": 4,
             "train.checkpoint_every": 2,

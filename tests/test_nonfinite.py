@@ -6,11 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from data.prepare import prepare
 from experiments.configs.stdlib_tiny import get_config
 from model.config import get_preset
 from tests.helpers import build_training, random_lm_batch, single_device_mesh
-from tests.run_helpers import make_corpus, overrides
+from tests.run_helpers import overrides, prepare_char_corpus
 from train import data_source, trainer
 from train.metrics_writer import read_metrics
 
@@ -29,17 +28,9 @@ def test_step_skips_a_nonfinite_update():
 
 
 def _config(tmp_path, **train):
-    corpus = make_corpus(tmp_path / "text")
-    prepare(
-        f"text:{corpus}",
-        tmp_path / "prepared",
-        tokenizer="char",
-        vocab_size=128,
-        num_workers=1,
-        progress=False,
-    )
+    corpus, prepared = prepare_char_corpus(tmp_path)
     config = get_config()
-    for item in overrides(corpus, tmp_path / "prepared", **train):
+    for item in overrides(corpus, prepared, **train):
         key, value = item[len("--config.") :].split("=", 1)
         section, field = key.split(".")
         old = config[section][field]

@@ -53,7 +53,9 @@ def test_packing_keeps_examples_apart():
     model, params = init_lm(CHAT)
     apply = jax.jit(model.apply)
     packed = apply(
-        {"params": params}, jnp.asarray(batch["inputs"]), jnp.asarray(batch["positions"]),
+        {"params": params},
+        jnp.asarray(batch["inputs"]),
+        jnp.asarray(batch["positions"]),
         jnp.asarray(batch["segment_ids"]),
     )
     alone = apply({"params": params}, jnp.asarray(examples[1][0])[None])

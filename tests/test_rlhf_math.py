@@ -93,7 +93,10 @@ def _ppo_minibatch(lm, params, rm, rparams, advantages_scale):
     response = jnp.asarray(_response_mask(rng, 4, 11)) * mask[:, 1:]
     old_logp = _log_probs(lm, params, tokens, mask)
     return {
-        "tokens": tokens, "mask": mask, "response_mask": response, "old_logp": old_logp,
+        "tokens": tokens,
+        "mask": mask,
+        "response_mask": response,
+        "old_logp": old_logp,
         "old_values": jnp.zeros((4, 11)),
         "advantages": advantages_scale * jnp.asarray(rng.normal(size=(4, 11)), jnp.float32),
         "returns": jnp.asarray(rng.normal(size=(4, 11)), jnp.float32),

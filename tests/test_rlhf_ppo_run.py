@@ -37,7 +37,13 @@ def test_ppo_raises_a_toy_reward():
     ref_params = jax.tree.map(jnp.copy, state.params["policy"])
     ppo_cfg = PPOConfig(temperature=1.0, epochs=4, num_minibatches=2, missing_eos_penalty=0.0)
     trainer = make_ppo_trainer(
-        lm, vm, count_reward, tx, mesh, shardings, ppo_cfg,
+        lm,
+        vm,
+        count_reward,
+        tx,
+        mesh,
+        shardings,
+        ppo_cfg,
         SamplingConfig(max_new_tokens=8, temperature=1.0, eos_id=None),
         KLController(beta=0.01),
     )
@@ -52,7 +58,8 @@ def test_ppo_raises_a_toy_reward():
     response = np.asarray(rollout["response_mask"]) > 0
     assert response.sum() == 16 * 8
     np.testing.assert_allclose(
-        np.asarray(batch["old_logp"])[response], np.asarray(rollout["sampler_logp"])[response],
+        np.asarray(batch["old_logp"])[response],
+        np.asarray(rollout["sampler_logp"])[response],
         atol=2e-4,
     )
 
@@ -62,8 +69,17 @@ def test_ppo_raises_a_toy_reward():
             state, ref_params, None, prompts_BP, lengths_B, jax.random.key(100 + i)
         )
         scores.append(metrics["score_mean"])
-    for key in ("kl", "entropy", "clip_frac", "approx_kl", "value_loss",
-                "value_explained_variance", "response_length", "no_eos_frac", "time_generate"):
+    for key in (
+        "kl",
+        "entropy",
+        "clip_frac",
+        "approx_kl",
+        "value_loss",
+        "value_explained_variance",
+        "response_length",
+        "no_eos_frac",
+        "time_generate",
+    ):
         assert np.isfinite(metrics[key]), key
     print("scores", np.round(scores, 2), "kl", metrics["kl"])
     assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 1.0, scores

@@ -30,8 +30,10 @@ def _sft_batch():
     tok = FakeTokenizer()
     examples = [
         chat.sft_example(
-            [{"role": "user", "content": f"q{i}" * (i % 3 + 1)},
-             {"role": "assistant", "content": f"answer {i * 7}"}],
+            [
+                {"role": "user", "content": f"q{i}" * (i % 3 + 1)},
+                {"role": "assistant", "content": f"answer {i * 7}"},
+            ],
             tok,
         )
         for i in range(24)
@@ -136,7 +138,8 @@ def _run(stage, mesh):
         shardings = sharding.logical_to_mesh(state_logical_specs(abstract, TX), mesh)
     state = jax.device_put(_initial_state(stage), shardings)
     step = sharding.jit_sharded(
-        make_step(), mesh,
+        make_step(),
+        mesh,
         in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(shardings, sharding.replicated(mesh)),
     )

@@ -7,8 +7,14 @@ import os
 import subprocess
 import sys
 
-from data.prepare import prepare
-from tests.run_helpers import CONFIG, REPO, make_corpus, overrides, run_pretrain
+from tests.run_helpers import (
+    CONFIG,
+    REPO,
+    make_corpus,
+    overrides,
+    prepare_char_corpus,
+    run_pretrain,
+)
 
 
 def _env():
@@ -59,19 +65,9 @@ def test_sweep_runs_the_grid_and_writes_table_and_plot(tmp_path):
 
 
 def test_sample_command_reads_the_latest_checkpoint(tmp_path):
-    corpus = make_corpus(tmp_path / "text")
-    prepare(
-        f"text:{corpus}",
-        tmp_path / "prepared",
-        tokenizer="char",
-        vocab_size=128,
-        num_workers=1,
-        progress=False,
-    )
+    corpus, prepared = prepare_char_corpus(tmp_path)
     workdir = tmp_path / "run"
-    trained = run_pretrain(
-        workdir, overrides(corpus, tmp_path / "prepared", **{"train.num_steps": 4})
-    )
+    trained = run_pretrain(workdir, overrides(corpus, prepared, **{"train.num_steps": 4}))
     assert trained.returncode == 0, trained.stderr[-3000:]
     result = subprocess.run(
         [

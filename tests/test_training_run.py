@@ -10,20 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from data.prepare import prepare
-from tests.run_helpers import make_corpus, overrides, pretrain_command, run_pretrain
+from tests.run_helpers import (
+    overrides,
+    prepare_char_corpus,
+    pretrain_command,
+    run_pretrain,
+)
 from train.metrics_writer import read_metrics
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("corpus")
-    corpus = make_corpus(root / "text")
-    data_dir = root / "prepared"
-    prepare(
-        f"text:{corpus}", data_dir, tokenizer="char", vocab_size=128, num_workers=1, progress=False
-    )
-    return corpus, data_dir
+    return prepare_char_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def _losses(workdir: Path) -> dict[int, float]:

@@ -9,8 +9,15 @@ def get_config():
     c = posttrain_tiny.get_config()
     p = c.pretrain
     p.model = model_fields(
-        "tiny-llama", vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=4,
-        d_ff=2048, max_len=768, dtype="bfloat16",
+        "tiny-llama",
+        vocab_size=8192,
+        d_model=512,
+        n_layers=8,
+        n_heads=8,
+        n_kv_heads=4,
+        d_ff=2048,
+        max_len=768,
+        dtype="bfloat16",
     )
     p.data.vocab_size = 8192
     p.data.seq_len = 512
@@ -20,10 +27,18 @@ def get_config():
     p.optim.lr, p.optim.warmup_steps, p.optim.end_lr = 1e-3, 200, 1e-4
     c.posttrain_data.max_chars = 1200
     c.sft.update(steps=1500, batch_size=32, seq_len=768, lr=2e-4, warmup_steps=50)
-    c.reward.update(steps=1000, batch_size=32, seq_len=768, lr=5e-5, warmup_steps=50,
-                    normalization_samples=256)
-    c.ppo.update(iterations=200, batch_size=64, max_prompt_len=256, max_new_tokens=384,
-                 epochs=4, num_minibatches=4, lr=5e-6)
+    c.reward.update(
+        steps=1000, batch_size=32, seq_len=768, lr=5e-5, warmup_steps=50, normalization_samples=256
+    )
+    c.ppo.update(
+        iterations=200,
+        batch_size=64,
+        max_prompt_len=256,
+        max_new_tokens=384,
+        epochs=4,
+        num_minibatches=4,
+        lr=5e-6,
+    )
     c.dpo.update(steps=500, batch_size=32, lr=5e-6)
     c.eval.num_prompts = 256
     return c

@@ -18,23 +18,62 @@ def get_config():
     # Mined from the interpreter's own standard library; short functions, so that prompt
     # and answer fit the tiny model's context.
     c.posttrain_data = ConfigDict(dict(root="", eval_fraction=0.1, max_files=0, max_chars=400))
-    c.sft = ConfigDict(dict(
-        steps=120, batch_size=16, seq_len=256, lr=1e-3, warmup_steps=10, log_every=20,
-        eval_rows=64,
-    ))
-    c.reward = ConfigDict(dict(
-        steps=100, batch_size=16, seq_len=256, lr=3e-4, warmup_steps=10, log_every=20,
-        margin=0.0, normalization_samples=64,
-    ))
-    c.ppo = ConfigDict(dict(
-        iterations=20, batch_size=16, max_prompt_len=100, max_new_tokens=100, temperature=1.0,
-        lam=0.95, clip_eps=0.2, value_clip=0.2, vf_coef=0.1, epochs=2, num_minibatches=2,
-        lr=3e-5, warmup_steps=0, kl_coef=0.05, kl_target=6.0, kl_horizon=10_000,
-        missing_eos_penalty=1.0, log_every=5,
-    ))
-    c.dpo = ConfigDict(dict(
-        enabled=True, steps=40, batch_size=16, lr=5e-5, warmup_steps=5, beta=0.1, log_every=10,
-    ))
+    c.sft = ConfigDict(
+        dict(
+            steps=120,
+            batch_size=16,
+            seq_len=256,
+            lr=1e-3,
+            warmup_steps=10,
+            log_every=20,
+            eval_rows=64,
+        )
+    )
+    c.reward = ConfigDict(
+        dict(
+            steps=100,
+            batch_size=16,
+            seq_len=256,
+            lr=3e-4,
+            warmup_steps=10,
+            log_every=20,
+            margin=0.0,
+            normalization_samples=64,
+        )
+    )
+    c.ppo = ConfigDict(
+        dict(
+            iterations=20,
+            batch_size=16,
+            max_prompt_len=100,
+            max_new_tokens=100,
+            temperature=1.0,
+            lam=0.95,
+            clip_eps=0.2,
+            value_clip=0.2,
+            vf_coef=0.1,
+            epochs=2,
+            num_minibatches=2,
+            lr=3e-5,
+            warmup_steps=0,
+            kl_coef=0.05,
+            kl_target=6.0,
+            kl_horizon=10_000,
+            missing_eos_penalty=1.0,
+            log_every=5,
+        )
+    )
+    c.dpo = ConfigDict(
+        dict(
+            enabled=True,
+            steps=40,
+            batch_size=16,
+            lr=5e-5,
+            warmup_steps=5,
+            beta=0.1,
+            log_every=10,
+        )
+    )
     c.eval = ConfigDict(dict(num_prompts=64, temperature=0.0))  # greedy answers for the table
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     return c
