@@ -16,6 +16,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
@@ -77,27 +78,37 @@ def main(argv: list[str] | None = None) -> int:
             error = f"{type(e).__name__}: {str(e)[:300]}"
             record({"bench": bench, "variant": name, "error": error})
 
-    copy_GBps = None
-    if "ceilings" in only:
+    measured: dict = {}
+
+    def run_ceilings() -> None:
         small = args.suite == "cpu"
         attempt("ceilings", "copy+matmul", lambda: {"bench": "ceilings", "variant": "copy+matmul",
                 **ceilings.measure(*((64, 512) if small else (2048, 8192)))})
-        copy_GBps = rows[-1].get("copy_GBps")
-    if "attention" in only:
+        measured["copy_GBps"] = rows[-1].get("copy_GBps")
+
+    def run_attention() -> None:
         impls = ("xla", "cudnn") if jax.default_backend() == "gpu" else ("xla",)
         shapes = attention_check.SHAPES if args.suite == "gpu" else {"tiny": (2, 64, 4, 2, 16)}
         for r in attention_check.check(impls, shapes):
             record({"bench": "attention", "variant": f"{r.pop('shape')}/{r.pop('impl')}", **r})
-    if "train" in only:
+
+    def run_train() -> None:
         for v in pick(train_variants):
             traced = not args.no_profile and v.name in profiled
-            pdir = os.path.join(args.out, "trace") if traced else None
+            # traces stay local: too deep and too large to come back from the device
+            pdir = os.path.join(tempfile.gettempdir(), "bench-trace") if traced else None
             attempt("train", v.name,
                     lambda v=v, d=pdir: train_step.run(v, peak, args.warmup, args.iters, d))
-    if "decode" in only:
-        decode_iters = max(3, args.iters // 4)
+
+    def run_decode() -> None:
+        iters, copy_GBps = max(3, args.iters // 4), measured.get("copy_GBps")
         for v in pick(decode_variants):
-            attempt("decode", v.name, lambda v=v: decode.run(v, copy_GBps, 1, decode_iters))
+            attempt("decode", v.name, lambda v=v: decode.run(v, copy_GBps, 1, iters))
+
+    benches = {"ceilings": run_ceilings, "attention": run_attention, "train": run_train,
+               "decode": run_decode}
+    for name in args.only.split(","):  # in the order asked for
+        benches[name]()
     total_s = time.perf_counter() - start
     print(f"\n{header['device']}  jax {header['jax']}  peak {peak_key}={peak}  "
           f"XLA_FLAGS={header['xla_flags']!r}  tag={args.tag!r}  total {total_s:.0f}s")
