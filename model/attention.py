@@ -93,7 +93,11 @@ def fused_attention(
     """
     mask_B1QK = None if mask_BQK is None else mask_BQK[:, None]
     return jax.nn.dot_product_attention(
-        q_BQHD, k_BKGD, v_BKGD, mask=mask_B1QK, is_causal=mask_BQK is None,
+        q_BQHD,
+        k_BKGD,
+        v_BKGD,
+        mask=mask_B1QK,
+        is_causal=mask_BQK is None,
         implementation=implementation,
     )
 
@@ -154,8 +158,10 @@ class Attention(nn.Module):
             mask = attention_mask(positions_BL, kv_positions_BK, segment_ids_BL, kv_segments_BK)
             out_BLHD = reference_attention(q_BLHD, k_BKGD, v_BKGD, mask)
         else:
-            mask = None if plain_causal else attention_mask(
-                positions_BL, kv_positions_BK, segment_ids_BL, kv_segments_BK
+            mask = (
+                None
+                if plain_causal
+                else attention_mask(positions_BL, kv_positions_BK, segment_ids_BL, kv_segments_BK)
             )
             out_BLHD = fused_attention(q_BLHD, k_BKGD, v_BKGD, mask, cfg.attention_backend)
 

@@ -66,7 +66,9 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{field}={value!r} is not one of {allowed}")
         for field in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_len"):
             if getattr(self, field) <= 0:
-                raise ValueError(f"ModelConfig.{field} must be positive, got {getattr(self, field)}")
+                raise ValueError(
+                    f"ModelConfig.{field} must be positive, got {getattr(self, field)}"
+                )
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"ModelConfig: n_heads={self.n_heads} does not divide d_model={self.d_model}"
@@ -114,7 +116,10 @@ PRESETS: dict[str, ModelConfig] = {
     # Small enough to train in seconds on one CPU core; the unit tests use it.
     "tiny": ModelConfig(),
     "tiny-llama": ModelConfig(
-        n_kv_heads=2, positional="rope", norm="rmsnorm", activation="swiglu",
+        n_kv_heads=2,
+        positional="rope",
+        norm="rmsnorm",
+        activation="swiglu",
         tie_embeddings=False,
     ),
     "gpt2-124m": ModelConfig(d_model=768, n_layers=12, n_heads=12, d_ff=3072, **_GPT2),
@@ -125,9 +130,19 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # Llama-3.2-1B-like trunk with this project's 32k sentencepiece vocabulary.
     "llama-1b": ModelConfig(
-        vocab_size=32768, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
-        max_len=2048, positional="rope", rope_theta=500_000.0, norm="rmsnorm",
-        activation="swiglu", tie_embeddings=False, dtype="bfloat16",
+        vocab_size=32768,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=8192,
+        max_len=2048,
+        positional="rope",
+        rope_theta=500_000.0,
+        norm="rmsnorm",
+        activation="swiglu",
+        tie_embeddings=False,
+        dtype="bfloat16",
     ),
 }
 

@@ -42,7 +42,9 @@ def gather_rows(table_ND: jax.Array, ids_BL: jax.Array) -> jax.Array:
     """table[ids] for a sharded table: gathered whole first (as FSDP does for
     every weight), since a lookup into a split table cannot keep the batch split."""
     table_ND = nn.with_logical_constraint(table_ND, (None, None))
-    return nn.with_logical_constraint(jnp.take(table_ND, ids_BL, axis=0), ("batch", "length", "act_embed"))
+    return nn.with_logical_constraint(
+        jnp.take(table_ND, ids_BL, axis=0), ("batch", "length", "act_embed")
+    )
 
 
 class Norm(nn.Module):

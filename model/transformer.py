@@ -1,8 +1,9 @@
 """The decoder-only transformer: pre-norm blocks, optional scan over layers and remat.
 
 `Decoder` maps embedded tokens to final hidden states (shared by the language
-model and the reward model); `LanguageModel` adds the embedding and output head. Both are used purely
-functionally: `params = model.init(...)["params"]`, `model.apply({"params": params}, ...)`.
+model and the reward model); `LanguageModel` adds the embedding and output
+head. Both are used purely functionally: `params = model.init(...)["params"]`,
+then `model.apply({"params": params}, ...)`.
 
 Decoding with a KV cache: `init_cache` allocates a `DecodeCache`; passing it to
 `LanguageModel.__call__` writes this call's keys and values and returns the
@@ -94,7 +95,10 @@ class Decoder(nn.Module):
         cfg = self.cfg
         if cfg.positional == "learned":
             table = dense_param(
-                self, "position_embedding", (cfg.max_len, cfg.d_model), ("positions", "embed"),
+                self,
+                "position_embedding",
+                (cfg.max_len, cfg.d_model),
+                ("positions", "embed"),
                 fan_in=cfg.d_model,
             )
             x_BLD = x_BLD + gather_rows(table, positions_BL).astype(cfg.compute_dtype)
@@ -122,7 +126,9 @@ class Decoder(nn.Module):
         else:
             new_layers = []
             for i in range(cfg.n_layers):
-                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], layer_caches)
+                layer_cache = None
+                if cache is not None:
+                    layer_cache = jax.tree.map(lambda c, i=i: c[i], layer_caches)
                 x_BLD, new_layer = block(cfg, deterministic, name=f"block_{i}")(
                     x_BLD, positions_BL, segment_ids_BL, kv_meta, layer_cache
                 )

@@ -32,7 +32,9 @@ def random_lm_batch(seed: int, batch: int, length: int, vocab: int, packed: bool
     return out
 
 
-def build_training(cfg, mesh, optim=OptimConfig(total_steps=100, warmup_steps=5), step_cfg=StepConfig()):
+def build_training(
+    cfg, mesh, optim=OptimConfig(total_steps=100, warmup_steps=5), step_cfg=StepConfig()
+):
     """(jitted step, state, state shardings) for a LanguageModel on `mesh`."""
     model = LanguageModel(cfg)
     tx = make_optimizer(optim)

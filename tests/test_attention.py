@@ -55,13 +55,19 @@ def _logits_and_grads(model, params, tokens, positions, segments, query_row, que
 def test_changing_invisible_token_changes_nothing(model_and_params, change_index, query_pos, why):
     model, params = model_and_params
     tokens, positions, segments = _batch()
-    base_logits, base_grads = _logits_and_grads(model, params, tokens, positions, segments, 0, query_pos)
+    base_logits, base_grads = _logits_and_grads(
+        model, params, tokens, positions, segments, 0, query_pos
+    )
     changed = tokens.at[change_index].set((tokens[change_index] + 17) % 256)
     logits, grads = _logits_and_grads(model, params, changed, positions, segments, 0, query_pos)
     np.testing.assert_array_equal(logits, base_logits, err_msg=why)
     # Gradients w.r.t. every weight except the changed token's own embedding row are identical.
-    for (path, g), g0 in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(base_grads)):
-        if "embedding" in jax.tree_util.keystr(path) and "position" not in jax.tree_util.keystr(path):
+    for (path, g), g0 in zip(
+        jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(base_grads)
+    ):
+        if "embedding" in jax.tree_util.keystr(path) and "position" not in jax.tree_util.keystr(
+            path
+        ):
             continue
         np.testing.assert_allclose(g, g0, rtol=0, atol=1e-7, err_msg=f"{why}: {path}")
 
@@ -142,7 +148,7 @@ def test_rope_scores_depend_only_on_relative_position():
 
 @pytest.mark.parametrize("packed", [True, False])
 def test_reference_matches_jax_xla_attention(packed):
-    """The hand-written attention equals jax.nn.dot_product_attention (XLA), values and gradients."""
+    """Hand-written attention equals jax.nn.dot_product_attention (XLA): values, gradients."""
     q, k, v = _qkv(3, heads=8, kv_heads=2)
     _, positions, segments = _batch()
     if packed:

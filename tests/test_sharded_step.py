@@ -1,4 +1,4 @@
-"""The sharded pretraining step equals the single-device step, and parameters land where the rules say."""
+"""Sharded pretraining steps equal the single-device step; parameters sit where the rules say."""
 
 import jax
 import numpy as np
@@ -39,7 +39,9 @@ def test_sharded_step_matches_single_device(mesh_shape, cfg):
     for (path, a), b in zip(
         jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(ref_state.params)
     ):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6, err_msg=str(path))
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6, err_msg=str(path)
+        )
 
 
 def test_parameter_shardings_follow_the_rules():
@@ -84,6 +86,8 @@ def test_gradient_accumulation_equals_full_batch():
 
 def test_microbatches_must_divide_batch():
     cfg = get_preset("tiny")
-    step, state, _ = build_training(cfg, single_device_mesh(), step_cfg=StepConfig(num_microbatches=3))
+    step, state, _ = build_training(
+        cfg, single_device_mesh(), step_cfg=StepConfig(num_microbatches=3)
+    )
     with pytest.raises(ValueError, match="not divisible by num_microbatches=3"):
         step(state, random_lm_batch(0, 8, 16, cfg.vocab_size), jax.random.key(0))

@@ -56,7 +56,9 @@ def accumulate_gradients(
             return (grads_acc, sums_acc), None
 
         zeros_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        abstract_sums = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)[1])
+        abstract_sums = jax.eval_shape(
+            lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)[1]
+        )
         zeros_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_sums)
         (grads, sums), _ = jax.lax.scan(
             body, (zeros_grads, zeros_sums), (jnp.arange(num_microbatches), micro)

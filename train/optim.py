@@ -25,7 +25,9 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"OptimConfig.schedule={self.schedule!r} is not cosine/linear/constant")
+            raise ValueError(
+                f"OptimConfig.schedule={self.schedule!r} is not cosine/linear/constant"
+            )
         if self.lr <= 0 or self.warmup_steps < 0 or self.total_steps <= 0:
             raise ValueError(f"OptimConfig: lr, total_steps must be positive, got {self}")
         if self.warmup_steps > self.total_steps:
@@ -74,7 +76,10 @@ def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity()
     adamw = optax.adamw(
-        learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+        learning_rate_schedule(cfg),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
         weight_decay=cfg.weight_decay,
         mask=lambda p: weight_decay_mask(p, cfg.decay_embeddings),
     )

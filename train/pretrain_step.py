@@ -30,7 +30,9 @@ class StepConfig:
 
     def __post_init__(self):
         if self.num_microbatches < 1:
-            raise ValueError(f"StepConfig.num_microbatches must be >= 1, got {self.num_microbatches}")
+            raise ValueError(
+                f"StepConfig.num_microbatches must be >= 1, got {self.num_microbatches}"
+            )
 
 
 def lm_loss_sums(model: nn.Module, z_loss: float, deterministic: bool) -> Callable:
@@ -38,8 +40,12 @@ def lm_loss_sums(model: nn.Module, z_loss: float, deterministic: bool) -> Callab
 
     def loss_sums(params, batch, rng):
         logits_BLV = model.apply(
-            {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
-            deterministic=deterministic, rngs={"dropout": rng},
+            {"params": params},
+            batch["inputs"],
+            batch.get("positions"),
+            batch.get("segment_ids"),
+            deterministic=deterministic,
+            rngs={"dropout": rng},
         )
         sums = cross_entropy_sums(logits_BLV, batch["targets"], batch["weights"], z_loss)
         return sums["loss_sum"], sums
@@ -56,7 +62,9 @@ def make_pretrain_step(
 
     def step(state: TrainState, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
-        grads, sums = accumulate_gradients(loss_sums, state.params, batch, rng, cfg.num_microbatches)
+        grads, sums = accumulate_gradients(
+            loss_sums, state.params, batch, rng, cfg.num_microbatches
+        )
         new_state, update_metrics = apply_gradients(state, grads, tx)
         tokens = sums["weight_sum"]
         metrics = {

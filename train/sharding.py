@@ -92,6 +92,16 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+    """The global batch must split evenly over the data-parallel devices."""
+    dp = data_parallel_size(mesh)
+    if global_batch_size <= 0 or global_batch_size % dp:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the data-parallel size "
+            f"{dp} (mesh axes {BATCH_AXES} = {tuple(mesh.shape[a] for a in BATCH_AXES)})"
+        )
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over data and fsdp; the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

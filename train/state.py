@@ -43,8 +43,12 @@ def state_logical_specs(abstract_boxed_params: Any, tx: optax.GradientTransforma
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     opt_specs = optax.tree_map_params(
-        tx, lambda _, spec: spec, abstract_opt, param_specs,
-        transform_non_params=lambda _: PartitionSpec(), is_leaf=is_spec,
+        tx,
+        lambda _, spec: spec,
+        abstract_opt,
+        param_specs,
+        transform_non_params=lambda _: PartitionSpec(),
+        is_leaf=is_spec,
     )
     return TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs)
 
@@ -71,6 +75,13 @@ def create_train_state(
 
         state = jax.jit(init, out_shardings=shardings)(rng)
     return state, shardings
+
+
+def param_shardings(init_params: Callable[[jax.Array], Any], mesh: Mesh) -> Any:
+    """NamedShardings for the parameters `init_params` would create (nothing allocated)."""
+    with sharding.mesh_context(mesh):
+        abstract_boxed = jax.eval_shape(init_params, jax.random.key(0))
+    return sharding.logical_to_mesh(nn.get_partition_spec(abstract_boxed), mesh)
 
 
 def count_params(params: Any) -> int:

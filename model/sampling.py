@@ -1,0 +1,152 @@
+"""Jitted KV-cache sampling: one prefill of the prompts, then one token per step.
+
+The decode loop is a `lax.while_loop` over a cache preallocated for prompt +
+new tokens, so a new token costs one single-position forward pass, never a
+pass over the whole sequence. Prompts of different lengths share a batch:
+they are right-padded, padding slots carry segment id 0 (never attended),
+and each row's generated tokens are written from its own length onwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from model.transformer import init_cache
+
+NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 means no top-k filter
+    top_p: float = 1.0  # 1.0 means no nucleus filter
+    eos_id: int | None = None  # stop a row once it emits this token
+    pad_id: int = 0  # written after a row has stopped
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(
+                f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}"
+            )
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingConfig: bad temperature/top_k/top_p in {self}")
+
+
+class Samples(NamedTuple):
+    tokens_BT: jax.Array  # generated tokens, pad_id after a row's EOS
+    logprobs_BT: jax.Array  # log-prob of each token under the filtered distribution
+    lengths_B: jax.Array  # tokens generated per row, EOS included
+    finished_B: jax.Array  # whether the row emitted EOS
+
+
+def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Temperature, top-k and top-p (nucleus, Holtzman et al. 2019) applied to logits.
+
+    Returns float32 logits whose softmax is the sampling distribution; PPO
+    recomputes log-probs with this same function so they match the sampler.
+    """
+    logits = logits_BV.astype(jnp.float32) / max(temperature, 1e-6)
+    if top_k:
+        kth_largest = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth_largest, NEG_INF, logits)
+    if top_p < 1.0:
+        sorted_desc = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # smallest logit still inside the nucleus (the top token always is)
+        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_desc, jnp.inf), -1, keepdims=True)
+        logits = jnp.where(logits < cutoff, NEG_INF, logits)
+    return logits
+
+
+def _choose(logits_BV: jax.Array, rng: jax.Array, cfg: SamplingConfig):
+    if cfg.temperature == 0:
+        token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return token_B, jnp.zeros(token_B.shape, jnp.float32)
+    logits = filter_logits(logits_BV, cfg.temperature, cfg.top_k, cfg.top_p)
+    token_B = jax.random.categorical(rng, logits).astype(jnp.int32)
+    logprob_B = jnp.take_along_axis(jax.nn.log_softmax(logits), token_B[:, None], -1)[:, 0]
+    return token_B, logprob_B
+
+
+def sample(
+    model: nn.Module,
+    params,
+    prompts_BP: jax.Array,
+    prompt_lengths_B: jax.Array,
+    rng: jax.Array,
+    cfg: SamplingConfig,
+) -> Samples:
+    """Samples up to cfg.max_new_tokens after each right-padded prompt (pure; jit it)."""
+    B, P = prompts_BP.shape
+    T = cfg.max_new_tokens
+    model_cfg = model.cfg
+    if P + T > model_cfg.max_len and model_cfg.positional == "learned":
+        raise ValueError(
+            f"prompt length {P} + max_new_tokens {T} exceeds max_len {model_cfg.max_len}"
+        )
+    apply = lambda tokens, positions, segments, cache: model.apply(  # noqa: E731
+        {"params": params}, tokens, positions, segments, cache=cache
+    )
+
+    positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    segments_BP = (positions_BP < prompt_lengths_B[:, None]).astype(jnp.int32)
+    logits_BPV, cache = apply(
+        prompts_BP, positions_BP, segments_BP, init_cache(model_cfg, B, P + T)
+    )
+    last_B = jnp.maximum(prompt_lengths_B - 1, 0)
+    logits_BV = jnp.take_along_axis(logits_BPV, last_B[:, None, None], axis=1)[:, 0]
+
+    def cond(carry):
+        t, _, _, _, finished_B, _ = carry
+        return (t < T) & ~jnp.all(finished_B)
+
+    def body(carry):
+        t, logits_BV, cache, out, finished_B, rng = carry
+        rng, step_rng = jax.random.split(rng)
+        token_B, logprob_B = _choose(logits_BV, step_rng, cfg)
+        token_B = jnp.where(finished_B, cfg.pad_id, token_B)
+        tokens_BT, logprobs_BT, lengths_B = out
+        out = (
+            tokens_BT.at[:, t].set(token_B),
+            logprobs_BT.at[:, t].set(jnp.where(finished_B, 0.0, logprob_B)),
+            lengths_B + (~finished_B).astype(jnp.int32),
+        )
+        if cfg.eos_id is not None:
+            finished_B = finished_B | (token_B == cfg.eos_id)
+        positions_B1 = (prompt_lengths_B + t)[:, None]
+        logits_B1V, cache = apply(
+            token_B[:, None], positions_B1, jnp.ones_like(positions_B1), cache
+        )
+        return t + 1, logits_B1V[:, 0], cache, out, finished_B, rng
+
+    out = (
+        jnp.full((B, T), cfg.pad_id, jnp.int32),
+        jnp.zeros((B, T), jnp.float32),
+        jnp.zeros((B,), jnp.int32),
+    )
+    finished_B = jnp.zeros((B,), bool)
+    carry = (jnp.int32(0), logits_BV, cache, out, finished_B, rng)
+    _, _, _, (tokens_BT, logprobs_BT, lengths_B), finished_B, _ = jax.lax.while_loop(
+        cond, body, carry
+    )
+    return Samples(tokens_BT, logprobs_BT, lengths_B, finished_B)
+
+
+def make_sampler(model: nn.Module, cfg: SamplingConfig) -> Callable[..., Samples]:
+    """jitted `sampler(params, prompts_BP, prompt_lengths_B, rng) -> Samples`.
+
+    Called inside `train.sharding.mesh_context(mesh)` with sharded parameters,
+    it shards activations and the cache like training.
+    """
+    return jax.jit(
+        lambda params, prompts, lengths, rng: sample(model, params, prompts, lengths, rng, cfg)
+    )

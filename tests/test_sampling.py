@@ -1,0 +1,128 @@
+"""KV-cache decoding equals the full forward pass; the sampler's filters and stopping rules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from model.config import get_preset
+from model.sampling import SamplingConfig, filter_logits, make_sampler
+from model.transformer import LanguageModel, init_cache
+from train import sharding
+from train.state import param_shardings
+
+PRESETS = [get_preset("tiny"), get_preset("tiny-llama", scan_layers=True)]
+
+
+def _init(cfg):
+    model = LanguageModel(cfg)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    return model, params
+
+
+@pytest.mark.parametrize("cfg", PRESETS, ids=["tiny", "tiny-llama-scan"])
+def test_cached_decoding_equals_full_forward(cfg):
+    model, params = _init(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, cfg.vocab_size)
+    full = model.apply({"params": params}, tokens)
+    prefill = 12
+    logits, cache = model.apply(
+        {"params": params}, tokens[:, :prefill], cache=init_cache(cfg, 2, 20)
+    )
+    steps = [logits]
+    for t in range(prefill, 20):
+        positions = jnp.full((2, 1), t, jnp.int32)
+        logits, cache = model.apply(
+            {"params": params}, tokens[:, t : t + 1], positions, cache=cache
+        )
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5)
+
+
+def _naive_greedy(model, params, prompt, n, eos=None):
+    """Reference: a full forward pass over the whole sequence for every new token."""
+    seq = list(prompt)
+    out = []
+    for _ in range(n):
+        logits = model.apply({"params": params}, jnp.asarray([seq], jnp.int32))
+        token = int(jnp.argmax(logits[0, -1]))
+        out.append(token)
+        seq.append(token)
+        if token == eos:
+            break
+    return out
+
+
+def test_greedy_batch_of_different_lengths_matches_naive_decoding():
+    cfg = get_preset("tiny-llama")
+    model, params = _init(cfg)
+    prompts = [[5, 9, 13, 200, 7], [42, 17], [1, 2, 3, 4, 5, 6, 7, 8]]
+    padded = np.zeros((3, 8), np.int32)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = p
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    sampler = make_sampler(model, SamplingConfig(max_new_tokens=10, temperature=0.0))
+    out = sampler(params, jnp.asarray(padded), lengths, jax.random.key(0))
+    for i, p in enumerate(prompts):
+        assert out.tokens_BT[i].tolist() == _naive_greedy(model, params, p, 10)
+    assert out.lengths_B.tolist() == [10, 10, 10]
+
+
+def test_stops_at_eos_and_pads_after():
+    cfg = get_preset("tiny")
+    model, params = _init(cfg)
+    prompt = [3, 1, 4, 1, 5]
+    reference = _naive_greedy(model, params, prompt, 12)
+    eos = reference[3]  # pretend the 4th generated token is EOS
+    first_eos = reference.index(eos)
+    sampler = make_sampler(
+        model, SamplingConfig(max_new_tokens=12, temperature=0.0, eos_id=eos, pad_id=0)
+    )
+    out = sampler(params, jnp.asarray([prompt]), jnp.asarray([5]), jax.random.key(0))
+    tokens = out.tokens_BT[0].tolist()
+    assert tokens[: first_eos + 1] == reference[: first_eos + 1]
+    assert tokens[first_eos + 1 :] == [0] * (12 - first_eos - 1)
+    assert int(out.lengths_B[0]) == first_eos + 1 and bool(out.finished_B[0])
+
+
+def test_sampled_logprobs_match_filtered_distribution():
+    cfg = get_preset("tiny")
+    model, params = _init(cfg)
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.7, top_k=20)
+    out = make_sampler(model, sampling)(
+        params, jnp.asarray([[7, 8, 9]]), jnp.asarray([3]), jax.random.key(3)
+    )
+    seq = jnp.concatenate([jnp.asarray([[7, 8, 9]]), out.tokens_BT], axis=1)
+    logits = model.apply({"params": params}, seq)[0, 2:-1]
+    logp = jax.nn.log_softmax(filter_logits(logits, 0.7, 20, 1.0))
+    expected = jnp.take_along_axis(logp, out.tokens_BT[0][:, None], -1)[:, 0]
+    np.testing.assert_allclose(out.logprobs_BT[0], expected, atol=1e-4)
+
+
+def test_filters_keep_the_right_tokens():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda f: (np.asarray(f) > -1e29).tolist()[0]  # noqa: E731
+    assert kept(filter_logits(logits, 1.0, 2, 1.0)) == [True, True, False, False]
+    assert kept(filter_logits(logits, 1.0, 0, 0.75)) == [True, True, False, False]
+    assert kept(filter_logits(logits, 1.0, 0, 0.85)) == [True, True, True, False]
+    assert kept(filter_logits(logits, 1.0, 0, 0.1)) == [True, False, False, False]
+
+
+def test_sharded_sampling_equals_unsharded():
+    cfg = get_preset("tiny-llama")
+    model, params = _init(cfg)
+    prompts = jax.random.randint(jax.random.key(5), (4, 6), 0, cfg.vocab_size)
+    lengths = jnp.asarray([6, 3, 5, 1], jnp.int32)
+    sampling = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    expected = make_sampler(model, sampling)(params, prompts, lengths, jax.random.key(0))
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    shardings = param_shardings(lambda r: model.init(r, prompts)["params"], mesh)
+    sharded_params = jax.device_put(params, shardings)
+    assert sharded_params["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")
+    with sharding.mesh_context(mesh):
+        prompts_sharded = jax.device_put(prompts, sharding.batch_sharding(mesh))
+        out = make_sampler(model, sampling)(
+            sharded_params, prompts_sharded, lengths, jax.random.key(0)
+        )
+    np.testing.assert_array_equal(out.tokens_BT, expected.tokens_BT)
