@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             record({"bench": bench, "variant": name, "error": "skipped: over --budget-s"})
             return
         try:
-            record(fn())
+            t0 = time.perf_counter()
+            row = fn()
+            record({**row, "wall_s": time.perf_counter() - t0})
         except Exception as e:  # noqa: BLE001 - one failed variant must not end the run
             traceback.print_exc()
             error = f"{type(e).__name__}: {str(e)[:300]}"
@@ -103,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     def run_decode() -> None:
         iters, copy_GBps = max(3, args.iters // 4), measured.get("copy_GBps")
         for v in pick(decode_variants):
-            attempt("decode", v.name, lambda v=v: decode.run(v, copy_GBps, 1, iters))
+            traced = not args.no_profile and v.name in profiled
+            pdir = os.path.join(tempfile.gettempdir(), "bench-trace") if traced else None
+            attempt("decode", v.name, lambda v=v, d=pdir: decode.run(v, copy_GBps, 1, iters, d))
 
     benches = {"ceilings": run_ceilings, "attention": run_attention, "train": run_train,
                "decode": run_decode}

@@ -1,4 +1,9 @@
-"""Greedy decoding with the model's KV cache: a jitted prefill, then a fori_loop of one-token steps.
+"""Greedy decoding with the model's KV cache, two ways.
+
+loop="fori": this module's own jitted prefill, then a `lax.fori_loop` of
+one-token steps (fixed trip count); the prefill is outside the timed region.
+loop="sampler": the project's sampler (`model/sampling.py`, a `lax.while_loop`
+that also stops on EOS); per-token time = (time for N tokens - time for 1) / (N - 1).
 
 Roofline: each decoded token must read every weight once (bf16) plus the keys
 and values written so far; that many bytes over the measured copy bandwidth
@@ -10,13 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+from functools import partial
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from experiments.bench import profile
 from experiments.bench.timing import compile_timed, median, program_bytes, time_calls
 from model.config import ModelConfig, get_preset
+from model.sampling import SamplingConfig, sample
 from model.transformer import LanguageModel, default_positions, init_cache
 
 
@@ -27,11 +35,12 @@ class DecodeVariant:
     prompt_len: int = 128
     new_tokens: int = 256
     model: tuple[tuple[str, object], ...] = ()
+    loop: str = "fori"  # "fori" or "sampler", see the module docstring
 
     @property
     def name(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in self.model)
-        name = f"{self.preset}/b{self.batch}/p{self.prompt_len}+{self.new_tokens}"
+        name = f"{self.preset}/{self.loop}/b{self.batch}/p{self.prompt_len}+{self.new_tokens}"
         return name + (f"[{extra}]" if extra else "")
 
 
@@ -75,10 +84,10 @@ def greedy_agreement(model: LanguageModel, params, prompt_BP, first_B, out_BN) -
     seq = jnp.concatenate([prompt_BP, first_B[:, None], out_BN[:, :-1]], axis=1)
     logits = jax.jit(model.apply)({"params": params}, seq)
     want = jnp.argmax(logits[:, prompt_BP.shape[1]:], -1)
-    return float(jnp.mean(want == out_BN))
+    return int(jnp.sum(want == out_BN)) / out_BN.size
 
 
-def run(v: DecodeVariant, copy_GBps: float | None, warmup: int, iters: int) -> dict:
+def _setup(v: DecodeVariant):
     cfg = get_preset(v.preset, **dict(v.model))
     model = LanguageModel(cfg)
     init = jax.jit(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"])
@@ -86,6 +95,46 @@ def run(v: DecodeVariant, copy_GBps: float | None, warmup: int, iters: int) -> d
     params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), params)  # serve bf16 weights
     prompt_shape = (v.batch, v.prompt_len)
     prompt = jax.random.randint(jax.random.key(1), prompt_shape, 0, cfg.vocab_size, jnp.int32)
+    return cfg, model, params, prompt
+
+
+def _row(v, cfg, params, step_s, copy_GBps, **extra) -> dict:
+    need = bytes_per_step(cfg, params, v)
+    return {
+        "bench": "decode", "variant": v.name, "step_ms": step_s * 1e3,
+        "tokens_per_s": v.batch / step_s, "bytes_per_step_GB": need / 1e9,
+        "roofline_frac": need / (copy_GBps * 1e9) / step_s if copy_GBps else None, **extra,
+    }
+
+
+def run_sampler(v: DecodeVariant, copy_GBps: float | None, iters: int) -> dict:
+    """The project's sampler, greedy, no EOS: every row decodes all N tokens."""
+    cfg, model, params, prompt = _setup(v)
+    lengths = jnp.full((v.batch,), v.prompt_len, jnp.int32)
+    rng = jax.random.key(2)
+    times, compile_s, outs = {}, 0.0, {}
+    for n in (1, v.new_tokens):
+        greedy = SamplingConfig(max_new_tokens=n, temperature=0)
+        sampler = jax.jit(partial(sample, model, cfg=greedy))
+        compiled, seconds = compile_timed(sampler, params, prompt, lengths, rng)
+        compile_s += seconds
+        times[n] = median(time_calls(lambda c=compiled: c(params, prompt, lengths, rng), 2, iters))
+        outs[n] = compiled(params, prompt, lengths, rng).tokens_BT
+    step_s = (times[v.new_tokens] - times[1]) / (v.new_tokens - 1)
+    out = outs[v.new_tokens]
+    agree = greedy_agreement(model, params, prompt, out[:, 0], out[:, 1:])
+    gc.collect()
+    return _row(v, cfg, params, step_s, copy_GBps, greedy_agree=agree, compile_s=compile_s,
+                prefill_plus_one_ms=times[1] * 1e3, iters=iters)
+
+
+def run(
+    v: DecodeVariant, copy_GBps: float | None, warmup: int, iters: int,
+    profile_dir: str | None = None,
+) -> dict:
+    if v.loop == "sampler":
+        return run_sampler(v, copy_GBps, iters)
+    cfg, model, params, prompt = _setup(v)
     prefill, decode = make_fns(model, cfg, v)
     prefill_c, prefill_compile_s = compile_timed(prefill, params, prompt)
     first, cache = prefill_c(params, prompt)
@@ -106,17 +155,18 @@ def run(v: DecodeVariant, copy_GBps: float | None, warmup: int, iters: int) -> d
     t = median(times[warmup:])
     holder["prefilled"] = prefill_c(params, prompt)
     agree = greedy_agreement(model, params, prompt, holder["prefilled"][0], one_decode())
-    step_s = t / v.new_tokens
-    need = bytes_per_step(cfg, params, v)
-    row = {
-        "bench": "decode", "variant": v.name, "step_ms": step_s * 1e3,
-        "tokens_per_s": v.batch * v.new_tokens / t,
-        "prefill_tokens_per_s": v.batch * v.prompt_len / t_prefill,
-        "bytes_per_step_GB": need / 1e9,
-        "roofline_frac": need / (copy_GBps * 1e9) / step_s if copy_GBps else None,
-        "greedy_agree": agree,
-        "mem_GiB": (program_bytes(decode_c) or 0) / 2**30,
-        "compile_s": compile_s + prefill_compile_s, "iters": iters,
-    }
+    row = _row(
+        v, cfg, params, t / v.new_tokens, copy_GBps, greedy_agree=agree,
+        prefill_tokens_per_s=v.batch * v.prompt_len / t_prefill,
+        mem_GiB=(program_bytes(decode_c) or 0) / 2**30,
+        compile_s=compile_s + prefill_compile_s, iters=iters,
+    )
+    if profile_dir:  # prefill + decode under the profiler (op by op: no CUDA graphs there)
+
+        def prefill_and_decode():
+            holder["prefilled"] = prefill_c(params, prompt)
+            return one_decode()
+
+        row["profile"] = profile.trace(prefill_and_decode, 1, profile_dir)
     gc.collect()
     return row

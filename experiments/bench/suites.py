@@ -22,20 +22,25 @@ SCAN = ("scan_layers", True)
 
 GPU_TRAIN = [
     _gpt2(12, REF), _gpt2(12), _gpt2(32, REF), _gpt2(32), _gpt2(64), _gpt2(128),
-    _xl(8), _xl(8, *CUDNN, SCAN), _xl(16, mb=2),
+    _xl(8), _xl(8, *CUDNN, SCAN), _xl(16, mb=2), _xl(16, *CUDNN, ("remat", "dots")),
 ]
 GPU_DECODE = [
-    DecodeVariant("gpt-1.3b", 1), DecodeVariant("gpt-1.3b", 64), DecodeVariant("gpt2-124m", 1),
+    DecodeVariant("gpt-1.3b", 1), DecodeVariant("gpt-1.3b", 1, loop="sampler"),
+    DecodeVariant("gpt-1.3b", 64), DecodeVariant("gpt-1.3b", 64, loop="sampler"),
+    DecodeVariant("gpt2-124m", 1),
 ]
-# Kernel profiles are taken for these train variants (by name).
-GPU_PROFILE = {_gpt2(32).name, _xl(8).name}
+# Kernel profiles are taken for these variants (by name).
+GPU_PROFILE = {_gpt2(64).name, _xl(8).name, GPU_DECODE[0].name}
 
 # batch 8: divisible by the 8 fake CPU devices the tests use
 CPU_TRAIN = [
     TrainVariant("tiny", 64, 8, 1, (REF,)), TrainVariant("tiny", 64, 8, 2, (XLA,)),
     TrainVariant("tiny-llama", 64, 8, 1, (XLA, SCAN, ("remat", "dots"))),
 ]
-CPU_DECODE = [DecodeVariant("tiny", 2, 8, 8), DecodeVariant("tiny-llama", 2, 8, 8, model=(SCAN,))]
+CPU_DECODE = [
+    DecodeVariant("tiny", 2, 8, 8), DecodeVariant("tiny", 2, 8, 48, loop="sampler"),
+    DecodeVariant("tiny-llama", 2, 8, 8, model=(SCAN,)),
+]
 CPU_PROFILE = {CPU_TRAIN[0].name}
 
 SUITES = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import time
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +68,9 @@ def build(v: TrainVariant):
     mesh = make_mesh(MeshConfig(data=-1))
     rng = jax.random.key(0)
     init = lambda r: model.init(r, jnp.zeros((1, v.seq_len), jnp.int32))["params"]  # noqa: E731
-    state, shardings = create_train_state(init, tx, mesh, rng)
+    t0 = time.perf_counter()
+    state, shardings = jax.block_until_ready(create_train_state(init, tx, mesh, rng))
+    init_s = time.perf_counter() - t0
     step = make_pretrain_step(model, tx, StepConfig(num_microbatches=v.microbatches))
     batch = synthetic_batch(cfg.vocab_size, v.batch, v.seq_len)
     batch = jax.device_put(batch, batch_sharding(mesh))
@@ -77,13 +80,13 @@ def build(v: TrainVariant):
     )
     with mesh_context(mesh):
         compiled, compile_s = compile_timed(jitted.jitted, state, batch, rng)
-    return compiled, state, batch, rng, cfg, compile_s
+    return compiled, state, batch, rng, cfg, compile_s, init_s
 
 
 def run(
     v: TrainVariant, peak: float | None, warmup: int, iters: int, profile_dir: str | None = None
 ) -> dict:
-    compiled, state, batch, rng, cfg, compile_s = build(v)
+    compiled, state, batch, rng, cfg, compile_s, init_s = build(v)
     holder = {"state": state}
 
     def one_step():
@@ -101,7 +104,7 @@ def run(
         "TFLOPs": flops_per_token(cfg, v.seq_len) * tokens_per_s / 1e12,
         "mem_GiB": (program_bytes(compiled) or 0) / 2**30,
         "process_peak_GiB": (process_peak_bytes() or 0) / 2**30,
-        "compile_s": compile_s, "loss": loss, "iters": iters,
+        "compile_s": compile_s, "init_s": init_s, "loss": loss, "iters": iters,
     }
     if profile_dir:
         row["profile"] = profile.trace(one_step, 3, profile_dir)
