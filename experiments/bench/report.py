@@ -1,6 +1,12 @@
-"""The short text table printed at the end of a run."""
+"""The short text table printed at the end of a run.
+
+`python -m experiments.bench.report FILE.jsonl ...` prints it again from saved rows.
+"""
 
 from __future__ import annotations
+
+import json
+import sys
 
 COLUMNS = {
     "ceilings": ("copy_GBps", "read_GBps", "matmul_TFLOPs"),
@@ -25,8 +31,14 @@ def table(rows: list[dict]) -> str:
             continue
         lines.append(f"\n[{bench}]  variant | " + " | ".join(cols))
         for r in mine:
-            cells = [r["variant"]] + (
+            label = r["variant"] + (f" <{r['tag']}>" if r.get("tag") else "")
+            cells = [label] + (
                 [f"ERROR {r['error']}"] if "error" in r else [_fmt(r.get(c)) for c in cols]
             )
             lines.append(" | ".join(cells))
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    rows = [json.loads(line) for path in sys.argv[1:] for line in open(path) if line.strip()]
+    print(table(rows))
