@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from experiments.bench import profile
+from experiments.bench import fake_params, profile
 from experiments.bench.timing import compile_timed, median, program_bytes, time_calls
 from model.config import ModelConfig, get_preset
 from model.sampling import SamplingConfig, sample
@@ -90,7 +90,8 @@ def greedy_agreement(model: LanguageModel, params, prompt_BP, first_B, out_BN) -
 def _setup(v: DecodeVariant):
     cfg = get_preset(v.preset, **dict(v.model))
     model = LanguageModel(cfg)
-    init = jax.jit(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"])
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    init = jax.jit(lambda r: fake_params.replace_values(model.init(r, tokens)["params"]))
     params = nn.unbox(init(jax.random.key(0)))
     params = jax.tree.map(lambda x: x.astype(cfg.compute_dtype), params)  # serve bf16 weights
     prompt_shape = (v.batch, v.prompt_len)

@@ -9,7 +9,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments.bench import profile
+from experiments.bench import fake_params, profile
 from experiments.bench.timing import (
     compile_timed,
     median,
@@ -67,7 +67,8 @@ def build(v: TrainVariant):
     tx = make_optimizer(OptimConfig())
     mesh = make_mesh(MeshConfig(data=-1))
     rng = jax.random.key(0)
-    init = lambda r: model.init(r, jnp.zeros((1, v.seq_len), jnp.int32))["params"]  # noqa: E731
+    tokens = jnp.zeros((1, v.seq_len), jnp.int32)
+    init = lambda r: fake_params.replace_values(model.init(r, tokens)["params"])  # noqa: E731
     t0 = time.perf_counter()
     state, shardings = jax.block_until_ready(create_train_state(init, tx, mesh, rng))
     init_s = time.perf_counter() - t0
