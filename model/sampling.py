@@ -150,3 +150,22 @@ def make_sampler(model: nn.Module, cfg: SamplingConfig) -> Callable[..., Samples
     return jax.jit(
         lambda params, prompts, lengths, rng: sample(model, params, prompts, lengths, rng, cfg)
     )
+
+
+def sample_texts(sampler, params, tokenizer, prompts: list[str], rng: jax.Array) -> list[str]:
+    """Encodes prompts (bos first), samples, and decodes each continuation up to EOS."""
+    import numpy as np
+
+    encoded = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+    width = max(len(e) for e in encoded)
+    prompts_BP = np.full((len(encoded), width), tokenizer.pad_id, np.int32)
+    for row, ids in enumerate(encoded):
+        prompts_BP[row, : len(ids)] = ids
+    lengths_B = np.asarray([len(e) for e in encoded], np.int32)
+    out = jax.device_get(sampler(params, prompts_BP, lengths_B, rng))
+    return [
+        tokenizer.decode(
+            [int(t) for t in out.tokens_BT[i, : out.lengths_B[i]] if t != tokenizer.eos_id]
+        )
+        for i in range(len(prompts))
+    ]

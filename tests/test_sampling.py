@@ -10,7 +10,7 @@ from model.config import get_preset
 from model.sampling import SamplingConfig, filter_logits, make_sampler
 from model.transformer import LanguageModel, init_cache
 from train import sharding
-from train.state import param_shardings
+from train.state import param_shardings, strip_axis_names
 
 PRESETS = [get_preset("tiny"), get_preset("tiny-llama", scan_layers=True)]
 
@@ -18,7 +18,7 @@ PRESETS = [get_preset("tiny"), get_preset("tiny-llama", scan_layers=True)]
 def _init(cfg):
     model = LanguageModel(cfg)
     params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    return model, params
+    return model, strip_axis_names(params)
 
 
 @pytest.mark.parametrize("cfg", PRESETS, ids=["tiny", "tiny-llama-scan"])

@@ -32,6 +32,23 @@ PEAK_FLOPS = {
 }
 
 
+def peak_flops_of(device_kind: str) -> float | None:
+    """Dense bf16 peak of one device from jax's `device_kind` string; None if unknown."""
+    kind = device_kind.lower()
+    for needle, key in (
+        ("h100", "h100-sxm"),
+        ("h200", "h200"),
+        ("a100", "a100"),
+        ("v4", "tpu-v4"),
+        ("v5 lite", "tpu-v5e"),
+        ("v5e", "tpu-v5e"),
+        ("v5p", "tpu-v5p"),
+    ):
+        if needle in kind:
+            return PEAK_FLOPS[key]
+    return None
+
+
 def matmul_params(cfg: ModelConfig) -> int:
     """N above: parameters multiplied once per token in the forward pass."""
     d, f, h, g, dh = cfg.d_model, cfg.d_ff, cfg.n_heads, cfg.kv_heads, cfg.head_dim

@@ -69,10 +69,28 @@ def accumulate_gradients(
 
 
 def apply_gradients(
-    state: TrainState, grads: Any, tx: optax.GradientTransformation
+    state: TrainState, grads: Any, tx: optax.GradientTransformation, loss: jax.Array | None = None
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update; returns the new state and the gradient norm before clipping."""
+    """One optimizer update, skipped when the loss or the gradients are not finite.
+
+    A skipped update leaves params and optimizer state untouched (the step
+    counter still advances, so data and RNG stay aligned); the metrics
+    `nonfinite_loss` / `nonfinite_grad` say which quantity was bad, and the
+    training loop decides whether to stop or to count and carry on.
+    """
+    grad_norm = optax.global_norm(grads)
+    loss_ok = jnp.isfinite(loss) if loss is not None else jnp.bool_(True)
+    grad_ok = jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, {"grad_norm": optax.global_norm(grads)}
+    keep_new = lambda new, old: jnp.where(loss_ok & grad_ok, new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + 1,
+        params=jax.tree.map(keep_new, params, state.params),
+        opt_state=jax.tree.map(keep_new, opt_state, state.opt_state),
+    )
+    return new_state, {
+        "grad_norm": grad_norm,
+        "nonfinite_loss": (~loss_ok).astype(jnp.float32),
+        "nonfinite_grad": (~grad_ok).astype(jnp.float32),
+    }

@@ -65,8 +65,8 @@ def make_pretrain_step(
         grads, sums = accumulate_gradients(
             loss_sums, state.params, batch, rng, cfg.num_microbatches
         )
-        new_state, update_metrics = apply_gradients(state, grads, tx)
         tokens = sums["weight_sum"]
+        new_state, update_metrics = apply_gradients(state, grads, tx, sums["loss_sum"])
         metrics = {
             "loss": sums["ce_sum"] / tokens,
             "loss_with_z": sums["loss_sum"] / tokens,

@@ -1,0 +1,186 @@
+"""Curation: normalise, filter and deduplicate documents, with a full account of every drop.
+
+Every input document gets exactly one decision. Reasons, in the order they are tested:
+read errors (empty, binary, invalid_utf8, jsonl_invalid_json, jsonl_missing_field),
+`empty` after normalisation, `exact_duplicate`, the quality rules of `data.quality`,
+then `near_duplicate`. The report's counts and bytes add up: kept + dropped = input.
+
+The per-document work (normalisation, quality rules, MinHash) runs in worker processes;
+the order-dependent part (which copy of a duplicate is kept) runs in this process in input
+order, so the result is the same for any number of workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import multiprocessing
+import os
+import time
+import unicodedata
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from data import dedup, quality
+from data.sources import RawDocument
+
+MAX_EXAMPLES = 3  # example document names kept per drop reason in the report
+
+
+@dataclasses.dataclass
+class CuratedDocument:
+    name: str
+    kind: str
+    text: str  # normalised
+    nbytes: int  # bytes as read, as counted in the report
+
+
+def normalize(text: str) -> str:
+    """Unicode NFC and \\n line endings, so equal texts hash equally and tokenize alike."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return unicodedata.normalize("NFC", text)
+
+
+_PERM: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def _init_worker(seed: int) -> None:
+    global _PERM
+    _PERM = dedup.permutation_params(seed)
+
+
+def _analyse(doc: RawDocument) -> tuple[str | None, str | None, bytes | None, np.ndarray | None]:
+    """(drop reason, normalised text, content hash, MinHash signature) of one document."""
+    if doc.error:
+        return doc.error, None, None, None
+    text = normalize(doc.text)
+    if not text.strip():
+        return "empty", None, None, None
+    digest = dedup.content_hash(text)
+    reason = quality.drop_reason(text, doc.kind)
+    sig = None if reason else dedup.minhash_signature(text, *_PERM)
+    # Most texts are already normalised: send None back rather than pickling a copy.
+    return reason, (None if text == doc.text else text), digest, sig
+
+
+class CurationReport:
+    """Counts and bytes per decision; `to_dict()` is what lands in curation_report.json."""
+
+    def __init__(self) -> None:
+        self.input = {"docs": 0, "bytes": 0}
+        self.kept = {"docs": 0, "bytes": 0}
+        self.dropped: dict[str, dict] = {}
+
+    def add(self, doc: RawDocument, reason: str | None) -> None:
+        self.input["docs"] += 1
+        self.input["bytes"] += doc.nbytes
+        if reason is None:
+            self.kept["docs"] += 1
+            self.kept["bytes"] += doc.nbytes
+            return
+        entry = self.dropped.setdefault(reason, {"docs": 0, "bytes": 0, "examples": []})
+        entry["docs"] += 1
+        entry["bytes"] += doc.nbytes
+        if len(entry["examples"]) < MAX_EXAMPLES:
+            entry["examples"].append(doc.name)
+
+    def to_dict(self) -> dict:
+        by_reason = {k: self.dropped[k] for k in sorted(self.dropped)}
+        return {
+            "input": dict(self.input),
+            "kept": dict(self.kept),
+            "dropped": {
+                "docs": sum(v["docs"] for v in by_reason.values()),
+                "bytes": sum(v["bytes"] for v in by_reason.values()),
+                "by_reason": by_reason,
+            },
+        }
+
+
+def thresholds() -> dict:
+    """Every threshold in force, recorded in the report so a run documents itself."""
+    consts = {k: v for k, v in vars(quality).items() if k.isupper() and k[:1] != "_"}
+    consts = {k: sorted(v) if isinstance(v, frozenset) else v for k, v in consts.items()}
+    consts["GOPHER_MAX_TOP_NGRAM_CHARS"] = {
+        str(k): v for k, v in quality.GOPHER_MAX_TOP_NGRAM_CHARS.items()
+    }
+    consts["GOPHER_MAX_DUP_NGRAM_CHARS"] = {
+        str(k): v for k, v in quality.GOPHER_MAX_DUP_NGRAM_CHARS.items()
+    }
+    consts.update(
+        MINHASH_SHINGLE_WORDS=dedup.SHINGLE_WORDS,
+        MINHASH_BANDS=dedup.BANDS,
+        MINHASH_ROWS=dedup.ROWS,
+        NEAR_DUP_THRESHOLD=dedup.NEAR_DUP_THRESHOLD,
+    )
+    return consts
+
+
+def _analysed(
+    docs: Iterable[RawDocument], seed: int, num_workers: int
+) -> Iterator[tuple[RawDocument, tuple]]:
+    if num_workers <= 1:
+        _init_worker(seed)
+        for doc in docs:
+            yield doc, _analyse(doc)
+        return
+    # fork: no re-import of the caller's __main__ (spawn needs a main guard there). The
+    # workers run only NumPy and Python code, never JAX, so JAX threads in the parent
+    # are not a hazard to them.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(seed,)) as pool:
+        pending: collections.deque[RawDocument] = collections.deque()
+
+        def tagged():
+            for doc in docs:
+                pending.append(doc)
+                yield doc
+
+        # imap keeps input order, which keeps dedup decisions deterministic.
+        for result in pool.imap(_analyse, tagged(), chunksize=4):
+            yield pending.popleft(), result
+
+
+def curate(
+    docs: Iterable[RawDocument],
+    *,
+    seed: int = 0,
+    num_workers: int | None = None,
+    near_dup_threshold: float = dedup.NEAR_DUP_THRESHOLD,
+    progress: bool = False,
+) -> tuple[list[CuratedDocument], dict]:
+    """Kept documents (input order) and the report dict, with throughput in MB/s."""
+    num_workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1)
+    report = CurationReport()
+    seen_hashes: set[bytes] = set()
+    near = dedup.NearDuplicateIndex(near_dup_threshold)
+    kept: list[CuratedDocument] = []
+    start = time.perf_counter()
+    stream = _analysed(docs, seed, num_workers)
+    if progress:
+        from tqdm import tqdm
+
+        stream = tqdm(stream, desc="curating", unit=" docs")
+    for doc, (reason, text, digest, sig) in stream:
+        if digest is not None:  # exact duplicates outrank quality reasons
+            if digest in seen_hashes:
+                reason = "exact_duplicate"
+            else:
+                seen_hashes.add(digest)
+        if reason is None and near.add_if_new(sig) is not None:
+            reason = "near_duplicate"
+        report.add(doc, reason)
+        if reason is None:
+            kept.append(CuratedDocument(doc.name, doc.kind, text or doc.text, doc.nbytes))
+    seconds = time.perf_counter() - start
+    result = report.to_dict()
+    result["thresholds"] = thresholds()
+    result["seed"] = seed
+    result["throughput"] = {
+        "seconds": round(seconds, 3),
+        "input_mb_per_s": round(report.input["bytes"] / 1e6 / max(seconds, 1e-9), 3),
+        "workers": num_workers,
+    }
+    return kept, result

@@ -1,0 +1,235 @@
+"""Corpus sources: turn a corpus spec into a stream of raw documents.
+
+Spec forms:
+  stdlib              - the running interpreter's standard library (.py, tests excluded)
+  text:PATH           - a text file or a folder of files (walked in sorted order)
+  jsonl:PATH:FIELD    - JSON Lines file (or folder of *.jsonl), text in FIELD
+  tfds:NAME[:FIELD]   - a TFDS catalog dataset (train split), text in FIELD (default "text")
+
+Sources never raise on bad *content*: a file that is binary, empty, not UTF-8, or
+a JSONL line that is not JSON or lacks the field becomes a `RawDocument` with an
+`error` reason, so the curation report counts it. A missing path raises
+`CorpusError` naming it, before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+CODE_EXTENSIONS = frozenset(
+    ".py .pyi .pyx .c .h .cc .cpp .cxx .hpp .hh .js .jsx .ts .tsx .java .go .rs .rb .sh .bash"
+    " .pl .pm .lua .swift .kt .scala .cs .php .r .jl .hs .ml .sql .toml .yaml .yml .json .xml"
+    " .html .htm .css .tex .cmake .mk .bat .ps1 .el .vim .f90 .zig".split()
+)
+# Folders that are never corpus content when walking a directory.
+_SKIP_DIRS = frozenset({"__pycache__", ".git", ".hg", ".svn", "node_modules", ".venv"})
+# A prose file larger than this is cut at blank lines into documents of about this size,
+# so one big book (e.g. tinyshakespeare) yields many documents for the hash split.
+PROSE_CHUNK_CHARS = 8192
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be read or yields nothing usable; the message names the file."""
+
+
+@dataclasses.dataclass
+class RawDocument:
+    name: str  # file path, "path:line" or "tfds:name[i]"; shown in report examples
+    kind: str  # "code" or "prose": selects the quality rules
+    text: str | None  # None when `error` is set
+    nbytes: int  # bytes as read; the report's byte counts add these up
+    error: str | None = None  # drop reason found while reading
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusSpec:
+    kind: str  # stdlib | text | jsonl | tfds
+    path: str = ""
+    field: str = "text"
+
+    def __str__(self) -> str:
+        if self.kind == "stdlib":
+            return "stdlib"
+        if self.kind == "text":
+            return f"text:{self.path}"
+        return f"{self.kind}:{self.path}:{self.field}"
+
+
+def parse_spec(spec: str) -> CorpusSpec:
+    """Parses a corpus spec string; raises CorpusError with the accepted forms."""
+    kind, _, rest = spec.partition(":")
+    if kind == "stdlib" and not rest:
+        return CorpusSpec("stdlib")
+    if kind == "text" and rest:
+        return CorpusSpec("text", rest)
+    if kind == "jsonl" and rest:
+        path, sep, field = rest.rpartition(":")
+        if not sep or not path or not field:
+            raise CorpusError(f"jsonl spec needs a field: jsonl:PATH:FIELD, got {spec!r}")
+        return CorpusSpec("jsonl", path, field)
+    if kind == "tfds" and rest:
+        name, sep, field = rest.partition(":")
+        return CorpusSpec("tfds", name, field if sep else "text")
+    raise CorpusError(
+        f"unknown corpus spec {spec!r}; use stdlib, text:PATH, jsonl:PATH:FIELD or tfds:NAME"
+    )
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's .py files, without site-packages and test suites (~12 MB)."""
+    root = stdlib_root()
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
+        files += [Path(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
+    return files
+
+
+def _walk(root: Path) -> list[Path]:
+    if root.is_file():
+        return [root]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
+        files += [Path(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
+    return files
+
+
+def _require(path: Path) -> None:
+    if not path.exists():
+        raise CorpusError(f"corpus path does not exist: {path}")
+
+
+def decode_bytes(data: bytes) -> tuple[str | None, str | None]:
+    """(text, None) or (None, reason) for empty, binary or non-UTF-8 content."""
+    if not data.strip():
+        return None, "empty"
+    if b"\x00" in data[:65536]:  # NUL bytes do not occur in text; cheap binary test
+        return None, "binary"
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return None, "invalid_utf8"
+
+
+_PARAGRAPH_BREAK = re.compile(r"(\n[ \t]*\n)")
+
+
+def split_prose(text: str, chunk_chars: int = PROSE_CHUNK_CHARS) -> list[str]:
+    """Cuts text at blank lines into pieces of about `chunk_chars`; ''.join(pieces) == text."""
+    if len(text) <= chunk_chars:
+        return [text]
+    parts = _PARAGRAPH_BREAK.split(text)  # [para, sep, para, sep, ...]
+    pieces, current, size = [], [], 0
+    for i in range(0, len(parts), 2):
+        chunk = parts[i] + (parts[i + 1] if i + 1 < len(parts) else "")
+        current.append(chunk)
+        size += len(chunk)
+        if size >= chunk_chars:
+            pieces.append("".join(current))
+            current, size = [], 0
+    if current:
+        pieces.append("".join(current))
+    return pieces
+
+
+def _file_documents(path: Path, kind: str | None = None) -> Iterator[RawDocument]:
+    data = path.read_bytes()
+    kind = kind or ("code" if path.suffix.lower() in CODE_EXTENSIONS else "prose")
+    text, error = decode_bytes(data)
+    if error:
+        yield RawDocument(str(path), kind, None, len(data), error)
+        return
+    pieces = split_prose(text) if kind == "prose" else [text]
+    for i, piece in enumerate(pieces):
+        name = str(path) if len(pieces) == 1 else f"{path}#{i}"
+        yield RawDocument(name, kind, piece, len(piece.encode("utf-8")))
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[RawDocument]:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # blank separator lines are not documents
+            name = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except UnicodeDecodeError:
+                yield RawDocument(name, "prose", None, len(line), "invalid_utf8")
+                continue
+            except ValueError:
+                yield RawDocument(name, "prose", None, len(line), "jsonl_invalid_json")
+                continue
+            text = record.get(field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                yield RawDocument(name, "prose", None, len(line), "jsonl_missing_field")
+                continue
+            yield RawDocument(name, "prose", text, len(text.encode("utf-8")))
+
+
+def _tfds_documents(
+    name: str, field: str, data_dir: str | None, max_docs: int | None
+) -> Iterator[RawDocument]:
+    import tensorflow_datasets as tfds  # lazy: slow import, only needed for this source
+
+    # data_source reads array_record by random access and needs no TensorFlow.
+    source = tfds.data_source(name, split="train", data_dir=data_dir, download=True)
+    n = len(source) if max_docs is None else min(len(source), max_docs)
+    for i in range(n):
+        record = source[i]
+        doc_name = f"tfds:{name}[{i}]"
+        value = record.get(field) if isinstance(record, dict) else None
+        if value is None:
+            yield RawDocument(doc_name, "prose", None, 0, "tfds_missing_field")
+            continue
+        if isinstance(value, bytes):
+            text, error = decode_bytes(value)
+            if error:
+                yield RawDocument(doc_name, "prose", None, len(value), error)
+                continue
+        else:
+            text = str(value)
+        for j, piece in enumerate(split_prose(text)):
+            yield RawDocument(f"{doc_name}#{j}", "prose", piece, len(piece.encode("utf-8")))
+
+
+def check_spec(spec: CorpusSpec) -> None:
+    """Fails early (before any output is touched) on a missing path."""
+    if spec.kind in ("text", "jsonl"):
+        _require(Path(spec.path))
+
+
+def iter_documents(
+    spec: CorpusSpec | str,
+    *,
+    max_docs: int | None = None,
+    tfds_data_dir: str | None = None,
+) -> Iterator[RawDocument]:
+    """Raw documents of a corpus in a deterministic order (at most `max_docs`)."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    check_spec(spec)
+    if spec.kind == "stdlib":
+        stream = (d for p in stdlib_files() for d in _file_documents(p, "code"))
+    elif spec.kind == "text":
+        stream = (d for p in _walk(Path(spec.path)) for d in _file_documents(p))
+    elif spec.kind == "jsonl":
+        root = Path(spec.path)
+        files = [root] if root.is_file() else [p for p in _walk(root) if p.suffix == ".jsonl"]
+        stream = (d for p in files for d in _jsonl_documents(p, spec.field))
+    else:
+        stream = _tfds_documents(spec.path, spec.field, tfds_data_dir, max_docs)
+    for i, doc in enumerate(stream):
+        if max_docs is not None and i >= max_docs:
+            return
+        yield doc

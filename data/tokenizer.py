@@ -1,0 +1,211 @@
+"""Tokenizers: sentencepiece (BPE or unigram) and a character-level one, same interface.
+
+The sentencepiece settings keep text exact, which source code needs:
+  - identity normalisation (no NFKC: it would rewrite e.g. full-width characters),
+  - whitespace kept as is (no dummy prefix, no collapsing of runs of spaces),
+    whitespace-only pieces allowed so indentation becomes few tokens,
+  - byte fallback, so a character outside the vocabulary becomes its UTF-8 bytes
+    rather than <unk>; "\\n" and "\\t" are one byte-token each.
+Hence decode(encode(text)) == text for any text without the reserved U+2581 ('▁'),
+which sentencepiece uses to encode spaces.
+
+Ids: 0 <pad>, 1 <unk>, 2 <s> (bos), 3 </s> (eos), then the chat-role tokens SFT uses.
+Chat-role tokens are user-defined symbols: they are matched in text, so a chat template
+can be written as a string.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, *CHAT_TOKENS)
+MAX_SENTENCE_BYTES = 16384  # training lines longer than this are skipped by sentencepiece
+
+
+class Tokenizer:
+    """A trained sentencepiece model."""
+
+    def __init__(self, processor: spm.SentencePieceProcessor):
+        self.sp = processor
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        return cls(spm.SentencePieceProcessor(model_file=str(path)))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    def special_id(self, name: str) -> int:
+        """Id of a special token such as "<|user|>"; KeyError if the model lacks it."""
+        idx = self.sp.piece_to_id(name)
+        if idx == self.sp.unk_id() and name != UNK:
+            raise KeyError(f"tokenizer has no special token {name!r}")
+        return idx
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+        return self.sp.encode(list(texts), num_threads=num_threads)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode(list(map(int, ids)))
+
+
+class CharTokenizer:
+    """Character vocabulary (nanoGPT's Shakespeare recipe) after the shared special tokens."""
+
+    def __init__(self, chars: Sequence[str]):
+        self.pieces = list(SPECIAL_TOKENS) + sorted(set(chars) - set(SPECIAL_TOKENS))
+        self.index = {p: i for i, p in enumerate(self.pieces)}
+        self._special = re.compile("(" + "|".join(map(re.escape, CHAT_TOKENS)) + ")")
+
+    @classmethod
+    def build(cls, texts: Iterable[str]) -> CharTokenizer:
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        return cls(sorted(chars))
+
+    def save(self, path: str | os.PathLike) -> None:
+        chars = self.pieces[len(SPECIAL_TOKENS) :]
+        Path(path).write_text(json.dumps({"type": "char", "chars": chars}, ensure_ascii=False))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CharTokenizer:
+        spec = json.loads(Path(path).read_text())
+        if spec.get("type") != "char":
+            raise ValueError(f"{path} is not a character tokenizer file")
+        return cls(spec["chars"])
+
+    vocab_size = property(lambda self: len(self.pieces))
+    pad_id = property(lambda self: self.index[PAD])
+    bos_id = property(lambda self: self.index[BOS])
+    eos_id = property(lambda self: self.index[EOS])
+
+    def special_id(self, name: str) -> int:
+        if name not in SPECIAL_TOKENS:
+            raise KeyError(f"tokenizer has no special token {name!r}")
+        return self.index[name]
+
+    def encode(self, text: str) -> list[int]:
+        unk = self.index[UNK]
+        ids: list[int] = []
+        for part in self._special.split(text):
+            if part in self.index and part in CHAT_TOKENS:
+                ids.append(self.index[part])
+            else:
+                ids.extend(self.index.get(c, unk) for c in part)
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        skip = {self.pad_id, self.bos_id, self.eos_id}
+        out = []
+        for i in map(int, ids):
+            if i in skip:
+                continue
+            out.append("\ufffd" if i == self.index[UNK] else self.pieces[i])
+        return "".join(out)
+
+
+AnyTokenizer = Tokenizer | CharTokenizer
+
+
+def load_tokenizer(path: str | os.PathLike) -> AnyTokenizer:
+    """A .json file is a CharTokenizer, anything else a sentencepiece model."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer file does not exist: {path}")
+    return CharTokenizer.load(path) if path.suffix == ".json" else Tokenizer.load(path)
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out_path: str | os.PathLike,
+    *,
+    vocab_size: int = 8192,
+    model_type: str = "bpe",
+    seed: int = 0,
+    max_sentences: int = 2_000_000,
+    num_threads: int | None = None,
+    verbose: bool = True,
+) -> AnyTokenizer:
+    """Trains on `texts` and writes `out_path` (.model for bpe/unigram, .json for char).
+
+    Sentencepiece reads one training "sentence" per line, so documents are written out
+    line by line; newlines themselves are covered by byte fallback.
+    """
+    out_path = Path(out_path)
+    if model_type == "char":
+        tok = CharTokenizer.build(texts)
+        tok.save(out_path)
+        return tok
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type must be bpe, unigram or char, got {model_type!r}")
+    spm.set_random_generator_seed(seed)  # sentence sampling is seeded: same input, same model
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp, "corpus.txt")
+        n_lines = 0
+        with open(corpus, "w", encoding="utf-8") as f:
+            for text in texts:
+                for line in text.split("\n"):
+                    if line.strip():
+                        f.write(line + "\n")
+                        n_lines += 1
+        if n_lines == 0:
+            raise ValueError("no text to train the tokenizer on")
+        prefix = Path(tmp, "spm")
+        spm.SentencePieceTrainer.train(
+            input=str(corpus),
+            model_prefix=str(prefix),
+            model_type=model_type,
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            character_coverage=0.9995,
+            user_defined_symbols=list(CHAT_TOKENS),
+            pad_id=0,
+            unk_id=1,
+            bos_id=2,
+            eos_id=3,
+            pad_piece=PAD,
+            unk_piece=UNK,
+            bos_piece=BOS,
+            eos_piece=EOS,
+            max_sentence_length=MAX_SENTENCE_BYTES,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            num_threads=num_threads or min(2, os.cpu_count() or 1),
+            minloglevel=0 if verbose else 2,  # sentencepiece logs its progress to stderr
+        )
+        out_path.write_bytes(Path(f"{prefix}.model").read_bytes())
+    return Tokenizer.load(out_path)

@@ -1,0 +1,20 @@
+"""GPT-2 small (124M) at context 1024, the usual recipe (lr 6e-4, 0.5M-token batches)."""
+
+from experiments.configs.common import base_config, model_fields
+
+
+def get_config():
+    c = base_config("gpt2-124m")
+    c.model = model_fields("gpt2-124m", attention_backend="cudnn")
+    c.data.vocab_size = 50257 - 257  # a 50k sentencepiece vocabulary fits the padded table
+    c.data.seq_len = 1024
+    c.train.global_batch_size = 512  # 0.5M tokens
+    c.train.num_microbatches = 16
+    c.train.num_steps = 20_000
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 1000
+    c.optim.lr = 6e-4
+    c.optim.warmup_steps = 700
+    c.optim.total_steps = 20_000
+    c.optim.end_lr = 6e-5
+    return c

@@ -1,0 +1,41 @@
+"""nanoGPT's character-level Shakespeare "baby GPT" recipe (Karpathy's train_shakespeare_char).
+
+6 layers, 6 heads, width 384, context 256, batch 64, dropout 0.2, lr 1e-3
+with 100 warmup steps and cosine decay to 1e-4 over 5000 steps, beta2 0.99.
+nanoGPT reports a validation loss of about 1.47 for it.
+"""
+
+from experiments.configs.common import base_config, model_fields
+
+
+def get_config():
+    c = base_config()
+    c.model = model_fields(
+        "tiny",
+        vocab_size=128,
+        d_model=384,
+        n_layers=6,
+        n_heads=6,
+        d_ff=1536,
+        max_len=256,
+        dropout_rate=0.2,
+        use_bias=False,
+    )
+    c.data.corpus = "text:../shared/data/tinyshakespeare.txt"
+    c.data.tokenizer = "char"
+    c.data.vocab_size = 128
+    c.data.seq_len = 256
+    c.train.global_batch_size = 64
+    c.train.num_steps = 5000
+    c.train.eval_every = 250
+    c.train.eval_batches = 32
+    c.train.checkpoint_every = 500
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.total_steps = 5000
+    c.optim.end_lr = 1e-4
+    c.optim.b2 = 0.99
+    c.optim.weight_decay = 0.1
+    c.sample.prompt = "\n"
+    c.sample.max_new_tokens = 500
+    return c

@@ -1,0 +1,150 @@
+"""Hyperparameter sweeps over a grid.
+
+  python -m experiments.sweep --config=experiments/configs/stdlib_tiny.py --root=runs/sweep \\
+      --sweep.optim.lr=1e-3,3e-3 --sweep.model.n_layers=2,4 [--config.train.num_steps=200]
+
+runs every point of the grid one after another (each in its own workdir
+under --root, resumable), or with --print_only prints one command per point
+for a cluster scheduler. Then it writes ROOT/sweep_results.csv, prints a
+table of the final metrics, and plots ROOT/sweep.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+from train.metrics_writer import read_metrics
+
+flags.DEFINE_string("config", "experiments/configs/stdlib_tiny.py", "experiment config file")
+flags.DEFINE_string("root", "runs/sweep", "parent directory of the points' workdirs")
+flags.DEFINE_bool("print_only", False, "print one command per point instead of running them")
+FLAGS = flags.FLAGS
+
+_SWEEP: dict = {}  # the grid and overrides, parsed before absl sees the flags
+FINAL_METRICS = ("train/loss", "eval/loss", "eval/bits_per_byte")
+
+
+def split_sweep_args(argv: list[str]) -> tuple[dict[str, list[str]], list[str], list[str]]:
+    """(--sweep.FIELD=v1,v2 grid, --config.* overrides passed to every point, other args)."""
+    grid, overrides, rest = {}, [], []
+    for arg in argv:
+        if arg.startswith("--sweep."):
+            field, _, values = arg[len("--sweep.") :].partition("=")
+            if not values:
+                raise app.UsageError(f"{arg}: give values as --sweep.FIELD=v1,v2")
+            grid[field] = values.split(",")
+        elif arg.startswith("--config."):
+            overrides.append(arg)
+        else:
+            rest.append(arg)
+    return grid, overrides, rest
+
+
+def grid_points(grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    fields = list(grid)
+    return [dict(zip(fields, values)) for values in itertools.product(*grid.values())]
+
+
+def point_name(point: dict[str, str]) -> str:
+    return "_".join(f"{field.split('.')[-1]}={value}" for field, value in point.items())
+
+
+def point_command(point: dict[str, str], overrides: list[str], root: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "experiments.pretrain",
+        f"--config={FLAGS.config}",
+        f"--workdir={root / point_name(point)}",
+        f"--config.data.dir={root / 'data'}",
+        *overrides,
+        *(f"--config.{field}={value}" for field, value in point.items()),
+    ]
+
+
+def final_metrics(workdir: Path) -> dict[str, float | None]:
+    path = workdir / "metrics.jsonl"
+    records = read_metrics(path) if path.exists() else []
+    out = {}
+    for name in FINAL_METRICS:
+        values = [r[name] for r in records if r.get(name) is not None]
+        out[name] = values[-1] if values else None
+    return out
+
+
+def plot(rows: list[dict], grid: dict[str, list[str]], out_path: Path) -> None:
+    """Final eval loss against the first swept field, one line per setting of the others."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x_field, *other_fields = list(grid)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for others in itertools.product(*(grid[f] for f in other_fields)):
+        chosen = [r for r in rows if all(r[f] == v for f, v in zip(other_fields, others))]
+        points = [(r[x_field], r["eval/loss"]) for r in chosen if r["eval/loss"] is not None]
+        if points:
+            label = ", ".join(f"{f}={v}" for f, v in zip(other_fields, others)) or "eval/loss"
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    ax.set_xlabel(x_field)
+    ax.set_ylabel("final eval loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+
+
+def main(argv):
+    del argv
+    grid, overrides = _SWEEP["grid"], _SWEEP["overrides"]
+    if not grid:
+        raise app.UsageError("nothing to sweep: give at least one --sweep.FIELD=v1,v2")
+    root = Path(FLAGS.root).absolute()
+    points = grid_points(grid)
+    if FLAGS.print_only:
+        for point in points:
+            print(shlex.join(point_command(point, overrides, root)))
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for i, point in enumerate(points, 1):
+        print(f"[{i}/{len(points)}] {point_name(point)}", flush=True)
+        if subprocess.run(point_command(point, overrides, root)).returncode != 0:
+            failed.append(point_name(point))
+    rows = [{**point, **final_metrics(root / point_name(point))} for point in points]
+    with open(root / "sweep_results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*grid, *FINAL_METRICS])
+        writer.writeheader()
+        writer.writerows(rows)
+    header = [*grid, *FINAL_METRICS]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        cells = [row[h] if h in grid else _fmt(row[h]) for h in header]
+        print("| " + " | ".join(cells) + " |")
+    plot(rows, grid, root / "sweep.png")
+    print(f"results: {root / 'sweep_results.csv'}, plot: {root / 'sweep.png'}")
+    if failed:
+        sys.exit(f"{len(failed)} point(s) failed: {', '.join(failed)}")
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _parse(argv: list[str]) -> list[str]:
+    grid, overrides, rest = split_sweep_args(argv[1:])
+    _SWEEP.update(grid=grid, overrides=overrides)
+    return FLAGS(argv[:1] + rest)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse)

@@ -1,0 +1,97 @@
+"""Tokenizers: exact round trip on the whole default corpus, special tokens, char recipe."""
+
+from pathlib import Path
+
+import pytest
+
+from data.sources import iter_documents
+from data.tokenizer import (
+    CHAT_TOKENS,
+    CharTokenizer,
+    Tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
+
+SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def stdlib_texts():
+    return [d.text for d in iter_documents("stdlib") if d.text is not None]
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory, stdlib_texts):
+    path = tmp_path_factory.mktemp("tok") / "bpe.model"
+    return train_tokenizer(
+        stdlib_texts[::10], path, vocab_size=512, model_type="bpe", verbose=False
+    )
+
+
+def test_round_trip_every_stdlib_document(bpe, stdlib_texts):
+    # The full default corpus (~12 MB, every file as read, before curation): ~5 s.
+    assert len(stdlib_texts) > 300
+    encoded = bpe.encode_batch(stdlib_texts, num_threads=2)
+    pairs = zip(stdlib_texts, encoded, strict=True)
+    bad = [i for i, (t, ids) in enumerate(pairs) if bpe.decode(ids) != t]
+    assert not bad, f"{len(bad)} documents do not round-trip"
+    assert max(max(ids) for ids in encoded if ids) < bpe.vocab_size
+
+
+def test_unigram_round_trip_and_odd_text(tmp_path, stdlib_texts):
+    tok = train_tokenizer(
+        stdlib_texts[::25],
+        tmp_path / "u.model",
+        vocab_size=600,
+        model_type="unigram",
+        verbose=False,
+    )
+    odd = "  leading\n\n\ttabs\r\n trailing  \x00 日本語 emoji 🙂 Ωmega\u00a0nbsp   \n"
+    assert tok.decode(tok.encode(odd)) == odd
+    for text in stdlib_texts[1::40]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_special_tokens(bpe, tmp_path):
+    ids = {bpe.pad_id, bpe.bos_id, bpe.eos_id, *(bpe.special_id(t) for t in CHAT_TOKENS)}
+    assert len(ids) == 3 + len(CHAT_TOKENS) and bpe.pad_id == 0
+    # chat-role tokens are single tokens when written in text (for SFT templates)
+    assert bpe.encode("<|user|>") == [bpe.special_id("<|user|>")]
+    with pytest.raises(KeyError):
+        bpe.special_id("<|nope|>")
+    # control tokens decode to nothing
+    assert bpe.decode([bpe.bos_id, *bpe.encode("x = 1"), bpe.eos_id]) == "x = 1"
+
+
+def test_load_tokenizer_picks_class(tmp_path, bpe):
+    model = tmp_path / "t.model"
+    model.write_bytes(bpe.sp.serialized_model_proto())
+    assert isinstance(load_tokenizer(model), Tokenizer)
+    char = train_tokenizer(["hello world"], tmp_path / "c.json", model_type="char")
+    assert isinstance(load_tokenizer(tmp_path / "c.json"), CharTokenizer)
+    assert load_tokenizer(tmp_path / "c.json").encode("hello") == char.encode("hello")
+    with pytest.raises(FileNotFoundError, match="missing.model"):
+        load_tokenizer(tmp_path / "missing.model")
+
+
+def test_char_tokenizer_interface(tmp_path):
+    tok = CharTokenizer.build(["To be, or not to be:\nthat is the question."])
+    tok.save(tmp_path / "c.json")
+    tok = CharTokenizer.load(tmp_path / "c.json")
+    text = "<|user|>not to be\n<|end|>"
+    ids = tok.encode(text)
+    assert ids[0] == tok.special_id("<|user|>") and ids[-1] == tok.special_id("<|end|>")
+    assert tok.decode(ids) == text
+    assert tok.decode([tok.bos_id, *tok.encode("be"), tok.eos_id, tok.pad_id]) == "be"
+    assert tok.decode(tok.encode("z")) == "\ufffd"  # unknown character
+
+
+@pytest.mark.skipif(
+    not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is absent (shared test data, never committed)"
+)
+def test_char_tokenizer_on_tinyshakespeare(tmp_path):
+    text = SHAKESPEARE.read_text()
+    tok = train_tokenizer([text], tmp_path / "s.json", model_type="char")
+    assert tok.vocab_size == 65 + 8  # nanoGPT's 65 characters + the shared special tokens
+    assert tok.decode(tok.encode(text[:5000])) == text[:5000]

@@ -1,0 +1,81 @@
+"""A non-finite loss stops the run (or is skipped and counted) and never reaches a checkpoint."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from data.prepare import prepare
+from experiments.configs.stdlib_tiny import get_config
+from model.config import get_preset
+from tests.helpers import build_training, random_lm_batch, single_device_mesh
+from tests.run_helpers import make_corpus, overrides
+from train import data_source, trainer
+from train.metrics_writer import read_metrics
+
+
+def test_step_skips_a_nonfinite_update():
+    cfg = get_preset("tiny")
+    step, state, _ = build_training(cfg, single_device_mesh())
+    batch = random_lm_batch(0, 4, 16, cfg.vocab_size)
+    batch["weights"][0, 3] = np.nan
+    before = jax.tree.map(np.asarray, state.params)
+    state, metrics = step(state, batch, jax.random.key(0))
+    assert float(metrics["nonfinite_loss"]) == 1.0 and float(metrics["nonfinite_grad"]) == 1.0
+    assert int(state.step) == 1
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _config(tmp_path, **train):
+    corpus = make_corpus(tmp_path / "text")
+    prepare(
+        f"text:{corpus}",
+        tmp_path / "prepared",
+        tokenizer="char",
+        vocab_size=128,
+        num_workers=1,
+        progress=False,
+    )
+    config = get_config()
+    for item in overrides(corpus, tmp_path / "prepared", **train):
+        key, value = item[len("--config.") :].split("=", 1)
+        section, field = key.split(".")
+        old = config[section][field]
+        config[section][field] = type(old)(value) if old is not None else value
+    return config
+
+
+@pytest.fixture
+def poison_step_6(monkeypatch):
+    """Makes the training batch of step 6 carry a NaN loss weight."""
+    original = data_source.DataSource.next_train_batch
+    calls = {"n": 0}
+
+    def next_train_batch(self):
+        calls["n"] += 1
+        batch = original(self)
+        if calls["n"] == 6:
+            weights = np.asarray(batch["weights"]).copy()
+            weights[0, 0] = np.nan
+            batch["weights"] = jax.device_put(weights, batch["weights"].sharding)
+        return batch
+
+    monkeypatch.setattr(data_source.DataSource, "next_train_batch", next_train_batch)
+
+
+def test_nonfinite_loss_stops_the_run_before_any_later_checkpoint(tmp_path, poison_step_6):
+    config = _config(tmp_path, **{"train.num_steps": 12})
+    with pytest.raises(trainer.NonFiniteError, match="non-finite loss and grad at step 6"):
+        trainer.train(config, tmp_path / "run")
+    checkpoints = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == [4]
+
+
+def test_skip_nonfinite_counts_and_carries_on(tmp_path, poison_step_6):
+    config = _config(tmp_path, **{"train.num_steps": 8, "train.skip_nonfinite": True})
+    final = trainer.train(config, tmp_path / "run")
+    assert final["train/skipped_steps"] == 1
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["train/skipped_steps"] for r in records if "train/loss" in r] == [0] * 5 + [1] * 3

@@ -1,0 +1,136 @@
+"""The training loop end to end: exact resume, SIGTERM, bad input, corrupt checkpoints."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from data.prepare import prepare
+from tests.run_helpers import make_corpus, overrides, pretrain_command, run_pretrain
+from train.metrics_writer import read_metrics
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("corpus")
+    corpus = make_corpus(root / "text")
+    data_dir = root / "prepared"
+    prepare(
+        f"text:{corpus}", data_dir, tokenizer="char", vocab_size=128, num_workers=1, progress=False
+    )
+    return corpus, data_dir
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    records = read_metrics(workdir / "metrics.jsonl")
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def _wait_for_checkpoint(workdir: Path, step: int, process, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not (workdir / "checkpoints" / str(step)).is_dir():
+        if process.poll() is not None or time.time() > deadline:
+            raise AssertionError(f"no checkpoint {step}: {process.communicate()[1][-2000:]}")
+        time.sleep(0.05)
+
+
+def test_resume_after_sigkill_is_bit_exact(corpus, tmp_path):
+    args = overrides(*corpus, **{"train.num_steps": 24})
+    full = run_pretrain(tmp_path / "full", args)
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    command, env = pretrain_command(tmp_path / "killed", args)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for_checkpoint(tmp_path / "killed", 8, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(_losses(tmp_path / "killed"))
+    assert killed_at < 24, "the run finished before it could be killed"
+    resumed = run_pretrain(tmp_path / "killed", args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step" in resumed.stderr
+
+    expected, got = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
+    assert sorted(got) == list(range(1, 25))
+    assert got == expected  # every logged loss, bit for bit
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(corpus, tmp_path):
+    args = overrides(*corpus, **{"train.num_steps": 400, "train.checkpoint_every": 5})
+    command, env = pretrain_command(tmp_path / "run", args)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for_checkpoint(tmp_path / "run", 5, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "SIGTERM: saved a checkpoint at step" in stderr
+    last_logged = max(_losses(tmp_path / "run"))
+    steps = sorted(
+        int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()
+    )
+    assert steps[-1] == last_logged < 400
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(corpus, tmp_path):
+    workdir = tmp_path / "run"
+    args = overrides(*corpus, **{"train.num_steps": 8})
+    assert run_pretrain(workdir, args).returncode == 0
+    # Truncate every file of the newest checkpoint's state, as a crash mid-write could.
+    for path in (workdir / "checkpoints" / "8").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"")
+    result = run_pretrain(workdir, overrides(*corpus, **{"train.num_steps": 12}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checkpoint at step 8" in result.stderr and "unreadable" in result.stderr
+    assert "resumed from step 4" in result.stderr
+    assert max(_losses(workdir)) == 12
+
+
+def test_workdir_of_another_experiment_is_refused_and_untouched(corpus, tmp_path):
+    workdir = tmp_path / "run"
+    assert run_pretrain(workdir, overrides(*corpus, **{"train.num_steps": 4})).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    other = overrides(*corpus, **{"train.num_steps": 4, "model.d_model": 64})
+    result = run_pretrain(workdir, other)
+    assert result.returncode == 2
+    assert (
+        "holds another experiment" in result.stderr and "model.d_model: 32 -> 64" in result.stderr
+    )
+    assert before == {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+
+
+def test_bad_command_lines_are_explained(corpus, tmp_path):
+    missing_parent = run_pretrain(tmp_path / "no" / "such" / "dir", overrides(*corpus))
+    assert missing_parent.returncode == 2
+    assert "parent directory" in missing_parent.stderr and "does not exist" in missing_parent.stderr
+
+    unknown = run_pretrain(tmp_path / "a", [*overrides(*corpus), "--config.train.nonsense=1"])
+    assert unknown.returncode != 0 and "nonsense" in unknown.stderr
+
+    wrong_type = run_pretrain(tmp_path / "b", [*overrides(*corpus), "--config.train.num_steps=ten"])
+    assert wrong_type.returncode != 0 and "num_steps" in wrong_type.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_outputs_of_a_run(corpus, tmp_path):
+    workdir = tmp_path / "run"
+    result = run_pretrain(workdir, overrides(*corpus, **{"train.num_steps": 10}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = read_metrics(workdir / "metrics.jsonl")
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 11))
+    final_eval = [r for r in records if "eval/loss" in r][-1]
+    assert final_eval["step"] == 10
+    assert final_eval["eval/perplexity"] == pytest.approx(2.718281828 ** final_eval["eval/loss"])
+    assert 0 < final_eval["eval/bits_per_byte"] < 8
+    assert (workdir / "loss_curve.png").stat().st_size > 1000
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == 10

@@ -1,0 +1,64 @@
+"""The training loop's view of the data: prepared on first use, then packed batches on the mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+from ml_collections import ConfigDict
+
+from data import pipeline
+from data.prepare import ensure_prepared, load_prepared_tokenizer
+
+
+@dataclasses.dataclass
+class DataSource:
+    tokenizer: Any  # encode / decode / vocab_size / pad_id / bos_id / eos_id
+    train_iter: pipeline.PackedBatchIterator  # get_state() / set_state() for exact resume
+    eval_batches: list[dict]  # the fixed validation set, as global jax.Arrays
+    bytes_per_token: float  # of the validation text, for bits per byte
+    mesh: Any
+
+    def next_train_batch(self) -> dict:
+        return pipeline.to_global_batch(next(self.train_iter), self.mesh)
+
+
+def data_dir(config: ConfigDict, workdir: Path) -> Path:
+    return Path(config.data.dir).expanduser().absolute() if config.data.dir else workdir / "data"
+
+
+def build_data(config: ConfigDict, workdir: Path, mesh) -> DataSource:
+    """Prepares the corpus and tokenizer if missing, then opens the train and eval streams.
+
+    Bits per byte use the bytes per token of the whole validation split, also
+    when evaluation reads only its first `eval_batches` batches.
+    """
+    dc, tc = config.data, config.train
+    directory = data_dir(config, workdir)
+    # One process prepares; the others wait, then find it complete.
+    if jax.process_index() == 0:
+        ensure_prepared(dc.corpus, directory, vocab_size=dc.vocab_size, tokenizer=dc.tokenizer)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("data prepared")
+    ensure_prepared(dc.corpus, directory, vocab_size=dc.vocab_size, tokenizer=dc.tokenizer)
+    common = dict(
+        seq_len=dc.seq_len,
+        global_batch_size=tc.global_batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    train_iter = pipeline.make_train_iterator(directory, "train", seed=tc.seed, **common)
+    eval_batches = [
+        pipeline.to_global_batch(batch, mesh)
+        for batch in pipeline.make_eval_iterator(directory, max_batches=tc.eval_batches, **common)
+    ]
+    return DataSource(
+        load_prepared_tokenizer(directory),
+        train_iter,
+        eval_batches,
+        pipeline.bytes_per_token(directory, "val"),
+        mesh,
+    )

@@ -1,0 +1,83 @@
+"""Where metrics go: WORKDIR/metrics.jsonl, TensorBoard event files, a loss-curve PNG.
+
+Only process 0 writes; on other processes every method is a no-op.
+TensorBoard files are written by tensorboardX, which needs no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str | Path, enabled: bool | None = None):
+        self.workdir = Path(workdir)
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._tb = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _json_number(v) for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for name, value in metrics.items():
+            self._tb.add_scalar(name, float(value), int(step))
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def _json_number(value) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None  # JSON has no NaN
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """metrics.jsonl records; when a resumed run logged a step again, the later record wins."""
+    by_key: dict[tuple, dict] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_key[(record["step"], tuple(sorted(record)))] = record
+    return sorted(by_key.values(), key=lambda r: r["step"])
+
+
+def plot_loss_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+    """train/loss and eval/loss against step, as a PNG; None if nothing was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    series = {
+        name: [(r["step"], r[name]) for r in records if r.get(name) is not None]
+        for name in ("train/loss", "eval/loss")
+    }
+    if not any(series.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for name, points in series.items():
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, label=name, marker="o" if name == "eval/loss" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return Path(out_path)
