@@ -5,6 +5,10 @@ one-token steps (fixed trip count); the prefill is outside the timed region.
 loop="sampler": the project's sampler (`model/sampling.py`, a `lax.while_loop`
 that also stops on EOS); per-token time = (time for N tokens - time for 1) / (N - 1).
 
+`greedy_agree` compares with one cache-free forward pass. With the benchmark's
+hash-pattern weights (fake_params.py) the logits are nearly flat, so bf16 near-ties
+flip some tokens; it is a correctness signal only with real weights or float32.
+
 Roofline: each decoded token must read every weight once (bf16) plus the keys
 and values written so far; that many bytes over the measured copy bandwidth
 is the shortest possible time per step. The fraction reported is that time
