@@ -10,11 +10,48 @@ import jax
 import jax.numpy as jnp
 
 
-def _target_logit_and_log_z(logits_BLV: jax.Array, targets_BL: jax.Array):
+def reference_target_logit_and_log_z(logits_BLV: jax.Array, targets_BL: jax.Array):
+    """(logit of the target, log of the partition function), float32, by plain autodiff.
+
+    The definition `_target_logit_and_log_z` is tested against. Its gradient
+    makes XLA keep a float32 copy of the [B, L, V] logits and several passes
+    over it: at GPT-2 size about a fifth of the step time (BENCHMARKS.md).
+    """
     logits = logits_BLV.astype(jnp.float32)
     log_z_BL = jax.nn.logsumexp(logits, axis=-1)
     target_logit_BL = jnp.take_along_axis(logits, targets_BL[..., None], axis=-1)[..., 0]
     return target_logit_BL, log_z_BL
+
+
+@jax.custom_vjp
+def _target_logit_and_log_z(logits_BLV: jax.Array, targets_BL: jax.Array):
+    """Same values as `reference_target_logit_and_log_z`, fused: the float32 upcast
+    happens inside each pass, so no float32 [B, L, V] array is ever stored, and the
+    backward pass is one read of the logits and one write of their gradient."""
+    return _fused_forward(logits_BLV, targets_BL)[0]
+
+
+def _fused_forward(logits_BLV, targets_BL):
+    max_BL = jnp.max(logits_BLV, axis=-1).astype(jnp.float32)  # exact in any dtype
+    shifted_BLV = logits_BLV.astype(jnp.float32) - max_BL[..., None]
+    log_z_BL = max_BL + jnp.log(jnp.sum(jnp.exp(shifted_BLV), axis=-1))
+    target_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+    return (target_BL.astype(jnp.float32), log_z_BL), (logits_BLV, targets_BL, log_z_BL)
+
+
+def _fused_backward(residuals, cotangents):
+    logits_BLV, targets_BL, log_z_BL = residuals
+    g_target_BL, g_log_z_BL = cotangents
+    # d log_z / d logits = softmax; d target_logit / d logits = one-hot(target)
+    probs_BLV = jnp.exp(logits_BLV.astype(jnp.float32) - log_z_BL[..., None])
+    vocab_V = jnp.arange(logits_BLV.shape[-1], dtype=targets_BL.dtype)
+    is_target_BLV = vocab_V == targets_BL[..., None]
+    onehot_part_BLV = jnp.where(is_target_BLV, g_target_BL[..., None], 0.0)
+    grad_BLV = g_log_z_BL[..., None] * probs_BLV + onehot_part_BLV
+    return grad_BLV.astype(logits_BLV.dtype), None
+
+
+_target_logit_and_log_z.defvjp(_fused_forward, _fused_backward)
 
 
 def token_log_probs(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:

@@ -1,0 +1,124 @@
+"""python -m experiments.bench [--suite gpu|cpu] [--only ceilings,attention,train,decode]
+
+`--match STR` keeps only the variants whose name contains STR. It
+prints one table at the end and appends every row (with profiles) to
+OUT/bench.jsonl. Each benchmark is one function; a failure (e.g. out of
+memory) becomes an "error" row and the run goes on.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before JAX starts: let XLA's allocator take most of the GPU (default 75%).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import jax  # noqa: E402
+
+from experiments.bench import attention_check, ceilings, decode, suites, train_step  # noqa: E402
+from experiments.bench.report import table  # noqa: E402
+from experiments.bench.timing import device_name, peak_flops  # noqa: E402
+
+ALL = ("ceilings", "attention", "train", "decode")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__)
+    on_gpu = jax.default_backend() == "gpu"
+    ap.add_argument("--suite", choices=sorted(suites.SUITES), default="gpu" if on_gpu else "cpu")
+    ap.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {ALL}")
+    ap.add_argument("--match", default="", help="comma-separated substrings of variant names")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="skip what is left after this many seconds")
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "runs/bench"))
+    ap.add_argument("--tag", default="", help="label stored with every row")
+    args = ap.parse_args(argv)
+    only = set(args.only.split(","))
+    if not only <= set(ALL):
+        ap.error(f"--only takes {ALL}, got {sorted(only - set(ALL))}")
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    train_variants, decode_variants, profiled = suites.SUITES[args.suite]
+    wanted = [m for m in args.match.split(",") if m]
+    pick = lambda vs: [v for v in vs if not wanted or any(m in v.name for m in wanted)]  # noqa: E731
+    peak_key, peak = peak_flops()
+    header = {"device": device_name(), "backend": jax.default_backend(), "jax": jax.__version__,
+              "peak": peak_key, "peak_flops": peak, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "tag": args.tag}
+    print(json.dumps(header), flush=True)
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        row = {**row, "tag": args.tag, "device": header["device"]}
+        rows.append(row)
+        with open(os.path.join(args.out, "bench.jsonl"), "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
+        print(json.dumps({k: v for k, v in row.items() if k != "profile"}, default=str), flush=True)
+        if "profile" in row:
+            print(json.dumps(row["profile"], default=str, indent=1), flush=True)
+
+    def attempt(bench: str, name: str, fn) -> None:
+        if time.perf_counter() - start > args.budget_s:
+            record({"bench": bench, "variant": name, "error": "skipped: over --budget-s"})
+            return
+        try:
+            t0 = time.perf_counter()
+            row = fn()
+            record({**row, "wall_s": time.perf_counter() - t0})
+        except Exception as e:  # noqa: BLE001 - one failed variant must not end the run
+            traceback.print_exc()
+            error = f"{type(e).__name__}: {str(e)[:300]}"
+            record({"bench": bench, "variant": name, "error": error})
+
+    measured: dict = {}
+
+    def run_ceilings() -> None:
+        small = args.suite == "cpu"
+        attempt("ceilings", "copy+matmul", lambda: {"bench": "ceilings", "variant": "copy+matmul",
+                **ceilings.measure(*((64, 512) if small else (2048, 8192)))})
+        measured["copy_GBps"] = rows[-1].get("copy_GBps")
+
+    def run_attention() -> None:
+        impls = ("xla", "cudnn") if jax.default_backend() == "gpu" else ("xla",)
+        shapes = attention_check.SHAPES if args.suite == "gpu" else {"tiny": (2, 64, 4, 2, 16)}
+        for r in attention_check.check(impls, shapes):
+            record({"bench": "attention", "variant": f"{r.pop('shape')}/{r.pop('impl')}", **r})
+
+    def run_train() -> None:
+        for v in pick(train_variants):
+            traced = not args.no_profile and v.name in profiled
+            # traces stay local: too deep and too large to come back from the device
+            pdir = os.path.join(tempfile.gettempdir(), "bench-trace") if traced else None
+            attempt("train", v.name,
+                    lambda v=v, d=pdir: train_step.run(v, peak, args.warmup, args.iters, d))
+
+    def run_decode() -> None:
+        iters, copy_GBps = max(3, args.iters // 4), measured.get("copy_GBps")
+        for v in pick(decode_variants):
+            traced = not args.no_profile and v.name in profiled
+            pdir = os.path.join(tempfile.gettempdir(), "bench-trace") if traced else None
+            attempt("decode", v.name, lambda v=v, d=pdir: decode.run(v, copy_GBps, 1, iters, d))
+
+    benches = {"ceilings": run_ceilings, "attention": run_attention, "train": run_train,
+               "decode": run_decode}
+    for name in args.only.split(","):  # in the order asked for
+        benches[name]()
+    total_s = time.perf_counter() - start
+    print(f"\n{header['device']}  jax {header['jax']}  peak {peak_key}={peak}  "
+          f"XLA_FLAGS={header['xla_flags']!r}  tag={args.tag!r}  total {total_s:.0f}s")
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

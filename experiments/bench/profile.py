@@ -1,0 +1,74 @@
+"""Where the time goes: GPU kernel time by kernel and by kind, from a JAX profiler trace.
+
+Runs `call` a few times under `jax.profiler` with a Perfetto trace, then sums
+the duration of every event on the device's tracks by name.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+# Kernel name fragments -> kind, first match wins.
+KINDS = (
+    ("attention", ("cudnn", "flash", "fmha", "sdpa", "attn")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "wgmma", "matmul")),
+    ("reduce/norm/softmax", ("reduce", "reduction")),
+    ("copy/transpose", ("copy", "transpose", "memcpy", "memset")),
+)
+
+
+def _kind(name: str) -> str:
+    low = name.lower()
+    for kind, needles in KINDS:
+        if any(n in low for n in needles):
+            return kind
+    return "other fusion"
+
+
+def trace(call: Callable[[], Any], steps: int, log_dir: str) -> dict:
+    """{per_step_ms_by_kind, top_kernels, trace_file} for `steps` calls of `call`."""
+    jax.block_until_ready(call())
+    jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
+    for _ in range(steps):
+        jax.block_until_ready(call())
+    jax.profiler.stop_trace()
+    files = sorted(glob.glob(os.path.join(log_dir, "**", "*.trace.json.gz"), recursive=True))
+    if not files:
+        return {"error": f"no perfetto trace under {log_dir}"}
+    with gzip.open(files[-1]) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {e["pid"]: e["args"].get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    device_pids = {pid for pid, n in names.items() if "gpu" in n.lower() or "/device:" in n.lower()}
+    threads = {(e["pid"], e["tid"]): e["args"].get("name", "") for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name"
+               and e.get("pid") in device_pids}
+    # kernels sit on "Stream" lines; derived lines (XLA Ops, Modules) would count them twice
+    streams = {key for key, n in threads.items() if "stream" in n.lower()}
+    by_name: dict[str, float] = collections.Counter()
+    for e in events:
+        on_stream = not streams or (e.get("pid"), e.get("tid")) in streams
+        on_device = e.get("pid") in device_pids and on_stream
+        if e.get("ph") == "X" and on_device:
+            by_name[e["name"]] += e.get("dur", 0) / 1e3  # us -> ms
+    by_kind: dict[str, float] = collections.Counter()
+    for name, ms in by_name.items():
+        by_kind[_kind(name)] += ms
+    total = sum(by_name.values())
+    return {
+        "device_tracks": sorted(names[p] for p in device_pids),
+        "device_lines": sorted(set(threads.values()))[:20],
+        "kernel_ms_per_step": total / steps,
+        "by_kind_ms_per_step": {k: v / steps for k, v in by_kind.most_common()},
+        "top_kernels_ms_per_step": [(n[:120], ms / steps) for n, ms in by_name.most_common(25)],
+        "trace_file": files[-1],
+    }

@@ -1,0 +1,49 @@
+"""Which configurations each suite measures. Edit here, not in the runners."""
+
+from __future__ import annotations
+
+from experiments.bench.decode import DecodeVariant
+from experiments.bench.train_step import TrainVariant
+
+CUDNN = (("attention_backend", "cudnn"),)
+
+
+def _gpt2(batch: int, *model, mb: int = 1) -> TrainVariant:
+    return TrainVariant("gpt2-124m", 1024, batch, mb, tuple(model) or CUDNN)
+
+
+def _xl(batch: int, *model, mb: int = 1) -> TrainVariant:
+    return TrainVariant("gpt-1.3b", 2048, batch, mb, tuple(model) or CUDNN)
+
+
+REF = ("attention_backend", "reference")
+XLA = ("attention_backend", "xla")
+SCAN = ("scan_layers", True)
+
+GPU_TRAIN = [
+    _gpt2(12, REF), _gpt2(12), _gpt2(32, REF), _gpt2(32), _gpt2(64), _gpt2(128),
+    _xl(8), _xl(8, *CUDNN, SCAN), _xl(16, mb=2), _xl(16, *CUDNN, ("remat", "dots")),
+]
+GPU_DECODE = [
+    DecodeVariant("gpt-1.3b", 1), DecodeVariant("gpt-1.3b", 1, loop="sampler"),
+    DecodeVariant("gpt-1.3b", 64), DecodeVariant("gpt-1.3b", 64, loop="sampler"),
+    DecodeVariant("gpt2-124m", 1),
+]
+# Kernel profiles are taken for these variants (by name).
+GPU_PROFILE = {_gpt2(64).name, _xl(8).name, GPU_DECODE[0].name}
+
+# batch 8: divisible by the 8 fake CPU devices the tests use
+CPU_TRAIN = [
+    TrainVariant("tiny", 64, 8, 1, (REF,)), TrainVariant("tiny", 64, 8, 2, (XLA,)),
+    TrainVariant("tiny-llama", 64, 8, 1, (XLA, SCAN, ("remat", "dots"))),
+]
+CPU_DECODE = [
+    DecodeVariant("tiny", 2, 8, 8), DecodeVariant("tiny", 2, 8, 48, loop="sampler"),
+    DecodeVariant("tiny-llama", 2, 8, 8, model=(SCAN,)),
+]
+CPU_PROFILE = {CPU_TRAIN[0].name}
+
+SUITES = {
+    "gpu": (GPU_TRAIN, GPU_DECODE, GPU_PROFILE),
+    "cpu": (CPU_TRAIN, CPU_DECODE, CPU_PROFILE),
+}

@@ -1,0 +1,114 @@
+"""Pretraining-step benchmark: the project's own step (train/pretrain_step.py), one config a row."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench import fake_params, profile
+from experiments.bench.timing import (
+    compile_timed,
+    median,
+    process_peak_bytes,
+    program_bytes,
+    spread,
+    time_calls,
+)
+from model.config import get_preset
+from model.transformer import LanguageModel
+from train.flops import flops_per_token, mfu
+from train.optim import OptimConfig, make_optimizer
+from train.pretrain_step import StepConfig, make_pretrain_step
+from train.sharding import (
+    MeshConfig,
+    batch_sharding,
+    jit_sharded,
+    make_mesh,
+    mesh_context,
+    replicated,
+)
+from train.state import create_train_state
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainVariant:
+    preset: str
+    seq_len: int
+    batch: int
+    microbatches: int = 1
+    model: tuple[tuple[str, object], ...] = ()  # ModelConfig overrides, e.g. (("remat", "dots"),)
+
+    @property
+    def name(self) -> str:
+        extra = ",".join(f"{k}={v}" for k, v in self.model)
+        mb = f"/mb{self.microbatches}" if self.microbatches > 1 else ""
+        return f"{self.preset}/T{self.seq_len}/b{self.batch}{mb}" + (f"[{extra}]" if extra else "")
+
+
+def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict:
+    """Random tokens, every row one full document (segment_ids absent: the fast path)."""
+    tokens = jax.random.randint(jax.random.key(seed), (batch, seq_len + 1), 0, vocab, jnp.int32)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "weights": jnp.ones((batch, seq_len), jnp.float32),
+    }
+
+
+def build(v: TrainVariant):
+    """(compiled step, state, batch, rng, cfg, compile seconds) on all local devices."""
+    max_len = max(v.seq_len, get_preset(v.preset).max_len)
+    cfg = get_preset(v.preset, max_len=max_len, **dict(v.model))
+    model = LanguageModel(cfg)
+    tx = make_optimizer(OptimConfig())
+    mesh = make_mesh(MeshConfig(data=-1))
+    rng = jax.random.key(0)
+    tokens = jnp.zeros((1, v.seq_len), jnp.int32)
+    init = lambda r: fake_params.replace_values(model.init(r, tokens)["params"])  # noqa: E731
+    t0 = time.perf_counter()
+    state, shardings = jax.block_until_ready(create_train_state(init, tx, mesh, rng))
+    init_s = time.perf_counter() - t0
+    step = make_pretrain_step(model, tx, StepConfig(num_microbatches=v.microbatches))
+    batch = synthetic_batch(cfg.vocab_size, v.batch, v.seq_len)
+    batch = jax.device_put(batch, batch_sharding(mesh))
+    jitted = jit_sharded(
+        step, mesh, in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
+        out_shardings=(shardings, replicated(mesh)), donate_argnums=0,
+    )
+    with mesh_context(mesh):
+        compiled, compile_s = compile_timed(jitted.jitted, state, batch, rng)
+    return compiled, state, batch, rng, cfg, compile_s, init_s
+
+
+def run(
+    v: TrainVariant, peak: float | None, warmup: int, iters: int, profile_dir: str | None = None
+) -> dict:
+    compiled, state, batch, rng, cfg, compile_s, init_s = build(v)
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = compiled(holder["state"], batch, rng)
+        return metrics["loss"]
+
+    times = time_calls(one_step, warmup, iters)
+    loss = float(one_step())
+    t = median(times)
+    tokens_per_s = v.batch * v.seq_len / t
+    row = {
+        "bench": "train", "variant": v.name, "step_ms": t * 1e3, "spread": spread(times),
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu(cfg, v.seq_len, tokens_per_s, peak) if peak else None,
+        "TFLOPs": flops_per_token(cfg, v.seq_len) * tokens_per_s / 1e12,
+        "mem_GiB": (program_bytes(compiled) or 0) / 2**30,
+        "process_peak_GiB": (process_peak_bytes() or 0) / 2**30,
+        "compile_s": compile_s, "init_s": init_s, "loss": loss, "iters": iters,
+    }
+    if profile_dir:
+        row["profile"] = profile.trace(one_step, 3, profile_dir)
+    holder.clear()
+    gc.collect()
+    return row
