@@ -30,18 +30,30 @@ _REMAT_POLICIES = {
 
 
 class DecodeCache(NamedTuple):
-    """Per-layer keys/values stacked on a leading layer axis, plus slot metadata."""
+    """Per-layer keys/values plus slot metadata.
 
-    layers: LayerCache  # k/v: [n_layers, B, S, G, D]
+    With scanned layers the keys/values are stacked on a leading layer axis
+    (the scan's carry); otherwise each layer has its own arrays, so a decode
+    step updates them in place instead of restacking the whole cache.
+    """
+
+    layers: LayerCache | tuple[LayerCache, ...]  # k/v: [n_layers,] B, S, G, D
     positions_BS: jax.Array  # position held by each slot; EMPTY_POSITION if unwritten
     segments_BS: jax.Array  # segment id of each slot; 0 for padding / unwritten
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> DecodeCache:
-    shape = (cfg.n_layers, batch_size, max_len, cfg.kv_heads, cfg.head_dim)
-    zeros = jnp.zeros(shape, cfg.compute_dtype)
+    shape = (batch_size, max_len, cfg.kv_heads, cfg.head_dim)
+    if cfg.scan_layers:
+        zeros = jnp.zeros((cfg.n_layers, *shape), cfg.compute_dtype)
+        layers = LayerCache(zeros, zeros)
+    else:
+        layers = tuple(
+            LayerCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+            for _ in range(cfg.n_layers)
+        )
     return DecodeCache(
-        LayerCache(zeros, zeros),
+        layers,
         jnp.full((batch_size, max_len), EMPTY_POSITION, jnp.int32),
         jnp.zeros((batch_size, max_len), jnp.int32),
     )
@@ -126,15 +138,12 @@ class Decoder(nn.Module):
         else:
             new_layers = []
             for i in range(cfg.n_layers):
-                layer_cache = None
-                if cache is not None:
-                    layer_cache = jax.tree.map(lambda c, i=i: c[i], layer_caches)
+                layer_cache = None if cache is None else layer_caches[i]
                 x_BLD, new_layer = block(cfg, deterministic, name=f"block_{i}")(
                     x_BLD, positions_BL, segment_ids_BL, kv_meta, layer_cache
                 )
                 new_layers.append(new_layer)
-            if cache is not None:
-                new_layers = jax.tree.map(lambda *layers: jnp.stack(layers), *new_layers)
+            new_layers = tuple(new_layers)
         hidden_BLD = Norm(cfg, name="final_norm")(x_BLD)
         new_cache = None if cache is None else cache._replace(layers=new_layers)
         return hidden_BLD, new_cache

@@ -1,4 +1,4 @@
-"""python -m experiments.bench [--suite gpu|cpu] [--only ceilings,attention,train,decode]
+"""python -m experiments.bench [--suite gpu|cpu] [--only ceilings,attention,train,decode,posttrain]
 
 `--match STR` keeps only the variants whose name contains STR. It
 prints one table at the end and appends every row (with profiles) to
@@ -22,11 +22,18 @@ import traceback  # noqa: E402
 
 import jax  # noqa: E402
 
-from experiments.bench import attention_check, ceilings, decode, suites, train_step  # noqa: E402
+from experiments.bench import (  # noqa: E402
+    attention_check,
+    ceilings,
+    decode,
+    posttrain,
+    suites,
+    train_step,
+)
 from experiments.bench.report import table  # noqa: E402
 from experiments.bench.timing import device_name, peak_flops  # noqa: E402
 
-ALL = ("ceilings", "attention", "train", "decode")
+ALL = ("ceilings", "attention", "train", "decode", "posttrain")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--match", default="", help="comma-separated substrings of variant names")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--budget-s", type=float, default=float("inf"),
-                    help="skip what is left after this many seconds")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=float("inf"),
+        help="skip what is left after this many seconds",
+    )
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/bench"))
     ap.add_argument("--tag", default="", help="label stored with every row")
@@ -52,9 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [m for m in args.match.split(",") if m]
     pick = lambda vs: [v for v in vs if not wanted or any(m in v.name for m in wanted)]  # noqa: E731
     peak_key, peak = peak_flops()
-    header = {"device": device_name(), "backend": jax.default_backend(), "jax": jax.__version__,
-              "peak": peak_key, "peak_flops": peak, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-              "tag": args.tag}
+    header = {
+        "device": device_name(),
+        "backend": jax.default_backend(),
+        "jax": jax.__version__,
+        "peak": peak_key,
+        "peak_flops": peak,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "tag": args.tag,
+    }
     print(json.dumps(header), flush=True)
     rows: list[dict] = []
 
@@ -84,8 +101,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_ceilings() -> None:
         small = args.suite == "cpu"
-        attempt("ceilings", "copy+matmul", lambda: {"bench": "ceilings", "variant": "copy+matmul",
-                **ceilings.measure(*((64, 512) if small else (2048, 8192)))})
+        attempt(
+            "ceilings",
+            "copy+matmul",
+            lambda: {
+                "bench": "ceilings",
+                "variant": "copy+matmul",
+                **ceilings.measure(*((64, 512) if small else (2048, 8192))),
+            },
+        )
         measured["copy_GBps"] = rows[-1].get("copy_GBps")
 
     def run_attention() -> None:
@@ -99,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             traced = not args.no_profile and v.name in profiled
             # traces stay local: too deep and too large to come back from the device
             pdir = os.path.join(tempfile.gettempdir(), "bench-trace") if traced else None
-            attempt("train", v.name,
-                    lambda v=v, d=pdir: train_step.run(v, peak, args.warmup, args.iters, d))
+            attempt(
+                "train",
+                v.name,
+                lambda v=v, d=pdir: train_step.run(v, peak, args.warmup, args.iters, d),
+            )
 
     def run_decode() -> None:
         iters, copy_GBps = max(3, args.iters // 4), measured.get("copy_GBps")
@@ -109,13 +136,26 @@ def main(argv: list[str] | None = None) -> int:
             pdir = os.path.join(tempfile.gettempdir(), "bench-trace") if traced else None
             attempt("decode", v.name, lambda v=v, d=pdir: decode.run(v, copy_GBps, 1, iters, d))
 
-    benches = {"ceilings": run_ceilings, "attention": run_attention, "train": run_train,
-               "decode": run_decode}
+    def run_posttrain() -> None:
+        for v in pick(suites.POSTTRAIN[args.suite]):
+            attempt(
+                "posttrain", v.name, lambda v=v: posttrain.run(v, peak, args.warmup, args.iters)
+            )
+
+    benches = {
+        "ceilings": run_ceilings,
+        "attention": run_attention,
+        "train": run_train,
+        "decode": run_decode,
+        "posttrain": run_posttrain,
+    }
     for name in args.only.split(","):  # in the order asked for
         benches[name]()
     total_s = time.perf_counter() - start
-    print(f"\n{header['device']}  jax {header['jax']}  peak {peak_key}={peak}  "
-          f"XLA_FLAGS={header['xla_flags']!r}  tag={args.tag!r}  total {total_s:.0f}s")
+    print(
+        f"\n{header['device']}  jax {header['jax']}  peak {peak_key}={peak}  "
+        f"XLA_FLAGS={header['xla_flags']!r}  tag={args.tag!r}  total {total_s:.0f}s"
+    )
     print(table(rows))
     return 0
 

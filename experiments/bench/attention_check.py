@@ -14,8 +14,11 @@ from experiments.bench.timing import median, time_calls
 from model.attention import attention_mask, fused_attention, reference_attention
 
 # (B, L, H, G, D): GPT-2 124M, GPT-3 XL 1.3B, Llama-1B-like grouped-query heads.
-SHAPES = {"gpt2-124m": (8, 1024, 12, 12, 64), "gpt-1.3b": (4, 2048, 16, 16, 128),
-          "llama-1b": (4, 2048, 32, 8, 64)}
+SHAPES = {
+    "gpt2-124m": (8, 1024, 12, 12, 64),
+    "gpt-1.3b": (4, 2048, 16, 16, 128),
+    "llama-1b": (4, 2048, 32, 8, 64),
+}
 TOLERANCE = 2e-2  # relative L2 error allowed for bf16 operands (METHOD.md: 1e-3..1e-2)
 
 
@@ -49,6 +52,7 @@ def check(
         for impl, fn in candidates.items():
             row = {"shape": name, "impl": impl}
             try:
+
                 def fwd_bwd(q, k, v, ct, fn=fn):
                     out, vjp = jax.vjp(fn, q, k, v)
                     return (*vjp(ct), out)

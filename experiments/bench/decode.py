@@ -87,7 +87,7 @@ def greedy_agreement(model: LanguageModel, params, prompt_BP, first_B, out_BN) -
     prompt + decoded tokens (1.0 in exact arithmetic; bf16 near-ties can flip a few)."""
     seq = jnp.concatenate([prompt_BP, first_B[:, None], out_BN[:, :-1]], axis=1)
     logits = jax.jit(model.apply)({"params": params}, seq)
-    want = jnp.argmax(logits[:, prompt_BP.shape[1]:], -1)
+    want = jnp.argmax(logits[:, prompt_BP.shape[1] :], -1)
     return int(jnp.sum(want == out_BN)) / out_BN.size
 
 
@@ -106,9 +106,13 @@ def _setup(v: DecodeVariant):
 def _row(v, cfg, params, step_s, copy_GBps, **extra) -> dict:
     need = bytes_per_step(cfg, params, v)
     return {
-        "bench": "decode", "variant": v.name, "step_ms": step_s * 1e3,
-        "tokens_per_s": v.batch / step_s, "bytes_per_step_GB": need / 1e9,
-        "roofline_frac": need / (copy_GBps * 1e9) / step_s if copy_GBps else None, **extra,
+        "bench": "decode",
+        "variant": v.name,
+        "step_ms": step_s * 1e3,
+        "tokens_per_s": v.batch / step_s,
+        "bytes_per_step_GB": need / 1e9,
+        "roofline_frac": need / (copy_GBps * 1e9) / step_s if copy_GBps else None,
+        **extra,
     }
 
 
@@ -129,12 +133,24 @@ def run_sampler(v: DecodeVariant, copy_GBps: float | None, iters: int) -> dict:
     out = outs[v.new_tokens]
     agree = greedy_agreement(model, params, prompt, out[:, 0], out[:, 1:])
     gc.collect()
-    return _row(v, cfg, params, step_s, copy_GBps, greedy_agree=agree, compile_s=compile_s,
-                prefill_plus_one_ms=times[1] * 1e3, iters=iters)
+    return _row(
+        v,
+        cfg,
+        params,
+        step_s,
+        copy_GBps,
+        greedy_agree=agree,
+        compile_s=compile_s,
+        prefill_plus_one_ms=times[1] * 1e3,
+        iters=iters,
+    )
 
 
 def run(
-    v: DecodeVariant, copy_GBps: float | None, warmup: int, iters: int,
+    v: DecodeVariant,
+    copy_GBps: float | None,
+    warmup: int,
+    iters: int,
     profile_dir: str | None = None,
 ) -> dict:
     if v.loop == "sampler":
@@ -161,10 +177,16 @@ def run(
     holder["prefilled"] = prefill_c(params, prompt)
     agree = greedy_agreement(model, params, prompt, holder["prefilled"][0], one_decode())
     row = _row(
-        v, cfg, params, t / v.new_tokens, copy_GBps, greedy_agree=agree,
+        v,
+        cfg,
+        params,
+        t / v.new_tokens,
+        copy_GBps,
+        greedy_agree=agree,
         prefill_tokens_per_s=v.batch * v.prompt_len / t_prefill,
         mem_GiB=(program_bytes(decode_c) or 0) / 2**30,
-        compile_s=compile_s + prefill_compile_s, iters=iters,
+        compile_s=compile_s + prefill_compile_s,
+        iters=iters,
     )
     if profile_dir:  # prefill + decode under the profiler (op by op: no CUDA graphs there)
 

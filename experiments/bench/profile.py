@@ -46,12 +46,17 @@ def trace(call: Callable[[], Any], steps: int, log_dir: str) -> dict:
     with gzip.open(files[-1]) as f:
         events = json.load(f)
     events = events["traceEvents"] if isinstance(events, dict) else events
-    names = {e["pid"]: e["args"].get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    names = {
+        e["pid"]: e["args"].get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
     device_pids = {pid for pid, n in names.items() if "gpu" in n.lower() or "/device:" in n.lower()}
-    threads = {(e["pid"], e["tid"]): e["args"].get("name", "") for e in events
-               if e.get("ph") == "M" and e.get("name") == "thread_name"
-               and e.get("pid") in device_pids}
+    threads = {
+        (e["pid"], e["tid"]): e["args"].get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in device_pids
+    }
     # kernels sit on "Stream" lines; derived lines (XLA Ops, Modules) would count them twice
     streams = {key for key, n in threads.items() if "stream" in n.lower()}
     by_name: dict[str, float] = collections.Counter()

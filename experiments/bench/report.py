@@ -12,8 +12,17 @@ COLUMNS = {
     "ceilings": ("copy_GBps", "read_GBps", "matmul_TFLOPs"),
     "attention": ("ok", "out_err", "grad_err", "fwd_bwd_ms", "TFLOPs_causal"),
     "train": ("step_ms", "tokens_per_s", "mfu", "TFLOPs", "mem_GiB", "compile_s", "spread"),
-    "decode": ("step_ms", "tokens_per_s", "roofline_frac", "greedy_agree", "bytes_per_step_GB",
-               "prefill_tokens_per_s", "mem_GiB", "compile_s"),
+    "decode": (
+        "step_ms",
+        "tokens_per_s",
+        "roofline_frac",
+        "greedy_agree",
+        "bytes_per_step_GB",
+        "prefill_tokens_per_s",
+        "mem_GiB",
+        "compile_s",
+    ),
+    "posttrain": ("step_ms", "tokens_per_s", "mfu", "score_ms", "mem_GiB", "compile_s", "spread"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from experiments.bench.decode import DecodeVariant
+from experiments.bench.posttrain import PosttrainVariant
 from experiments.bench.train_step import TrainVariant
 
 CUDNN = (("attention_backend", "cudnn"),)
@@ -21,12 +22,22 @@ XLA = ("attention_backend", "xla")
 SCAN = ("scan_layers", True)
 
 GPU_TRAIN = [
-    _gpt2(12, REF), _gpt2(12), _gpt2(32, REF), _gpt2(32), _gpt2(64), _gpt2(128),
-    _xl(8), _xl(8, *CUDNN, SCAN), _xl(16, mb=2), _xl(16, *CUDNN, ("remat", "dots")),
+    _gpt2(12, REF),
+    _gpt2(12),
+    _gpt2(32, REF),
+    _gpt2(32),
+    _gpt2(64),
+    _gpt2(128),
+    _xl(8),
+    _xl(8, *CUDNN, SCAN),
+    _xl(16, mb=2),
+    _xl(16, *CUDNN, ("remat", "dots")),
 ]
 GPU_DECODE = [
-    DecodeVariant("gpt-1.3b", 1), DecodeVariant("gpt-1.3b", 1, loop="sampler"),
-    DecodeVariant("gpt-1.3b", 64), DecodeVariant("gpt-1.3b", 64, loop="sampler"),
+    DecodeVariant("gpt-1.3b", 1),
+    DecodeVariant("gpt-1.3b", 1, loop="sampler"),
+    DecodeVariant("gpt-1.3b", 64),
+    DecodeVariant("gpt-1.3b", 64, loop="sampler"),
     DecodeVariant("gpt2-124m", 1),
 ]
 # Kernel profiles are taken for these variants (by name).
@@ -34,14 +45,29 @@ GPU_PROFILE = {_gpt2(64).name, _xl(8).name, GPU_DECODE[0].name}
 
 # batch 8: divisible by the 8 fake CPU devices the tests use
 CPU_TRAIN = [
-    TrainVariant("tiny", 64, 8, 1, (REF,)), TrainVariant("tiny", 64, 8, 2, (XLA,)),
+    TrainVariant("tiny", 64, 8, 1, (REF,)),
+    TrainVariant("tiny", 64, 8, 2, (XLA,)),
     TrainVariant("tiny-llama", 64, 8, 1, (XLA, SCAN, ("remat", "dots"))),
 ]
 CPU_DECODE = [
-    DecodeVariant("tiny", 2, 8, 8), DecodeVariant("tiny", 2, 8, 48, loop="sampler"),
+    DecodeVariant("tiny", 2, 8, 8),
+    DecodeVariant("tiny", 2, 8, 48, loop="sampler"),
     DecodeVariant("tiny-llama", 2, 8, 8, model=(SCAN,)),
 ]
 CPU_PROFILE = {CPU_TRAIN[0].name}
+
+POSTTRAIN = {
+    "gpu": [
+        PosttrainVariant("sft", "gpt2-124m", 32, 1024),
+        PosttrainVariant("reward", "gpt2-124m", 32, 512),
+        PosttrainVariant("ppo", "gpt2-124m", 64, 256),
+    ],
+    "cpu": [
+        PosttrainVariant("sft", "tiny", 8, 64, (XLA,)),
+        PosttrainVariant("reward", "tiny", 8, 32, (XLA,)),
+        PosttrainVariant("ppo", "tiny", 8, 32, (XLA,)),
+    ],
+}
 
 SUITES = {
     "gpu": (GPU_TRAIN, GPU_DECODE, GPU_PROFILE),

@@ -76,8 +76,11 @@ def build(v: TrainVariant):
     batch = synthetic_batch(cfg.vocab_size, v.batch, v.seq_len)
     batch = jax.device_put(batch, batch_sharding(mesh))
     jitted = jit_sharded(
-        step, mesh, in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
-        out_shardings=(shardings, replicated(mesh)), donate_argnums=0,
+        step,
+        mesh,
+        in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=0,
     )
     with mesh_context(mesh):
         compiled, compile_s = compile_timed(jitted.jitted, state, batch, rng)
@@ -99,13 +102,19 @@ def run(
     t = median(times)
     tokens_per_s = v.batch * v.seq_len / t
     row = {
-        "bench": "train", "variant": v.name, "step_ms": t * 1e3, "spread": spread(times),
+        "bench": "train",
+        "variant": v.name,
+        "step_ms": t * 1e3,
+        "spread": spread(times),
         "tokens_per_s": tokens_per_s,
         "mfu": mfu(cfg, v.seq_len, tokens_per_s, peak) if peak else None,
         "TFLOPs": flops_per_token(cfg, v.seq_len) * tokens_per_s / 1e12,
         "mem_GiB": (program_bytes(compiled) or 0) / 2**30,
         "process_peak_GiB": (process_peak_bytes() or 0) / 2**30,
-        "compile_s": compile_s, "init_s": init_s, "loss": loss, "iters": iters,
+        "compile_s": compile_s,
+        "init_s": init_s,
+        "loss": loss,
+        "iters": iters,
     }
     if profile_dir:
         row["profile"] = profile.trace(one_step, 3, profile_dir)
