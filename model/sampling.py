@@ -16,6 +16,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from model.transformer import init_cache
 
@@ -154,8 +155,6 @@ def make_sampler(model: nn.Module, cfg: SamplingConfig) -> Callable[..., Samples
 
 def sample_texts(sampler, params, tokenizer, prompts: list[str], rng: jax.Array) -> list[str]:
     """Encodes prompts (bos first), samples, and decodes each continuation up to EOS."""
-    import numpy as np
-
     encoded = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
     width = max(len(e) for e in encoded)
     prompts_BP = np.full((len(encoded), width), tokenizer.pad_id, np.int32)
