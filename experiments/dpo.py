@@ -31,7 +31,7 @@ def run(config: ConfigDict, root: Path) -> dict:
     mesh = pre.mesh
     data = common.posttrain_data(config, root)
     lm, rm = LanguageModel(pre.cfg), RewardModel(pre.cfg)
-    lm_init = lambda r: lm.init(r, common.EXAMPLE)["params"]
+    lm_init = common.params_init(lm)
     sft_params = common.load_params(root / "sft", lm_init, mesh)
     tx = common.optimizer(dc)
     state, shardings = common.state_from(lm_init, sft_params, tx, mesh)
@@ -71,7 +71,7 @@ def run(config: ConfigDict, root: Path) -> dict:
     common.save_params(out, state.params, {"beta": dc.beta})
     result = {**last}
     if (root / "reward").exists():
-        rm_init = lambda r: rm.init(r, common.EXAMPLE)["params"]
+        rm_init = common.params_init(rm)
         reward_params = common.load_params(root / "reward", rm_init, mesh)
         result["ground_truth"] = {
             "dpo": ground_truth_fn(config, root, pre, lm, rm)(state.params, reward_params)

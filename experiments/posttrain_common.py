@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 EXAMPLE = jnp.zeros((1, 8), jnp.int32)
 
 
+def params_init(model) -> Callable[[jax.Array], Any]:
+    """`rng -> boxed params` of `model`, the form create_train_state and load_params take."""
+    return lambda rng: model.init(rng, EXAMPLE)["params"]
+
+
 @dataclasses.dataclass
 class Pretrained:
     cfg: ModelConfig

@@ -60,8 +60,8 @@ def run(config: ConfigDict, root: Path) -> dict:
     mesh, tokenizer = pre.mesh, pre.tokenizer
     data = common.posttrain_data(config, root)
     lm, rm = LanguageModel(pre.cfg), RewardModel(pre.cfg)
-    lm_init = lambda r: lm.init(r, common.EXAMPLE)["params"]
-    rm_init = lambda r: rm.init(r, common.EXAMPLE)["params"]
+    lm_init = common.params_init(lm)
+    rm_init = common.params_init(rm)
     sft_params = common.load_params(root / "sft", lm_init, mesh)
     reward_params = common.load_params(root / "reward", rm_init, mesh)
     updates = pc.iterations * pc.epochs * pc.num_minibatches

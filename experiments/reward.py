@@ -69,8 +69,8 @@ def run(config: ConfigDict, root: Path) -> dict[str, float]:
     mesh, tokenizer = pre.mesh, pre.tokenizer
     data = common.posttrain_data(config, root)
     lm, rm = LanguageModel(pre.cfg), RewardModel(pre.cfg)
-    lm_init = lambda r: lm.init(r, common.EXAMPLE)["params"]
-    rm_init = lambda r: rm.init(r, common.EXAMPLE)["params"]
+    lm_init = common.params_init(lm)
+    rm_init = common.params_init(rm)
     sft_params = common.load_params(root / "sft", lm_init, mesh)
     tx = common.optimizer(rc)
     state, shardings = create_train_state(rm_init, tx, mesh, jax.random.key(config.seed))

@@ -35,9 +35,7 @@ def run(config: ConfigDict, root: Path) -> dict[str, float]:
     data = common.posttrain_data(config, root)
     model = LanguageModel(pre.cfg)
     tx = common.optimizer(sc)
-    state, shardings = common.state_from(
-        lambda r: model.init(r, common.EXAMPLE)["params"], pre.params, tx, pre.mesh
-    )
+    state, shardings = common.state_from(common.params_init(model), pre.params, tx, pre.mesh)
     rows = chat_rows(data["sft_train"], pre.tokenizer, sc.seq_len)
     eval_rows = chat_rows(data["sft_eval"], pre.tokenizer, sc.seq_len)
     step = common.jit_step(make_sft_step(model, tx, StepConfig()), shardings, pre.mesh)

@@ -6,8 +6,23 @@ from experiments.bench.__main__ import main
 
 
 def test_bench_cpu_smoke(tmp_path):
-    rc = main(["--suite", "cpu", "--only", "train,decode", "--match", "tiny/", "--iters", "2",
-               "--warmup", "1", "--no-profile", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "--suite",
+            "cpu",
+            "--only",
+            "train,decode",
+            "--match",
+            "tiny/",
+            "--iters",
+            "2",
+            "--warmup",
+            "1",
+            "--no-profile",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     rows = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
     assert rows and all("error" not in r for r in rows), rows

@@ -84,10 +84,6 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def read_meta(self, step: int) -> dict:
-        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return restored["meta"]
-
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
         """(step, state, data_state, meta) of the newest readable checkpoint, or None.
 
