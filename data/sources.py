@@ -2,6 +2,9 @@
 
 Spec forms:
   stdlib              - the running interpreter's standard library (.py, tests excluded)
+  stdlib:holdout=F    - the same without the fraction F of files held out for the
+                        post-training evaluation (`is_held_out`), so that evaluation
+                        never asks for a function the model read during pretraining
   text:PATH           - a text file or a folder of files (walked in sorted order)
   jsonl:PATH:FIELD    - JSON Lines file (or folder of *.jsonl), text in FIELD
   tfds:NAME[:FIELD]   - a TFDS catalog dataset (train split), text in FIELD (default "text")
@@ -15,6 +18,7 @@ a JSONL line that is not JSON or lacks the field becomes a `RawDocument` with an
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -52,10 +56,11 @@ class CorpusSpec:
     kind: str  # stdlib | text | jsonl | tfds
     path: str = ""
     field: str = "text"
+    holdout: float = 0.0  # stdlib only: fraction of files left out (see is_held_out)
 
     def __str__(self) -> str:
         if self.kind == "stdlib":
-            return "stdlib"
+            return f"stdlib:holdout={self.holdout}" if self.holdout else "stdlib"
         if self.kind == "text":
             return f"text:{self.path}"
         return f"{self.kind}:{self.path}:{self.field}"
@@ -66,6 +71,14 @@ def parse_spec(spec: str) -> CorpusSpec:
     kind, _, rest = spec.partition(":")
     if kind == "stdlib" and not rest:
         return CorpusSpec("stdlib")
+    if kind == "stdlib" and rest.startswith("holdout="):
+        try:
+            holdout = float(rest.removeprefix("holdout="))
+        except ValueError:
+            holdout = -1.0
+        if not 0.0 <= holdout < 1.0:
+            raise CorpusError(f"stdlib:holdout=F needs 0 <= F < 1, got {spec!r}")
+        return CorpusSpec("stdlib", holdout=holdout)
     if kind == "text" and rest:
         return CorpusSpec("text", rest)
     if kind == "jsonl" and rest:
@@ -77,7 +90,8 @@ def parse_spec(spec: str) -> CorpusSpec:
         name, sep, field = rest.partition(":")
         return CorpusSpec("tfds", name, field if sep else "text")
     raise CorpusError(
-        f"unknown corpus spec {spec!r}; use stdlib, text:PATH, jsonl:PATH:FIELD or tfds:NAME"
+        f"unknown corpus spec {spec!r}; use stdlib, stdlib:holdout=F, text:PATH, "
+        "jsonl:PATH:FIELD or tfds:NAME"
     )
 
 
@@ -94,6 +108,21 @@ def stdlib_files() -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if d not in skip)
         files += [Path(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
     return files
+
+
+def is_held_out(relative_path: str, fraction: float) -> bool:
+    """Whether a file belongs to the held-out fraction, by a stable hash of its path
+    relative to the corpus root; the one split rule that pretraining data
+    (`stdlib:holdout=F`) and post-training evaluation (rlhf/stdlib_tasks.py) share."""
+    bucket = int(hashlib.sha1(relative_path.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < fraction
+
+
+def _stdlib_documents(holdout: float) -> Iterator[RawDocument]:
+    root = stdlib_root()
+    for path in stdlib_files():
+        if not is_held_out(str(path.relative_to(root)), holdout):
+            yield from _file_documents(path, "code")
 
 
 def _walk(root: Path) -> list[Path]:
@@ -220,7 +249,7 @@ def iter_documents(
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     check_spec(spec)
     if spec.kind == "stdlib":
-        stream = (d for p in stdlib_files() for d in _file_documents(p, "code"))
+        stream = _stdlib_documents(spec.holdout)
     elif spec.kind == "text":
         stream = (d for p in _walk(Path(spec.path)) for d in _file_documents(p))
     elif spec.kind == "jsonl":

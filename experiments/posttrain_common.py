@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 
+from data.sources import parse_spec
 from model.config import ModelConfig
 from rlhf import stdlib_tasks
 from train import sharding
@@ -63,6 +64,7 @@ def load_pretrained(config: ConfigDict, root: Path) -> Pretrained:
 
 def posttrain_data(config: ConfigDict, root: Path) -> dict[str, list[dict]]:
     """The mined SFT / preference sets, built once and kept as JSONL."""
+    check_held_out(config)
     directory = root / "posttrain_data"
     names = ("sft_train", "sft_eval", "pairs_train", "pairs_eval")
     if not all((directory / f"{n}.jsonl").exists() for n in names):
@@ -77,6 +79,18 @@ def posttrain_data(config: ConfigDict, root: Path) -> dict[str, list[dict]]:
         for name in names:
             stdlib_tasks.write_jsonl(directory / f"{name}.jsonl", data[name])
     return {n: stdlib_tasks.read_jsonl(directory / f"{n}.jsonl") for n in names}
+
+
+def check_held_out(config: ConfigDict) -> None:
+    """Refuses a pretraining corpus that contains the evaluation's held-out files."""
+    spec = parse_spec(config.pretrain.data.corpus)
+    fraction = config.posttrain_data.eval_fraction
+    if spec.kind == "stdlib" and not config.posttrain_data.root and spec.holdout < fraction:
+        raise ValueError(
+            f"pretrain.data.corpus={str(spec)!r} includes files that posttrain_data."
+            f"eval_fraction={fraction} holds out for evaluation; use "
+            f"'stdlib:holdout={fraction}'"
+        )
 
 
 def optimizer(stage: ConfigDict):

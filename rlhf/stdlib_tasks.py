@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import hashlib
 import json
 import random
 import re
@@ -19,6 +18,8 @@ import sysconfig
 import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from data.sources import is_held_out
 
 CORRUPTIONS = ("other_body", "truncation", "shuffled_lines", "renamed_identifiers", "broken_syntax")
 _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "turtledemo", "__pycache__"}
@@ -85,9 +86,8 @@ def mine_file(path: Path, root: Path, max_chars: int = 1200) -> list[FunctionTas
 
 
 def split_of(file: str, eval_fraction: float) -> str:
-    """'eval' or 'train' from a stable hash of the file path."""
-    bucket = int(hashlib.sha1(file.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "eval" if bucket < eval_fraction else "train"
+    """'eval' or 'train' by the rule that also keeps eval files out of pretraining."""
+    return "eval" if is_held_out(file, eval_fraction) else "train"
 
 
 def _parses(code: str) -> bool:

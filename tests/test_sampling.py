@@ -74,6 +74,17 @@ def test_greedy_batch_of_different_lengths_matches_naive_decoding():
     assert out.lengths_B.tolist() == [10, 10, 10]
 
 
+def test_single_prompt_matches_naive_decoding():
+    """Batch 1 takes the two-row path (see `sample`); its row equals naive decoding."""
+    cfg = get_preset("tiny")
+    model, params = _init(cfg)
+    prompt = [3, 14, 15, 92, 65]
+    sampler = make_sampler(model, SamplingConfig(max_new_tokens=8, temperature=0.0))
+    out = sampler(params, jnp.asarray([prompt], jnp.int32), jnp.asarray([5]), jax.random.key(0))
+    assert out.tokens_BT.shape == (1, 8) and out.lengths_B.tolist() == [8]
+    assert out.tokens_BT[0].tolist() == _naive_greedy(model, params, prompt, 8)
+
+
 def test_stops_at_eos_and_pads_after():
     cfg = get_preset("tiny")
     model, params = _init(cfg)

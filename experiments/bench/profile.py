@@ -74,6 +74,6 @@ def trace(call: Callable[[], Any], steps: int, log_dir: str) -> dict:
         "device_lines": sorted(set(threads.values()))[:20],
         "kernel_ms_per_step": total / steps,
         "by_kind_ms_per_step": {k: v / steps for k, v in by_kind.most_common()},
-        "top_kernels_ms_per_step": [(n[:120], ms / steps) for n, ms in by_name.most_common(25)],
+        "top_kernels_ms_per_step": [(n[:120], ms / steps) for n, ms in by_name.most_common(40)],
         "trace_file": files[-1],
     }

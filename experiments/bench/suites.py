@@ -36,12 +36,13 @@ GPU_TRAIN = [
 GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 1),
     DecodeVariant("gpt-1.3b", 1, loop="sampler"),
+    DecodeVariant("gpt-1.3b", 2),
     DecodeVariant("gpt-1.3b", 64),
     DecodeVariant("gpt-1.3b", 64, loop="sampler"),
     DecodeVariant("gpt2-124m", 1),
 ]
 # Kernel profiles are taken for these variants (by name).
-GPU_PROFILE = {_gpt2(64).name, _xl(8).name, GPU_DECODE[0].name}
+GPU_PROFILE = {_gpt2(64).name, _xl(8).name, GPU_DECODE[1].name}
 
 # batch 8: divisible by the 8 fake CPU devices the tests use
 CPU_TRAIN = [
