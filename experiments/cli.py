@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+from collections.abc import Iterator
 
 from absl import flags
 
@@ -24,3 +27,16 @@ def setup() -> None:
     distributed.initialize(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed_auto
     )
+
+
+@contextlib.contextmanager
+def refusals() -> Iterator[None]:
+    """A refused resume (a checkpoint of another config) ends with its message and exit
+    status 2, as experiments.pretrain does, not with a traceback."""
+    from experiments.resume import ResumeMismatchError
+
+    try:
+        yield
+    except ResumeMismatchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 
 from experiments import posttrain_common as common
 from experiments.ppo import ground_truth_fn
+from experiments.resume import StageResume
 from experiments.reward import pair_arrays
 from model.transformer import LanguageModel
 from rlhf.dpo import DPOConfig, make_dpo_step, make_reference_log_probs
@@ -26,6 +27,11 @@ from train.metrics_writer import MetricsWriter
 
 
 def run(config: ConfigDict, root: Path) -> dict:
+    with StageResume(root / "dpo", config, config.dpo.checkpoint_every) as resume:
+        return _run(config, root, resume)
+
+
+def _run(config: ConfigDict, root: Path, resume: StageResume) -> dict:
     dc = config.dpo
     pre = common.load_pretrained(config, root)
     mesh = pre.mesh
@@ -35,6 +41,7 @@ def run(config: ConfigDict, root: Path) -> dict:
     sft_params = common.load_params(root / "sft", lm_init, mesh)
     tx = common.optimizer(dc)
     state, shardings = common.state_from(lm_init, sft_params, tx, mesh)
+    state = resume.restore(state)
     arrays, _ = pair_arrays(data["pairs_train"], pre.tokenizer, config.reward.seq_len)
     # Reference log-probs only for the pairs the steps will see (one epoch at most).
     available = len(arrays["chosen_tokens"]) // dc.batch_size * dc.batch_size
@@ -64,11 +71,14 @@ def run(config: ConfigDict, root: Path) -> dict:
     step = common.jit_step(make_dpo_step(lm, tx, DPOConfig(beta=dc.beta)), shardings, mesh)
     out = root / "dpo"
     out.mkdir(parents=True, exist_ok=True)
-    writer = MetricsWriter(out)
-    batches = common.random_batches(arrays, dc.batch_size, config.seed)
-    state, last = common.fit(step, state, batches, dc.steps, mesh, writer, dc.log_every, "dpo")
+    writer = MetricsWriter(out, resume_step=resume.step)
+    batches = common.random_batches(arrays, dc.batch_size, config.seed, start=resume.step)
+    state, last = common.fit(
+        step, state, batches, dc.steps, mesh, writer, dc.log_every, "dpo", resume=resume
+    )
     writer.close()
     common.save_params(out, state.params, {"beta": dc.beta})
+    resume.finish()
     result = {**last}
     if (root / "reward").exists():
         rm_init = common.params_init(rm)

@@ -87,7 +87,8 @@ if __name__ == "__main__":
 
     def main(argv):
         cli.setup()
-        summary = run(flags.FLAGS.config, Path(flags.FLAGS.workdir).absolute())
+        with cli.refusals():
+            summary = run(flags.FLAGS.config, Path(flags.FLAGS.workdir).absolute())
         print(summary["ground_truth_markdown"])
         print(json.dumps(summary.get("checks", {}), indent=2))
 

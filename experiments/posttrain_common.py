@@ -23,6 +23,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from data.sources import parse_spec
+from experiments.resume import StageResume
 from model.config import ModelConfig
 from rlhf import stdlib_tasks
 from train import sharding
@@ -124,8 +125,9 @@ def copy_to(tree: Any, shardings: Any) -> Any:
 
 
 def save_params(directory: Path, params: Any, meta: dict) -> None:
+    """The stage's final params, replacing any earlier ones (a stage rerun after it saved)."""
     ckpt = Checkpointer(directory / "checkpoints", keep_last=1, keep_best=0, async_save=False)
-    ckpt.save(0, params, {}, meta)
+    ckpt.save(max(ckpt.steps(), default=-1) + 1, params, {}, meta)
     ckpt.close()
 
 
@@ -159,16 +161,22 @@ def jit_step(step_fn: Callable, shardings: TrainState, mesh) -> Callable:
     )
 
 
-def random_batches(arrays: dict[str, np.ndarray], batch_size: int, seed: int) -> Iterator[dict]:
-    """Endless batches of rows drawn without replacement, reshuffled every epoch."""
+def random_batches(
+    arrays: dict[str, np.ndarray], batch_size: int, seed: int, start: int = 0
+) -> Iterator[dict]:
+    """Endless batches of rows drawn without replacement, reshuffled every epoch, from batch
+    `start` on. Epoch e's order depends on (seed, e) alone, so batch k is a function of k
+    and a resumed stage continues the same sequence."""
     n = len(next(iter(arrays.values())))
     if n < batch_size:
         raise ValueError(f"only {n} examples for a batch of {batch_size}")
-    rng = np.random.default_rng(seed)
+    per_epoch = n // batch_size
+    epoch, i = divmod(start, per_epoch)
     while True:
-        order = rng.permutation(n)
-        for i in range(0, n - batch_size + 1, batch_size):
-            yield {k: v[order[i : i + batch_size]] for k, v in arrays.items()}
+        order = np.random.default_rng([seed, epoch]).permutation(n)
+        for j in range(i * batch_size, per_epoch * batch_size, batch_size):
+            yield {k: v[order[j : j + batch_size]] for k, v in arrays.items()}
+        epoch, i = epoch + 1, 0
 
 
 def fit(
@@ -181,12 +189,17 @@ def fit(
     log_every: int,
     name: str,
     seed: int = 0,
+    resume: StageResume | None = None,
 ) -> tuple[TrainState, dict[str, float]]:
-    """Runs `steps` updates, logging every `log_every`; returns the state and last metrics."""
+    """Runs updates up to step `steps`, logging every `log_every`; returns the state and the
+    last logged metrics. With `resume` it starts after `resume.step` (`batches` must start
+    there too) and checkpoints as `resume` says. The step function folds `state.step` into
+    `seed`'s key, so restoring the step restores the random stream."""
     rng = jax.random.key(seed)
-    last: dict[str, float] = {}
+    first = resume.step + 1 if resume is not None else 1
+    last: dict[str, float] = dict(resume.host.get("last", {})) if resume is not None else {}
     start = time.perf_counter()
-    for step in range(1, steps + 1):
+    for step in range(first, steps + 1):
         batch = jax.device_put(next(batches), sharding.batch_sharding(mesh))
         state, metrics = step_fn(state, batch, rng)
         if step % log_every == 0 or step == steps:
@@ -194,6 +207,9 @@ def fit(
             writer.write(step, last)
             elapsed = time.perf_counter() - start
             log.info("%s step %d/%d %s (%.0fs)", name, step, steps, _short(last), elapsed)
+        if resume is not None:
+            resume.host["last"] = last
+            resume.step_done(step, state, last=step == steps)
     return state, last
 
 
@@ -308,6 +324,8 @@ def stage_main(run: Callable[[ConfigDict, Path], dict], needs: str) -> None:
     def main(argv):
         del argv
         cli.setup()
-        print(json.dumps(run(flags.FLAGS.config, Path(flags.FLAGS.workdir).absolute()), indent=2))
+        with cli.refusals():
+            result = run(flags.FLAGS.config, Path(flags.FLAGS.workdir).absolute())
+        print(json.dumps(result, indent=2))
 
     app.run(main)

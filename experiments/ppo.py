@@ -15,6 +15,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from experiments import posttrain_common as common
+from experiments.resume import StageResume
 from model.sampling import SamplingConfig
 from model.transformer import LanguageModel
 from rlhf import chat
@@ -55,6 +56,11 @@ def ground_truth_fn(config: ConfigDict, root: Path, pre, lm, rm):
 
 
 def run(config: ConfigDict, root: Path) -> dict:
+    with StageResume(root / "ppo", config, config.ppo.checkpoint_every) as resume:
+        return _run(config, root, resume)
+
+
+def _run(config: ConfigDict, root: Path, resume: StageResume) -> dict:
     pc = config.ppo
     pre = common.load_pretrained(config, root)
     mesh, tokenizer = pre.mesh, pre.tokenizer
@@ -104,16 +110,23 @@ def run(config: ConfigDict, root: Path) -> dict:
         reward_shardings=shardings.params["value"],
     )
     ground_truth = ground_truth_fn(config, root, pre, lm, rm)
-    before = ground_truth(sft_params, reward_params)
+    # Host state of the loop: restored when resuming, so that nothing is measured twice.
+    state = resume.restore(state)
+    host = resume.host
+    if "before" not in host:
+        host["before"] = ground_truth(sft_params, reward_params)
+    history = host.setdefault("history", [])
+    kl.beta = host.get("beta", kl.beta)  # the adaptive coefficient (the trainer holds `kl`)
 
     prompts, _ = common.prompts_of(data["sft_train"], tokenizer, pc.max_prompt_len)
-    rng = np.random.default_rng(config.seed)
     out = root / "ppo"
     out.mkdir(parents=True, exist_ok=True)
-    writer = MetricsWriter(out)
-    history = []
-    for it in range(1, pc.iterations + 1):
-        chosen = rng.choice(len(prompts), pc.batch_size, replace=False)
+    writer = MetricsWriter(out, resume_step=resume.step)
+    for it in range(resume.step + 1, pc.iterations + 1):
+        # Prompts and keys depend on (seed, iteration) alone: a resumed run draws the same.
+        chosen = np.random.default_rng([config.seed, it]).choice(
+            len(prompts), pc.batch_size, replace=False
+        )
         prompts_BP, lengths_B = prompt_batch(
             [prompts[i] for i in chosen], tokenizer.pad_id, pc.max_prompt_len
         )
@@ -123,6 +136,8 @@ def run(config: ConfigDict, root: Path) -> dict:
         metrics = {f"ppo/{k}": v for k, v in metrics.items()}
         writer.write(it, metrics)
         history.append(metrics)
+        host["beta"] = kl.beta
+        resume.step_done(it, state, last=it == pc.iterations)
         if it % pc.log_every == 0 or it == pc.iterations:
             common.log.info(
                 "ppo iteration %d: score %.3f kl %.3f beta %.4f len %.1f no_eos %.2f gen %.0f%%",
@@ -137,12 +152,13 @@ def run(config: ConfigDict, root: Path) -> dict:
     writer.close()
     after = ground_truth(state.params["policy"], reward_params)
     common.save_params(out, state.params["policy"], {"iterations": pc.iterations})
+    resume.finish()
     k = max(1, len(history) // 5)
     return {
         **history[-1],
         "ppo/score_first": float(np.mean([h["ppo/score_mean"] for h in history[:k]])),
         "ppo/score_last": float(np.mean([h["ppo/score_mean"] for h in history[-k:]])),
-        "ground_truth": {"sft": before, "ppo": after},
+        "ground_truth": {"sft": host["before"], "ppo": after},
     }
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from experiments import posttrain_common as common
+from experiments.resume import StageResume
 from model.sampling import SamplingConfig
 from model.transformer import LanguageModel
 from rlhf import chat
@@ -64,6 +65,11 @@ def accuracy_by_kind(evaluate, params, arrays: dict, kinds: list[str], batch_siz
 
 
 def run(config: ConfigDict, root: Path) -> dict[str, float]:
+    with StageResume(root / "reward", config, config.reward.checkpoint_every) as resume:
+        return _run(config, root, resume)
+
+
+def _run(config: ConfigDict, root: Path, resume: StageResume) -> dict[str, float]:
     rc, pc = config.reward, config.ppo
     pre = common.load_pretrained(config, root)
     mesh, tokenizer = pre.mesh, pre.tokenizer
@@ -75,7 +81,7 @@ def run(config: ConfigDict, root: Path) -> dict[str, float]:
     tx = common.optimizer(rc)
     state, shardings = create_train_state(rm_init, tx, mesh, jax.random.key(config.seed))
     params = init_from_lm(state.params, sft_params)
-    state = state.replace(params=common.copy_to(params, shardings.params))
+    state = resume.restore(state.replace(params=common.copy_to(params, shardings.params)))
 
     train_arrays, _ = pair_arrays(data["pairs_train"], tokenizer, rc.seq_len)
     eval_arrays, eval_kinds = pair_arrays(data["pairs_eval"], tokenizer, rc.seq_len)
@@ -90,9 +96,11 @@ def run(config: ConfigDict, root: Path) -> dict[str, float]:
     )
     out = root / "reward"
     out.mkdir(parents=True, exist_ok=True)
-    writer = MetricsWriter(out)
-    batches = common.random_batches(train_arrays, rc.batch_size, config.seed)
-    state, last = common.fit(step, state, batches, rc.steps, mesh, writer, rc.log_every, "reward")
+    writer = MetricsWriter(out, resume_step=resume.step)
+    batches = common.random_batches(train_arrays, rc.batch_size, config.seed, start=resume.step)
+    state, last = common.fit(
+        step, state, batches, rc.steps, mesh, writer, rc.log_every, "reward", resume=resume
+    )
     writer.close()
     metrics = {
         **last,
@@ -127,6 +135,7 @@ def run(config: ConfigDict, root: Path) -> dict[str, float]:
     gain, bias = normalization(raw)
     params = fold_normalization(state.params, gain, bias)
     common.save_params(out, params, {"gain": float(gain), "bias": float(bias)})
+    resume.finish()
     metrics.update(
         {
             "reward/sft_sample_raw_mean": float(raw.mean()),

@@ -13,6 +13,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from experiments import posttrain_common as common
+from experiments.resume import StageResume
 from model.transformer import LanguageModel
 from rlhf import chat
 from rlhf.sft_step import StepConfig, make_sft_step
@@ -30,12 +31,18 @@ def chat_rows(records: list[dict], tokenizer, seq_len: int) -> dict[str, np.ndar
 
 
 def run(config: ConfigDict, root: Path) -> dict[str, float]:
+    with StageResume(root / "sft", config, config.sft.checkpoint_every) as resume:
+        return _run(config, root, resume)
+
+
+def _run(config: ConfigDict, root: Path, resume: StageResume) -> dict[str, float]:
     sc = config.sft
     pre = common.load_pretrained(config, root)
     data = common.posttrain_data(config, root)
     model = LanguageModel(pre.cfg)
     tx = common.optimizer(sc)
     state, shardings = common.state_from(common.params_init(model), pre.params, tx, pre.mesh)
+    state = resume.restore(state)
     rows = chat_rows(data["sft_train"], pre.tokenizer, sc.seq_len)
     eval_rows = chat_rows(data["sft_eval"], pre.tokenizer, sc.seq_len)
     step = common.jit_step(make_sft_step(model, tx, StepConfig()), shardings, pre.mesh)
@@ -55,13 +62,18 @@ def run(config: ConfigDict, root: Path) -> dict[str, float]:
     ]
     out = root / "sft"
     out.mkdir(parents=True, exist_ok=True)
-    writer = MetricsWriter(out)
-    before = evaluate(eval_step, state.params, eval_batches, None)
-    batches = common.random_batches(rows, sc.batch_size, config.seed)
-    state, last = common.fit(step, state, batches, sc.steps, pre.mesh, writer, sc.log_every, "sft")
+    writer = MetricsWriter(out, resume_step=resume.step)
+    if "before" not in resume.host:  # of the pretrained params: kept for a resumed run
+        resume.host["before"] = evaluate(eval_step, state.params, eval_batches, None)
+    before = resume.host["before"]
+    batches = common.random_batches(rows, sc.batch_size, config.seed, start=resume.step)
+    state, last = common.fit(
+        step, state, batches, sc.steps, pre.mesh, writer, sc.log_every, "sft", resume=resume
+    )
     after = evaluate(eval_step, state.params, eval_batches, None)
     writer.close()
     common.save_params(out, state.params, {"model": pre.cfg.__dict__})
+    resume.finish()
     return {
         **last,
         "sft/train_rows": len(rows["inputs"]),

@@ -84,3 +84,85 @@ def run_pretrain(workdir: Path, args: list[str], devices: int = 1, timeout: int 
     return subprocess.run(
         command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
+
+
+def posttrain_config(corpus: Path, data_dir: Path):
+    """posttrain_tiny shrunk to seconds on a CPU: a 1-layer model pretrained for 2 steps on
+    the char corpus, short SFT and PPO that log every step and checkpoint every 2."""
+    from data.prepare import load_prepared_tokenizer
+    from experiments.configs import posttrain_tiny
+
+    c = posttrain_tiny.get_config()
+    p = c.pretrain
+    p.data.update(corpus=f"text:{corpus}", dir=str(data_dir), tokenizer="char", vocab_size=128)
+    p.data.seq_len = 32
+    # Exactly the tokenizer's vocabulary: sampled ids must all decode.
+    vocab = load_prepared_tokenizer(data_dir).vocab_size
+    p.model.update(vocab_size=vocab, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=96)
+    p.train.update(global_batch_size=8, num_steps=2, eval_every=2, eval_batches=1)
+    p.train.checkpoint_every = 2
+    p.optim.update(warmup_steps=1, total_steps=2)
+    c.sft.update(steps=6, batch_size=8, seq_len=96, log_every=1, checkpoint_every=2, eval_rows=8)
+    c.ppo.update(
+        iterations=4,
+        batch_size=8,
+        max_prompt_len=48,
+        max_new_tokens=16,
+        epochs=1,
+        num_minibatches=1,
+        log_every=1,
+        checkpoint_every=2,
+    )
+    c.eval.num_prompts = 8
+    return c
+
+
+def synthetic_posttrain_data(directory: Path, n: int = 24) -> None:
+    """Short chat tasks (the mined ones are too long for a 96-token model), in the JSONL files
+    experiments.posttrain_common.posttrain_data reads instead of mining."""
+    from rlhf import stdlib_tasks
+
+    sft = []
+    for i in range(n):
+        name = f"f{i}"
+        ask = f"Write the Python function `{name}`:\n\ndef {name}(x):"
+        answer = f"def {name}(x):\n    return x + {i}"
+        sft.append(
+            {
+                "messages": [
+                    {"role": "user", "content": ask},
+                    {"role": "assistant", "content": answer},
+                ],
+                "name": name,
+                "file": "synthetic.py",
+            }
+        )
+    pairs = [
+        {
+            "prompt": r["messages"][:1],
+            "chosen": r["messages"][1]["content"],
+            "rejected": r["messages"][1]["content"].replace("+", "-"),
+            "kind": "other_body",
+            "name": r["name"],
+            "file": r["file"],
+        }
+        for r in sft
+    ]
+    for name, records in (
+        ("sft_train", sft),
+        ("sft_eval", sft[:8]),
+        ("pairs_train", pairs),
+        ("pairs_eval", pairs[:8]),
+    ):
+        stdlib_tasks.write_jsonl(directory / f"{name}.jsonl", records)
+
+
+def pretrained_pipeline(root: Path, corpus: Path, data_dir: Path):
+    """(config, ROOT) with ROOT/pretrain trained and ROOT/posttrain_data written."""
+    from train.trainer import train
+
+    config = posttrain_config(corpus, data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    train(config.pretrain, root / "pretrain")
+    synthetic_posttrain_data(root / "posttrain_data")
+    return config, root

@@ -84,6 +84,12 @@ class Checkpointer:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def read_meta(self, step: int) -> dict:
+        """The meta item of one checkpoint alone: compatibility is checked before any state
+        is restored (a mismatched state would otherwise be taken for a corrupt one)."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored["meta"]
+
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
         """(step, state, data_state, meta) of the newest readable checkpoint, or None.
 

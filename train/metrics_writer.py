@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import jax
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str | Path, enabled: bool | None = None):
+    """Appends to WORKDIR/metrics.jsonl. A run resumed from step `resume_step` passes it:
+    the records of later steps are dropped first, since the run logs those steps again."""
+
+    def __init__(
+        self, workdir: str | Path, enabled: bool | None = None, resume_step: int | None = None
+    ):
         self.workdir = Path(workdir)
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self._tb = None
         if self.enabled:
+            if resume_step is not None:
+                _drop_after(self.workdir / "metrics.jsonl", resume_step)
             from tensorboardX import SummaryWriter
 
             self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
@@ -37,6 +45,26 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def _drop_after(path: Path, step: int) -> None:
+    """Keeps the records of steps <= `step`, and drops a line cut short by a crash
+    (atomically: a crash now leaves the old file or the new one)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.endswith("\n") and _step_of(line) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # not a record: dropped
 
 
 def _json_number(value) -> float | None:

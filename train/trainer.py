@@ -135,7 +135,7 @@ def train(config: ConfigDict, workdir: str | Path) -> dict[str, float]:
     run = _build(config, workdir)
     tc = config.train
     start = _restore(run)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, resume_step=start)  # no duplicate rows of re-run steps
     cfg = run.model.cfg
     seq_len, batch_size = config.data.seq_len, tc.global_batch_size
     peak = tc.peak_flops or flops.peak_flops_of(jax.devices()[0].device_kind)

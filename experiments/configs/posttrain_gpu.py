@@ -26,9 +26,17 @@ def get_config():
     p.train.eval_every = p.train.checkpoint_every = 500
     p.optim.lr, p.optim.warmup_steps, p.optim.end_lr = 1e-3, 200, 1e-4
     c.posttrain_data.max_chars = 1200
-    c.sft.update(steps=1500, batch_size=32, seq_len=768, lr=2e-4, warmup_steps=50)
+    c.sft.update(
+        steps=1500, batch_size=32, seq_len=768, lr=2e-4, warmup_steps=50, checkpoint_every=250
+    )
     c.reward.update(
-        steps=1000, batch_size=32, seq_len=768, lr=5e-5, warmup_steps=50, normalization_samples=256
+        steps=1000,
+        batch_size=32,
+        seq_len=768,
+        lr=5e-5,
+        warmup_steps=50,
+        normalization_samples=256,
+        checkpoint_every=250,
     )
     c.ppo.update(
         iterations=200,
@@ -38,7 +46,8 @@ def get_config():
         epochs=4,
         num_minibatches=4,
         lr=5e-6,
+        checkpoint_every=20,
     )
-    c.dpo.update(steps=500, batch_size=32, lr=5e-6)
+    c.dpo.update(steps=500, batch_size=32, lr=5e-6, checkpoint_every=100)
     c.eval.num_prompts = 256
     return c

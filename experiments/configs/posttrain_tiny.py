@@ -28,6 +28,7 @@ def get_config():
             lr=1e-3,
             warmup_steps=10,
             log_every=20,
+            checkpoint_every=40,  # DIR/sft/resume/: an interrupted stage resumes from it
             eval_rows=64,
         )
     )
@@ -39,6 +40,7 @@ def get_config():
             lr=3e-4,
             warmup_steps=10,
             log_every=20,
+            checkpoint_every=25,
             margin=0.0,
             normalization_samples=64,
         )
@@ -63,6 +65,7 @@ def get_config():
             kl_horizon=10_000,
             missing_eos_penalty=1.0,
             log_every=5,
+            checkpoint_every=5,  # iterations
         )
     )
     c.dpo = ConfigDict(
@@ -74,6 +77,7 @@ def get_config():
             warmup_steps=5,
             beta=0.1,
             log_every=10,
+            checkpoint_every=10,
         )
     )
     c.eval = ConfigDict(dict(num_prompts=64, temperature=0.0))  # greedy answers for the table
