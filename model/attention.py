@@ -154,7 +154,10 @@ class Attention(nn.Module):
             k_BKGD, v_BKGD = new_cache
 
         plain_causal = cache is None and segment_ids_BL is None
-        if cfg.attention_backend == "reference":
+        # With a cache, the hand-written attention whatever the backend: a decoding step's
+        # one query per row is a matrix-vector product over the cache, where a flash
+        # kernel saves nothing, and cuDNN's kernels are built for long query blocks.
+        if cfg.attention_backend == "reference" or cache is not None:
             mask = attention_mask(positions_BL, kv_positions_BK, segment_ids_BL, kv_segments_BK)
             out_BLHD = reference_attention(q_BLHD, k_BKGD, v_BKGD, mask)
         else:

@@ -1,5 +1,6 @@
 """The pipeline at a size for one GPU: a ~40M-parameter model on the standard library,
-longer SFT / reward / PPO. Same stages and report as posttrain_tiny (not yet timed)."""
+longer SFT / reward / PPO. Same stages and report as posttrain_tiny; timed on an H100 in
+BENCHMARKS.md ("Post-training pipeline on a GPU")."""
 
 from experiments.configs import posttrain_tiny
 from experiments.configs.common import model_fields
@@ -18,12 +19,14 @@ def get_config():
         d_ff=2048,
         max_len=768,
         dtype="bfloat16",
+        attention_backend="cudnn",
+        dropout_rate=0.1,  # ~2.6M tokens of pretraining text, seen about 30 times
     )
     p.data.vocab_size = 8192
     p.data.seq_len = 512
     p.train.global_batch_size = 64
-    p.train.num_steps = p.optim.total_steps = 4000
-    p.train.eval_every = p.train.checkpoint_every = 500
+    p.train.num_steps = p.optim.total_steps = 2500
+    p.train.eval_every = p.train.checkpoint_every = 250
     p.optim.lr, p.optim.warmup_steps, p.optim.end_lr = 1e-3, 200, 1e-4
     c.posttrain_data.max_chars = 1200
     c.sft.update(
