@@ -58,8 +58,11 @@ def load_pretrained(config: ConfigDict, root: Path) -> Pretrained:
     """The pretraining stage's model, newest checkpoint, tokenizer and mesh."""
     from train.trainer import load_for_inference
 
-    model, params, tokenizer, mesh, step = load_for_inference(config.pretrain, root / "pretrain")
-    log.info("loaded the pretrained model at step %d", step)
+    which = config.get("pretrain_checkpoint", "latest")
+    model, params, tokenizer, mesh, step = load_for_inference(
+        config.pretrain, root / "pretrain", which
+    )
+    log.info("loaded the pretrained model at step %d (%s checkpoint)", step, which)
     return Pretrained(model.cfg, params, tokenizer, mesh)
 
 

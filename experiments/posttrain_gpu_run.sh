@@ -11,7 +11,7 @@ W=runs/gpu_pipeline
 mkdir -p $W
 timeout ${PIPELINE_TIMEOUT_S:-540} python3 -m experiments.pipeline \
   --config=experiments/configs/posttrain_gpu.py --workdir=$W 2>&1 \
-  | grep -v "^W1121\|^I1121" | tee -a $W/pipeline.log | tail -60
+  | tee -a $W/pipeline.log | tail -60
 cp $W/pipeline.log $OUT/
 for f in report/summary.json pretrain/loss_curve.png pretrain/metrics.jsonl ppo/metrics.jsonl \
   sft/done.json reward/done.json; do

@@ -26,6 +26,7 @@ flags.DEFINE_float("temperature", 0.8, "0 means greedy")
 flags.DEFINE_integer("top_k", 40, "0 disables top-k")
 flags.DEFINE_float("top_p", 1.0, "1.0 disables nucleus sampling")
 flags.DEFINE_integer("seed", 0, "sampling seed")
+flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "newest, or lowest eval loss")
 FLAGS = flags.FLAGS
 
 
@@ -36,7 +37,9 @@ def main(argv):
     if not config_path.exists():
         sys.exit(f"error: {config_path} does not exist; is {FLAGS.workdir} a training workdir?")
     config = ConfigDict(json.loads(config_path.read_text()))
-    model, params, tokenizer, mesh, step = load_for_inference(config, FLAGS.workdir)
+    model, params, tokenizer, mesh, step = load_for_inference(
+        config, FLAGS.workdir, FLAGS.checkpoint
+    )
     sampling = SamplingConfig(
         max_new_tokens=FLAGS.max_new_tokens,
         temperature=FLAGS.temperature,

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
+
+import jax
+import pytest
 
 from tests.run_helpers import (
     CONFIG,
@@ -101,3 +105,48 @@ def test_sample_command_reads_the_latest_checkpoint(tmp_path):
         timeout=120,
     )
     assert missing.returncode != 0 and "config.json does not exist" in missing.stderr
+
+
+def test_best_eval_step_picks_the_lowest_eval_loss_among_kept_checkpoints(tmp_path):
+    from train.trainer import best_eval_step
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [
+        {"step": 4, "eval/loss": 2.0},
+        {"step": 5, "train/loss": 0.1},
+        {"step": 8, "eval/loss": 1.5},  # lowest, but its checkpoint was not kept
+        {"step": 12, "eval/loss": 2.5},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert best_eval_step(path, [4, 12]) == 4
+    assert best_eval_step(path, [4, 8, 12]) == 8
+    assert best_eval_step(path, [5]) is None
+    assert best_eval_step(tmp_path / "missing.jsonl", [4]) is None
+
+
+def test_load_for_inference_takes_the_best_checkpoint_when_asked(tmp_path):
+    from ml_collections import ConfigDict
+
+    from train.trainer import load_for_inference
+
+    corpus, prepared = prepare_char_corpus(tmp_path)
+    workdir = tmp_path / "run"
+    args = overrides(corpus, prepared, **{"train.num_steps": 8, "train.eval_every": 4})
+    trained = run_pretrain(workdir, args)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    # As if the run had overfitted: step 8's eval loss is the worst.
+    metrics = workdir / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    for row in rows:
+        if row["step"] == 8 and "eval/loss" in row:
+            row["eval/loss"] = 99.0
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    config = ConfigDict(json.loads((workdir / "config.json").read_text()))
+    _, latest_params, _, _, latest = load_for_inference(config, workdir, "latest")
+    _, best_params, _, _, best = load_for_inference(config, workdir, "best")
+    assert (latest, best) == (8, 4)
+    differs = jax.tree.map(lambda a, b: bool((a != b).any()), latest_params, best_params)
+    assert any(jax.tree.leaves(differs))
+    with pytest.raises(ValueError, match="'latest' or 'best'"):
+        load_for_inference(config, workdir, "newest")

@@ -90,14 +90,21 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return restored["meta"]
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict, dict] | None:
+    def restore_latest(
+        self, abstract_state: Any, prefer_step: int | None = None
+    ) -> tuple[int, Any, dict, dict] | None:
         """(step, state, data_state, meta) of the newest readable checkpoint, or None.
 
         `abstract_state` (jax.ShapeDtypeStruct leaves with shardings) says
-        where each restored array goes.
+        where each restored array goes. `prefer_step` is tried first (the best one,
+        say); if it is unreadable, the newest readable one is returned.
         """
         unreadable = []
-        for step in reversed(self.steps()):
+        order = list(reversed(self.steps()))
+        if prefer_step in order:
+            order.remove(prefer_step)
+            order.insert(0, prefer_step)
+        for step in order:
             try:
                 restored = self.manager.restore(
                     step,

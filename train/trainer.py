@@ -26,7 +26,7 @@ from train import flops, sharding
 from train.checkpoint import Checkpointer, abstract_like
 from train.data_source import DataSource, build_data
 from train.evaluate import evaluate, make_eval_step
-from train.metrics_writer import MetricsWriter, plot_loss_curves
+from train.metrics_writer import MetricsWriter, plot_loss_curves, read_metrics
 from train.optim import OptimConfig, make_optimizer
 from train.pretrain_step import StepConfig, make_pretrain_step
 from train.state import create_train_state
@@ -94,9 +94,10 @@ def _build(config: ConfigDict, workdir: Path) -> _Run:
     return _Run(model, mesh, state, step_fn, eval_fn, data, checkpointer, meta)
 
 
-def _restore(run: _Run) -> int:
-    """Loads the newest readable checkpoint into `run`; returns its step (0 if none)."""
-    restored = run.checkpointer.restore_latest(abstract_like(run.state))
+def _restore(run: _Run, prefer_step: int | None = None) -> int:
+    """Loads the newest readable checkpoint (or `prefer_step`) into `run`; returns its step
+    (0 if none)."""
+    restored = run.checkpointer.restore_latest(abstract_like(run.state), prefer_step)
     if restored is None:
         return 0
     step, state, data_state, meta = restored
@@ -238,11 +239,35 @@ def train(config: ConfigDict, workdir: str | Path) -> dict[str, float]:
     return last
 
 
-def load_for_inference(config: ConfigDict, workdir: str | Path):
-    """(model, params, tokenizer, mesh, step) from the newest readable checkpoint of `workdir`."""
+def best_eval_step(metrics_path: str | Path, steps: list[int]) -> int | None:
+    """The step among `steps` (the checkpoints kept) with the lowest logged eval loss, or None
+    when none of them was evaluated."""
+    path = Path(metrics_path)
+    if not path.exists():
+        return None
+    kept = set(steps)
+    losses = {
+        r["step"]: r["eval/loss"]
+        for r in read_metrics(path)
+        if "eval/loss" in r and r["step"] in kept
+    }
+    return min(losses, key=losses.__getitem__) if losses else None
+
+
+def load_for_inference(config: ConfigDict, workdir: str | Path, checkpoint: str = "latest"):
+    """(model, params, tokenizer, mesh, step) from a readable checkpoint of `workdir`:
+    the newest (`checkpoint="latest"`) or the one with the lowest eval loss ("best";
+    a run that overfits its data is better taken from before it did)."""
+    if checkpoint not in ("latest", "best"):
+        raise ValueError(f"checkpoint must be 'latest' or 'best', got {checkpoint!r}")
     workdir = Path(workdir)
     run = _build(config, workdir)
-    step = _restore(run)
+    best = None
+    if checkpoint == "best":
+        best = best_eval_step(workdir / "metrics.jsonl", run.checkpointer.steps())
+        if best is None:
+            log.warning("no evaluated checkpoint in %s; taking the newest", workdir)
+    step = _restore(run, best)
     run.checkpointer.close()
     if step == 0:
         raise FileNotFoundError(f"no readable checkpoint in {workdir / 'checkpoints'}")

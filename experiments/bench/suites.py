@@ -42,7 +42,7 @@ GPU_DECODE = [
     DecodeVariant("gpt2-124m", 1),
 ]
 # Kernel profiles are taken for these variants (by name).
-GPU_PROFILE = {_gpt2(64).name, _xl(8).name, GPU_DECODE[1].name}
+GPU_PROFILE = {_gpt2(64).name, _xl(8).name, GPU_DECODE[0].name, GPU_DECODE[2].name}
 
 # batch 8: divisible by the 8 fake CPU devices the tests use
 CPU_TRAIN = [

@@ -15,6 +15,9 @@ def get_config():
     c.pretrain.train.eval_every = 150
     c.pretrain.train.checkpoint_every = 150
     c.pretrain.sample.num_samples = 0
+    # Post-training starts from the pretraining checkpoint with the lowest eval loss
+    # ("latest": the newest); small corpora overfit (BENCHMARKS.md, GPU pipeline).
+    c.pretrain_checkpoint = "best"
     # Mined from the interpreter's own standard library; short functions, so that prompt
     # and answer fit the tiny model's context.
     c.posttrain_data = ConfigDict(dict(root="", eval_fraction=0.1, max_files=0, max_chars=400))
