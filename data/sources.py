@@ -99,10 +99,14 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def stdlib_files() -> list[Path]:
-    """The standard library's .py files, without site-packages and test suites (~12 MB)."""
-    root = stdlib_root()
+def stdlib_files(
+    root: str | Path | None = None, skip_dirs: frozenset[str] = frozenset()
+) -> list[Path]:
+    """The standard library's .py files, without site-packages and test suites (~12 MB);
+    `root` walks another folder the same way, `skip_dirs` leaves out more folders."""
+    root = Path(root) if root else stdlib_root()
     skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    skip |= skip_dirs
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in skip)

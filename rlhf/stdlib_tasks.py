@@ -14,15 +14,14 @@ import dataclasses
 import json
 import random
 import re
-import sysconfig
 import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from data.sources import is_held_out
+from data import sources
 
 CORRUPTIONS = ("other_body", "truncation", "shuffled_lines", "renamed_identifiers", "broken_syntax")
-_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "turtledemo", "__pycache__"}
+_SKIP_DIRS = frozenset({"idlelib", "turtledemo"})  # GUI code: few self-contained functions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +41,9 @@ class FunctionTask:
 
 
 def stdlib_files(root: str | None = None, max_files: int | None = None) -> list[Path]:
-    """Sorted .py files under `root` (default: this interpreter's standard library)."""
-    root_path = Path(root or sysconfig.get_paths()["stdlib"])
-    files = [
-        p
-        for p in sorted(root_path.rglob("*.py"))
-        if not _SKIP_DIRS.intersection(p.relative_to(root_path).parts[:-1])
-    ]
+    """Sorted .py files under `root` (default: this interpreter's standard library), as
+    pretraining reads them, less the GUI demo folders."""
+    files = sorted(sources.stdlib_files(root, skip_dirs=_SKIP_DIRS))
     return files[:max_files] if max_files else files
 
 
@@ -87,7 +82,7 @@ def mine_file(path: Path, root: Path, max_chars: int = 1200) -> list[FunctionTas
 
 def split_of(file: str, eval_fraction: float) -> str:
     """'eval' or 'train' by the rule that also keeps eval files out of pretraining."""
-    return "eval" if is_held_out(file, eval_fraction) else "train"
+    return "eval" if sources.is_held_out(file, eval_fraction) else "train"
 
 
 def _parses(code: str) -> bool:
@@ -206,7 +201,7 @@ def build_datasets(
     max_chars: int = 1200,
 ) -> dict[str, list[dict]]:
     """{"sft_train", "sft_eval", "pairs_train", "pairs_eval"}, split by file."""
-    root_path = Path(root or sysconfig.get_paths()["stdlib"])
+    root_path = Path(root) if root else sources.stdlib_root()
     split: dict[str, list[FunctionTask]] = {"train": [], "eval": []}
     for path in stdlib_files(str(root_path), max_files):
         tasks = mine_file(path, root_path, max_chars)

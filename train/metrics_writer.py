@@ -73,13 +73,10 @@ def _json_number(value) -> float | None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """metrics.jsonl records; when a resumed run logged a step again, the later record wins."""
-    by_key: dict[tuple, dict] = {}
-    for line in Path(path).read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            by_key[(record["step"], tuple(sorted(record)))] = record
-    return sorted(by_key.values(), key=lambda r: r["step"])
+    """metrics.jsonl records in step order (a resumed run's writer has already dropped the
+    records of the steps it logs again)."""
+    lines = Path(path).read_text().splitlines()
+    return sorted((json.loads(line) for line in lines if line.strip()), key=lambda r: r["step"])
 
 
 def plot_loss_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
