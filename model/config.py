@@ -15,6 +15,8 @@ Positional = Literal["learned", "rope"]
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "swiglu"]
 AttentionBackend = Literal["reference", "xla", "cudnn"]
+NormImpl = Literal["xla", "pallas"]
+DecodeAttention = Literal["reference", "pallas"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
 _CHOICES = {
@@ -22,6 +24,8 @@ _CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
     "activation": ("gelu", "swiglu"),
     "attention_backend": ("reference", "xla", "cudnn"),
+    "norm_impl": ("xla", "pallas"),
+    "decode_attention": ("reference", "pallas"),
     "remat": ("none", "full", "dots", "dots_no_batch"),
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
@@ -36,6 +40,10 @@ class ModelConfig:
     definition every other backend is tested against); "xla" and "cudnn" call
     `jax.nn.dot_product_attention` with that implementation (cuDNN flash
     attention needs a GPU and bf16/fp16).
+
+    `norm_impl="pallas"` and `decode_attention="pallas"` use the hand-written
+    GPU kernels in `model/kernels/` for the norms and for one-token decoding
+    steps (BENCHMARKS.md measures both against the XLA/reference paths).
     """
 
     vocab_size: int = 256
@@ -58,6 +66,8 @@ class ModelConfig:
     remat: RematPolicy = "none"
     scan_layers: bool = False
     attention_backend: AttentionBackend = "reference"
+    norm_impl: NormImpl = "xla"
+    decode_attention: DecodeAttention = "reference"
 
     def __post_init__(self):
         for field, allowed in _CHOICES.items():

@@ -1,0 +1,7 @@
+"""Hand-written GPU kernels (Pallas, Triton backend) for the model's hot spots.
+
+Each kernel has a plain-JAX definition elsewhere in `model/` that it is tested
+against; configs choose a kernel explicitly (`ModelConfig.norm_impl`,
+`ModelConfig.decode_attention`). Off the GPU the kernels run in Pallas'
+interpreter, which is slow but lets the CPU tests check them.
+"""
