@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
+from model.kernels.decode_attention import decode_attention, supported
 from model.layers import dense_param
 
 # Finite rather than -inf: a fully masked row (a padding query) then gets a
@@ -133,6 +134,9 @@ class Attention(nn.Module):
                 y += dense_param(self, name + "_bias", (heads, D), (axes, "head_dim"), zeros=True)
             return y.astype(dtype)
 
+        # Three separate products, also while decoding: stacking the weights into one
+        # q/k/v product made gpt-1.3b decoding slower, 1.61 -> 2.25 ms/token on an H100
+        # (BENCHMARKS.md, change 12): XLA re-stacks them every step.
         q_BLHD = project("query", H, "heads")
         k_BLGD = project("key", G, "kv_heads")
         v_BLGD = project("value", G, "kv_heads")
@@ -154,10 +158,23 @@ class Attention(nn.Module):
             k_BKGD, v_BKGD = new_cache
 
         plain_causal = cache is None and segment_ids_BL is None
+        one_token_step = cache is not None and q_BLHD.shape[1] == 1
         # With a cache, the hand-written attention whatever the backend: a decoding step's
         # one query per row is a matrix-vector product over the cache, where a flash
-        # kernel saves nothing, and cuDNN's kernels are built for long query blocks.
-        if cfg.attention_backend == "reference" or cache is not None:
+        # kernel saves nothing, and cuDNN's kernels are built for long query blocks;
+        # or, for one-token steps, the same computation as one Pallas kernel.
+        if one_token_step and cfg.decode_attention == "pallas" and supported(H, G, D):
+            out_BHD = decode_attention(
+                q_BLHD[:, 0],
+                k_BKGD,
+                v_BKGD,
+                positions_BL[:, 0],
+                segment_ids_BL[:, 0],
+                kv_positions_BK,
+                kv_segments_BK,
+            )
+            out_BLHD = out_BHD[:, None]
+        elif cfg.attention_backend == "reference" or cache is not None:
             mask = attention_mask(positions_BL, kv_positions_BK, segment_ids_BL, kv_segments_BK)
             out_BLHD = reference_attention(q_BLHD, k_BKGD, v_BKGD, mask)
         else:

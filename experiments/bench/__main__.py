@@ -1,4 +1,6 @@
-"""python -m experiments.bench [--suite gpu|cpu] [--only ceilings,attention,train,decode,posttrain]
+"""python -m experiments.bench [--suite gpu|cpu] [--only BENCHES] [--match STR] [--tag T]
+
+BENCHES: a comma-separated subset of ceilings,attention,kernels,train,decode,posttrain.
 
 `--match STR` keeps only the variants whose name contains STR. It
 prints one table at the end and appends every row (with profiles) to
@@ -26,6 +28,7 @@ from experiments.bench import (  # noqa: E402
     attention_check,
     ceilings,
     decode,
+    kernel_check,
     posttrain,
     suites,
     train_step,
@@ -33,7 +36,7 @@ from experiments.bench import (  # noqa: E402
 from experiments.bench.report import table  # noqa: E402
 from experiments.bench.timing import device_name, peak_flops  # noqa: E402
 
-ALL = ("ceilings", "attention", "train", "decode", "posttrain")
+ALL = ("ceilings", "attention", "kernels", "train", "decode", "posttrain")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in attention_check.check(impls, shapes):
             record({"bench": "attention", "variant": f"{r.pop('shape')}/{r.pop('impl')}", **r})
 
+    def run_kernels() -> None:
+        for r in kernel_check.check_decode_attention(max(3, args.iters // 2)):
+            record(r)
+
     def run_train() -> None:
         for v in pick(train_variants):
             traced = not args.no_profile and v.name in profiled
@@ -145,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     benches = {
         "ceilings": run_ceilings,
         "attention": run_attention,
+        "kernels": run_kernels,
         "train": run_train,
         "decode": run_decode,
         "posttrain": run_posttrain,

@@ -20,6 +20,7 @@ def _xl(batch: int, *model, mb: int = 1) -> TrainVariant:
 REF = ("attention_backend", "reference")
 XLA = ("attention_backend", "xla")
 SCAN = ("scan_layers", True)
+PALLAS_DECODE = (("decode_attention", "pallas"),)
 
 GPU_TRAIN = [
     _gpt2(12, REF),
@@ -40,9 +41,12 @@ GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 64),
     DecodeVariant("gpt-1.3b", 64, loop="sampler"),
     DecodeVariant("gpt2-124m", 1),
+    DecodeVariant("gpt-1.3b", 1, loop="sampler", model=PALLAS_DECODE),
+    DecodeVariant("gpt-1.3b", 2, model=PALLAS_DECODE),
+    DecodeVariant("gpt-1.3b", 64, loop="sampler", model=PALLAS_DECODE),
 ]
 # Kernel profiles are taken for these variants (by name).
-GPU_PROFILE = {_gpt2(64).name, _xl(8).name, GPU_DECODE[0].name, GPU_DECODE[2].name}
+GPU_PROFILE = {_gpt2(64).name, _xl(8).name, GPU_DECODE[0].name, GPU_DECODE[7].name}
 
 # batch 8: divisible by the 8 fake CPU devices the tests use
 CPU_TRAIN = [

@@ -1,0 +1,88 @@
+"""The Pallas kernels against their plain-JAX definitions, at real sizes: error and time.
+
+Random bf16 inputs; each kernel and its definition run the same computation
+many times inside one jitted loop (the result feeds the next call, so nothing
+is hoisted), so microsecond kernels are timed without dispatch overhead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench.timing import median, time_calls
+from model.attention import attention_mask, reference_attention
+from model.kernels.decode_attention import decode_attention
+
+# gpt-1.3b decoding one sequence as two rows (model/sampling.py): cache of 128 + 256 slots.
+DECODE_SHAPES = {"gpt-1.3b": (2, 384, 16, 16, 128), "llama-1b": (2, 384, 32, 8, 64)}
+# Kernel settings tried: (formulation, cache slots per block, programs per head, warps).
+DECODE_KERNELS = [
+    ("dot", 64, 1, 4),
+    ("dot", 64, None, 4),
+    ("dot", 32, None, 4),
+    ("dot", 128, None, 4),
+    ("dot", 64, 2, 4),
+    ("reduce", 64, None, 4),
+]
+LOOP = 240  # kernel calls per timed program (10 tokens x 24 layers)
+
+
+def _rel_err(x: jax.Array, ref: jax.Array) -> float:
+    x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
+    return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
+
+
+def _reference_decode(q_BHD, k, v, q_pos, q_seg, kv_pos, kv_seg):
+    mask_BQK = attention_mask(q_pos[:, None], kv_pos, q_seg[:, None], kv_seg)
+    return reference_attention(q_BHD[:, None], k, v, mask_BQK)[:, 0]
+
+
+def _time_loop(fn, q, *rest, iters: int) -> float:
+    """Seconds per call of fn(q, *rest), its output fed back as the next q."""
+
+    @jax.jit
+    def loop(q, *rest):
+        return jax.lax.fori_loop(0, LOOP, lambda i, q: fn(q, *rest), q)
+
+    return median(time_calls(lambda: loop(q, *rest), 2, iters)) / LOOP
+
+
+def check_decode_attention(iters: int) -> list[dict]:
+    rows = []
+    for seed, (name, (B, S, H, G, D)) in enumerate(DECODE_SHAPES.items()):
+        keys = jax.random.split(jax.random.key(seed), 3)
+        q = jax.random.normal(keys[0], (B, H, D), jnp.bfloat16)
+        k = jax.random.normal(keys[1], (B, S, G, D), jnp.bfloat16)
+        v = jax.random.normal(keys[2], (B, S, G, D), jnp.bfloat16)
+        filled = S * 2 // 3  # slots written so far; the rest are empty
+        kv_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        kv_pos = jnp.where(kv_pos < filled, kv_pos, jnp.iinfo(jnp.int32).max)
+        kv_seg = jnp.ones((B, S), jnp.int32)
+        q_pos = jnp.full((B,), filled - 1, jnp.int32)
+        q_seg = jnp.ones((B,), jnp.int32)
+        rest = (k, v, q_pos, q_seg, kv_pos, kv_seg)
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        want = _reference_decode(*f32, q_pos, q_seg, kv_pos, kv_seg)
+        candidates = {"reference": _reference_decode}
+        for formulation, block, splits, warps in DECODE_KERNELS:
+            impl = f"pallas-{formulation}-k{block}-s{splits or 'all'}-w{warps}"
+            candidates[impl] = functools.partial(
+                decode_attention,
+                formulation=formulation,
+                block=block,
+                splits=splits,
+                num_warps=warps,
+            )
+        for impl, fn in candidates.items():
+            row = {"bench": "kernels", "variant": f"decode_attention/{name}/{impl}"}
+            try:
+                row["out_err"] = _rel_err(jax.jit(fn)(q, *rest), want)
+                row["us_per_call"] = _time_loop(fn, q, *rest, iters=iters) * 1e6
+                row["cache_GBps"] = 2 * B * S * G * D * 2 / (row["us_per_call"] * 1e3)
+            except Exception as e:  # noqa: BLE001 - report and keep going
+                row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            rows.append(row)
+    return rows
