@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             record({"bench": "attention", "variant": f"{r.pop('shape')}/{r.pop('impl')}", **r})
 
     def run_kernels() -> None:
-        for r in kernel_check.check_decode_attention(max(3, args.iters // 2)):
+        iters = max(3, args.iters // 2)
+        for r in kernel_check.check_decode_attention(iters) + kernel_check.check_layer_norm(iters):
             record(r)
 
     def run_train() -> None:

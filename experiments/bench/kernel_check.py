@@ -14,19 +14,13 @@ import jax.numpy as jnp
 
 from experiments.bench.timing import median, time_calls
 from model.attention import attention_mask, reference_attention
+from model.kernels import layer_norm
 from model.kernels.decode_attention import decode_attention
 
 # gpt-1.3b decoding one sequence as two rows (model/sampling.py): cache of 128 + 256 slots.
 DECODE_SHAPES = {"gpt-1.3b": (2, 384, 16, 16, 128), "llama-1b": (2, 384, 32, 8, 64)}
 # Kernel settings tried: (formulation, cache slots per block, programs per head, warps).
-DECODE_KERNELS = [
-    ("dot", 64, 1, 4),
-    ("dot", 64, None, 4),
-    ("dot", 32, None, 4),
-    ("dot", 128, None, 4),
-    ("dot", 64, 2, 4),
-    ("reduce", 64, None, 4),
-]
+DECODE_KERNELS = [("dot", 64, None, 4), ("dot", 32, None, 4), ("reduce", 64, None, 4)]
 LOOP = 240  # kernel calls per timed program (10 tokens x 24 layers)
 
 
@@ -85,4 +79,60 @@ def check_decode_attention(iters: int) -> list[dict]:
             except Exception as e:  # noqa: BLE001 - report and keep going
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             rows.append(row)
+    return rows
+
+
+# GPT-2 124M at batch 64 x 1024: every norm's input.
+NORM_SHAPE = (64, 1024, 768)
+NORM_TUNINGS = {
+    "default": layer_norm.DEFAULT_TUNING,
+    "small-blocks": layer_norm.Tuning(fwd_elems=4096, bwd_elems=2048),
+    "large-blocks": layer_norm.Tuning(fwd_elems=16384, bwd_elems=8192),
+}
+
+
+def _xla_norm_keep_input(x, scale, bias):
+    """The `Norm` module's own math (model/layers.py), as (x, y)."""
+    xf = x.astype(jnp.float32)
+    xf = xf - xf.mean(-1, keepdims=True)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + 1e-5)
+    return x, (xf * scale + bias).astype(x.dtype)
+
+
+def check_layer_norm(iters: int) -> list[dict]:
+    """Forward + backward of one pre-norm LayerNorm (keep-input form) at GPT-2 size."""
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], NORM_SHAPE, jnp.bfloat16)
+    scale = 1 + 0.1 * jax.random.normal(keys[1], NORM_SHAPE[-1:], jnp.float32)
+    bias = 0.1 * jax.random.normal(keys[2], NORM_SHAPE[-1:], jnp.float32)
+    d_res = jax.random.normal(keys[3], NORM_SHAPE, jnp.bfloat16)
+    d_y = jax.random.normal(keys[4], NORM_SHAPE, jnp.bfloat16)
+    candidates = {"xla": _xla_norm_keep_input}
+    for tag, tuning in NORM_TUNINGS.items():
+        candidates[f"pallas-{tag}"] = functools.partial(
+            layer_norm.norm_keep_input, eps=1e-5, rms=False, out_dtype=jnp.bfloat16, tuning=tuning
+        )
+
+    def fwd_bwd(fn):
+        def run(x, scale, bias):
+            out, vjp = jax.vjp(fn, x, scale, bias)
+            return out[1], *vjp((d_res, d_y))
+
+        return jax.jit(run)
+
+    want = fwd_bwd(_xla_norm_keep_input)(x.astype(jnp.float32), scale, bias)
+    rows = []
+    for impl, fn in candidates.items():
+        row = {"bench": "kernels", "variant": f"layer_norm/gpt2-124m-b64/{impl}"}
+        try:
+            run = fwd_bwd(fn)
+            got = run(x, scale, bias)
+            row["y_err"] = _rel_err(got[0], want[0])
+            row["grad_err"] = max(_rel_err(g, w) for g, w in zip(got[1:], want[1:], strict=True))
+            row["fwd_bwd_ms"] = median(time_calls(lambda r=run: r(x, scale, bias), 3, iters)) * 1e3
+            # floor: forward reads x, writes y; backward reads x, dy, dres and writes dx
+            row["GBps"] = 6 * x.size * 2 / (row["fwd_bwd_ms"] * 1e6)
+        except Exception as e:  # noqa: BLE001 - report and keep going
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        rows.append(row)
     return rows

@@ -21,6 +21,7 @@ REF = ("attention_backend", "reference")
 XLA = ("attention_backend", "xla")
 SCAN = ("scan_layers", True)
 PALLAS_DECODE = (("decode_attention", "pallas"),)
+PALLAS_NORM = ("norm_impl", "pallas")
 
 GPU_TRAIN = [
     _gpt2(12, REF),
@@ -33,6 +34,8 @@ GPU_TRAIN = [
     _xl(8, *CUDNN, SCAN),
     _xl(16, mb=2),
     _xl(16, *CUDNN, ("remat", "dots")),
+    _gpt2(64, *CUDNN, PALLAS_NORM),
+    _xl(8, *CUDNN, PALLAS_NORM),
 ]
 GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 1),
@@ -46,7 +49,13 @@ GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 64, loop="sampler", model=PALLAS_DECODE),
 ]
 # Kernel profiles are taken for these variants (by name).
-GPU_PROFILE = {_gpt2(64).name, _xl(8).name, GPU_DECODE[0].name, GPU_DECODE[7].name}
+GPU_PROFILE = {
+    _gpt2(64).name,
+    _gpt2(64, *CUDNN, PALLAS_NORM).name,
+    _xl(8).name,
+    GPU_DECODE[0].name,
+    GPU_DECODE[7].name,
+}
 
 # batch 8: divisible by the 8 fake CPU devices the tests use
 CPU_TRAIN = [
