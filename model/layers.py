@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
+from model.kernels import layer_norm
 
 
 def dense_param(
@@ -48,13 +49,22 @@ def gather_rows(table_ND: jax.Array, ids_BL: jax.Array) -> jax.Array:
 
 
 class Norm(nn.Module):
-    """LayerNorm or RMSNorm, statistics in float32."""
+    """LayerNorm or RMSNorm, statistics in float32.
+
+    `keep_input=True` returns (x_BLD, normed) instead of normed: a pre-norm
+    block continues its residual stream from that x. With `norm_impl="xla"`
+    it is x unchanged; with "pallas" it passes through the fused kernel's
+    custom_vjp, so the residual stream's cotangent and the norm's are added
+    in the one backward kernel instead of in a separate pass.
+    """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, keep_input: bool = False):
         cfg = self.cfg
+        if cfg.norm_impl == "pallas":
+            return self._fused(x_BLD, keep_input)
         x = x_BLD.astype(jnp.float32)
         if cfg.norm == "layernorm":
             x = x - x.mean(-1, keepdims=True)
@@ -62,7 +72,20 @@ class Norm(nn.Module):
         x = x * dense_param(self, "scale", (cfg.d_model,), ("norm",), ones=True)
         if cfg.norm == "layernorm" and cfg.use_bias:
             x = x + dense_param(self, "bias", (cfg.d_model,), ("norm",), zeros=True)
-        return x.astype(cfg.compute_dtype)
+        y_BLD = x.astype(cfg.compute_dtype)
+        return (x_BLD, y_BLD) if keep_input else y_BLD
+
+    def _fused(self, x_BLD: jax.Array, keep_input: bool):
+        """The Pallas kernels (model/kernels/layer_norm.py); same parameters."""
+        cfg = self.cfg
+        scale = dense_param(self, "scale", (cfg.d_model,), ("norm",), ones=True)
+        bias = None
+        if cfg.norm == "layernorm" and cfg.use_bias:
+            bias = dense_param(self, "bias", (cfg.d_model,), ("norm",), zeros=True)
+        kw = dict(eps=cfg.norm_eps, rms=cfg.norm == "rmsnorm", out_dtype=cfg.compute_dtype)
+        if keep_input:
+            return layer_norm.norm_keep_input(x_BLD, scale, bias, **kw)
+        return layer_norm.norm(x_BLD, scale, bias, **kw)
 
 
 class MLP(nn.Module):

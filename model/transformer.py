@@ -60,7 +60,12 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> DecodeCache:
 
 
 class Block(nn.Module):
-    """x + attn(norm(x)), then x + mlp(norm(x)); the carry of the layer scan."""
+    """x + attn(norm(x)), then x + mlp(norm(x)); the carry of the layer scan.
+
+    The residual stream continues from the x each norm passes through
+    (`keep_input`), so the fused norm kernels can add its cotangent in their
+    backward pass.
+    """
 
     cfg: ModelConfig
     deterministic: bool = True
@@ -70,11 +75,13 @@ class Block(nn.Module):
         cfg = self.cfg
         dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         cache = None if layer_cache is None else (layer_cache, *kv_meta)
+        x_BLD, normed_BLD = Norm(cfg, name="attn_norm")(x_BLD, keep_input=True)
         h_BLD, new_cache = Attention(cfg, name="attn")(
-            Norm(cfg, name="attn_norm")(x_BLD), positions_BL, segment_ids_BL, cache
+            normed_BLD, positions_BL, segment_ids_BL, cache
         )
         x_BLD = x_BLD + dropout(h_BLD)
-        x_BLD = x_BLD + dropout(MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BLD)))
+        x_BLD, normed_BLD = Norm(cfg, name="mlp_norm")(x_BLD, keep_input=True)
+        x_BLD = x_BLD + dropout(MLP(cfg, name="mlp")(normed_BLD))
         x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
         return x_BLD, new_cache
 

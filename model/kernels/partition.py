@@ -9,6 +9,7 @@ rules as everything else (`train/sharding.py`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -18,6 +19,26 @@ import jax
 def interpret_mode() -> bool:
     """Pallas' Triton backend needs a GPU; elsewhere the kernels are interpreted."""
     return jax.devices()[0].platform != "gpu"
+
+
+def _active_mesh():
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.size == 1 else mesh
+
+
+def fit_logical(shape: Sequence[int], logical: Sequence[str | None]) -> tuple[str | None, ...]:
+    """`logical` with the names whose mesh split does not divide their dimension
+    replaced by None (not split): shard_map needs even splits, and e.g. a
+    one-sequence decoding batch cannot be split over the data axes."""
+    mesh = _active_mesh()
+    if mesh is None:
+        return tuple(logical)
+    fitted = []
+    for size, name in zip(shape, logical):
+        axes = nn.logical_to_mesh_axes((name,))[0] if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else axes or ()
+        fitted.append(name if size % math.prod(mesh.shape[a] for a in axes) == 0 else None)
+    return tuple(fitted)
 
 
 def run_sharded(
@@ -31,8 +52,8 @@ def run_sharded(
     `logical_in` / `logical_out` name each dimension of each argument / output
     with a logical axis (or None: not split).
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    mesh = _active_mesh()
+    if mesh is None:
         return kernel(*args)
     to_spec = lambda axes: nn.logical_to_mesh_axes(axes)  # noqa: E731  (uses the active rules)
     in_specs = tuple(to_spec(axes) for axes in logical_in)
@@ -40,8 +61,11 @@ def run_sharded(
         out_specs = tuple(to_spec(axes) for axes in logical_out)
     else:
         out_specs = to_spec(logical_out)
-    # check_vma=False: a pallas_call's outputs carry no record of how they vary over
-    # the mesh axes; the specs above already say it.
+    # check_vma=False: pallas_call cannot infer how its outputs vary over the
+    # mesh axes (it would need that spelled out on every out_shape, differently
+    # across JAX versions); the out specs given here say it instead. Kernels
+    # are differentiated by their own custom_vjp outside this shard_map, never
+    # by transposing it.
     return jax.shard_map(
         kernel, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
     )(*args)

@@ -1,0 +1,447 @@
+"""Fused LayerNorm / RMSNorm: one Pallas (Triton) kernel forward, one backward.
+
+XLA splits a norm's forward and backward into several fusions that each read
+the activations again; these kernels touch every big array once per pass:
+
+  forward:  read x, write y (+ per-row mean and rstd in float32, a few bytes
+            a row, kept for the backward pass);
+  backward: read x, dy and the residual stream's own cotangent, write dx; the
+            scale/bias gradients come out as per-program partial sums that plain
+            JAX adds up (a few MB, against hundreds of MB of activations).
+
+The definition they match is `model.layers.Norm` (statistics and arithmetic in
+float32, output cast to the compute dtype):
+
+  layernorm: xhat = (x - mean(x)) * rstd,  rstd = rsqrt(mean((x - mean)^2) + eps)
+  rmsnorm:   xhat = x * rstd,              rstd = rsqrt(mean(x^2) + eps)
+  y = xhat * scale (+ bias)
+
+and, with g = dy * scale, dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+(rmsnorm: no mean(g) term), dscale = sum_rows(dy * xhat), dbias = sum_rows(dy).
+
+`norm_keep_input(x, ...) -> (x, y)` is the form a pre-norm block uses: the
+residual stream x feeds both the norm and the residual add, so autodiff would
+add the two cotangents of x in a separate pass over the activations. Returning
+x from the custom_vjp hands both cotangents to one backward kernel, which
+writes dx = dx_residual + dx_norm once.
+
+Each row needs all of its D columns, so the kernels run per device under
+`shard_map` on the rows (`run_sharded`); scale and bias are replicated and
+the partial gradient sums, split over the devices like the rows, are summed
+outside the shard_map (XLA adds the all-reduce).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from model.kernels.partition import fit_logical, interpret_mode, run_sharded
+
+MAX_D = 8192  # whole padded rows live in registers; wider rows would need a column loop
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Launch shapes. Defaults are reasoned for an H100 (132 SMs, 64K registers
+    per SM), not measured; benchmarks may pass their own.
+
+    A program holds `rows x next_pow2(D)` float32 values spread over its
+    threads: forward 8192 (x and y, ~32 values a thread at 8 warps), backward
+    4096 (x, dy, the residual cotangent, g, xhat and dx are live together, so
+    half as many rows keeps it near 80 registers a thread and 2-3 programs
+    resident per SM to keep enough loads in flight).
+    """
+
+    fwd_elems: int = 8192
+    bwd_elems: int = 4096
+    max_rows: int = 16
+    # The backward kernel loops over row blocks so that there are few partial
+    # sums (792 x D floats at 132 SMs: ~1% of the traffic at GPT-2 size): this
+    # many programs per SM, 6 so that waves come out full whether 1, 2 or 3
+    # programs fit on an SM at once.
+    bwd_programs_per_sm: int = 6
+    bwd_programs: int | None = None  # overrides the per-SM count (tests use it)
+
+
+DEFAULT_TUNING = Tuning()
+
+
+def _rows_and_warps(d_pad: int, elems: int, max_rows: int) -> tuple[int, int]:
+    rows = max(1, min(max_rows, elems // d_pad))
+    # 8 warps once a program holds >= 4096 values: 16+ per thread is plenty of
+    # work, and fewer warps would mean long per-thread register arrays.
+    warps = 8 if rows * d_pad >= 4096 else 4
+    return rows, warps
+
+
+def _num_sms() -> int:
+    device = jax.devices()[0]
+    if device.platform == "gpu":
+        return getattr(device, "core_count", 132)
+    return 132  # H100 SXM, for lowering off the GPU
+
+
+def _check_offsets(n: int, d: int):
+    # Triton indexes with int32 offsets (row * D + column), per device. (Masked
+    # rows past the end may wrap around; they are never accessed.)
+    if n * d >= 2**31:
+        raise ValueError(f"norm kernel: {n} rows x {d} per device overflow int32 offsets")
+
+
+def _row_block(first_row, rows: int, n_rows: int, d: int, d_pad: int):
+    """Row/column indices of one row block and the masks for its padding."""
+    row_R = first_row + jnp.arange(rows)
+    col_C = jnp.arange(d_pad)
+    row_ok_R = row_R < n_rows
+    col_ok_C = col_C < d
+    idx = (row_R[:, None], col_C[None, :])
+    return idx, row_R, row_ok_R, col_ok_C, row_ok_R[:, None] & col_ok_C[None, :]
+
+
+def _load_f32(ref, idx, mask):
+    return plgpu.load(ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
+
+
+def _fwd_kernel(*refs, n_rows, d, d_pad, rows, eps, rms, has_bias, with_stats):
+    """One block of `rows` rows: y = xhat * scale + bias, and the row statistics."""
+    refs = list(refs)
+    x_ref, scale_ref = refs.pop(0), refs.pop(0)
+    bias_ref = refs.pop(0) if has_bias else None
+    y_ref = refs.pop(0)
+    mean_ref = refs.pop(0) if with_stats and not rms else None
+    rstd_ref = refs.pop(0) if with_stats else None
+
+    idx, row_R, row_ok_R, col_ok_C, ok_RC = _row_block(
+        pl.program_id(0) * rows, rows, n_rows, d, d_pad
+    )
+    x_RC = _load_f32(x_ref, idx, ok_RC)  # padding reads as 0
+    if rms:
+        xc_RC = x_RC
+    else:
+        mean_R = jnp.sum(x_RC, axis=1) / d
+        # the padded columns would contribute mean^2 each to the variance
+        xc_RC = jnp.where(col_ok_C[None, :], x_RC - mean_R[:, None], 0.0)
+    rstd_R = jax.lax.rsqrt(jnp.sum(xc_RC * xc_RC, axis=1) / d + eps)
+    y_RC = xc_RC * rstd_R[:, None] * _load_f32(scale_ref, jnp.arange(d_pad), col_ok_C)[None, :]
+    if has_bias:
+        y_RC = y_RC + _load_f32(bias_ref, jnp.arange(d_pad), col_ok_C)[None, :]
+    plgpu.store(y_ref.at[idx], y_RC.astype(y_ref.dtype), mask=ok_RC)
+    if mean_ref is not None:
+        plgpu.store(mean_ref.at[row_R], mean_R, mask=row_ok_R)
+    if rstd_ref is not None:
+        plgpu.store(rstd_ref.at[row_R], rstd_R, mask=row_ok_R)
+
+
+def _bwd_kernel(*refs, n_rows, d, d_pad, rows, programs, trips, rms, has_bias, has_res):
+    """Row blocks pid, pid + programs, ...: dx for each, and this program's
+    partial sums of dy * xhat and dy over all its rows."""
+    refs = list(refs)
+    x_ref, dy_ref = refs.pop(0), refs.pop(0)
+    dres_ref = refs.pop(0) if has_res else None
+    scale_ref = refs.pop(0)
+    mean_ref = None if rms else refs.pop(0)
+    rstd_ref = refs.pop(0)
+    dx_ref, dscale_ref = refs.pop(0), refs.pop(0)
+    dbias_ref = refs.pop(0) if has_bias else None
+
+    pid = pl.program_id(0)
+    col_C = jnp.arange(d_pad)
+    col_ok_C = col_C < d
+    scale_C = _load_f32(scale_ref, col_C, col_ok_C)
+
+    def body(t, acc):
+        dscale_C, dbias_C = acc
+        idx, row_R, row_ok_R, _, ok_RC = _row_block(
+            (pid + t * programs) * rows, rows, n_rows, d, d_pad
+        )
+        # Padding loads as 0 (rstd too, for rows past the end), so dy, g and
+        # dy * xhat vanish there and the row sums and partials need no masking.
+        x_RC = _load_f32(x_ref, idx, ok_RC)
+        dy_RC = _load_f32(dy_ref, idx, ok_RC)
+        rstd_R = plgpu.load(rstd_ref.at[row_R], mask=row_ok_R, other=0.0)
+        if rms:
+            xhat_RC = x_RC * rstd_R[:, None]
+        else:
+            mean_R = plgpu.load(mean_ref.at[row_R], mask=row_ok_R, other=0.0)
+            xhat_RC = (x_RC - mean_R[:, None]) * rstd_R[:, None]
+        g_RC = dy_RC * scale_C[None, :]
+        gx_R = jnp.sum(g_RC * xhat_RC, axis=1) / d
+        dxn_RC = g_RC - xhat_RC * gx_R[:, None]
+        if not rms:
+            dxn_RC = dxn_RC - (jnp.sum(g_RC, axis=1) / d)[:, None]
+        dx_RC = dxn_RC * rstd_R[:, None]
+        if has_res:
+            dx_RC = dx_RC + _load_f32(dres_ref, idx, ok_RC)
+        plgpu.store(dx_ref.at[idx], dx_RC.astype(dx_ref.dtype), mask=ok_RC)
+        dscale_C = dscale_C + jnp.sum(dy_RC * xhat_RC, axis=0)
+        if has_bias:
+            dbias_C = dbias_C + jnp.sum(dy_RC, axis=0)
+        return dscale_C, dbias_C
+
+    zeros_C = jnp.zeros((d_pad,), jnp.float32)
+    dscale_C, dbias_C = jax.lax.fori_loop(0, trips, body, (zeros_C, zeros_C))
+    plgpu.store(dscale_ref.at[pid, col_C], dscale_C, mask=col_ok_C)
+    if has_bias:
+        plgpu.store(dbias_ref.at[pid, col_C], dbias_C, mask=col_ok_C)
+
+
+def _forward_rows(x_ND, scale_D, bias_D, *, eps, rms, out_dtype, with_stats, tuning, interpret):
+    """The forward kernel on [N, D] rows: y_ND, and (mean_N or None, rstd_N) if with_stats."""
+    n, d = x_ND.shape
+    _check_offsets(n, d)
+    d_pad = pl.next_power_of_2(d)
+    rows, warps = _rows_and_warps(d_pad, tuning.fwd_elems, tuning.max_rows)
+    has_bias = bias_D is not None
+    kernel = functools.partial(
+        _fwd_kernel,
+        n_rows=n,
+        d=d,
+        d_pad=d_pad,
+        rows=rows,
+        eps=eps,
+        rms=rms,
+        has_bias=has_bias,
+        with_stats=with_stats,
+    )
+    out_shape = [jax.ShapeDtypeStruct((n, d), out_dtype)]
+    if with_stats:
+        stat = jax.ShapeDtypeStruct((n,), jnp.float32)
+        out_shape += [stat, stat] if not rms else [stat]
+    outs = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(n, rows),),
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
+        interpret=interpret,
+        name="norm_fwd",
+    )(x_ND, scale_D, *([bias_D] if has_bias else []))
+    if not with_stats:
+        return outs[0], None, None
+    if rms:
+        return outs[0], None, outs[1]
+    return tuple(outs)
+
+
+def _backward_rows(x_ND, dy_ND, dres_ND, scale_D, mean_N, rstd_N, *, has_bias, tuning, interpret):
+    """The backward kernel on [N, D] rows: dx_ND (+ dres_ND if given) and the
+    [programs, D] float32 partial sums of dscale and dbias (None without bias)."""
+    n, d = x_ND.shape
+    _check_offsets(n, d)
+    d_pad = pl.next_power_of_2(d)
+    rows, warps = _rows_and_warps(d_pad, tuning.bwd_elems, tuning.max_rows)
+    blocks = pl.cdiv(n, rows)
+    programs = min(blocks, tuning.bwd_programs or tuning.bwd_programs_per_sm * _num_sms())
+    # Program p takes blocks p, p + programs, ...; in the last round some find
+    # only rows past the end, all masked (no memory traffic).
+    trips = pl.cdiv(blocks, programs)
+    rms = mean_N is None
+    has_res = dres_ND is not None
+    kernel = functools.partial(
+        _bwd_kernel,
+        n_rows=n,
+        d=d,
+        d_pad=d_pad,
+        rows=rows,
+        programs=programs,
+        trips=trips,
+        rms=rms,
+        has_bias=has_bias,
+        has_res=has_res,
+    )
+    partial_PD = jax.ShapeDtypeStruct((programs, d), jnp.float32)
+    args = [x_ND, dy_ND, *([dres_ND] if has_res else []), scale_D]
+    args += [rstd_N] if rms else [mean_N, rstd_N]
+    outs = pl.pallas_call(
+        kernel,
+        grid=(programs,),
+        out_shape=[jax.ShapeDtypeStruct((n, d), x_ND.dtype), partial_PD]
+        + ([partial_PD] if has_bias else []),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
+        interpret=interpret,
+        name="norm_bwd_res" if has_res else "norm_bwd",
+    )(*args)
+    return outs[0], outs[1], outs[2] if has_bias else None
+
+
+# ----------------------------------------------------------------------------
+# Per-device wrappers: [..., D] arrays, run under shard_map over the rows.
+
+
+def _lead_logical(shape) -> tuple:
+    """Logical names of the leading (row) dimensions: batch, then length."""
+    names = ("batch", "length") + (None,) * len(shape)
+    return fit_logical(shape[:-1], names[: len(shape) - 1])
+
+
+def _forward(x, scale_D, bias_D, *, with_stats, interpret, **kw):
+    lead = _lead_logical(x.shape)
+    d = x.shape[-1]
+
+    def local(x, scale_D, *bias):
+        y_ND, mean_N, rstd_N = _forward_rows(
+            x.reshape(-1, d),
+            scale_D,
+            bias[0] if bias else None,
+            with_stats=with_stats,
+            interpret=interpret,
+            **kw,
+        )
+        stats = tuple(s.reshape(x.shape[:-1]) for s in (mean_N, rstd_N) if s is not None)
+        return (y_ND.reshape(x.shape), *stats)
+
+    n_stats = 0 if not with_stats else 1 if kw["rms"] else 2
+    args = [x, scale_D] + ([bias_D] if bias_D is not None else [])
+    outs = run_sharded(
+        local,
+        args,
+        [(*lead, None), ("norm",)] + ([("norm",)] if bias_D is not None else []),
+        [(*lead, None)] + [lead] * n_stats,
+    )
+    y = outs[0]
+    if not with_stats:
+        return y, None, None
+    return (y, None, outs[1]) if kw["rms"] else (y, outs[1], outs[2])
+
+
+def _backward(x, dy, dres, scale_D, mean, rstd, *, has_bias, tuning, interpret):
+    lead = _lead_logical(x.shape)
+    rms = mean is None
+    # Partial sums: one block of rows per device, stacked over the devices that
+    # split the rows (the first row dimension's mesh axes).
+    partial_axes = (lead[0] if lead else None, None)
+
+    has_res = dres is not None
+
+    def local(x, dy, *rest):
+        rest = list(rest)
+        dres_l = rest.pop(0) if has_res else None
+        scale_l = rest.pop(0)
+        mean_l = None if rms else rest.pop(0)
+        rstd_l = rest.pop(0)
+        flat = lambda a: None if a is None else a.reshape(-1, x.shape[-1])
+        dx_ND, dscale_PD, dbias_PD = _backward_rows(
+            flat(x),
+            flat(dy),
+            flat(dres_l),
+            scale_l,
+            None if rms else mean_l.reshape(-1),
+            rstd_l.reshape(-1),
+            has_bias=has_bias,
+            tuning=tuning,
+            interpret=interpret,
+        )
+        return (dx_ND.reshape(x.shape), dscale_PD) + ((dbias_PD,) if has_bias else ())
+
+    args = [x, dy] + ([dres] if dres is not None else []) + [scale_D]
+    args += [rstd] if rms else [mean, rstd]
+    logical_in = [(*lead, None)] * (3 if dres is not None else 2) + [("norm",)]
+    logical_in += [lead] * (1 if rms else 2)
+    outs = run_sharded(
+        local,
+        args,
+        logical_in,
+        [(*lead, None), partial_axes] + ([partial_axes] if has_bias else []),
+    )
+    dbias_D = outs[2].sum(0) if has_bias else None
+    return outs[0], outs[1].sum(0), dbias_D
+
+
+# ----------------------------------------------------------------------------
+# The differentiable functions.
+
+
+def _check(x, scale, bias, out_dtype):
+    if x.ndim < 1 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(
+            f"norm kernel: x must be a floating array [..., D], got {x.dtype}{x.shape}"
+        )
+    d = x.shape[-1]
+    for name, p in (("scale", scale), ("bias", bias)):
+        if p is not None and p.shape != (d,):
+            raise ValueError(
+                f"norm kernel: {name} has shape {p.shape}, expected ({d},) to match x {x.shape}"
+            )
+    if d > MAX_D:
+        raise ValueError(f"norm kernel: D={d} > {MAX_D} is not supported (rows live in registers)")
+    if not jnp.issubdtype(jnp.dtype(out_dtype), jnp.floating):
+        raise ValueError(f"norm kernel: out_dtype must be floating, got {out_dtype}")
+
+
+@functools.cache
+def _make_norm(eps: float, rms: bool, out_dtype, tuning: Tuning, interpret: bool):
+    """The custom_vjp (x, scale, bias) -> (x, y) for one static configuration."""
+    kw = dict(eps=eps, rms=rms, out_dtype=out_dtype, tuning=tuning, interpret=interpret)
+
+    @jax.custom_vjp
+    def norm_fn(x, scale, bias):
+        return x, _forward(x, scale, bias, with_stats=False, **kw)[0]
+
+    def fwd(x, scale, bias):
+        # symbolic_zeros: arguments arrive as CustomVJPPrimal(value, perturbed)
+        x, scale = x.value, scale.value
+        bias = None if bias is None else bias.value
+        y, mean, rstd = _forward(x, scale, bias, with_stats=True, **kw)
+        return (x, y), (x, scale, bias, mean, rstd)
+
+    def bwd(res, cotangents):
+        x, scale, bias, mean, rstd = res
+        dres, dy = cotangents
+        dres = None if isinstance(dres, SymbolicZero) else dres
+        if isinstance(dy, SymbolicZero):  # only the passed-through x was used
+            dx = jnp.zeros_like(x) if dres is None else dres
+            dscale, dbias = jnp.zeros_like(scale), None if bias is None else jnp.zeros_like(bias)
+            return dx, dscale, dbias
+        dx, dscale, dbias = _backward(
+            x,
+            dy.astype(out_dtype),
+            None if dres is None else dres.astype(x.dtype),
+            scale,
+            mean,
+            rstd,
+            has_bias=bias is not None,
+            tuning=tuning,
+            interpret=interpret,
+        )
+        return dx, dscale.astype(scale.dtype), None if bias is None else dbias.astype(bias.dtype)
+
+    norm_fn.defvjp(fwd, bwd, symbolic_zeros=True)
+    return norm_fn
+
+
+def norm_keep_input(
+    x: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    eps: float,
+    rms: bool,
+    out_dtype,
+    tuning: Tuning = DEFAULT_TUNING,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(x, norm(x)) for x [..., D]: LayerNorm (rms=False) or RMSNorm (rms=True).
+
+    Returns x itself so that, in a pre-norm block, the cotangents of the
+    residual stream and of the norm meet in one backward kernel. `out_dtype`
+    is y's dtype; `interpret` defaults to True off the GPU.
+    """
+    out_dtype = jnp.dtype(out_dtype)
+    _check(x, scale, bias, out_dtype)
+    interpret = interpret_mode() if interpret is None else interpret
+    return _make_norm(float(eps), bool(rms), out_dtype, tuning, bool(interpret))(x, scale, bias)
+
+
+def norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None = None, **kwargs) -> jax.Array:
+    """norm(x) alone (e.g. the final norm); same arguments as `norm_keep_input`.
+
+    The unused pass-through output's cotangent is a symbolic zero, so the
+    backward pass runs the kernel variant without the residual cotangent.
+    """
+    return norm_keep_input(x, scale, bias, **kwargs)[1]
