@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from model.kernels.partition import interpret_mode, run_sharded
+from model.kernels.partition import fit_logical, interpret_mode, run_sharded
 
 # Same finite mask value as the reference (a fully masked row stays finite).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -74,7 +74,9 @@ def decode_attention(
             f"decode_attention needs power-of-two head_dim and heads per group, got "
             f"head_dim={D}, {H} query heads over {G} key/value heads"
         )
-    row = ("batch",)
+    # Rows and heads split as in the rest of the model where they divide evenly (a
+    # one-sequence decode cannot be split over the data axes).
+    batch, heads = fit_logical((B, G), ("batch", "act_heads"))
     local = functools.partial(
         _decode_attention_local,
         formulation=formulation,
@@ -86,15 +88,15 @@ def decode_attention(
         local,
         (q_BHD, k_BSGD, v_BSGD, q_positions_B, q_segments_B, kv_positions_BS, kv_segments_BS),
         logical_in=(
-            ("batch", "act_heads", None),
-            ("batch", None, "act_heads", None),
-            ("batch", None, "act_heads", None),
-            row,
-            row,
-            ("batch", None),
-            ("batch", None),
+            (batch, heads, None),
+            (batch, None, heads, None),
+            (batch, None, heads, None),
+            (batch,),
+            (batch,),
+            (batch, None),
+            (batch, None),
         ),
-        logical_out=("batch", "act_heads", None),
+        logical_out=(batch, heads, None),
     )
 
 
