@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_kernels() -> None:
         iters = max(3, args.iters // 2)
-        for r in kernel_check.check_decode_attention(iters) + kernel_check.check_layer_norm(iters):
-            record(r)
+        for check in (kernel_check.check_decode_attention, kernel_check.check_layer_norm):
+            for r in check(iters):  # rows recorded as they come: a timeout keeps the earlier ones
+                record(r)
 
     def run_train() -> None:
         for v in pick(train_variants):

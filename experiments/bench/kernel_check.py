@@ -8,6 +8,7 @@ is hoisted), so microsecond kernels are timed without dispatch overhead.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +45,7 @@ def _time_loop(fn, q, *rest, iters: int) -> float:
     return median(time_calls(lambda: loop(q, *rest), 2, iters)) / LOOP
 
 
-def check_decode_attention(iters: int) -> list[dict]:
-    rows = []
+def check_decode_attention(iters: int) -> Iterator[dict]:
     for seed, (name, (B, S, H, G, D)) in enumerate(DECODE_SHAPES.items()):
         keys = jax.random.split(jax.random.key(seed), 3)
         q = jax.random.normal(keys[0], (B, H, D), jnp.bfloat16)
@@ -78,8 +78,7 @@ def check_decode_attention(iters: int) -> list[dict]:
                 row["cache_GBps"] = 2 * B * S * G * D * 2 / (row["us_per_call"] * 1e3)
             except Exception as e:  # noqa: BLE001 - report and keep going
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            rows.append(row)
-    return rows
+            yield row
 
 
 # GPT-2 124M at batch 64 x 1024: every norm's input.
@@ -99,7 +98,7 @@ def _xla_norm_keep_input(x, scale, bias):
     return x, (xf * scale + bias).astype(x.dtype)
 
 
-def check_layer_norm(iters: int) -> list[dict]:
+def check_layer_norm(iters: int) -> Iterator[dict]:
     """Forward + backward of one pre-norm LayerNorm (keep-input form) at GPT-2 size."""
     keys = jax.random.split(jax.random.key(0), 5)
     x = jax.random.normal(keys[0], NORM_SHAPE, jnp.bfloat16)
@@ -121,7 +120,6 @@ def check_layer_norm(iters: int) -> list[dict]:
         return jax.jit(run)
 
     want = fwd_bwd(_xla_norm_keep_input)(x.astype(jnp.float32), scale, bias)
-    rows = []
     for impl, fn in candidates.items():
         row = {"bench": "kernels", "variant": f"layer_norm/gpt2-124m-b64/{impl}"}
         try:
@@ -134,5 +132,4 @@ def check_layer_norm(iters: int) -> list[dict]:
             row["GBps"] = 6 * x.size * 2 / (row["fwd_bwd_ms"] * 1e6)
         except Exception as e:  # noqa: BLE001 - report and keep going
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        rows.append(row)
-    return rows
+        yield row
