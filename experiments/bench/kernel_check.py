@@ -115,7 +115,7 @@ def check_layer_norm(iters: int) -> Iterator[dict]:
     def fwd_bwd(fn):
         def run(x, scale, bias):
             out, vjp = jax.vjp(fn, x, scale, bias)
-            return out[1], *vjp((d_res, d_y))
+            return out[1], *vjp((d_res.astype(out[0].dtype), d_y.astype(out[1].dtype)))
 
         return jax.jit(run)
 
