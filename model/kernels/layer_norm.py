@@ -54,9 +54,10 @@ class Tuning:
 
     A program holds `rows x next_pow2(D)` float32 values spread over its
     threads: forward 8192 (x and y, ~32 values a thread at 8 warps), backward
-    4096 (x, dy, the residual cotangent, g, xhat and dx are live together, so
-    half as many rows keeps it near 80 registers a thread and 2-3 programs
-    resident per SM to keep enough loads in flight).
+    4096 (x, dy, the residual cotangent, g, xhat, dx and the two gradient
+    accumulators are live together: half as many rows keeps that near 100
+    registers a thread, so 2 programs of 8 warps fit on an SM and keep
+    ~36 KB of loads in flight there).
     """
 
     fwd_elems: int = 8192
@@ -157,7 +158,6 @@ def _bwd_kernel(*refs, n_rows, d, d_pad, rows, programs, trips, rms, has_bias, h
     scale_C = _load_f32(scale_ref, col_C, col_ok_C)
 
     def body(t, acc):
-        dscale_C, dbias_C = acc
         idx, row_R, row_ok_R, _, ok_RC = _row_block(
             (pid + t * programs) * rows, rows, n_rows, d, d_pad
         )
@@ -180,16 +180,16 @@ def _bwd_kernel(*refs, n_rows, d, d_pad, rows, programs, trips, rms, has_bias, h
         if has_res:
             dx_RC = dx_RC + _load_f32(dres_ref, idx, ok_RC)
         plgpu.store(dx_ref.at[idx], dx_RC.astype(dx_ref.dtype), mask=ok_RC)
-        dscale_C = dscale_C + jnp.sum(dy_RC * xhat_RC, axis=0)
-        if has_bias:
-            dbias_C = dbias_C + jnp.sum(dy_RC, axis=0)
-        return dscale_C, dbias_C
+        # Accumulated per row slot and summed over the rows once at the end:
+        # a sum over rows every round would be a cross-warp (shared memory)
+        # reduction of D values, against an add in registers.
+        return (acc[0] + dy_RC * xhat_RC, *((acc[1] + dy_RC,) if has_bias else ()))
 
-    zeros_C = jnp.zeros((d_pad,), jnp.float32)
-    dscale_C, dbias_C = jax.lax.fori_loop(0, trips, body, (zeros_C, zeros_C))
-    plgpu.store(dscale_ref.at[pid, col_C], dscale_C, mask=col_ok_C)
+    zeros_RC = jnp.zeros((rows, d_pad), jnp.float32)
+    acc = jax.lax.fori_loop(0, trips, body, (zeros_RC,) * (2 if has_bias else 1))
+    plgpu.store(dscale_ref.at[pid, col_C], jnp.sum(acc[0], axis=0), mask=col_ok_C)
     if has_bias:
-        plgpu.store(dbias_ref.at[pid, col_C], dbias_C, mask=col_ok_C)
+        plgpu.store(dbias_ref.at[pid, col_C], jnp.sum(acc[1], axis=0), mask=col_ok_C)
 
 
 def _forward_rows(x_ND, scale_D, bias_D, *, eps, rms, out_dtype, with_stats, tuning, interpret):
