@@ -15,8 +15,10 @@ import jax.numpy as jnp
 
 from experiments.bench.timing import median, time_calls
 from model.attention import attention_mask, reference_attention
+from model.config import ModelConfig
 from model.kernels import layer_norm
 from model.kernels.decode_attention import decode_attention
+from model.layers import Norm
 
 # gpt-1.3b decoding one sequence as two rows (model/sampling.py): cache of 128 + 256 slots.
 DECODE_SHAPES = {"gpt-1.3b": (2, 384, 16, 16, 128), "llama-1b": (2, 384, 32, 8, 64)}
@@ -91,11 +93,9 @@ NORM_TUNINGS = {
 
 
 def _xla_norm_keep_input(x, scale, bias):
-    """The `Norm` module's own math (model/layers.py), as (x, y)."""
-    xf = x.astype(jnp.float32)
-    xf = xf - xf.mean(-1, keepdims=True)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + 1e-5)
-    return x, (xf * scale + bias).astype(x.dtype)
+    """The `Norm` module (model/layers.py) with XLA's norms, as (x, y)."""
+    cfg = ModelConfig(d_model=x.shape[-1], use_bias=True, dtype=str(x.dtype))
+    return Norm(cfg).apply({"params": {"scale": scale, "bias": bias}}, x, keep_input=True)
 
 
 def check_layer_norm(iters: int) -> Iterator[dict]:

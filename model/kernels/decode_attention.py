@@ -28,10 +28,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from model import attention
 from model.kernels.partition import fit_logical, interpret_mode, run_sharded
 
-# Same finite mask value as the reference (a fully masked row stays finite).
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # Elements of the [R, block, D] product held in registers per step (4 warps).
 _REGISTER_BUDGET = 8192
 
@@ -129,7 +128,14 @@ def _decode_attention_local(
     splits = min(splits or n_blocks, n_blocks)
     blocks_per_split = pl.cdiv(n_blocks, splits)
     kernel = functools.partial(
-        _kernel, body=body, block=block, blocks_per_split=blocks_per_split, n_slots=S, scale=D**-0.5
+        _kernel,
+        body=body,
+        block=block,
+        blocks_per_split=blocks_per_split,
+        n_slots=S,
+        scale=D**-0.5,
+        # the reference's finite mask value (read here: model.attention imports this module)
+        mask_value=attention.MASK_VALUE,
     )
     per_program = lambda *shape: pl.BlockSpec(  # noqa: E731
         (None, None, None, *shape), lambda b, g, n: (b, g, n) + (0,) * len(shape)
@@ -190,6 +196,7 @@ def _kernel(
     """One (row, key/value head, split of the cache): q_ref [R, D], k_ref/v_ref [S, D],
     kv_*_ref [S]; writes the split's unnormalised output, running max and sum."""
     body, block, n_slots, scale = (static[k] for k in ("body", "block", "n_slots", "scale"))
+    mask_value = static["mask_value"]
     blocks_per_split = static["blocks_per_split"]
     first_block = pl.program_id(2) * blocks_per_split
     q_pos = q_pos_ref[...]
@@ -212,11 +219,11 @@ def _kernel(
         k_KD = plgpu.load(k_ref.at[window, :], mask=in_cache_K[:, None], other=0.0)
         v_KD = plgpu.load(v_ref.at[window, :], mask=in_cache_K[:, None], other=0.0)
         scores_RK = body.scores(q_RD, k_KD) * scale
-        scores_RK = jnp.where(visible_K[None, :], scores_RK, MASK_VALUE)
+        scores_RK = jnp.where(visible_K[None, :], scores_RK, mask_value)
         new_max_R = jnp.maximum(max_R, jnp.max(scores_RK, axis=-1))
         rescale_R = jnp.exp(max_R - new_max_R)
         # Slots past the end of the cache (block padding) weigh nothing, masked ones do
-        # (exp(MASK_VALUE - max) is 0 unless the whole row is masked, as in the reference).
+        # (exp(mask_value - max) is 0 unless the whole row is masked, as in the reference).
         p_RK = jnp.where(in_cache_K[None, :], jnp.exp(scores_RK - new_max_R[:, None]), 0.0)
         acc_RD = acc_RD * rescale_R[:, None] + body.weighted(p_RK, v_KD)
         sum_R = sum_R * rescale_R + jnp.sum(p_RK, axis=-1)
