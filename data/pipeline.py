@@ -269,15 +269,5 @@ def bytes_per_token(prepared_dir: str | os.PathLike, split: str = "val") -> floa
     return stats["bytes"] / stats["target_tokens"]
 
 
-def to_global_batch(np_batch: dict[str, np.ndarray], mesh) -> dict:
-    """Process-local numpy batch -> dict of global jax.Arrays sharded over the batch axes."""
-    import jax
-
-    from train.sharding import batch_sharding
-
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in np_batch.items()}
-
-
 def state_to_json(state: dict) -> str:
     return json.dumps(state, sort_keys=True)

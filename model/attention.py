@@ -23,12 +23,7 @@ import jax.numpy as jnp
 from model.config import ModelConfig
 from model.kernels.decode_attention import decode_attention, supported
 from model.layers import dense_param
-
-# Finite rather than -inf: a fully masked row (a padding query) then gets a
-# uniform softmax instead of NaNs, and nothing reads that row's output.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-# Position stored in empty KV-cache slots: later than any query, so never seen.
-EMPTY_POSITION = jnp.iinfo(jnp.int32).max
+from model.masking import MASK_VALUE, attention_mask
 
 
 class LayerCache(NamedTuple):
@@ -36,20 +31,6 @@ class LayerCache(NamedTuple):
 
     k_BSGD: jax.Array
     v_BSGD: jax.Array
-
-
-def attention_mask(
-    q_positions_BQ: jax.Array,
-    kv_positions_BK: jax.Array,
-    q_segments_BQ: jax.Array | None,
-    kv_segments_BK: jax.Array | None,
-) -> jax.Array:
-    """mask_BQK: True where the query may attend to the key."""
-    mask_BQK = kv_positions_BK[:, None, :] <= q_positions_BQ[:, :, None]
-    if q_segments_BQ is not None:
-        same_doc_BQK = q_segments_BQ[:, :, None] == kv_segments_BK[:, None, :]
-        mask_BQK &= same_doc_BQK & (q_segments_BQ[:, :, None] != 0)
-    return mask_BQK
 
 
 def apply_rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:

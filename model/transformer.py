@@ -18,9 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.attention import EMPTY_POSITION, Attention, LayerCache
+from model.attention import Attention, LayerCache
 from model.config import ModelConfig
 from model.layers import MLP, Embed, Norm, dense_param, gather_rows
+from model.masking import EMPTY_POSITION
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the whole block

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.attention import apply_rope, attention_mask, fused_attention, reference_attention
+from model.attention import apply_rope, fused_attention, reference_attention
 from model.config import get_preset
+from model.masking import attention_mask
 from model.transformer import LanguageModel
 
 B, L = 2, 12

@@ -11,9 +11,9 @@ from data.pipeline import (
     PackedBatchIterator,
     bytes_per_token,
     make_eval_iterator,
-    to_global_batch,
 )
 from data.prepare import load_meta, prepare
+from train.sharding import to_global_batch
 
 L, B = 64, 8
 

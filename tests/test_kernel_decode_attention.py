@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.attention import attention_mask, reference_attention
+from model.attention import reference_attention
 from model.config import get_preset
 from model.kernels import decode_attention as kernel_module
 from model.kernels.decode_attention import decode_attention
+from model.masking import attention_mask
 from model.sampling import SamplingConfig, make_sampler
 from model.transformer import LanguageModel
 from train import sharding

@@ -12,6 +12,7 @@ from ml_collections import ConfigDict
 
 from data import pipeline
 from data.prepare import ensure_prepared, load_prepared_tokenizer
+from train import sharding
 
 
 @dataclasses.dataclass
@@ -23,7 +24,7 @@ class DataSource:
     mesh: Any
 
     def next_train_batch(self) -> dict:
-        return pipeline.to_global_batch(next(self.train_iter), self.mesh)
+        return sharding.to_global_batch(next(self.train_iter), self.mesh)
 
 
 def data_dir(config: ConfigDict, workdir: Path) -> Path:
@@ -52,7 +53,7 @@ def build_data(config: ConfigDict, workdir: Path, mesh) -> DataSource:
     )
     train_iter = pipeline.make_train_iterator(directory, "train", seed=tc.seed, **common)
     eval_batches = [
-        pipeline.to_global_batch(batch, mesh)
+        sharding.to_global_batch(batch, mesh)
         for batch in pipeline.make_eval_iterator(directory, max_batches=tc.eval_batches, **common)
     ]
     return DataSource(

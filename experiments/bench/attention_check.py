@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench.timing import median, time_calls
-from model.attention import attention_mask, fused_attention, reference_attention
+from model.attention import fused_attention, reference_attention
+from model.masking import attention_mask
 
 # (B, L, H, G, D): GPT-2 124M, GPT-3 XL 1.3B, Llama-1B-like grouped-query heads.
 SHAPES = {

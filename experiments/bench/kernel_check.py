@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench.timing import median, time_calls
-from model.attention import attention_mask, reference_attention
+from model.attention import reference_attention
 from model.config import ModelConfig
 from model.kernels import layer_norm
 from model.kernels.decode_attention import decode_attention
 from model.layers import Norm
+from model.masking import attention_mask
 
 # gpt-1.3b decoding one sequence as two rows (model/sampling.py): cache of 128 + 256 slots.
 DECODE_SHAPES = {"gpt-1.3b": (2, 384, 16, 16, 128), "llama-1b": (2, 384, 32, 8, 64)}

@@ -10,7 +10,7 @@ for each (row, key/value head) it walks the cache in blocks, with the running
 maximum and sum of flash attention (Dao et al. 2022) so scores never leave
 registers.
 
-The mask rule is exactly `attention.attention_mask`: a slot is visible when its
+The mask rule is exactly `model.masking.attention_mask`: a slot is visible when its
 segment id equals the query's (non-zero) segment id and its position is not
 later than the query's. Fully masked rows get the same uniform average over
 all slots as the reference (nothing reads them).
@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from model import attention
 from model.kernels.partition import fit_logical, interpret_mode, run_sharded
+from model.masking import MASK_VALUE
 
 # Elements of the [R, block, D] product held in registers per step (4 warps).
 _REGISTER_BUDGET = 8192
@@ -135,7 +135,7 @@ def _decode_attention_local(
         n_slots=S,
         scale=D**-0.5,
         # the reference's finite mask value (read here: model.attention imports this module)
-        mask_value=attention.MASK_VALUE,
+        mask_value=MASK_VALUE,
     )
     per_program = lambda *shape: pl.BlockSpec(  # noqa: E731
         (None, None, None, *shape), lambda b, g, n: (b, g, n) + (0,) * len(shape)
