@@ -1,42 +1,120 @@
-"""Shared command-line plumbing: config files with overrides, logging, multi-process flags."""
+"""What every entry point shares: flags for multi-process runs, logging, and the exit statuses.
+
+A mistake a user can fix (a bad config value or flag, a missing file or stage, a workdir of
+another experiment) ends with ONE line on stderr, `error: ...`, saying what is wrong and
+what to do, and a documented exit status; `--verbose` shows the traceback too. Anything
+else is a bug and keeps its traceback.
+
+Exit statuses:
+  0  done
+  2  bad input: config, flags, files, workdir (nothing was overwritten)
+  3  a non-finite loss, gradient or update stopped training (see train.skip_nonfinite)
+  4  interrupted by SIGTERM/SIGINT after saving a checkpoint: rerun the same command
+  5  the workdir is in use by another run
+"""
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 
-from absl import flags
+from absl import app, flags
 
 from train import distributed
+
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_INTERRUPTED, EXIT_BUSY = 2, 3, 4, 5
 
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-process runs")
 flags.DEFINE_integer("num_processes", 0, "number of processes (0: env JAX_NUM_PROCESSES or 1)")
 flags.DEFINE_integer("process_id", -1, "this process's index (-1: env JAX_PROCESS_ID or 0)")
 flags.DEFINE_bool("distributed_auto", False, "let JAX find the cluster (TPU pods, SLURM)")
+flags.DEFINE_bool("verbose", False, "show tracebacks and library log messages")
 
 FLAGS = flags.FLAGS
+_QUIET_LOGGERS = ("absl", "jax._src", "orbax", "tensorstore", "tensorflow", "etils")
 
 
 def setup() -> None:
-    """Logging for the run, then joins the process group if one is configured."""
+    """Logging for the run, then joins the process group if one is configured. Nothing
+    before this touches a JAX backend, so `jax.distributed.initialize` can run here."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name in _QUIET_LOGGERS:  # their warnings must not drown the project's own messages
+        logging.getLogger(name).setLevel(logging.WARNING if FLAGS.verbose else logging.CRITICAL)
     distributed.initialize(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed_auto
     )
 
 
-@contextlib.contextmanager
-def refusals() -> Iterator[None]:
-    """A refused resume (a checkpoint of another config) ends with its message and exit
-    status 2, as experiments.pretrain does, not with a traceback."""
-    from experiments.resume import ResumeMismatchError
+def exit_status(error: BaseException) -> int | None:
+    """The documented status of an error a user can act on; None for a bug."""
+    from train.checkpoint import CheckpointError
+    from train.loop import Interrupted, NonFiniteError
+    from train.workdir import WorkdirBusy
 
+    if isinstance(error, Interrupted):
+        return EXIT_INTERRUPTED
+    if isinstance(error, NonFiniteError):
+        return EXIT_NONFINITE
+    if isinstance(error, WorkdirBusy):
+        return EXIT_BUSY
+    if isinstance(error, ValueError | FileNotFoundError | FileExistsError | CheckpointError):
+        return EXIT_BAD_INPUT
+    if isinstance(error, PermissionError) or getattr(error, "errno", None) == errno.ENOSPC:
+        return EXIT_BAD_INPUT
+    return None
+
+
+def _fail(message: str, status: int) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with a bad flag or config override reported in one line."""
     try:
-        yield
-    except ResumeMismatchError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return FLAGS(argv)
+    except Exception as error:  # noqa: BLE001 - flag and config-file errors are the user's
+        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        message = lines[-1] if lines else type(error).__name__
+        _fail(f"{message.strip()} (see --helpfull)", EXIT_BAD_INPUT)
+        raise  # unreachable
+
+
+def main(run: Callable[[], None]) -> None:
+    """Parses the flags, sets up, runs `run()` and maps user errors to exit statuses."""
+
+    def wrapped(argv: list[str]) -> None:
+        if len(argv) > 1:
+            _fail(f"unexpected arguments: {' '.join(argv[1:])}", EXIT_BAD_INPUT)
+        setup()
+        try:
+            run()
+        except Exception as error:  # noqa: BLE001 - mapped, or re-raised as a bug
+            status = exit_status(error)
+            if status is None or FLAGS.verbose:
+                raise
+            _fail(str(error), status)
+
+    app.run(wrapped, flags_parser=_parse_flags)
+
+
+def stage_main(run: Callable, needs: str) -> None:
+    """`python -m experiments.STAGE --config=CONFIG --workdir=DIR`: one post-training stage of
+    the pipeline directory DIR (which holds `needs`); prints its results as JSON."""
+    import json
+    from pathlib import Path
+
+    from ml_collections import config_flags
+
+    from experiments.configs import posttrain_tiny
+
+    config_flags.DEFINE_config_file("config", posttrain_tiny.__file__, "pipeline config")
+    flags.DEFINE_string("workdir", "runs/pipeline", f"the pipeline directory (holds {needs})")
+
+    def go() -> None:
+        result = run(FLAGS.config, Path(FLAGS.workdir).absolute())
+        print(json.dumps(result, indent=2, default=str))
+
+    main(go)

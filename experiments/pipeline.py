@@ -1,11 +1,11 @@
 """The whole chain in one command: `python -m experiments.pipeline --workdir=DIR`.
 
-curate + tokenizer + pretrain (experiments.pretrain's loop), then SFT, reward
-model, PPO and DPO on data mined from the standard library, then a report:
-DIR/report/summary.json with each stage's final metrics and the ground-truth
-table (parse rate, defines the requested name, reward) for SFT, PPO and DPO.
-A stage that finished (DIR/STAGE/done.json) is not rerun, so an interrupted
-pipeline resumes with the same command.
+curate + tokenizer + pretrain (DIR/pretrain), then the post-training stages named in
+`config.stages` (SFT, reward model, PPO, DPO) on data mined from the standard library, then
+a report: DIR/report/summary.json with each stage's results and the ground-truth table
+(parse rate, defines the requested name, reward) of every policy. Every stage runs in the
+one loop (train/loop.py): a finished stage is not rerun, an interrupted one resumes, so an
+interrupted pipeline continues with the same command. Exit statuses: experiments/cli.py.
 """
 
 from __future__ import annotations
@@ -13,71 +13,99 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from experiments import cli, dpo, ppo, reward, sft
-from experiments import posttrain_common as common
-from rlhf.ground_truth import comparison_table
+from experiments import cli
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "posttrain_tiny.py")
 log = logging.getLogger(__name__)
 
 
-def _pretrain(config: ConfigDict, root: Path) -> dict:
-    from train.trainer import train
+def stage_runners() -> dict[str, Callable[[ConfigDict, Path], dict]]:
+    from experiments import dpo, ppo, reward, sft
 
-    root.mkdir(parents=True, exist_ok=True)
+    return {"sft": sft.run, "reward": reward.run, "ppo": ppo.run, "dpo": dpo.run}
+
+
+def stage_names(config: ConfigDict) -> list[str]:
+    names = [n.strip() for n in config.stages.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(stage_runners()))
+    if unknown:
+        raise ValueError(
+            f"config.stages names unknown stages {unknown}; known: {sorted(stage_runners())}"
+        )
+    return names
+
+
+def validate(config: ConfigDict) -> None:
+    """Every section checked before the first stage starts, so a bad value in the last
+    stage does not surface after an hour of pretraining."""
+    from rlhf import datasets, stage
+    from train import pretrain
+
+    if not config.init_from:
+        pretrain.validate(config.pretrain)
+        datasets.check_held_out(config)
+    for name in stage_names(config):
+        stage.validate(config[name], name)
+
+
+def _pretrain(config: ConfigDict, root: Path) -> dict:
+    from train.pretrain import train
+
     return train(config.pretrain, root / "pretrain")
 
 
-def run_stage(name: str, fn, config: ConfigDict, root: Path) -> dict:
-    done = root / name / "done.json"
-    if done.exists():
-        log.info("stage %s already done (%s)", name, done)
-        return json.loads(done.read_text())
+def run_stage(name: str, fn: Callable, config: ConfigDict, root: Path) -> dict:
     start = time.perf_counter()
-    metrics = fn(config, root)
-    metrics[f"{name}/seconds"] = time.perf_counter() - start
-    common.write_json(done, metrics)
-    log.info("stage %s done in %.0fs", name, metrics[f"{name}/seconds"])
-    return metrics
+    results = fn(config, root)
+    results.setdefault(f"{name}/seconds", time.perf_counter() - start)
+    log.info("stage %s done in %.0fs", name, time.perf_counter() - start)
+    return results
 
 
 def report(results: dict, root: Path) -> dict:
+    from rlhf.ground_truth import comparison_table
+
     table = {}
-    for stage in ("ppo", "dpo"):
-        table.update(results.get(stage, {}).get("ground_truth", {}))
+    for stage_results in results.values():
+        table.update(stage_results.get("ground_truth", {}))
     summary = {"stages": results, "ground_truth": table}
     if "sft" in table and "ppo" in table:
-        ppo_metrics = results["ppo"]
+        ppo_results = results["ppo"]
         summary["checks"] = {
             "ppo_raised_reward_on_heldout": (
-                table["ppo"]["reward_mean"] > table["sft"]["reward_mean"]
+                table["ppo"].get("reward_mean", 0) > table["sft"].get("reward_mean", 0)
             ),
             "ppo_kept_parse_rate": table["ppo"]["parse_rate"] >= table["sft"]["parse_rate"],
-            "ppo_final_kl": ppo_metrics.get("ppo/kl"),
+            "ppo_final_kl": ppo_results.get("ppo/kl"),
             "ppo_train_score_first_last": [
-                ppo_metrics.get("ppo/score_first"),
-                ppo_metrics.get("ppo/score_last"),
+                ppo_results.get("ppo/score_first"),
+                ppo_results.get("ppo/score_last"),
             ],
         }
     rows = {k: {m: v for m, v in t.items() if m != "examples"} for k, t in table.items()}
     summary["ground_truth_markdown"] = comparison_table(rows)
-    common.write_json(root / "report" / "summary.json", summary)
-    (root / "report" / "ground_truth.md").write_text(summary["ground_truth_markdown"] + "\n")
+    out = root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    (out / "ground_truth.md").write_text(summary["ground_truth_markdown"] + "\n")
     return summary
 
 
 def run(config: ConfigDict, root: Path) -> dict:
-    results = {"pretrain": run_stage("pretrain", _pretrain, config, root)}
-    results["sft"] = run_stage("sft", sft.run, config, root)
-    results["reward"] = run_stage("reward", reward.run, config, root)
-    results["ppo"] = run_stage("ppo", ppo.run, config, root)
-    if config.dpo.enabled:
-        results["dpo"] = run_stage("dpo", dpo.run, config, root)
+    validate(config)
+    root.mkdir(parents=True, exist_ok=True)
+    results = {}
+    if not config.init_from:
+        results["pretrain"] = run_stage("pretrain", _pretrain, config, root)
+    runners = stage_runners()
+    for name in stage_names(config):
+        results[name] = run_stage(name, runners[name], config, root)
     return report(results, root)
 
 
@@ -85,11 +113,9 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "pipeline config")
     flags.DEFINE_string("workdir", "runs/pipeline", "where every stage and the report go")
 
-    def main(argv):
-        cli.setup()
-        with cli.refusals():
-            summary = run(flags.FLAGS.config, Path(flags.FLAGS.workdir).absolute())
+    def main() -> None:
+        summary = run(flags.FLAGS.config, Path(flags.FLAGS.workdir).absolute())
         print(summary["ground_truth_markdown"])
         print(json.dumps(summary.get("checks", {}), indent=2))
 
-    app.run(main)
+    cli.main(main)

@@ -1,166 +1,172 @@
 """PPO against the reward model: `python -m experiments.ppo --config=CONFIG --workdir=DIR`.
 
-Policy and frozen reference from DIR/sft, critic and reward from DIR/reward.
-Each iteration samples responses with the KV-cache sampler, scores them, and
-runs the PPO epochs; the held-out ground truth (parse rate, defines the
-requested name, reward) is measured before and after. Saves DIR/ppo.
+Policy and frozen reference from DIR/sft, critic (initialised as the reward model, as in
+InstructGPT) and reward from DIR/reward. One step of the loop is one PPO iteration:
+sample responses for a batch of prompts with the KV-cache sampler, score them, run the
+PPO epochs (rlhf/ppo.py); the adaptive KL coefficient is host state, saved with every
+checkpoint. The held-out ground truth is measured every `eval_every` iterations and at the
+end, beside the SFT model's. Writes DIR/ppo.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments import posttrain_common as common
-from experiments.resume import StageResume
+from experiments import cli
 from model.sampling import SamplingConfig
 from model.transformer import LanguageModel
-from rlhf import chat
+from rlhf import chat, datasets, stage
+from rlhf.evaluation import held_out_evaluator
 from rlhf.ppo import KLController, PPOConfig, reward_model_fn
-from rlhf.ppo_loop import make_ppo_trainer
-from rlhf.reward_model import RewardModel, sequence_reward
-from rlhf.rollout import make_rollout, prompt_batch
-from train.metrics_writer import MetricsWriter
+from rlhf.ppo_iteration import make_ppo_iteration
+from rlhf.reward_model import RewardModel
+from rlhf.rollout import prompt_batch
+from train.metrics_writer import read_metrics
+from train.state import init_fn, state_with_params
 
 
-def ground_truth_fn(config: ConfigDict, root: Path, pre, lm, rm):
-    """`evaluate(policy_params, reward_params) -> ground truth` on the held-out prompts."""
-    pc = config.ppo
-    data = common.posttrain_data(config, root)
-    prompts, names = common.prompts_of(data["sft_eval"], pre.tokenizer, pc.max_prompt_len)
-    prompts, names = prompts[: config.eval.num_prompts], names[: config.eval.num_prompts]
-    sampling = SamplingConfig(
-        max_new_tokens=pc.max_new_tokens,
-        temperature=config.eval.temperature,
-        eos_id=chat.ChatTokens.from_tokenizer(pre.tokenizer).end,
-        pad_id=pre.tokenizer.pad_id,
-    )
-    rollout = make_rollout(lm, sampling)
-    score = jax.jit(lambda p, t, m: sequence_reward(rm, p, t, m))
-    return lambda policy_params, reward_params: common.evaluate_policy(
-        rollout,
-        score,
-        policy_params,
-        reward_params,
-        prompts,
-        names,
-        pre.tokenizer,
-        pc.max_prompt_len,
-        pc.batch_size,
-        pre.mesh,
-        config.seed + 7,
+class PromptBatches:
+    """Iteration k's prompts depend on (seed, k) alone, so a resumed run draws the same;
+    each process gets its rows of the global batch."""
+
+    def __init__(self, prompts: list, batch_size: int, length: int, pad_id: int, seed: int):
+        if len(prompts) < batch_size:
+            raise ValueError(
+                f"only {len(prompts)} prompts fit ppo.data.max_prompt_len for a batch of "
+                f"{batch_size}; lower ppo.train.global_batch_size or raise max_prompt_len"
+            )
+        self.prompts, self.batch_size, self.length, self.pad_id = (
+            prompts,
+            batch_size,
+            length,
+            pad_id,
+        )
+        self.seed, self.position = seed, 0
+        share = stage.process_share()
+        per = batch_size // share["process_count"]
+        self.rows = slice(share["process_index"] * per, (share["process_index"] + 1) * per)
+
+    def __next__(self) -> dict:
+        self.position += 1
+        rng = np.random.default_rng([self.seed, self.position])
+        chosen = rng.choice(len(self.prompts), self.batch_size, replace=False)
+        prompts_BP, lengths_B = prompt_batch(
+            [self.prompts[i] for i in chosen], self.pad_id, self.length
+        )
+        return {"prompts": prompts_BP[self.rows], "lengths": lengths_B[self.rows]}
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+def ppo_config(section: ConfigDict) -> PPOConfig:
+    a = section.algorithm
+    return PPOConfig(
+        temperature=a.temperature,
+        gamma=a.gamma,
+        lam=a.lam,
+        clip_eps=a.clip_eps,
+        value_clip=a.value_clip,
+        vf_coef=a.vf_coef,
+        epochs=a.epochs,
+        num_minibatches=a.num_minibatches,
+        num_microbatches=section.train.num_microbatches,
+        whiten_advantages=a.whiten_advantages,
+        missing_eos_penalty=a.missing_eos_penalty,
+        kl_estimator=a.kl_estimator,
     )
 
 
 def run(config: ConfigDict, root: Path) -> dict:
-    with StageResume(root / "ppo", config, config.ppo.checkpoint_every) as resume:
-        return _run(config, root, resume)
-
-
-def _run(config: ConfigDict, root: Path, resume: StageResume) -> dict:
-    pc = config.ppo
-    pre = common.load_pretrained(config, root)
-    mesh, tokenizer = pre.mesh, pre.tokenizer
-    data = common.posttrain_data(config, root)
-    lm, rm = LanguageModel(pre.cfg), RewardModel(pre.cfg)
-    lm_init = common.params_init(lm)
-    rm_init = common.params_init(rm)
-    sft_params = common.load_params(root / "sft", lm_init, mesh)
-    reward_params = common.load_params(root / "reward", rm_init, mesh)
-    updates = pc.iterations * pc.epochs * pc.num_minibatches
-    tx = common.optimizer(ConfigDict(dict(lr=pc.lr, warmup_steps=pc.warmup_steps, steps=updates)))
-    # The critic starts as the reward model (InstructGPT); both get fresh copies.
-    state, shardings = common.state_from(
-        lambda r: {"policy": lm_init(r), "value": rm_init(r)},
-        {"policy": sft_params, "value": reward_params},
-        tx,
-        mesh,
-    )
-    ppo_cfg = PPOConfig(
-        temperature=pc.temperature,
-        lam=pc.lam,
-        clip_eps=pc.clip_eps,
-        value_clip=pc.value_clip,
-        vf_coef=pc.vf_coef,
-        epochs=pc.epochs,
-        num_minibatches=pc.num_minibatches,
-        missing_eos_penalty=pc.missing_eos_penalty,
-    )
-    end = chat.ChatTokens.from_tokenizer(tokenizer).end
-    sampling = SamplingConfig(
-        max_new_tokens=pc.max_new_tokens,
-        temperature=pc.temperature,
-        eos_id=end,
-        pad_id=tokenizer.pad_id,
-    )
-    kl = KLController(pc.kl_coef, pc.kl_target or None, pc.kl_horizon)
-    trainer = make_ppo_trainer(
-        lm,
-        rm,
-        reward_model_fn(rm),
-        tx,
-        mesh,
-        shardings,
-        ppo_cfg,
-        sampling,
-        kl,
-        reward_shardings=shardings.params["value"],
-    )
-    ground_truth = ground_truth_fn(config, root, pre, lm, rm)
-    # Host state of the loop: restored when resuming, so that nothing is measured twice.
-    state = resume.restore(state)
-    host = resume.host
-    if "before" not in host:
-        host["before"] = ground_truth(sft_params, reward_params)
-    history = host.setdefault("history", [])
-    kl.beta = host.get("beta", kl.beta)  # the adaptive coefficient (the trainer holds `kl`)
-
-    prompts, _ = common.prompts_of(data["sft_train"], tokenizer, pc.max_prompt_len)
-    out = root / "ppo"
-    out.mkdir(parents=True, exist_ok=True)
-    writer = MetricsWriter(out, resume_step=resume.step)
-    for it in range(resume.step + 1, pc.iterations + 1):
-        # Prompts and keys depend on (seed, iteration) alone: a resumed run draws the same.
-        chosen = np.random.default_rng([config.seed, it]).choice(
-            len(prompts), pc.batch_size, replace=False
+    with stage.open_stage("ppo", config, root) as ctx:
+        if ctx.finished is not None:
+            return ctx.finished
+        pc, mesh = ctx.section, ctx.mesh
+        algo = ppo_config(pc)
+        sft = ctx.load_start("sft")
+        reward_params = ctx.load_reward(sft.cfg)
+        data = datasets.load(config, root)
+        lm, rm = LanguageModel(sft.cfg), RewardModel(sft.cfg)
+        tx = ctx.optimizer(pc.train.num_steps * algo.epochs * algo.num_minibatches)
+        # The critic starts as the reward model; policy and critic get fresh copies.
+        state, shardings = state_with_params(
+            lambda r: {"policy": init_fn(lm)(r), "value": init_fn(rm)(r)},
+            {"policy": sft.params, "value": reward_params},
+            tx,
+            mesh,
         )
-        prompts_BP, lengths_B = prompt_batch(
-            [prompts[i] for i in chosen], tokenizer.pad_id, pc.max_prompt_len
+        sampling = SamplingConfig(
+            max_new_tokens=pc.data.max_new_tokens,
+            temperature=algo.temperature,
+            eos_id=chat.ChatTokens.from_tokenizer(sft.tokenizer).end,
+            pad_id=sft.tokenizer.pad_id,
         )
-        state, metrics = trainer.iteration(
-            state, sft_params, reward_params, prompts_BP, lengths_B, jax.random.key(1000 + it)
+        a = pc.algorithm
+        kl = KLController(a.kl_coef, a.kl_target or None, a.kl_horizon)
+        step = make_ppo_iteration(
+            lm,
+            rm,
+            reward_model_fn(rm),
+            tx,
+            mesh,
+            shardings,
+            algo,
+            sampling,
+            kl,
+            sft.params,
+            reward_params,
+            reward_shardings=shardings.params["value"],
         )
-        metrics = {f"ppo/{k}": v for k, v in metrics.items()}
-        writer.write(it, metrics)
-        history.append(metrics)
-        host["beta"] = kl.beta
-        resume.step_done(it, state, last=it == pc.iterations)
-        if it % pc.log_every == 0 or it == pc.iterations:
-            common.log.info(
-                "ppo iteration %d: score %.3f kl %.3f beta %.4f len %.1f no_eos %.2f gen %.0f%%",
-                it,
-                metrics["ppo/score_mean"],
-                metrics["ppo/kl"],
-                metrics["ppo/beta"],
-                metrics["ppo/response_length"],
-                metrics["ppo/no_eos_frac"],
-                100 * metrics["ppo/frac_time_generate"],
-            )
-    writer.close()
-    after = ground_truth(state.params["policy"], reward_params)
-    common.save_params(out, state.params["policy"], {"iterations": pc.iterations})
-    resume.finish()
-    k = max(1, len(history) // 5)
-    return {
-        **history[-1],
-        "ppo/score_first": float(np.mean([h["ppo/score_mean"] for h in history[:k]])),
-        "ppo/score_last": float(np.mean([h["ppo/score_mean"] for h in history[-k:]])),
-        "ground_truth": {"sft": host["before"], "ppo": after},
-    }
+        prompts, _ = datasets.prompts_of(data["sft_train"], sft.tokenizer, pc.data.max_prompt_len)
+        ground_truth = held_out_evaluator(ctx, data, lm, sft.tokenizer)
+
+        def evaluate(state) -> dict[str, float]:
+            gt = ground_truth(state.params["policy"])
+            return {f"eval/{k}": v for k, v in gt.items() if isinstance(v, float)}
+
+        def finish(state):
+            scores = [
+                r["ppo/score_mean"]
+                for r in read_metrics(ctx.directory / "metrics.jsonl")
+                if r.get("ppo/score_mean") is not None
+            ]
+            k = max(1, len(scores) // 5)
+            return state, {
+                "ppo/score_first": float(np.mean(scores[:k])) if scores else float("nan"),
+                "ppo/score_last": float(np.mean(scores[-k:])) if scores else float("nan"),
+                "ground_truth": {
+                    "sft": ground_truth(sft.params),
+                    "ppo": ground_truth(state.params["policy"]),
+                },
+            }
+
+        return stage.run(
+            ctx,
+            state=state,
+            step=step,
+            batches=PromptBatches(
+                prompts,
+                pc.train.global_batch_size,
+                pc.data.max_prompt_len,
+                sft.tokenizer.pad_id,
+                pc.train.seed,
+            ),
+            meta=ctx.meta(sft, lm_params="policy"),
+            unit="samples",
+            units_per_step=pc.train.global_batch_size,
+            evaluate=evaluate,
+            finish=finish,
+            host_state=lambda: {"beta": kl.beta},
+            set_host_state=lambda h: setattr(kl, "beta", h.get("beta", kl.beta)),
+            progress_keys=("score_mean", "kl"),
+        )
 
 
 if __name__ == "__main__":
-    common.stage_main(run, "DIR/sft and DIR/reward")
+    cli.stage_main(run, "DIR/sft and DIR/reward")

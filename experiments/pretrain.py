@@ -1,22 +1,20 @@
 """Pretraining: `python -m experiments.pretrain --config=experiments/configs/NAME.py --workdir=DIR`.
 
-With no arguments it trains the default (stdlib_tiny: the Python standard
-library, a small model, a few minutes on a CPU) in ./runs/stdlib_tiny,
-preparing the data and tokenizer first if they are missing. Interrupt it at
-any time and run the same command again to resume exactly.
+With no arguments it trains the default (stdlib_tiny: the Python standard library, a small
+model, a few minutes on a CPU) in ./runs/stdlib_tiny, preparing the data and tokenizer
+first if they are missing. Interrupt it at any time and run the same command again to
+resume exactly. Exit statuses: experiments/cli.py.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
-from train.trainer import NonFiniteError, train
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "stdlib_tiny.py")
 config_flags.DEFINE_config_file(
@@ -26,17 +24,11 @@ flags.DEFINE_string("workdir", "runs/stdlib_tiny", "where checkpoints, metrics a
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli.setup()
-    try:
-        final = train(FLAGS.config, FLAGS.workdir)
-    except (ValueError, FileNotFoundError, NonFiniteError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(3 if isinstance(error, NonFiniteError) else 2)
-    print(json.dumps(final, indent=2))
+def run() -> None:
+    from train.pretrain import train
+
+    print(json.dumps(train(FLAGS.config, FLAGS.workdir), indent=2))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(run)

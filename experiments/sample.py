@@ -1,24 +1,22 @@
-"""Sampling from a trained checkpoint.
+"""Sampling from a trained (or imported) model.
 
 `python -m experiments.sample --workdir=DIR --prompt="def " [--num_samples=4 --temperature=0.8]`
+
+DIR is any stage directory (DIR/pretrain, DIR/sft, DIR/ppo, ... or an imported model).
+Only the parameters and the tokenizer stored beside them are read: no data is prepared, no
+optimizer state restored, and nothing is written into DIR.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import jax
-from absl import app, flags
-from ml_collections import ConfigDict
+from absl import flags
 
 from experiments import cli
-from model.sampling import SamplingConfig, make_sampler, sample_texts
-from train import sharding
-from train.trainer import load_for_inference
 
-flags.DEFINE_string("workdir", None, "a workdir written by experiments.pretrain", required=True)
+flags.DEFINE_string("workdir", None, "a stage directory with checkpoints", required=True)
 flags.DEFINE_string("prompt", "", "text to continue")
 flags.DEFINE_integer("num_samples", 2, "how many continuations")
 flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate at most")
@@ -30,16 +28,14 @@ flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "newest, or lowest
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-    del argv
-    cli.setup()
-    config_path = Path(FLAGS.workdir) / "config.json"
-    if not config_path.exists():
-        sys.exit(f"error: {config_path} does not exist; is {FLAGS.workdir} a training workdir?")
-    config = ConfigDict(json.loads(config_path.read_text()))
-    model, params, tokenizer, mesh, step = load_for_inference(
-        config, FLAGS.workdir, FLAGS.checkpoint
-    )
+def run() -> None:
+    from model.sampling import SamplingConfig, make_sampler, sample_texts
+    from model.transformer import LanguageModel
+    from train import sharding
+    from train.checkpoint import load_model
+
+    loaded = load_model(Path(FLAGS.workdir), which=FLAGS.checkpoint)
+    tokenizer, mesh = loaded.tokenizer, sharding.make_mesh(sharding.MeshConfig())
     sampling = SamplingConfig(
         max_new_tokens=FLAGS.max_new_tokens,
         temperature=FLAGS.temperature,
@@ -50,16 +46,16 @@ def main(argv):
     )
     with sharding.mesh_context(mesh):
         texts = sample_texts(
-            make_sampler(model, sampling),
-            params,
+            make_sampler(LanguageModel(loaded.cfg), sampling),
+            loaded.params,
             tokenizer,
             [FLAGS.prompt] * FLAGS.num_samples,
             jax.random.key(FLAGS.seed),
         )
-    print(f"checkpoint step {step}")
+    print(f"checkpoint step {loaded.step}")
     for i, text in enumerate(texts):
         print(f"--- sample {i} ---\n{FLAGS.prompt}{text}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.main(run)

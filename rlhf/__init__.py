@@ -8,7 +8,11 @@ reward_step   Bradley-Terry step with margin, accuracy, mean margin
 dpo           DPO loss and step, reference log-probs
 ppo           GAE, whitening, KL-penalised rewards, clipped losses, KL controller, PPO step
 rollout       KV-cache sampler rollouts laid out for PPO
-ppo_loop      one timed PPO iteration (generate, score, update)
+ppo_iteration one PPO iteration as a step of the loop (generate, score, update)
 stdlib_tasks  the embedded SFT set and preference pairs mined with `ast`
 ground_truth  parse rate and defines-the-name rate (ast only, never executed)
+datasets      the mined sets as chat rows, preference pairs and prompts
+evaluation    generation over many prompts, held-out ground truth of a policy
+stage         what every post-training stage does around its math: its directory, the
+              model it starts from, its optimizer, the one loop (train/loop.py)
 """

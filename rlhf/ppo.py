@@ -47,8 +47,15 @@ class PPOConfig:
     num_microbatches: int = 1  # gradient accumulation inside each minibatch
     whiten_advantages: bool = True
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response without EOS
+    # Per-token KL estimate in the reward: "k1" = log pi - log ref (InstructGPT), or "k3" =
+    # r - 1 - log r with r = ref / pi (Schulman 2020: non-negative, lower variance).
+    kl_estimator: str = "k1"
 
     def __post_init__(self):
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(
+                f"ppo.algorithm.kl_estimator must be k1 or k3, got {self.kl_estimator!r}"
+            )
         if self.temperature <= 0 or self.epochs < 1 or self.num_minibatches < 1:
             raise ValueError(
                 f"PPOConfig needs temperature > 0, epochs >= 1, num_minibatches >= 1: {self}"
@@ -102,12 +109,21 @@ def gae(
 
 
 def kl_penalized_rewards(
-    logp_BT: jax.Array, ref_logp_BT: jax.Array, scores_B: jax.Array, mask_BT: jax.Array, beta
+    logp_BT: jax.Array,
+    ref_logp_BT: jax.Array,
+    scores_B: jax.Array,
+    mask_BT: jax.Array,
+    beta,
+    estimator: str = "k1",
 ) -> tuple[jax.Array, jax.Array]:
-    """(rewards_BT, kl_BT): -beta * (log pi - log ref) per response token, plus the
-    sequence score on the last response token. kl_BT is log pi - log ref, masked."""
+    """(rewards_BT, kl_BT): -beta * kl per response token, plus the sequence score on the
+    last response token. kl_BT is the per-token estimate (see PPOConfig.kl_estimator)."""
     mask_BT = mask_BT.astype(jnp.float32)
-    kl_BT = (logp_BT - ref_logp_BT) * mask_BT
+    log_ratio_BT = logp_BT - ref_logp_BT
+    if estimator == "k3":
+        kl_BT = (jnp.exp(-log_ratio_BT) - 1.0 + log_ratio_BT) * mask_BT
+    else:
+        kl_BT = log_ratio_BT * mask_BT
     last_B = last_token_index(mask_BT)
     at_last_BT = jax.nn.one_hot(last_B, mask_BT.shape[1], dtype=jnp.float32) * mask_BT
     return -beta * kl_BT + scores_B[:, None] * at_last_BT, kl_BT
@@ -201,7 +217,9 @@ def make_prepare(
         raw_scores_B = reward_fn(reward_params, tokens_BL, mask_BL, response_BT)
         no_eos_B = rollout["no_eos"].astype(jnp.float32)
         scores_B = raw_scores_B - cfg.missing_eos_penalty * no_eos_B
-        rewards_BT, kl_BT = kl_penalized_rewards(logp_BT, ref_logp_BT, scores_B, response_BT, beta)
+        rewards_BT, kl_BT = kl_penalized_rewards(
+            logp_BT, ref_logp_BT, scores_B, response_BT, beta, cfg.kl_estimator
+        )
         advantages_BT, returns_BT = gae(rewards_BT, values_BT, response_BT, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages_BT = whiten(advantages_BT, response_BT)

@@ -55,7 +55,7 @@ def overrides(corpus: Path, data_dir: Path, **train) -> list[str]:
         "train.checkpoint_every": 4,
         "sample.num_samples": 0,
         "optim.warmup_steps": 2,
-        "optim.total_steps": 40,
+        "optim.total_steps": 40,  # fixed, so that runs of different lengths share a schedule
         **train,
     }
     return [f"--config.{key}={value}" for key, value in settings.items()]
@@ -102,24 +102,27 @@ def posttrain_config(corpus: Path, data_dir: Path):
     p.train.update(global_batch_size=8, num_steps=2, eval_every=2, eval_batches=1)
     p.train.checkpoint_every = 2
     p.optim.update(warmup_steps=1, total_steps=2)
-    c.sft.update(steps=6, batch_size=8, seq_len=96, log_every=1, checkpoint_every=2, eval_rows=8)
-    c.ppo.update(
-        iterations=4,
-        batch_size=8,
-        max_prompt_len=48,
-        max_new_tokens=16,
-        epochs=1,
-        num_minibatches=1,
-        log_every=1,
-        checkpoint_every=2,
+    c.sft.data.update(seq_len=96, eval_rows=8)
+    c.sft.train.update(
+        global_batch_size=8, num_steps=6, log_every=1, eval_every=3, checkpoint_every=2
     )
-    c.eval.num_prompts = 8
+    c.sft.optim.warmup_steps = 1
+    c.reward.data.update(seq_len=96, normalization_samples=8)
+    c.reward.train.update(global_batch_size=8, num_steps=4, log_every=1, checkpoint_every=2)
+    c.reward.optim.warmup_steps = 1
+    c.ppo.data.update(max_prompt_len=48, max_new_tokens=16)
+    c.ppo.train.update(global_batch_size=8, num_steps=4, log_every=1, checkpoint_every=2)
+    c.ppo.algorithm.update(epochs=1, num_minibatches=1)
+    c.dpo.data.seq_len = 96
+    c.dpo.train.update(global_batch_size=8, num_steps=4, log_every=1, checkpoint_every=2)
+    c.dpo.optim.warmup_steps = 1
+    c.eval.update(num_prompts=8, max_prompt_len=48, max_new_tokens=16, batch_size=8)
     return c
 
 
 def synthetic_posttrain_data(directory: Path, n: int = 24) -> None:
     """Short chat tasks (the mined ones are too long for a 96-token model), in the JSONL files
-    experiments.posttrain_common.posttrain_data reads instead of mining."""
+    rlhf.datasets.load reads instead of mining."""
     from rlhf import stdlib_tasks
 
     sft = []
@@ -159,7 +162,7 @@ def synthetic_posttrain_data(directory: Path, n: int = 24) -> None:
 
 def pretrained_pipeline(root: Path, corpus: Path, data_dir: Path):
     """(config, ROOT) with ROOT/pretrain trained and ROOT/posttrain_data written."""
-    from train.trainer import train
+    from train.pretrain import train
 
     config = posttrain_config(corpus, data_dir)
     root.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,7 @@ def test_unshardable_parameter_is_named():
 
 
 def test_bad_optimizer_config():
-    with pytest.raises(ValueError, match="warmup_steps=20 > total_steps=10"):
+    with pytest.raises(ValueError, match="warmup_steps=20 is more than the 10 steps"):
         OptimConfig(warmup_steps=20, total_steps=10)
     with pytest.raises(ValueError, match="schedule='step'"):
         OptimConfig(schedule="step")

@@ -6,8 +6,8 @@ import pytest
 
 from data.sources import CorpusError, iter_documents, parse_spec, stdlib_root
 from experiments.configs import posttrain_tiny
-from experiments.posttrain_common import check_held_out
 from rlhf import stdlib_tasks
+from rlhf.datasets import check_held_out
 
 
 def test_holdout_spec_round_trips_and_rejects_bad_fractions():

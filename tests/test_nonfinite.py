@@ -10,8 +10,9 @@ from experiments.configs.stdlib_tiny import get_config
 from model.config import get_preset
 from tests.helpers import build_training, random_lm_batch, single_device_mesh
 from tests.run_helpers import overrides, prepare_char_corpus
-from train import data_source, trainer
+from train import data_source, loop
 from train.metrics_writer import read_metrics
+from train.pretrain import train
 
 
 def test_step_skips_a_nonfinite_update():
@@ -58,15 +59,15 @@ def poison_step_6(monkeypatch):
 
 def test_nonfinite_loss_stops_the_run_before_any_later_checkpoint(tmp_path, poison_step_6):
     config = _config(tmp_path, **{"train.num_steps": 12})
-    with pytest.raises(trainer.NonFiniteError, match="non-finite loss and grad at step 6"):
-        trainer.train(config, tmp_path / "run")
+    with pytest.raises(loop.NonFiniteError, match="non-finite loss and grad at step 6"):
+        train(config, tmp_path / "run")
     checkpoints = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert checkpoints == [4]
 
 
 def test_skip_nonfinite_counts_and_carries_on(tmp_path, poison_step_6):
     config = _config(tmp_path, **{"train.num_steps": 8, "train.skip_nonfinite": True})
-    final = trainer.train(config, tmp_path / "run")
+    final = train(config, tmp_path / "run")
     assert final["train/skipped_steps"] == 1
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["train/skipped_steps"] for r in records if "train/loss" in r] == [0] * 5 + [1] * 3

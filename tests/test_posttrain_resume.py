@@ -1,28 +1,33 @@
-"""Post-training stages killed mid-way resume from their last checkpoint: the same final
-params and the same per-step metrics as an uninterrupted run, bit for bit."""
+"""Post-training stages run in the one loop: killed or stopped mid-way, they resume from
+their last checkpoint to the same final params and per-step metrics as an uninterrupted
+run, bit for bit; SIGTERM saves, exits 4 and leaves the stage unfinished; a checkpoint of
+another config is refused."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 import pytest
 
-from experiments import posttrain_common as common
-from experiments import ppo, sft
-from experiments.resume import ResumeMismatchError, StageResume
-from model.config import ModelConfig
+from data.array_batches import ArrayBatches
+from experiments import ppo, reward, sft
+from experiments.cli import EXIT_INTERRUPTED
 from model.transformer import LanguageModel
-from rlhf.reward_model import RewardModel, init_from_lm
-from tests.run_helpers import prepare_char_corpus, pretrained_pipeline
-from train import sharding
+from tests.run_helpers import REPO, prepare_char_corpus, pretrained_pipeline
+from train import loop, sharding
+from train.checkpoint import finished_results, load_params
 from train.metrics_writer import MetricsWriter
-from train.state import create_train_state
+from train.state import abstract_params
 
 
 class Crash(RuntimeError):
@@ -30,20 +35,21 @@ class Crash(RuntimeError):
 
 
 def crash_at(monkeypatch, at: int) -> None:
-    """The stage dies after running step `at`, before it can checkpoint it."""
-    original = StageResume.step_done
+    """The stage dies right after step `at` was logged, before it could checkpoint it."""
+    original = loop._Run._flush
 
-    def step_done(self, step, state, last=False):
-        if step == at:
-            raise Crash(f"killed at step {step}")
-        original(self, step, state, last)
+    def flush(self):
+        pending = self.pending
+        original(self)
+        if pending is not None and pending[0] == at:
+            raise Crash(f"killed at step {at}")
 
-    monkeypatch.setattr(StageResume, "step_done", step_done)
+    monkeypatch.setattr(loop._Run, "_flush", flush)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def compile_once(tmp_path_factory):
-    """Each test runs a stage three times, compiling the same programs: a persistent
+    """Each test runs a stage several times, compiling the same programs: a persistent
     compilation cache, for this module only, compiles them once."""
     from jax.experimental.compilation_cache import compilation_cache
 
@@ -72,14 +78,11 @@ def pipeline(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipeline_for_ppo(pipeline, tmp_path_factory):
-    """`pipeline` plus DIR/sft (the pretrained params) and DIR/reward (its trunk, a new head)."""
+    """`pipeline` plus DIR/sft and DIR/reward, each trained for a few steps."""
     config, source = pipeline
     root = shutil.copytree(source, tmp_path_factory.mktemp("ppo") / "pipeline")
-    pre = common.load_pretrained(config, root)
-    rm_init = common.params_init(RewardModel(pre.cfg))
-    head, _ = create_train_state(rm_init, optax.sgd(0.1), pre.mesh, jax.random.key(1))
-    common.save_params(root / "sft", pre.params, {})
-    common.save_params(root / "reward", init_from_lm(head.params, pre.params), {})
+    sft.run(config, root)
+    reward.run(config, root)
     return config, root
 
 
@@ -88,47 +91,59 @@ def copy_of(pipeline, directory: Path) -> Path:
 
 
 def rows(stage_dir: Path) -> list[dict]:
-    """Every line of metrics.jsonl, duplicates included, without the wall-clock timings."""
+    """Every line of metrics.jsonl, duplicates included, without the wall-clock figures."""
     lines = (stage_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(x).items() if "time" not in k} for x in lines]
+    timed = ("time", "per_s", "seconds")
+    return [
+        {k: v for k, v in json.loads(x).items() if not any(t in k for t in timed)} for x in lines
+    ]
 
 
-def final_params(config, root: Path, stage: str) -> list[np.ndarray]:
-    cfg = ModelConfig(**config.pretrain.model.to_dict())
-    mesh = sharding.make_mesh(sharding.MeshConfig(**config.pretrain.mesh.to_dict()))
-    params = common.load_params(root / stage, common.params_init(LanguageModel(cfg)), mesh)
+def final_params(root: Path, stage: str) -> list[np.ndarray]:
+    from model.config import ModelConfig
+    from train.checkpoint import read_latest_meta
+
+    meta = read_latest_meta(root / stage)
+    mesh = sharding.make_mesh(sharding.MeshConfig())
+    target = abstract_params(LanguageModel(ModelConfig(**meta["model"])), mesh)
+    if meta.get("lm_params"):
+        target = {meta["lm_params"]: target}
+    _, params, _ = load_params(root / stage, target)
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(params))]
 
 
 def without_times(result: dict) -> dict:
-    return {k: v for k, v in result.items() if "time" not in k}
+    return json.loads(
+        json.dumps({k: v for k, v in result.items() if "time" not in k and "per_s" not in k})
+    )
 
 
-def assert_same_run(config, stage: str, full: Path, resumed: Path) -> None:
+def assert_same_run(stage: str, full: Path, resumed: Path) -> None:
     assert rows(resumed / stage) == rows(full / stage)  # no duplicated rows either
-    for a, b in zip(final_params(config, full, stage), final_params(config, resumed, stage)):
+    for a, b in zip(final_params(full, stage), final_params(resumed, stage)):
         np.testing.assert_array_equal(a, b)
-    assert not (resumed / stage / "resume").exists()  # deleted once the stage is done
 
 
 def test_sft_resumes_exactly_after_a_crash(pipeline, tmp_path, monkeypatch, caplog):
     config = pipeline[0]
     full, killed = copy_of(pipeline, tmp_path / "full"), copy_of(pipeline, tmp_path / "killed")
     expected = sft.run(config, full)
-    assert [r["step"] for r in rows(full / "sft")] == list(range(1, 7))
+    assert [r["step"] for r in rows(full / "sft") if "sft/loss" in r] == list(range(1, 7))
 
     with monkeypatch.context() as m:
         crash_at(m, 5)  # checkpoints at 2 and 4; step 5 logged, then lost
         with pytest.raises(Crash):
             sft.run(config, killed)
-    assert sorted(int(p.name) for p in (killed / "sft" / "resume").iterdir()) == [2, 4]
-    assert [r["step"] for r in rows(killed / "sft")] == list(range(1, 6))
+    assert sorted(int(p.name) for p in (killed / "sft" / "checkpoints").iterdir()) == [2, 4]
+    assert finished_results(killed / "sft", 6) is None
 
     with caplog.at_level(logging.INFO):
         got = sft.run(config, killed)
     assert "sft: resumed from step 4" in caplog.text
-    assert got == expected  # eval loss before SFT too: kept, not measured on trained params
-    assert_same_run(config, "sft", full, killed)
+    assert without_times(got) == without_times(expected)
+    assert_same_run("sft", full, killed)
+    # A finished stage returns its recorded results without running again.
+    assert without_times(sft.run(config, killed)) == without_times(expected)
 
 
 def test_ppo_resumes_exactly_after_a_crash(pipeline_for_ppo, tmp_path, monkeypatch, caplog):
@@ -141,45 +156,97 @@ def test_ppo_resumes_exactly_after_a_crash(pipeline_for_ppo, tmp_path, monkeypat
         crash_at(m, 3)
         with pytest.raises(Crash):
             ppo.run(config, killed)
-    assert [r["step"] for r in rows(killed / "ppo")] == [1, 2, 3]
 
     with caplog.at_level(logging.INFO):
         got = ppo.run(config, killed)
     assert "ppo: resumed from step 2" in caplog.text
-    # The adaptive KL coefficient, score history and "before" ground truth carried over.
+    # The adaptive KL coefficient (host state) carried over through the checkpoint.
     assert without_times(got) == without_times(expected)
-    assert got["ppo/beta"] != config.ppo.kl_coef
-    assert_same_run(config, "ppo", full, killed)
+    assert got["ppo/beta"] != config.ppo.algorithm.kl_coef
+    assert_same_run("ppo", full, killed)
 
 
-def test_resume_checkpoint_of_another_config_is_refused_untouched(pipeline, tmp_path):
+def test_sigterm_in_the_pipeline_saves_exits_4_and_the_same_command_resumes(pipeline, tmp_path):
+    """A real process gets SIGTERM during SFT: it saves, exits 4, SFT is not finished; the
+    same command then finishes it, with the metrics of an uninterrupted run."""
+    config, _ = pipeline
+    full, stopped = copy_of(pipeline, tmp_path / "full"), copy_of(pipeline, tmp_path / "stopped")
+    sft.run(config, full)
+    config_file = tmp_path / "config.py"
+    data = config.pretrain.data
+    config_file.write_text(
+        "from pathlib import Path\n"
+        "from tests.run_helpers import posttrain_config\n\n\n"
+        "def get_config():\n"
+        f"    c = posttrain_config(Path({data.corpus[5:]!r}), Path({data.dir!r}))\n"
+        "    c.stages = 'sft'\n"
+        "    c.sft.train.num_steps = 40\n"
+        "    return c\n"
+    )
+    # The in-process reference ran 6 steps; the process runs 40 so that SIGTERM lands mid-way.
+    config_40 = config.copy_and_resolve_references()
+    config_40.sft.train.num_steps = 40
+    shutil.rmtree(full / "sft")
+    sft.run(config_40, full)
+
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.pipeline",
+        f"--config={config_file}",
+        f"--workdir={stopped}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = stopped / "sft" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            process.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.2)
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == EXIT_INTERRUPTED, err[-3000:]
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert finished_results(stopped / "sft", 40) is None
+    assert (stopped / "sft" / "checkpoints").is_dir()
+
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert finished_results(stopped / "sft", 40) is not None
+    assert_same_run("sft", full, stopped)
+
+
+def test_a_checkpoint_of_another_config_is_refused_untouched(pipeline, tmp_path):
     config, root = pipeline[0], copy_of(pipeline, tmp_path / "run")
-    with StageResume(root / "sft", config, every=1) as resume:
-        resume.step_done(1, {"x": np.zeros(3, np.float32)})
+    sft.run(config, root)
     before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     for field, value, line in (
-        ("sft.batch_size", 16, "sft.batch_size: 8 -> 16"),
-        ("sft.steps", 9, "sft.steps: 6 -> 9"),
-        ("pretrain.model.d_model", 64, "pretrain.model.d_model: 32 -> 64"),
+        ("sft.train.global_batch_size", 16, "sft.train.global_batch_size: 8 -> 16"),
+        ("sft.optim.lr", 0.5, "sft.optim.lr: 0.001 -> 0.5"),
     ):
         other = config.copy_and_resolve_references()
         other.update_from_flattened_dict({field: value})
-        with pytest.raises(ResumeMismatchError, match="another config") as error:
+        with pytest.raises(ValueError, match="another experiment") as error:
             sft.run(other, root)
-        assert line in str(error.value) and str(root / "sft" / "resume") in str(error.value)
+        assert line in str(error.value)
     assert before == {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
-    # Logging and checkpoint cadence and the mesh may change on resume.
-    relaxed = config.copy_and_resolve_references()
-    relaxed.sft.log_every, relaxed.sft.checkpoint_every, relaxed.mesh.data = 3, 5, 8
-    StageResume(root / "sft", relaxed, every=5).close()
 
 
-def test_batches_are_a_function_of_the_step():
+def test_array_batches_are_a_function_of_the_position_and_split_over_processes():
     arrays = {"x": np.arange(10)}
-    whole = [b["x"] for b, _ in zip(common.random_batches(arrays, 3, seed=1), range(9))]
-    tail = [b["x"] for b, _ in zip(common.random_batches(arrays, 3, seed=1, start=4), range(5))]
-    np.testing.assert_array_equal(np.stack(whole[4:]), np.stack(tail))
-    assert sorted(np.concatenate(whole[:3])) == sorted(set(np.concatenate(whole[:3])))
+    whole = ArrayBatches(arrays, 4, seed=1)
+    first = [next(whole)["x"] for _ in range(6)]
+    tail = ArrayBatches(arrays, 4, seed=1)
+    tail.set_state({"position": 3})
+    np.testing.assert_array_equal(
+        np.stack(first[3:]), np.stack([next(tail)["x"] for _ in range(3)])
+    )
+    assert len(set(np.concatenate(first[:2]).tolist())) == 8  # no repeats within an epoch
+    halves = [ArrayBatches(arrays, 4, seed=1, process_index=p, process_count=2) for p in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate([next(h)["x"] for h in halves]), first[0])
 
 
 def test_resumed_metrics_writer_drops_rows_of_rerun_steps(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 from model.sampling import SamplingConfig
 from model.transformer import LanguageModel
 from rlhf.ppo import KLController, PPOConfig
-from rlhf.ppo_loop import make_ppo_trainer
+from rlhf.ppo_iteration import make_ppo_iteration
 from rlhf.reward_model import RewardModel
 from rlhf.rollout import prompt_batch
 from tests.helpers import single_device_mesh
@@ -36,7 +36,7 @@ def test_ppo_raises_a_toy_reward():
     state, shardings = create_train_state(init, tx, mesh, jax.random.key(0))
     ref_params = jax.tree.map(jnp.copy, state.params["policy"])
     ppo_cfg = PPOConfig(temperature=1.0, epochs=4, num_minibatches=2, missing_eos_penalty=0.0)
-    trainer = make_ppo_trainer(
+    trainer = make_ppo_iteration(
         lm,
         vm,
         count_reward,
@@ -46,6 +46,8 @@ def test_ppo_raises_a_toy_reward():
         ppo_cfg,
         SamplingConfig(max_new_tokens=8, temperature=1.0, eos_id=None),
         KLController(beta=0.01),
+        ref_params,
+        None,
     )
     rng = np.random.default_rng(0)
     prompts = [rng.integers(7, TINY.vocab_size, rng.integers(2, 6)).tolist() for _ in range(16)]
@@ -65,9 +67,8 @@ def test_ppo_raises_a_toy_reward():
 
     scores = []
     for i in range(12):
-        state, metrics = trainer.iteration(
-            state, ref_params, None, prompts_BP, lengths_B, jax.random.key(100 + i)
-        )
+        batch = {"prompts": prompts_BP, "lengths": lengths_B}
+        state, metrics = trainer(state, batch, jax.random.key(100 + i))
         scores.append(metrics["score_mean"])
     for key in (
         "kl",

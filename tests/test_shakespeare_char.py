@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from experiments.configs.shakespeare_char import get_config
-from train import trainer
 from train.metrics_writer import read_metrics
+from train.pretrain import train
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -27,7 +27,7 @@ def test_shakespeare_char_recipe_trains(tmp_path):
     config.train.eval_batches = 2
     config.train.log_every = 1
     config.sample.num_samples = 0
-    final = trainer.train(config, tmp_path / "run")
+    final = train(config, tmp_path / "run")
     losses = [
         r["train/loss"]
         for r in read_metrics(tmp_path / "run" / "metrics.jsonl")

@@ -104,11 +104,12 @@ def test_sample_command_reads_the_latest_checkpoint(tmp_path):
         text=True,
         timeout=120,
     )
-    assert missing.returncode != 0 and "config.json does not exist" in missing.stderr
+    assert missing.returncode == 2 and "holds no checkpoints" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
 def test_best_eval_step_picks_the_lowest_eval_loss_among_kept_checkpoints(tmp_path):
-    from train.trainer import best_eval_step
+    from train.metrics_writer import best_eval_step
 
     path = tmp_path / "metrics.jsonl"
     rows = [
@@ -124,10 +125,8 @@ def test_best_eval_step_picks_the_lowest_eval_loss_among_kept_checkpoints(tmp_pa
     assert best_eval_step(tmp_path / "missing.jsonl", [4]) is None
 
 
-def test_load_for_inference_takes_the_best_checkpoint_when_asked(tmp_path):
-    from ml_collections import ConfigDict
-
-    from train.trainer import load_for_inference
+def test_load_model_takes_the_best_checkpoint_when_asked(tmp_path):
+    from train.checkpoint import load_model
 
     corpus, prepared = prepare_char_corpus(tmp_path)
     workdir = tmp_path / "run"
@@ -142,11 +141,14 @@ def test_load_for_inference_takes_the_best_checkpoint_when_asked(tmp_path):
             row["eval/loss"] = 99.0
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    config = ConfigDict(json.loads((workdir / "config.json").read_text()))
-    _, latest_params, _, _, latest = load_for_inference(config, workdir, "latest")
-    _, best_params, _, _, best = load_for_inference(config, workdir, "best")
-    assert (latest, best) == (8, 4)
-    differs = jax.tree.map(lambda a, b: bool((a != b).any()), latest_params, best_params)
+    before = sorted(p.name for p in workdir.rglob("*"))
+    latest = load_model(workdir, which="latest")
+    best = load_model(workdir, which="best")
+    assert (latest.step, best.step) == (8, 4)
+    differs = jax.tree.map(lambda a, b: bool((a != b).any()), latest.params, best.params)
     assert any(jax.tree.leaves(differs))
+    assert best.tokenizer.vocab_size == latest.tokenizer.vocab_size
     with pytest.raises(ValueError, match="'latest' or 'best'"):
-        load_for_inference(config, workdir, "newest")
+        load_model(workdir, which="newest")
+    # Reading a model writes nothing into the training workdir.
+    assert sorted(p.name for p in workdir.rglob("*")) == before

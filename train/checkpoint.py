@@ -1,22 +1,26 @@
-"""Orbax checkpoints: asynchronous saves, keep-last-N plus keep-best, and safe restore.
+"""Checkpoints: ONE layout for every stage, asynchronous saves, safe restore.
 
-A checkpoint holds three items:
-  state  - the TrainState (params, optimizer state, step), saved sharded
-  data   - the data iterator's position (a small JSON dict)
-  meta   - JSON: the model config and anything else needed to check compatibility
+STAGE_DIR/checkpoints/STEP/ holds four orbax items:
+  params  the parameters, saved sharded: all that inference needs
+  opt     {"step", "opt_state"}: the rest of the TrainState
+  data    JSON: the batch iterator's position and the stage's host-side state
+  meta    JSON: the stage, its full config, the model config, the tokenizer's identity,
+          and, in the checkpoint a stage ends with, "final": the stage's results
+STAGE_DIR/tokenizer/ holds a copy of the tokenizer files whose sha256 the meta records, so
+a checkpoint is never decoded with another tokenizer and inference needs no data.
 
-The RNG needs no item of its own: every step's key is fold_in(key(seed), step),
-so restoring the step restores the random stream.
-
-Restoring walks back from the newest checkpoint: one that cannot be read
-(half written, truncated, corrupted) is reported, moved aside to
-`<directory>.unreadable/` (kept for inspection, never deleted) and skipped in
-favour of the previous one.
+The RNG needs no item: every step's key is fold_in(key(seed), step), so restoring the step
+restores the random stream. Restoring walks back from the newest checkpoint: one that
+cannot be read is reported in one line, moved aside to `checkpoints.unreadable/` (kept,
+never deleted) and skipped in favour of the previous one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,12 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from model.config import ModelConfig
+from train import sharding
+from train.state import TrainState
+
 log = logging.getLogger(__name__)
+ITEMS = ("params", "opt", "data", "meta")
 
 
 class CheckpointError(RuntimeError):
@@ -33,7 +42,7 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpointer:
-    """Saves and restores (state, data position, meta) under `directory`."""
+    """Saves and restores (TrainState, data position, meta) under STAGE_DIR/checkpoints."""
 
     def __init__(
         self,
@@ -42,9 +51,11 @@ class Checkpointer:
         keep_best: int = 1,
         best_metric: str = "eval/loss",
         async_save: bool = True,
+        read_only: bool = False,
     ):
         self.directory = Path(directory).absolute()
         self.best_metric = best_metric
+        self.read_only = read_only
         preserve = [policies.LatestN(n=keep_last)]
         if keep_best:
             preserve.append(
@@ -58,47 +69,121 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(preserve),
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # half-written saves of a killed run
+            cleanup_tmp_directories=not read_only,  # half-written saves of a killed run
+            read_only=read_only,
         )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "meta")
-        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._saving: int | None = None
 
     def save(
-        self, step: int, state: Any, data_state: dict, meta: dict, metrics: dict | None = None
+        self,
+        step: int,
+        state: TrainState,
+        data_state: dict,
+        meta: dict,
+        metrics: dict | None = None,
     ) -> None:
-        """Starts an (asynchronous) save; `metrics` ranks it for keep-best."""
+        """Starts an (asynchronous) save; `metrics` ranks it for keep-best. A save that
+        failed in the background is reported here or by `check`, whichever comes first."""
+        self.check()
         if metrics is not None and self.best_metric not in metrics:
             metrics = None
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            metrics=metrics,
-            force=True,
+        self._saving = step
+        try:
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.PyTreeSave(state.params),
+                    opt=ocp.args.PyTreeSave({"step": state.step, "opt_state": state.opt_state}),
+                    data=ocp.args.JsonSave(data_state),
+                    meta=ocp.args.JsonSave(meta),
+                ),
+                metrics=metrics,
+                force=True,
+            )
+        except Exception as error:  # noqa: BLE001 - one line for the user, cause chained
+            raise self._failed(step, error) from error
+
+    def check(self) -> None:
+        """Raises CheckpointError if an asynchronous save has failed (a full disk, say)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as error:  # noqa: BLE001
+            raise self._failed(self._saving, error) from error
+
+    def _failed(self, step: int | None, error: Exception) -> CheckpointError:
+        cause = _first_line(error)
+        return CheckpointError(
+            f"saving the checkpoint of step {step} to {self.directory} failed ({cause}); "
+            "free disk space or fix the directory's permissions, then rerun the same command "
+            "to resume from the last complete checkpoint"
         )
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def read_meta(self, step: int) -> dict:
-        """The meta item of one checkpoint alone: compatibility is checked before any state
-        is restored (a mismatched state would otherwise be taken for a corrupt one)."""
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return restored["meta"]
 
     def restore_latest(
-        self, abstract_state: Any, prefer_step: int | None = None
-    ) -> tuple[int, Any, dict, dict] | None:
+        self, abstract_state: TrainState, prefer_step: int | None = None
+    ) -> tuple[int, TrainState, dict, dict] | None:
         """(step, state, data_state, meta) of the newest readable checkpoint, or None.
 
-        `abstract_state` (jax.ShapeDtypeStruct leaves with shardings) says
-        where each restored array goes. `prefer_step` is tried first (the best one,
-        say); if it is unreadable, the newest readable one is returned.
-        """
+        `abstract_state` (ShapeDtypeStruct leaves with shardings) says where each restored
+        array goes. `prefer_step` is tried first; if unreadable, the newest readable one."""
+
+        def read(step: int):
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=_restore_args(abstract_state.params),
+                    opt=_restore_args(
+                        {"step": abstract_state.step, "opt_state": abstract_state.opt_state}
+                    ),
+                    data=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+            opt = restored["opt"]
+            state = TrainState(opt["step"], restored["params"], opt["opt_state"])
+            _check_shapes(state, abstract_state)
+            return state, restored["data"], restored["meta"]
+
+        found = self._first_readable(read, prefer_step)
+        if found is None:
+            return None
+        step, (state, data_state, meta) = found
+        return step, state, data_state, meta
+
+    def restore_params(
+        self, abstract_params: Any, step: int | None = None
+    ) -> tuple[int, Any, dict]:
+        """(step, params, meta): the parameters alone (no optimizer state is read) of `step`
+        or the newest readable checkpoint. `abstract_params` may be a subtree of the saved
+        params (a PPO stage saves {"policy", "value"}; sampling reads {"policy"})."""
+
+        def read(step: int):
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=_restore_args(abstract_params, partial=True),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+            _check_shapes(restored["params"], abstract_params)
+            return restored["params"], restored["meta"]
+
+        found = self._first_readable(read, step)
+        if found is None:
+            raise FileNotFoundError(
+                f"no readable checkpoint in {self.directory}; run that stage first"
+            )
+        step, (params, meta) = found
+        return step, params, meta
+
+    def _first_readable(self, read, prefer_step: int | None):
         unreadable = []
         order = list(reversed(self.steps()))
         if prefer_step in order:
@@ -106,34 +191,27 @@ class Checkpointer:
             order.insert(0, prefer_step)
         for step in order:
             try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=ocp.args.JsonRestore(),
-                        meta=ocp.args.JsonRestore(),
-                    ),
-                )
-                _check_shapes(restored["state"], abstract_state)
+                result = read(step)
             except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is skipped
                 log.warning(
-                    "checkpoint at step %d in %s is unreadable (%s: %s); falling back to an "
+                    "the checkpoint of step %d in %s is unreadable (%s); falling back to an "
                     "earlier one",
                     step,
                     self.directory,
-                    type(error).__name__,
-                    str(error).splitlines()[0][:200] if str(error) else "",
+                    _first_line(error),
                 )
                 unreadable.append(step)
                 continue
             self._move_aside(unreadable)
-            return step, restored["state"], restored["data"], restored["meta"]
+            return step, result
         self._move_aside(unreadable)
         return None
 
     def _move_aside(self, steps: list[int]) -> None:
         """Moves unreadable checkpoints out of the way, so the run can save those steps anew."""
         if not steps:
+            return
+        if self.read_only:  # a reader never moves a trainer's files
             return
         if jax.process_index() == 0:
             aside = self.directory.with_name(self.directory.name + ".unreadable")
@@ -142,30 +220,217 @@ class Checkpointer:
                 target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
                 (self.directory / str(step)).rename(target)
                 log.warning("moved the unreadable checkpoint of step %d to %s", step, target)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices("unreadable checkpoints moved")
+        sharding.sync_processes("unreadable checkpoints moved")
         self.manager.reload()
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+            self.check()
+        finally:
+            self.manager.close()
 
 
-def _check_shapes(state: Any, abstract_state: Any) -> None:
-    """A restored tree must have the expected structure and shapes."""
-    got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), state)
-    want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), abstract_state)
-    if got != want:
-        raise CheckpointError("restored state does not match the model's shapes")
-
-
-def abstract_like(state: Any) -> Any:
-    """ShapeDtypeStructs with shardings, the restore target for `state`."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+def _restore_args(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+    return ocp.args.PyTreeRestore(
+        item=abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=partial,
     )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
+def _check_shapes(tree: Any, abstract: Any) -> None:
+    """A restored tree must have the expected structure and shapes."""
+    got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), tree)
+    want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), abstract)
+    if got != want:
+        raise CheckpointError("the restored arrays do not match the model's shapes")
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs with shardings: the restore target for `tree`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+# ------------------------------------------------------------------ tokenizer identity
+
+
+def tokenizer_identity(files: list[Path]) -> dict:
+    """{"files": names, "sha256": one digest over the files' names and bytes}."""
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.name):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return {"files": sorted(p.name for p in files), "sha256": digest.hexdigest()}
+
+
+def store_tokenizer(stage_dir: Path, files: list[Path]) -> dict:
+    """Copies the tokenizer files to STAGE_DIR/tokenizer/ (atomically) and returns their
+    identity; refuses a stage that already holds another tokenizer."""
+    identity = tokenizer_identity(files)
+    target = stage_dir / "tokenizer"
+    if target.is_dir():
+        held = tokenizer_identity(sorted(target.iterdir()))
+        if held["sha256"] != identity["sha256"]:
+            raise CheckpointError(
+                f"{stage_dir} was trained with another tokenizer (sha256 {held['sha256'][:12]}, "
+                f"now {identity['sha256'][:12]} from {files[0].parent}); the prepared data "
+                "changed since: restore it, or use a new workdir"
+            )
+        return identity
+    if jax.process_index() == 0:
+        tmp = stage_dir / f".tokenizer.tmp-{time.time_ns()}"
+        tmp.mkdir(parents=True)
+        for path in files:
+            shutil.copy2(path, tmp / path.name)
+        tmp.rename(target)
+    sharding.sync_processes("tokenizer stored")
+    return identity
+
+
+def load_stage_tokenizer(stage_dir: Path, meta: dict):
+    """The tokenizer a checkpoint was written with, checked against its recorded identity."""
+    from data.tokenizer import load_tokenizer
+
+    directory = stage_dir / "tokenizer"
+    files = sorted(directory.iterdir()) if directory.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"{directory} is missing: the checkpoint's tokenizer is gone")
+    want = meta.get("tokenizer", {}).get("sha256")
+    got = tokenizer_identity(files)["sha256"]
+    if want and want != got:
+        raise CheckpointError(
+            f"the tokenizer in {directory} (sha256 {got[:12]}) is not the one the checkpoint "
+            f"was trained with (sha256 {want[:12]}); restore the original tokenizer files"
+        )
+    model_files = [f for f in files if f.suffix in (".model", ".json")]
+    return load_tokenizer(model_files[0])
+
+
+# ---------------------------------------------------------- models for inference and reuse
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    cfg: ModelConfig
+    params: Any
+    tokenizer: Any
+    step: int
+    meta: dict
+
+
+def checkpointer_of(stage_dir: Path) -> Checkpointer:
+    """A read-only view of STAGE_DIR/checkpoints (never creates or cleans anything)."""
+    directory = Path(stage_dir).absolute() / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{stage_dir} holds no checkpoints; run that stage first")
+    return Checkpointer(directory, keep_last=1, keep_best=0, async_save=False, read_only=True)
+
+
+def choose_step(stage_dir: Path, steps: list[int], which: str) -> int | None:
+    """None for the newest; for "best", the kept step with the lowest logged eval loss."""
+    from train.metrics_writer import best_eval_step
+
+    if which not in ("latest", "best"):
+        raise ValueError(f"checkpoint must be 'latest' or 'best', got {which!r}")
+    if which == "latest":
+        return None
+    best = best_eval_step(Path(stage_dir) / "metrics.jsonl", steps)
+    if best is None:
+        log.warning("no evaluated checkpoint in %s; taking the newest", stage_dir)
+    return best
+
+
+def load_params(
+    stage_dir: Path, abstract_params: Any, which: str = "latest"
+) -> tuple[int, Any, dict]:
+    """(step, params, meta) of a stage's checkpoint, params only, placed as
+    `abstract_params`' shardings say."""
+    ckpt = checkpointer_of(stage_dir)
+    try:
+        return ckpt.restore_params(abstract_params, choose_step(stage_dir, ckpt.steps(), which))
+    finally:
+        ckpt.close()
+
+
+def read_latest_meta(stage_dir: Path) -> dict:
+    return _latest_meta(stage_dir)[1]
+
+
+def _latest_meta(stage_dir: Path) -> tuple[int, dict]:
+    ckpt = checkpointer_of(stage_dir)
+    try:
+        for step in reversed(ckpt.steps()):
+            try:
+                return step, ckpt.read_meta(step)
+            except Exception:  # noqa: BLE001, S112 - unreadable: try the one before
+                continue
+    finally:
+        ckpt.close()
+    raise FileNotFoundError(f"no readable checkpoint in {stage_dir}/checkpoints")
+
+
+def finished_results(stage_dir: Path, num_steps: int) -> dict | None:
+    """The results a stage recorded when it finished `num_steps` steps, or None (not run,
+    interrupted, or asked now for more steps than it ran)."""
+    if not (Path(stage_dir) / "checkpoints").is_dir():
+        return None
+    try:
+        step, meta = _latest_meta(stage_dir)
+    except FileNotFoundError:
+        return None
+    return meta.get("final") if step >= num_steps else None
+
+
+def load_model(
+    stage_dir: Path, mesh=None, which: str = "latest", subtree: str | None = None
+) -> LoadedModel:
+    """A language model of any stage (or an imported one) for inference: its config, params
+    placed by the rule table on `mesh` (default: data parallel over every device), and its
+    tokenizer. Reads the params alone: no optimizer state, no data preparation."""
+    from model.transformer import LanguageModel
+    from train.state import abstract_params
+
+    stage_dir = Path(stage_dir).absolute()
+    meta = read_latest_meta(stage_dir)
+    cfg = ModelConfig(**meta["model"])
+    mesh = mesh if mesh is not None else sharding.make_mesh(sharding.MeshConfig())
+    subtree = subtree if subtree is not None else meta.get("lm_params")
+    target = abstract_params(LanguageModel(cfg), mesh)
+    if subtree:
+        target = {subtree: target}
+    step, params, meta = load_params(stage_dir, target, which)
+    params = params[subtree] if subtree else params
+    meta = {**meta, "stage_dir": str(stage_dir)}
+    return LoadedModel(cfg, params, load_stage_tokenizer(stage_dir, meta), step, meta)
+
+
+def save_model(
+    stage_dir: Path,
+    params: Any,
+    model_cfg: ModelConfig,
+    tokenizer_files: list[Path],
+    meta: dict | None = None,
+) -> None:
+    """Writes a model that did not come from training (an imported one) as an ordinary
+    checkpoint of step 0: params, an empty optimizer state, the tokenizer and its identity."""
+    stage_dir = Path(stage_dir).absolute()
+    if (stage_dir / "checkpoints").exists():
+        raise FileExistsError(f"{stage_dir}/checkpoints exists; choose a new workdir")
+    identity = store_tokenizer(stage_dir, [Path(f) for f in tokenizer_files])
+    full_meta = {
+        "stage": "import",
+        "model": dataclasses.asdict(model_cfg),
+        "tokenizer": identity,
+        **(meta or {}),
+    }
+    ckpt = Checkpointer(stage_dir / "checkpoints", keep_last=1, keep_best=0, async_save=False)
+    try:
+        step = jax.numpy.zeros((), jax.numpy.int32)
+        ckpt.save(0, TrainState(step, params, {}), {}, full_meta)
+    finally:
+        ckpt.close()

@@ -11,7 +11,7 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from data import pipeline
-from data.prepare import ensure_prepared, load_prepared_tokenizer
+from data.prepare import ensure_prepared, load_meta, load_prepared_tokenizer
 from train import sharding
 
 
@@ -22,6 +22,7 @@ class DataSource:
     eval_batches: list[dict]  # the fixed validation set, as global jax.Arrays
     bytes_per_token: float  # of the validation text, for bits per byte
     mesh: Any
+    tokenizer_files: list[Path]  # what the checkpoints record the identity of
 
     def next_train_batch(self) -> dict:
         return sharding.to_global_batch(next(self.train_iter), self.mesh)
@@ -62,4 +63,5 @@ def build_data(config: ConfigDict, workdir: Path, mesh) -> DataSource:
         eval_batches,
         pipeline.bytes_per_token(directory, "val"),
         mesh,
+        [directory / load_meta(directory)["tokenizer"]["file"]],
     )

@@ -79,6 +79,34 @@ def read_metrics(path: str | Path) -> list[dict]:
     return sorted((json.loads(line) for line in lines if line.strip()), key=lambda r: r["step"])
 
 
+def best_eval_step(metrics_path: str | Path, steps: list[int]) -> int | None:
+    """The step among `steps` (the checkpoints kept) with the lowest logged eval loss, or
+    None when none of them was evaluated."""
+    path = Path(metrics_path)
+    if not path.exists():
+        return None
+    kept = set(steps)
+    losses = {
+        r["step"]: r["eval/loss"]
+        for r in read_metrics(path)
+        if r.get("eval/loss") is not None and r["step"] in kept
+    }
+    return min(losses, key=losses.__getitem__) if losses else None
+
+
+def keep_history(workdir: Path) -> Path | None:
+    """Moves an earlier metrics.jsonl aside (metrics.before-TIME.jsonl) when a run starts
+    from scratch in a workdir that has one, so no history is lost; returns where it went."""
+    path = Path(workdir) / "metrics.jsonl"
+    if jax.process_index() != 0 or not path.exists() or not path.read_text().strip():
+        return None
+    import time
+
+    target = path.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+    os.replace(path, target)
+    return target
+
+
 def plot_loss_curves(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     """train/loss and eval/loss against step, as a PNG; None if nothing was logged."""
     import matplotlib

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 import jax
@@ -13,7 +14,7 @@ import optax
 class OptimConfig:
     lr: float = 3e-4
     warmup_steps: int = 100
-    total_steps: int = 10_000  # the decay ends here; the schedule stays at end_lr after
+    total_steps: int = 0  # the decay ends here (0: the stage's train.num_steps); end_lr after
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     end_lr: float = 3e-5
     b1: float = 0.9
@@ -28,12 +29,27 @@ class OptimConfig:
             raise ValueError(
                 f"OptimConfig.schedule={self.schedule!r} is not cosine/linear/constant"
             )
-        if self.lr <= 0 or self.warmup_steps < 0 or self.total_steps <= 0:
-            raise ValueError(f"OptimConfig: lr, total_steps must be positive, got {self}")
+        for name in ("lr", "end_lr", "b1", "b2", "eps", "weight_decay"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise ValueError(f"optim.{name} must be a finite number > 0, got {value}")
+        if self.warmup_steps < 0 or self.total_steps <= 0:
+            raise ValueError(
+                f"optim.warmup_steps must be >= 0 and total_steps > 0, got {self.warmup_steps} "
+                f"and {self.total_steps}"
+            )
         if self.warmup_steps > self.total_steps:
             raise ValueError(
-                f"OptimConfig: warmup_steps={self.warmup_steps} > total_steps={self.total_steps}"
+                f"optim.warmup_steps={self.warmup_steps} is more than the {self.total_steps} "
+                "steps of the schedule; lower it or raise train.num_steps"
             )
+
+
+def optim_config(optim: dict, num_steps: int) -> OptimConfig:
+    """A stage's OptimConfig, its schedule as long as the stage unless set explicitly."""
+    fields = dict(optim)
+    fields["total_steps"] = fields.get("total_steps") or num_steps
+    return OptimConfig(**fields)
 
 
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:

@@ -107,10 +107,37 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def sync_processes(name: str) -> None:
+    """A barrier across processes (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def to_global_batch(np_batch: dict, mesh: Mesh) -> dict:
     """Process-local numpy batch -> dict of global jax.Arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in np_batch.items()}
+
+
+def full_to_global(arrays: dict, mesh: Mesh) -> dict:
+    """Host arrays that every process holds whole -> global arrays split over the batch axes
+    (each device takes its slice)."""
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+        for k, v in arrays.items()
+    }
+
+
+def to_host(tree: Any) -> Any:
+    """Global arrays -> numpy arrays on every process (gathered across processes)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -167,3 +194,16 @@ def jit_sharded(
 
     call.jitted = jitted  # for .lower(...) in benchmarks and tests
     return call
+
+
+def jit_step(step_fn: Callable, state_shardings: Any, mesh: Mesh) -> Callable:
+    """The one compiled form of every stage's step `(state, batch, rng) -> (state, metrics)`:
+    state sharded by the rule table and donated, batch split over the batch axes, key and
+    metrics replicated."""
+    return jit_sharded(
+        step_fn,
+        mesh,
+        in_shardings=(state_shardings, batch_sharding(mesh), replicated(mesh)),
+        out_shardings=(state_shardings, replicated(mesh)),
+        donate_argnums=0,
+    )

@@ -84,5 +84,37 @@ def param_shardings(init_params: Callable[[jax.Array], Any], mesh: Mesh) -> Any:
     return sharding.logical_to_mesh(nn.get_partition_spec(abstract_boxed), mesh)
 
 
+def init_fn(model: nn.Module) -> Callable[[jax.Array], Any]:
+    """`rng -> boxed params` of `model`: the one model init every stage uses. The example
+    input is made inside the call, so importing this touches no JAX backend."""
+    return lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+
+
+def abstract_params(model: nn.Module, mesh: Mesh) -> Any:
+    """ShapeDtypeStructs, with the rule table's shardings, of `model`'s parameters."""
+    init = init_fn(model)
+    shardings = param_shardings(init, mesh)
+    with sharding.mesh_context(mesh):
+        shapes = strip_axis_names(jax.eval_shape(init, jax.random.key(0)))
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
+
+
+def copy_to(tree: Any, shardings: Any) -> Any:
+    """A copy of `tree` placed by `shardings`: the steps donate their state, so a state must
+    never share buffers with params used later (a frozen reference, say)."""
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=shardings)(tree)
+
+
+def state_with_params(
+    init_params: Callable[[jax.Array], Any], params: Any, tx: optax.GradientTransformation, mesh
+) -> tuple[TrainState, TrainState]:
+    """(state, shardings) holding copies of `params` and a fresh optimizer state (Adam's
+    initial moments do not depend on the parameter values)."""
+    state, shardings = create_train_state(init_params, tx, mesh, jax.random.key(0))
+    return state.replace(params=copy_to(params, shardings.params)), shardings
+
+
 def count_params(params: Any) -> int:
     return sum(x.size for x in jax.tree.leaves(params))

@@ -1,7 +1,14 @@
-"""The fields every experiment config has; each config file starts from `base_config`.
+"""The sections every experiment config has; each config file starts from these.
 
-Every field can be overridden from the command line, e.g.
-`--config.optim.lr=1e-3 --config.model.n_layers=4 --config.mesh.fsdp=8`.
+Every stage (pretraining and each post-training stage) has the same sub-sections:
+  model  (pretraining only: post-training inherits the model it starts from)
+  data   what the stage reads
+  train  the loop (train/loop.py): batch, steps, log/eval/checkpoint cadence, seed, ...
+  optim  AdamW and its schedule (train/optim.py); total_steps=0 spans the stage's steps
+  mesh   the device mesh (train/sharding.py)
+and a stage with constants of its own has an `algorithm` section. Every field can be
+overridden from the command line, type-checked, e.g. `--config.optim.lr=1e-3`,
+`--config.sft.optim.lr=1e-4`, `--config.ppo.train.num_steps=50`.
 """
 
 from __future__ import annotations
@@ -15,45 +22,82 @@ from train.optim import OptimConfig
 
 
 def model_fields(preset: str, **overrides) -> ConfigDict:
-    """All ModelConfig fields of a preset, so that each is overridable and type-checked."""
+    """All ModelConfig fields of a preset, so that each is overridable and type-checked.
+    vocab_size=0 takes the tokenizer's vocabulary."""
+    vocab = overrides.pop("vocab_size", None)
     fields = dataclasses.asdict(get_preset(preset, **overrides))
+    if vocab is not None:
+        fields["vocab_size"] = vocab
     if fields["n_kv_heads"] is None:
         fields["n_kv_heads"] = config_dict.placeholder(int)
     return ConfigDict(fields)
 
 
+def train_fields(**overrides) -> ConfigDict:
+    fields = dict(
+        global_batch_size=32,
+        num_steps=1000,
+        num_microbatches=1,  # gradient accumulation inside the jitted step
+        z_loss=0.0,
+        seed=0,
+        skip_nonfinite=False,  # False: stop at a non-finite loss/grad/update; True: skip, count
+        log_every=10,
+        eval_every=200,
+        eval_batches=16,
+        checkpoint_every=200,
+        keep_checkpoints=2,
+        keep_best=1,  # checkpoints kept for the lowest eval/loss
+        peak_flops=0.0,  # per device, for MFU; 0 = look the device kind up
+        profile_start=0,  # >0: a jax.profiler trace of profile_steps steps from this step
+        profile_steps=3,
+        init_from="",  # pretraining: start from the params of this stage directory
+    )
+    unknown = set(overrides) - set(fields)
+    if unknown:
+        raise KeyError(f"unknown train fields {sorted(unknown)}")
+    return ConfigDict({**fields, **overrides})
+
+
+def optim_fields(**overrides) -> ConfigDict:
+    fields = {f.name: f.default for f in dataclasses.fields(OptimConfig)}
+    unknown = set(overrides) - set(fields)
+    if unknown:
+        raise KeyError(f"unknown optim fields {sorted(unknown)}")
+    return ConfigDict({**fields, **overrides})
+
+
+def mesh_fields(**overrides) -> ConfigDict:
+    return ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, **overrides})
+
+
+def stage_config(data: dict, train: dict, optim: dict, algorithm: dict | None = None) -> ConfigDict:
+    """A post-training stage's section: data, train, optim, mesh (and algorithm)."""
+    c = ConfigDict()
+    c.data = ConfigDict(data)
+    c.train = train_fields(**train)
+    c.optim = optim_fields(**optim)
+    c.mesh = mesh_fields()
+    if algorithm is not None:
+        c.algorithm = ConfigDict(algorithm)
+    return c
+
+
 def base_config(preset: str = "tiny") -> ConfigDict:
+    """A pretraining config: model, data, train, optim, mesh, sample."""
     c = ConfigDict()
     c.model = model_fields(preset)
     c.data = ConfigDict(
         dict(
-            corpus="stdlib",  # stdlib | text:PATH | jsonl:PATH:FIELD | tfds:NAME
+            corpus="stdlib",  # stdlib | stdlib:holdout=F | text:PATH | jsonl:PATH:FIELD | tfds:NAME
             dir="",  # prepared data; "" means WORKDIR/data
             tokenizer="bpe",  # bpe | unigram | char
             vocab_size=4096,
             seq_len=256,
         )
     )
-    c.train = ConfigDict(
-        dict(
-            global_batch_size=32,
-            num_steps=1000,
-            num_microbatches=1,
-            z_loss=0.0,
-            seed=0,
-            skip_nonfinite=False,  # False: stop at a non-finite loss/grad; True: skip and count
-            log_every=10,
-            eval_every=200,
-            eval_batches=16,
-            checkpoint_every=200,
-            keep_checkpoints=2,
-            keep_best=1,
-            peak_flops=0.0,  # per device, for MFU; 0 = look up the device kind
-        )
-    )
-    c.optim = ConfigDict(dataclasses.asdict(OptimConfig()))
-    c.optim.clip_norm = 1.0
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.train = train_fields()
+    c.optim = optim_fields(clip_norm=1.0)
+    c.mesh = mesh_fields()
     c.sample = ConfigDict(
         dict(num_samples=2, prompt="", max_new_tokens=128, temperature=0.8, top_k=40, top_p=1.0)
     )

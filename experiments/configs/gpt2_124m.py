@@ -15,6 +15,5 @@ def get_config():
     c.train.checkpoint_every = 1000
     c.optim.lr = 6e-4
     c.optim.warmup_steps = 700
-    c.optim.total_steps = 20_000
     c.optim.end_lr = 6e-5
     return c

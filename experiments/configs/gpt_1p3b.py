@@ -17,6 +17,5 @@ def get_config():
     c.train.checkpoint_every = 1000
     c.optim.lr = 2e-4
     c.optim.warmup_steps = 1000
-    c.optim.total_steps = 50_000
     c.optim.end_lr = 2e-5
     return c

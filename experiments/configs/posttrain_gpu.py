@@ -25,32 +25,22 @@ def get_config():
     p.data.vocab_size = 8192
     p.data.seq_len = 512
     p.train.global_batch_size = 64
-    p.train.num_steps = p.optim.total_steps = 2500
+    p.train.num_steps = 2500
     p.train.eval_every = p.train.checkpoint_every = 250
     p.optim.lr, p.optim.warmup_steps, p.optim.end_lr = 1e-3, 200, 1e-4
     c.posttrain_data.max_chars = 1200
-    c.sft.update(
-        steps=1500, batch_size=32, seq_len=768, lr=2e-4, warmup_steps=50, checkpoint_every=250
-    )
-    c.reward.update(
-        steps=1000,
-        batch_size=32,
-        seq_len=768,
-        lr=5e-5,
-        warmup_steps=50,
-        normalization_samples=256,
-        checkpoint_every=250,
-    )
-    c.ppo.update(
-        iterations=200,
-        batch_size=64,
-        max_prompt_len=256,
-        max_new_tokens=384,
-        epochs=4,
-        num_minibatches=4,
-        lr=5e-6,
-        checkpoint_every=20,
-    )
-    c.dpo.update(steps=500, batch_size=32, lr=5e-6, checkpoint_every=100)
-    c.eval.num_prompts = 256
+    c.sft.data.seq_len = 768
+    c.sft.train.update(global_batch_size=32, num_steps=1500, checkpoint_every=250, eval_every=250)
+    c.sft.optim.update(lr=2e-4, end_lr=2e-5, warmup_steps=50)
+    c.reward.data.update(seq_len=768, normalization_samples=256)
+    c.reward.train.update(global_batch_size=32, num_steps=1000, checkpoint_every=250)
+    c.reward.optim.update(lr=5e-5, end_lr=5e-6, warmup_steps=50)
+    c.ppo.data.update(max_prompt_len=256, max_new_tokens=384)
+    c.ppo.train.update(global_batch_size=64, num_steps=200, checkpoint_every=20, eval_every=50)
+    c.ppo.algorithm.update(epochs=4, num_minibatches=4)
+    c.ppo.optim.update(lr=5e-6, end_lr=5e-7)
+    c.dpo.data.seq_len = 768
+    c.dpo.train.update(global_batch_size=32, num_steps=500, checkpoint_every=100, eval_every=500)
+    c.dpo.optim.update(lr=5e-6, end_lr=5e-7)
+    c.eval.update(num_prompts=256, max_prompt_len=256, max_new_tokens=384, batch_size=64)
     return c

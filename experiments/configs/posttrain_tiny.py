@@ -1,17 +1,25 @@
-"""The default pipeline: pretrain on the standard library, SFT, reward model, PPO and DPO,
-small enough for a 2-core CPU (about 20 minutes end to end)."""
+"""The default pipeline: pretrain on the standard library, then SFT, reward model, PPO and
+DPO, small enough for a 2-core CPU (about 20 minutes end to end).
+
+Every stage section (sft, reward, ppo, dpo) has the sub-sections of pretraining: data,
+train, optim, mesh (experiments/configs/common.py), plus `algorithm` for its constants.
+"""
 
 from ml_collections import ConfigDict
 
 from experiments.configs import stdlib_tiny
+from experiments.configs.common import stage_config
 
 
 def get_config():
     c = ConfigDict()
     c.seed = 0
+    c.stages = "sft,reward,ppo,dpo"  # post-training stages, in order
+    # A stage directory to start post-training from instead of pretraining (e.g. a model
+    # imported with experiments.convert); "" pretrains first.
+    c.init_from = ""
     c.pretrain = stdlib_tiny.get_config()
     c.pretrain.train.num_steps = 300
-    c.pretrain.optim.total_steps = 300
     c.pretrain.train.eval_every = 150
     c.pretrain.train.checkpoint_every = 150
     c.pretrain.sample.num_samples = 0
@@ -23,66 +31,71 @@ def get_config():
     c.posttrain_data = ConfigDict(dict(root="", eval_fraction=0.1, max_files=0, max_chars=400))
     # Pretraining leaves out the files whose functions the evaluation asks for.
     c.pretrain.data.corpus = "stdlib:holdout=0.1"
-    c.sft = ConfigDict(
-        dict(
-            steps=120,
-            batch_size=16,
-            seq_len=256,
-            lr=1e-3,
-            warmup_steps=10,
-            log_every=20,
-            checkpoint_every=40,  # DIR/sft/resume/: an interrupted stage resumes from it
-            eval_rows=64,
-        )
+    no_decay = dict(schedule="cosine", weight_decay=0.0, clip_norm=1.0)
+    c.sft = stage_config(
+        data=dict(seq_len=256, eval_rows=64),
+        train=dict(
+            global_batch_size=16, num_steps=120, log_every=20, eval_every=60, checkpoint_every=40
+        ),
+        optim=dict(lr=1e-3, end_lr=1e-4, warmup_steps=10, **no_decay),
     )
-    c.reward = ConfigDict(
-        dict(
-            steps=100,
-            batch_size=16,
-            seq_len=256,
-            lr=3e-4,
-            warmup_steps=10,
+    c.reward = stage_config(
+        data=dict(seq_len=256, normalization_samples=64),
+        train=dict(
+            global_batch_size=16,
+            num_steps=100,
             log_every=20,
+            eval_every=50,
             checkpoint_every=25,
-            margin=0.0,
-            normalization_samples=64,
-        )
+            keep_best=0,
+        ),
+        optim=dict(lr=3e-4, end_lr=3e-5, warmup_steps=10, **no_decay),
+        algorithm=dict(margin=0.0),  # a fixed Bradley-Terry margin (0: plain BT)
     )
-    c.ppo = ConfigDict(
-        dict(
-            iterations=20,
-            batch_size=16,
-            max_prompt_len=100,
-            max_new_tokens=100,
-            temperature=1.0,
-            lam=0.95,
-            clip_eps=0.2,
-            value_clip=0.2,
-            vf_coef=0.1,
-            epochs=2,
-            num_minibatches=2,
-            lr=3e-5,
-            warmup_steps=0,
-            kl_coef=0.05,
-            kl_target=6.0,
-            kl_horizon=10_000,
-            missing_eos_penalty=1.0,
+    c.ppo = stage_config(
+        # global_batch_size: prompts per iteration; num_steps: iterations.
+        data=dict(max_prompt_len=100, max_new_tokens=100),
+        train=dict(
+            global_batch_size=16,
+            num_steps=20,
             log_every=5,
-            checkpoint_every=5,  # iterations
-        )
+            eval_every=20,
+            checkpoint_every=5,
+            keep_best=0,
+        ),
+        optim=dict(lr=3e-5, end_lr=3e-6, warmup_steps=0, **no_decay),
+        algorithm=dict(
+            temperature=1.0,  # sampling temperature; log-probs are recomputed at it
+            gamma=1.0,  # discount
+            lam=0.95,  # GAE lambda
+            clip_eps=0.2,  # policy ratio clip
+            value_clip=0.2,  # value clip around the rollout's values
+            vf_coef=0.1,  # value loss weight
+            epochs=2,  # passes over each rollout batch
+            num_minibatches=2,  # optimizer updates per epoch
+            whiten_advantages=True,
+            missing_eos_penalty=1.0,  # subtracted from the score of a response without EOS
+            kl_estimator="k1",  # per-token KL in the reward: k1 (log-ratio) or k3
+            kl_coef=0.05,  # initial KL coefficient beta
+            kl_target=6.0,  # adaptive controller's target KL (0: fixed beta)
+            kl_horizon=10_000,  # adaptive controller's horizon
+        ),
     )
-    c.dpo = ConfigDict(
-        dict(
-            enabled=True,
-            steps=40,
-            batch_size=16,
-            lr=5e-5,
-            warmup_steps=5,
-            beta=0.1,
+    c.dpo = stage_config(
+        data=dict(seq_len=256),
+        train=dict(
+            global_batch_size=16,
+            num_steps=40,
             log_every=10,
+            eval_every=40,
             checkpoint_every=10,
-        )
+            keep_best=0,
+        ),
+        optim=dict(lr=5e-5, end_lr=5e-6, warmup_steps=5, **no_decay),
+        algorithm=dict(beta=0.1, label_smoothing=0.0),  # label_smoothing > 0: conservative DPO
     )
-    c.eval = ConfigDict(dict(num_prompts=64, temperature=0.0))  # greedy answers for the table
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Held-out ground truth: greedy answers to the first num_prompts held-out prompts.
+    c.eval = ConfigDict(
+        dict(num_prompts=64, temperature=0.0, max_prompt_len=100, max_new_tokens=100, batch_size=16)
+    )
     return c

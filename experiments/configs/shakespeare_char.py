@@ -32,7 +32,6 @@ def get_config():
     c.train.checkpoint_every = 500
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
-    c.optim.total_steps = 5000
     c.optim.end_lr = 1e-4
     c.optim.b2 = 0.99
     c.optim.weight_decay = 0.1

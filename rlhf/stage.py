@@ -1,0 +1,136 @@
+"""What every post-training stage does around its own math, in one place.
+
+A pipeline directory DIR holds one stage directory per stage (DIR/pretrain, DIR/sft,
+DIR/reward, DIR/ppo, DIR/dpo, ...), each in the one layout of train/workdir.py and
+train/checkpoint.py, and DIR/posttrain_data/ (rlhf/datasets.py). A stage's config is the
+pipeline config's section of the same name, with the sub-sections every stage has:
+  data   what the stage reads (lengths, sizes)
+  train  the loop: global_batch_size, num_steps, log/eval/checkpoint cadence, seed, ...
+  optim  AdamW and its schedule (the schedule's length derived from the step count)
+  mesh   the device mesh
+  algorithm  the stage's own constants (PPO, DPO, GRPO, reward margin), where it has any
+`open_stage` validates the section, opens and locks the stage directory and records the
+config; `run` hands the stage to the one loop (train/loop.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+from ml_collections import ConfigDict
+
+from model.config import ModelConfig
+from train import loop, sharding
+from train.checkpoint import (
+    LoadedModel,
+    finished_results,
+    load_model,
+    load_params,
+    store_tokenizer,
+)
+from train.optim import make_optimizer, optim_config
+from train.state import abstract_params
+from train.workdir import Workdir
+
+# The pipeline-level sections a post-training stage's results depend on besides its own.
+SHARED_SECTIONS = ("seed", "posttrain_data", "eval", "pretrain_checkpoint", "init_from")
+
+
+@dataclasses.dataclass
+class StageContext:
+    name: str
+    config: ConfigDict  # the whole pipeline config
+    root: Path  # the pipeline directory
+    directory: Path  # root / name
+    mesh: Any
+    identity: dict  # the config this stage's results depend on (recorded, compared)
+
+    @property
+    def section(self) -> ConfigDict:
+        return self.config[self.name]
+
+    @property
+    def finished(self) -> dict | None:
+        """The stage's results if it already ran to the end (nothing is built then)."""
+        return finished_results(self.directory, self.section.train.num_steps)
+
+    def optimizer(self, num_updates: int | None = None):
+        """AdamW for this stage; its schedule spans `num_updates` (default: num_steps)."""
+        return make_optimizer(
+            optim_config(self.section.optim, num_updates or self.section.train.num_steps)
+        )
+
+    def load_start(self, source: str, which: str = "latest") -> LoadedModel:
+        """The language model of an earlier stage (or the imported model `init_from`)."""
+        if source == "pretrain" and self.config.get("init_from"):
+            return load_model(Path(self.config.init_from), self.mesh, which)
+        return load_model(self.root / source, self.mesh, which)
+
+    def load_reward(self, cfg: ModelConfig) -> Any:
+        """The reward model's params (normalised), from DIR/reward."""
+        from rlhf.reward_model import RewardModel
+
+        target = abstract_params(RewardModel(cfg), self.mesh)
+        return load_params(self.root / "reward", target)[1]
+
+    def meta(self, start: LoadedModel, **extra) -> dict:
+        """The stage's checkpoint meta: its config, the model, the tokenizer it inherits."""
+        files = sorted((Path(start.meta["stage_dir"]) / "tokenizer").iterdir())
+        return {
+            "stage": self.name,
+            "config": self.identity,
+            "model": dataclasses.asdict(start.cfg),
+            "tokenizer": store_tokenizer(self.directory, files),
+            **extra,
+        }
+
+
+def validate(section: ConfigDict, name: str) -> None:
+    """The checks that need no data, before anything is written."""
+    tc = section.train
+    if tc.global_batch_size < 1:
+        raise ValueError(f"{name}.train.global_batch_size must be >= 1, got {tc.global_batch_size}")
+    try:
+        loop.LoopConfig.from_config(tc)
+        optim_config(section.optim, tc.num_steps)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
+@contextlib.contextmanager
+def open_stage(name: str, config: ConfigDict, root: Path) -> Iterator[StageContext]:
+    if name not in config:
+        raise ValueError(f"the config has no section {name!r}")
+    validate(config[name], name)
+    identity = {name: config[name].to_dict()}
+    identity.update({k: _plain(config[k]) for k in SHARED_SECTIONS if k in config})
+    mesh = sharding.make_mesh(sharding.MeshConfig(**config[name].mesh.to_dict()))
+    sharding.check_batch_size(config[name].train.global_batch_size, mesh)
+    with Workdir(root / name, identity) as wd:
+        yield StageContext(name, config, root, wd.path, mesh, identity)
+
+
+def _plain(value: Any) -> Any:
+    return value.to_dict() if isinstance(value, ConfigDict) else value
+
+
+def run(ctx: StageContext, **stage_fields) -> dict[str, Any]:
+    """Runs the stage in the one loop, with the stage's metrics under its own name."""
+    stage = loop.Stage(
+        name=ctx.name,
+        directory=ctx.directory,
+        mesh=ctx.mesh,
+        metrics_prefix=ctx.name,
+        **stage_fields,
+    )
+    return loop.run(stage, loop.LoopConfig.from_config(ctx.section.train))
+
+
+def process_share() -> dict[str, int]:
+    """This process's place among all, for batch iterators."""
+    return {"process_index": jax.process_index(), "process_count": jax.process_count()}

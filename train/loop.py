@@ -1,0 +1,373 @@
+"""THE training loop: every stage (pretraining, SFT, reward model, PPO, DPO, GRPO) runs here.
+
+A stage hands the loop a `Stage`: its state, a jitted step `(state, batch, rng) -> (state,
+metrics)`, batches with a saveable position, and optional `evaluate` and `finish`
+functions. The loop owns everything else, for every stage alike:
+  - progress (units/s, MFU where the stage gives a FLOP count, ETA) on process 0;
+  - metrics read one step late, so the host never waits for the device between steps;
+    JSONL and TensorBoard every `log_every` steps (train.metrics_writer);
+  - evaluation every `eval_every` steps and after the last;
+  - checkpoints every `checkpoint_every` steps (train.checkpoint, one layout), and a final
+    one holding the stage's results: a stage is finished when that one exists;
+  - exact resume: the newest readable checkpoint restores the state, the batch position
+    and the stage's host-side state; a run that starts from scratch says so and keeps the
+    earlier metrics;
+  - SIGTERM / SIGINT: save, then raise `Interrupted` (a stopped stage is not finished);
+  - non-finite steps (the update is never applied, train.gradients): stop with a
+    diagnostic, or skip and count them with `train.skip_nonfinite=True`;
+  - a profiler trace of `profile_steps` steps from `profile_start` on request.
+Everything jitted lives in the stages' step functions; this file holds the side effects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from train import sharding
+from train.checkpoint import Checkpointer, abstract_like
+from train.metrics_writer import MetricsWriter, keep_history
+from train.state import TrainState
+from train.workdir import RESUMABLE_PREFIXES, config_differences, differences_message
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+class Interrupted(RuntimeError):
+    """The run was stopped by a signal after saving a checkpoint; rerun to resume."""
+
+
+class Batches(Protocol):
+    """An endless batch iterator whose position can be saved and restored."""
+
+    def __next__(self) -> dict: ...
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The `train` section every stage's config has (the loop's part of it)."""
+
+    num_steps: int
+    log_every: int = 10
+    eval_every: int = 200
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    keep_best: int = 1
+    skip_nonfinite: bool = False  # False: stop at a non-finite loss/grad/update
+    seed: int = 0
+    peak_flops: float = 0.0  # per device, for MFU; 0 = look the device kind up
+    profile_start: int = 0  # 0: no trace; else trace `profile_steps` steps from this one
+    profile_steps: int = 3
+
+    def __post_init__(self):
+        for name in ("num_steps", "log_every", "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"train.keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+    @classmethod
+    def from_config(cls, train: ConfigDict | dict) -> LoopConfig:
+        train = dict(train)
+        return cls(**{f.name: train[f.name] for f in dataclasses.fields(cls) if f.name in train})
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage as the loop sees it."""
+
+    name: str
+    directory: Path  # the stage directory: checkpoints/, metrics.jsonl, tensorboard/
+    state: TrainState  # the initial state, already sharded
+    step: Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict]]
+    batches: Batches  # numpy batches are split over the mesh's batch axes
+    mesh: Any
+    meta: dict  # the stage, its config, model config, tokenizer identity
+    metrics_prefix: str = "train"
+    unit: str = "tokens"  # what `units_per_step` counts, for throughput
+    units_per_step: float = 0.0
+    flops_per_unit: float = 0.0  # 0: no MFU
+    evaluate: Callable[[TrainState], dict[str, float]] | None = None
+    finish: Callable[[TrainState], tuple[TrainState, dict]] | None = None
+    host_state: Callable[[], dict] | None = None  # algorithm state kept on the host ...
+    set_host_state: Callable[[dict], None] | None = None  # ... saved with every checkpoint
+    best_metric: str = "eval/loss"
+    progress_keys: tuple[str, ...] = ("loss",)
+
+
+class StopSignals:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to save and stop; a second
+    SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {
+            s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)
+        }
+
+    def _handle(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def run(stage: Stage, cfg: LoopConfig) -> dict[str, Any]:
+    """Runs `stage` to `cfg.num_steps` (resuming from its checkpoints) and returns its
+    results: the last logged metrics and what `stage.finish` returned. Afterwards
+    `stage.state` is the final state (the initial one was donated to the first step)."""
+    ckpt = Checkpointer(
+        stage.directory / "checkpoints", cfg.keep_checkpoints, cfg.keep_best, stage.best_metric
+    )
+    try:
+        start, stage.state, final = _restore(stage, ckpt, cfg)
+        if final is not None:
+            log.info("%s: already finished at step %d", stage.name, start)
+            return final
+        run_ = _Run(stage, cfg, ckpt, start, stage.state)
+        try:
+            return run_.loop()
+        finally:
+            stage.state = run_.state
+    finally:
+        ckpt.close()
+
+
+def _restore(stage: Stage, ckpt: Checkpointer, cfg: LoopConfig):
+    restored = ckpt.restore_latest(abstract_like(stage.state))
+    if restored is None:
+        moved = keep_history(stage.directory)
+        if moved is not None:
+            log.warning(
+                "%s: no readable checkpoint in %s: starting from scratch; the earlier "
+                "metrics are kept in %s",
+                stage.name,
+                ckpt.directory,
+                moved,
+            )
+        return 0, stage.state, None
+    step, state, data_state, meta = restored
+    _check_same_experiment(stage, meta, step)
+    if meta.get("final") is not None and step >= cfg.num_steps:
+        return step, state, meta["final"]
+    stage.batches.set_state(data_state["batches"])
+    if stage.set_host_state is not None:
+        stage.set_host_state(data_state.get("host", {}))
+    log.info("%s: resumed from step %d", stage.name, step)
+    return step, state, None
+
+
+def _check_same_experiment(stage: Stage, meta: dict, step: int) -> None:
+    where = f"the checkpoint of step {step} in {stage.directory}"
+    old_tok, new_tok = meta.get("tokenizer", {}), stage.meta.get("tokenizer", {})
+    if old_tok.get("sha256") != new_tok.get("sha256"):
+        raise ValueError(
+            f"{where} was written with another tokenizer (sha256 "
+            f"{str(old_tok.get('sha256'))[:12]}, now {str(new_tok.get('sha256'))[:12]}); the "
+            "prepared data changed since: restore it, or use a new workdir"
+        )
+    diffs = config_differences(meta.get("config", {}), stage.meta.get("config", {}))
+    diffs = [d for d in diffs if not d.startswith(RESUMABLE_PREFIXES)]
+    diffs += config_differences(meta.get("model", {}), stage.meta.get("model", {}))
+    if diffs:
+        raise ValueError(differences_message(where, diffs))
+
+
+class _Run:
+    """The state of one run of the loop (split out of `run` to keep each part short)."""
+
+    def __init__(self, stage: Stage, cfg: LoopConfig, ckpt: Checkpointer, start: int, state):
+        self.stage, self.cfg, self.ckpt, self.start, self.state = stage, cfg, ckpt, start, state
+        self.writer = MetricsWriter(stage.directory, resume_step=start)
+        self.last: dict[str, float] = {}
+        self.skipped = 0
+        self.pending: tuple[int, dict] | None = None  # metrics still on the device
+        self.window = (time.perf_counter(), 0)
+        peak = cfg.peak_flops or _peak_flops(jax.devices()[0].device_kind)
+        self.flops_per_s = peak * jax.device_count() if stage.flops_per_unit else 0.0
+        self.progress = tqdm(
+            total=cfg.num_steps,
+            initial=start,
+            disable=jax.process_index() != 0,
+            desc=stage.name,
+            unit="step",
+            dynamic_ncols=True,
+        )
+
+    def loop(self) -> dict[str, Any]:
+        stage, cfg = self.stage, self.cfg
+        rng = jax.random.key(cfg.seed)
+        signals = StopSignals()
+        try:
+            for step in range(self.start + 1, cfg.num_steps + 1):
+                self.ckpt.check()  # a failed background save stops the run now
+                with self._maybe_profile(step):
+                    batch = _on_mesh(next(stage.batches), stage.mesh)
+                    with jax.profiler.StepTraceAnnotation(stage.name, step_num=step):
+                        self.state, metrics = stage.step(self.state, batch, rng)
+                self._flush()
+                self.pending = (step, metrics)
+                self.progress.update(1)
+                last = step == cfg.num_steps
+                eval_metrics = self._evaluate(step) if step % cfg.eval_every == 0 else None
+                if signals.received or (step % cfg.checkpoint_every == 0 and not last):
+                    self._flush()  # never save a state whose step was not checked
+                    self._save(step, eval_metrics)
+                if signals.received:
+                    raise Interrupted(
+                        f"{stage.name} stopped by {signals.received} after step {step}; a "
+                        f"checkpoint was saved in {self.ckpt.directory}: run the same command "
+                        "to resume"
+                    )
+            return self._finish()
+        finally:
+            signals.restore()
+            self.progress.close()
+            self.writer.close()
+
+    def _finish(self) -> dict[str, Any]:
+        self._flush()
+        stage, cfg = self.stage, self.cfg
+        if cfg.num_steps % cfg.eval_every:
+            self._evaluate(cfg.num_steps)
+        results: dict[str, Any] = dict(self.last)
+        if stage.finish is not None:
+            self.state, extra = stage.finish(self.state)
+            results.update(extra)
+        results[f"{stage.metrics_prefix}/skipped_steps"] = self.skipped
+        self._save(cfg.num_steps, None, final=results)
+        return results
+
+    def _evaluate(self, step: int) -> dict[str, float] | None:
+        if self.stage.evaluate is None:
+            return None
+        self._flush()
+        metrics = self.stage.evaluate(self.state)
+        self.writer.write(step, metrics)
+        self.last.update(metrics)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        self.progress.write(f"{self.stage.name} step {step}: {shown}")
+        return metrics
+
+    def _save(self, step: int, eval_metrics: dict | None, final: dict | None = None) -> None:
+        stage = self.stage
+        data = {"batches": stage.batches.get_state()}
+        if stage.host_state is not None:
+            data["host"] = stage.host_state()
+        meta = {**stage.meta, "final": final} if final is not None else stage.meta
+        self.ckpt.save(step, self.state, _plain(data), _plain(meta), metrics=eval_metrics)
+
+    def _flush(self) -> None:
+        """Reads the pending step's metrics (by now the device has moved on), checks them,
+        logs every `log_every` steps."""
+        if self.pending is None:
+            return
+        step, metrics = self.pending
+        self.pending = None
+        metrics = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+        self._check_finite(step, metrics)
+        start, steps = self.window
+        self.window = (start, steps + 1)
+        if step % self.cfg.log_every == 0 or step == self.cfg.num_steps:
+            self._log(step, metrics)
+
+    def _check_finite(self, step: int, metrics: dict[str, float]) -> None:
+        bad = [
+            k.removeprefix("nonfinite_")
+            for k, v in metrics.items()
+            if k.startswith("nonfinite_") and v
+        ]
+        if not bad:
+            return
+        detail = ", ".join(f"{k}={metrics[k]}" for k in ("loss", "grad_norm") if k in metrics)
+        if not self.cfg.skip_nonfinite:
+            raise NonFiniteError(
+                f"{self.stage.name}: non-finite {' and '.join(bad)} at step {step} ({detail}); "
+                "the update was not applied and no checkpoint was written after it. Lower the "
+                "learning rate, or set --config.train.skip_nonfinite=True (for a pipeline "
+                "stage: --config.STAGE.train.skip_nonfinite=True) to skip such steps"
+            )
+        self.skipped += 1
+        log.warning("%s: skipped step %d: non-finite %s (%s)", self.stage.name, step, bad, detail)
+
+    def _log(self, step: int, metrics: dict[str, float]) -> None:
+        stage = self.stage
+        start, steps = self.window
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        record = {f"{stage.metrics_prefix}/{k}": v for k, v in metrics.items()}
+        record[f"{stage.metrics_prefix}/skipped_steps"] = self.skipped
+        postfix = {k: f"{metrics[k]:.4g}" for k in stage.progress_keys if k in metrics}
+        if stage.units_per_step:
+            rate = steps * stage.units_per_step / elapsed
+            record[f"{stage.metrics_prefix}/{stage.unit}_per_s"] = rate
+            postfix[f"{stage.unit}/s"] = f"{rate:,.0f}"
+            if self.flops_per_s:
+                mfu = stage.flops_per_unit * rate / self.flops_per_s
+                record[f"{stage.metrics_prefix}/mfu"] = mfu
+                postfix["mfu"] = f"{mfu:.1%}"
+        self.writer.write(step, record)
+        self.last.update(record)
+        self.progress.set_postfix(postfix)
+        self.window = (time.perf_counter(), 0)
+
+    @contextlib.contextmanager
+    def _maybe_profile(self, step: int) -> Iterator[None]:
+        first, n = self.cfg.profile_start, self.cfg.profile_steps
+        if first and step == first:
+            self._flush()
+            jax.profiler.start_trace(str(self.stage.directory / "profile"))
+        try:
+            yield
+        finally:
+            if first and step == first + n - 1:
+                jax.block_until_ready(self.state)
+                jax.profiler.stop_trace()
+                self.progress.write(
+                    f"profile of steps {first}-{step} in {self.stage.directory}/profile"
+                )
+
+
+def _on_mesh(batch: dict, mesh) -> dict:
+    """Process-local numpy rows become global arrays split over the batch axes."""
+    if all(isinstance(v, jax.Array) for v in batch.values()):
+        return batch
+    return sharding.to_global_batch(batch, mesh)
+
+
+def _plain(tree: Any) -> Any:
+    """JSON-safe copy (numpy scalars to Python numbers); also detaches it from later edits."""
+    if isinstance(tree, dict):
+        return {str(k): _plain(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return [_plain(v) for v in tree]
+    if isinstance(tree, np.generic):
+        return tree.item()
+    return tree
+
+
+def _peak_flops(device_kind: str) -> float:
+    from train.flops import peak_flops_of
+
+    return peak_flops_of(device_kind) or 0.0
