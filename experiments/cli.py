@@ -19,6 +19,7 @@ import errno
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from absl import app, flags
 
@@ -82,6 +83,55 @@ def _parse_flags(argv: list[str]) -> list[str]:
         raise  # unreachable
 
 
+def define_config(default: str, help_text: str, **kwargs) -> None:
+    """`--config=FILE` with `--config.FIELD=VALUE` overrides. ml_collections applies the
+    overrides while the flag is defined, at import: a bad file or field is reported here."""
+    from ml_collections import config_flags
+
+    path = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), default)
+    if not Path(path.split(":")[0]).is_file():
+        _fail(f"the config file {path!r} does not exist; see experiments/configs/", EXIT_BAD_INPUT)
+    try:
+        config_flags.DEFINE_config_file("config", default, help_text, **kwargs)
+    except Exception as error:  # noqa: BLE001 - the user's config file or override
+        if "--verbose" in sys.argv:
+            raise
+        _fail(_config_problem(error, default), EXIT_BAD_INPUT)
+
+
+def _config_problem(error: BaseException, default: str) -> str:
+    """One line for a config that failed to load: the unknown field, or the file's error."""
+    path = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), default)
+    try:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("user_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+    except Exception as load_error:  # noqa: BLE001
+        return f"cannot load the config file {path!r}: {_first_line(load_error)}"
+    for arg in sys.argv:
+        if not arg.startswith("--config."):
+            continue
+        field = arg[len("--config.") :].split("=", 1)[0]
+        node = config
+        for part in field.split("."):
+            if not hasattr(node, "keys") or part not in node.keys():
+                known = sorted(node.keys()) if hasattr(node, "keys") else []
+                return (
+                    f"unknown config field {field!r} in {arg}; the fields there are: "
+                    + ", ".join(known)
+                )
+            node = node[part]
+    return f"bad --config or --config.* override: {_first_line(error)}"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
+
+
 def main(run: Callable[[], None]) -> None:
     """Parses the flags, sets up, runs `run()` and maps user errors to exit statuses."""
 
@@ -104,13 +154,10 @@ def stage_main(run: Callable, needs: str) -> None:
     """`python -m experiments.STAGE --config=CONFIG --workdir=DIR`: one post-training stage of
     the pipeline directory DIR (which holds `needs`); prints its results as JSON."""
     import json
-    from pathlib import Path
-
-    from ml_collections import config_flags
 
     from experiments.configs import posttrain_tiny
 
-    config_flags.DEFINE_config_file("config", posttrain_tiny.__file__, "pipeline config")
+    define_config(posttrain_tiny.__file__, "pipeline config")
     flags.DEFINE_string("workdir", "runs/pipeline", f"the pipeline directory (holds {needs})")
 
     def go() -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from absl import flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 
 from experiments import cli
 
@@ -110,7 +110,7 @@ def run(config: ConfigDict, root: Path) -> dict:
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "pipeline config")
+    cli.define_config(DEFAULT_CONFIG, "pipeline config")
     flags.DEFINE_string("workdir", "runs/pipeline", "where every stage and the report go")
 
     def main() -> None:

@@ -12,14 +12,11 @@ import json
 from pathlib import Path
 
 from absl import flags
-from ml_collections import config_flags
 
 from experiments import cli
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "stdlib_tiny.py")
-config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "experiment config file", lock_config=True
-)
+cli.define_config(DEFAULT_CONFIG, "experiment config file", lock_config=True)
 flags.DEFINE_string("workdir", "runs/stdlib_tiny", "where checkpoints, metrics and plots go")
 FLAGS = flags.FLAGS
 

@@ -1,14 +1,13 @@
 """Small builders shared by the tests."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from model.transformer import LanguageModel
 from train import sharding
 from train.optim import OptimConfig, make_optimizer
 from train.pretrain_step import StepConfig, make_pretrain_step
-from train.state import create_train_state
+from train.state import create_train_state, init_fn
 
 
 def random_lm_batch(seed: int, batch: int, length: int, vocab: int, packed: bool = True) -> dict:
@@ -33,22 +32,17 @@ def random_lm_batch(seed: int, batch: int, length: int, vocab: int, packed: bool
 
 
 def build_training(
-    cfg, mesh, optim=OptimConfig(total_steps=100, warmup_steps=5), step_cfg=StepConfig()
+    cfg,
+    mesh,
+    optim=OptimConfig(total_steps=100, warmup_steps=5),
+    step_cfg=StepConfig(),
+    tx=None,
 ):
     """(jitted step, state, state shardings) for a LanguageModel on `mesh`."""
     model = LanguageModel(cfg)
-    tx = make_optimizer(optim)
-    example = jnp.zeros((1, 8), jnp.int32)
-    state, shardings = create_train_state(
-        lambda r: model.init(r, example)["params"], tx, mesh, jax.random.key(0)
-    )
-    step = sharding.jit_sharded(
-        make_pretrain_step(model, tx, step_cfg),
-        mesh,
-        in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    tx = tx or make_optimizer(optim)
+    state, shardings = create_train_state(init_fn(model), tx, mesh, jax.random.key(0))
+    step = sharding.jit_step(make_pretrain_step(model, tx, step_cfg), shardings, mesh)
     return step, state, shardings
 
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
+import sys
 
 import numpy as np
 
 from tests.run_helpers import (
+    REPO,
     overrides,
     prepare_char_corpus,
     pretrain_command,
+    pretrained_pipeline,
     run_pretrain,
 )
 from train.metrics_writer import read_metrics
@@ -65,3 +70,75 @@ def test_two_processes_match_one(tmp_path):
     # Equal up to float32 reduction order (gloo's all-reduce sums in another order).
     np.testing.assert_allclose(_losses(tmp_path / "multi"), _losses(tmp_path / "single"), rtol=1e-5)
     assert sorted(int(p.name) for p in (tmp_path / "multi" / "checkpoints").iterdir()) == [2, 4]
+
+
+def _pipeline_command(config_file, workdir, devices: int, extra=()):
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "PYTHONPATH": str(REPO),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.pipeline",
+        f"--config={config_file}",
+        f"--workdir={workdir}",
+        *extra,
+    ]
+    return command, env
+
+
+def test_sft_as_two_processes_matches_one(tmp_path):
+    """Post-training starts as a multi-process job too (nothing touches a JAX backend before
+    jax.distributed.initialize): SFT on 2 processes x 4 devices equals 1 process x 8."""
+    corpus, data_dir = prepare_char_corpus(tmp_path / "corpus")
+    _, root = pretrained_pipeline(tmp_path / "pretrained", corpus, data_dir)
+    config_file = tmp_path / "config.py"
+    config_file.write_text(
+        "from pathlib import Path\n"
+        "from tests.run_helpers import posttrain_config\n\n\n"
+        "def get_config():\n"
+        f"    c = posttrain_config(Path({str(corpus)!r}), Path({str(data_dir)!r}))\n"
+        "    c.stages = 'sft'\n"
+        "    c.sft.mesh.update(data=2, fsdp=4)\n"
+        "    return c\n"
+    )
+    single, multi = (
+        shutil.copytree(root, tmp_path / "single"),
+        shutil.copytree(root, tmp_path / "multi"),
+    )
+    command, env = _pipeline_command(config_file, single, devices=8)
+    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    port = _free_port()
+    processes = []
+    for process_id in range(2):
+        flags = (
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={process_id}",
+        )
+        command, env = _pipeline_command(config_file, multi, devices=4, extra=flags)
+        processes.append(
+            subprocess.Popen(
+                command,
+                env=env,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=400) for p in processes]
+    for p, (_, err) in zip(processes, outputs):
+        assert p.returncode == 0, err[-3000:]
+
+    def sft_losses(directory):
+        rows = read_metrics(directory / "sft" / "metrics.jsonl")
+        return [r["sft/loss"] for r in rows if "sft/loss" in r]
+
+    assert len(sft_losses(single)) == 6
+    np.testing.assert_allclose(sft_losses(multi), sft_losses(single), rtol=1e-5)

@@ -261,3 +261,37 @@ def test_resumed_metrics_writer_drops_rows_of_rerun_steps(tmp_path):
     writer.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+
+
+@pytest.fixture
+def poison_batch_3(monkeypatch):
+    """The third batch a post-training stage draws carries a NaN loss weight."""
+    original = ArrayBatches.__next__
+
+    def poisoned(self):
+        batch = original(self)
+        if self.position == 3:
+            batch = dict(batch)
+            batch["weights"] = batch["weights"].copy()
+            batch["weights"][0, 0] = np.nan
+        return batch
+
+    monkeypatch.setattr(ArrayBatches, "__next__", poisoned)
+
+
+def test_a_nonfinite_sft_step_stops_the_stage_with_a_diagnostic(pipeline, tmp_path, poison_batch_3):
+    config, root = pipeline[0], copy_of(pipeline, tmp_path / "run")
+    with pytest.raises(loop.NonFiniteError, match="sft: non-finite loss and grad at step 3"):
+        sft.run(config, root)
+    assert sorted(int(p.name) for p in (root / "sft" / "checkpoints").iterdir()) == [2]
+    assert finished_results(root / "sft", 6) is None
+
+
+def test_a_nonfinite_sft_step_is_skipped_and_counted_when_configured(
+    pipeline, tmp_path, poison_batch_3
+):
+    config, root = pipeline[0], copy_of(pipeline, tmp_path / "run")
+    config = config.copy_and_resolve_references()
+    config.sft.train.skip_nonfinite = True
+    results = sft.run(config, root)
+    assert results["sft/skipped_steps"] == 1

@@ -71,19 +71,22 @@ def accumulate_gradients(
 def apply_gradients(
     state: TrainState, grads: Any, tx: optax.GradientTransformation, loss: jax.Array | None = None
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update, skipped when the loss or the gradients are not finite.
+    """One optimizer update, skipped when the loss, the gradients or the update itself are
+    not finite (a NaN learning rate makes a finite gradient's update NaN).
 
-    A skipped update leaves params and optimizer state untouched (the step
-    counter still advances, so data and RNG stay aligned); the metrics
-    `nonfinite_loss` / `nonfinite_grad` say which quantity was bad, and the
-    training loop decides whether to stop or to count and carry on.
+    A skipped update leaves params and optimizer state untouched (the step counter still
+    advances, so data and RNG stay aligned); the metrics `nonfinite_loss`,
+    `nonfinite_grad` and `nonfinite_update` say which quantity was bad, and the training
+    loop decides whether to stop or to count and carry on.
     """
     grad_norm = optax.global_norm(grads)
     loss_ok = jnp.isfinite(loss) if loss is not None else jnp.bool_(True)
     grad_ok = jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    update_ok = jnp.isfinite(optax.global_norm(updates))
     params = optax.apply_updates(state.params, updates)
-    keep_new = lambda new, old: jnp.where(loss_ok & grad_ok, new, old)  # noqa: E731
+    ok = loss_ok & grad_ok & update_ok
+    keep_new = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
     new_state = state.replace(
         step=state.step + 1,
         params=jax.tree.map(keep_new, params, state.params),
@@ -93,4 +96,5 @@ def apply_gradients(
         "grad_norm": grad_norm,
         "nonfinite_loss": (~loss_ok).astype(jnp.float32),
         "nonfinite_grad": (~grad_ok).astype(jnp.float32),
+        "nonfinite_update": (~update_ok & loss_ok & grad_ok).astype(jnp.float32),
     }

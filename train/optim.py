@@ -32,7 +32,8 @@ class OptimConfig:
         for name in ("lr", "end_lr", "b1", "b2", "eps", "weight_decay"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
-                raise ValueError(f"optim.{name} must be a finite number > 0, got {value}")
+                bound = "> 0" if name == "lr" else ">= 0"
+                raise ValueError(f"optim.{name} must be a finite number {bound}, got {value}")
         if self.warmup_steps < 0 or self.total_steps <= 0:
             raise ValueError(
                 f"optim.warmup_steps must be >= 0 and total_steps > 0, got {self.warmup_steps} "

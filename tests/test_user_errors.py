@@ -1,0 +1,185 @@
+"""The faults and bad inputs a real user hits: one line naming the problem and what to do,
+a documented exit status (experiments/cli.py), and nothing written before is lost."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from experiments import cli
+from experiments.configs.stdlib_tiny import get_config
+from model.config import get_preset
+from tests.helpers import build_training, random_lm_batch, single_device_mesh
+from tests.run_helpers import REPO, overrides, prepare_char_corpus
+from train import loop
+from train.checkpoint import Checkpointer, CheckpointError
+from train.optim import OptimConfig
+from train.pretrain import train
+from train.workdir import Workdir, WorkdirBusy
+
+
+def _env(devices: int = 1) -> dict:
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "PYTHONPATH": str(REPO),
+    }
+
+
+def _run(*args, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        env=_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _one_line_error(result, status: int, *fragments: str) -> None:
+    assert result.returncode == status, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr[-2000:])
+
+
+def _config(tmp_path, **train_fields):
+    corpus, prepared = prepare_char_corpus(tmp_path)
+    config = get_config()
+    for item in overrides(corpus, prepared, **train_fields):
+        key, value = item[len("--config.") :].split("=", 1)
+        section, field = key.split(".")
+        old = config[section][field]
+        config[section][field] = type(old)(value) if old is not None else value
+    return config
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--config.train.no_such_field=1"], ["no_such_field"]),
+        (["--config=/nonexistent/config.py"], ["/nonexistent/config.py"]),
+        (["--config.train.eval_every=0"], ["train.eval_every must be >= 1"]),
+        (["--config.train.global_batch_size=0"], ["train.global_batch_size must be >= 1"]),
+        (["--config.optim.lr=nan"], ["optim.lr must be a finite number > 0"]),
+    ],
+)
+def test_config_mistakes_are_one_line_and_write_nothing(tmp_path, args, fragments):
+    workdir = tmp_path / "run"
+    result = _run("experiments.pretrain", f"--workdir={workdir}", *args)
+    _one_line_error(result, cli.EXIT_BAD_INPUT, *fragments)
+    assert not workdir.exists()  # validated before config.json (or anything) is written
+
+
+def test_post_training_without_its_predecessor_is_one_line(tmp_path):
+    for stage, missing in (("sft", "pretrain"), ("reward", "sft"), ("ppo", "sft")):
+        result = _run(f"experiments.{stage}", f"--workdir={tmp_path}")
+        _one_line_error(result, cli.EXIT_BAD_INPUT, f"{tmp_path / missing} holds no checkpoints")
+    assert not (tmp_path / "posttrain_data").exists()  # nothing curated or mined first
+
+
+def test_pipeline_checks_every_stage_before_pretraining(tmp_path):
+    result = _run(
+        "experiments.pipeline", f"--workdir={tmp_path / 'p'}", "--config.dpo.train.num_steps=0"
+    )
+    _one_line_error(result, cli.EXIT_BAD_INPUT, "dpo: train.num_steps must be >= 1")
+    assert not (tmp_path / "p" / "pretrain").exists()
+
+
+def test_a_busy_workdir_is_refused_naming_the_holder(tmp_path):
+    config = get_config()
+    with Workdir(tmp_path / "run", config):
+        with pytest.raises(WorkdirBusy, match=f"pid {os.getpid()}"):
+            Workdir(tmp_path / "run", config).__enter__()
+    assert cli.exit_status(WorkdirBusy("x")) == cli.EXIT_BUSY
+    with Workdir(tmp_path / "run", config):  # released on exit (and by the kernel on death)
+        pass
+
+
+def test_a_failed_background_save_stops_with_one_line(tmp_path, monkeypatch):
+    ckpt = Checkpointer(tmp_path / "checkpoints")
+
+    def disk_full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt.manager, "check_for_errors", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device.*free disk space"):
+        ckpt.check()
+    assert cli.exit_status(CheckpointError("x")) == cli.EXIT_BAD_INPUT
+    monkeypatch.undo()
+    ckpt.close()
+
+
+def test_a_nan_learning_rate_update_is_never_applied():
+    cfg = get_preset("tiny")
+    step, state, _ = build_training(cfg, single_device_mesh(), tx=optax.sgd(float("nan")))
+    before = jax.tree.map(np.asarray, state.params)
+    state, metrics = step(state, random_lm_batch(0, 4, 16, cfg.vocab_size), jax.random.key(0))
+    assert float(metrics["nonfinite_update"]) == 1.0 and float(metrics["nonfinite_grad"]) == 0.0
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="optim.lr must be a finite number"):
+        OptimConfig(lr=float("nan"), total_steps=10)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step run with checkpoints at 2 and 4."""
+    root = tmp_path_factory.mktemp("trained")
+    config = _config(root, **{"train.num_steps": 4, "train.checkpoint_every": 2})
+    train(config, root / "run")
+    return config, root / "run"
+
+
+def test_all_checkpoints_unreadable_starts_from_scratch_keeping_history(trained, tmp_path, caplog):
+    config, source = trained
+    workdir = shutil.copytree(source, tmp_path / "run")
+    rows_before = (workdir / "metrics.jsonl").read_text()
+    for step_dir in (workdir / "checkpoints").iterdir():
+        for f in step_dir.rglob("*"):
+            if f.is_file():
+                f.write_bytes(b"garbage")
+    with caplog.at_level("WARNING"):
+        train(config, workdir)
+    assert "starting from scratch" in caplog.text
+    kept = list(workdir.glob("metrics.before-*.jsonl"))
+    assert len(kept) == 1 and kept[0].read_text() == rows_before
+    assert len(list((workdir / "checkpoints.unreadable").iterdir())) == 2
+
+
+def test_a_checkpoint_is_never_decoded_with_another_tokenizer(trained, tmp_path):
+    config, source = trained
+    workdir = shutil.copytree(source, tmp_path / "run")
+    # The prepared data and its tokenizer are replaced by another corpus's (fewer characters).
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.txt").write_text("abc abc cab\n" * 200)
+    config = config.copy_and_resolve_references()
+    shutil.rmtree(config.data.dir)
+    config.data.corpus = f"text:{other}"
+    config.train.num_steps = 8
+    with pytest.raises(ValueError, match="another tokenizer"):
+        train(config, workdir)
+    # Reading the model for sampling uses the tokenizer stored with the checkpoint.
+    from train.checkpoint import load_model
+
+    loaded = load_model(workdir)
+    assert loaded.tokenizer.vocab_size > 20
+
+
+def test_sigterm_and_nonfinite_have_their_own_exit_statuses():
+    assert cli.exit_status(loop.Interrupted("x")) == cli.EXIT_INTERRUPTED
+    assert cli.exit_status(loop.NonFiniteError("x")) == cli.EXIT_NONFINITE
+    assert cli.exit_status(RuntimeError("a bug")) is None
