@@ -1,4 +1,4 @@
-"""Post-training: SFT, reward model, PPO, DPO and GRPO on the functional core in `model/` and `train/`.
+"""Post-training: SFT, reward model, PPO, DPO and GRPO on the core in `model/` and `train/`.
 
 chat          chat template on the tokenizer's special tokens, assistant-only weights, packing
 sequences     padded rows: positions/segments from a mask, last-token index, log-probs

@@ -27,7 +27,7 @@ import ast
 import dataclasses
 import difflib
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from pyflakes import checker as pyflakes_checker
 from pyflakes import messages as pyflakes_messages
@@ -270,3 +270,14 @@ def module_names(tree: ast.Module) -> list[str]:
     visit(tree.body)
     names.update(n for node in ast.walk(tree) if isinstance(node, ast.Global) for n in node.names)
     return sorted(names)
+
+
+def verifiable_rewards(
+    answers: Sequence[str],
+    references: Sequence[Reference],
+    weights: RewardWeights = RewardWeights(),
+) -> list[float]:
+    """`verifiable_reward` of each answer against its reference (host side, one per row)."""
+    if len(answers) != len(references):
+        raise ValueError(f"{len(answers)} answers but {len(references)} references")
+    return [verifiable_reward(a, r, weights) for a, r in zip(answers, references)]
