@@ -4,9 +4,8 @@ Shao et al. 2024 (DeepSeekMath), with the variants of DAPO (Yu et al. 2025) and
 Dr. GRPO (Liu et al. 2025) as options. One iteration:
 
   1. sample G responses per prompt (`repeat_for_groups`, then `rlhf.rollout`): rows
-     b*G .. b*G+G-1 of the rollout are the group of prompt b;
-  2. score each response on the host (`rlhf.verifier.verifiable_reward`) -> rewards [N],
-     N = B*G;
+     k*G .. k*G+G-1 of the rollout are the group of prompt k;
+  2. score each response on the host (`rlhf.verifier.verifiable_rewards`) -> rewards [B];
   3. `make_grpo_prepare`: log-probs of the policy (the "old" policy) and, when
      kl_beta > 0, of the frozen reference, at the sampling temperature, and the
      group-relative advantage of every response
@@ -23,7 +22,8 @@ Presets: GRPO = the defaults; DAPO = clip_eps_high=0.28, loss_normalization="tok
 kl_beta=0; Dr. GRPO = std_normalize=False, loss_normalization="constant", kl_beta=0.
 
 Arrays over T = L - 1 follow `rlhf.sequences`: entry t concerns token t + 1.
-Shape letters: N responses (= B prompts * G), G group size, T next-token positions.
+Shape letters: B rows = responses, K prompts, G responses per prompt (B = K * G),
+L tokens per row, T = L - 1 next-token positions.
 """
 
 from __future__ import annotations
@@ -84,16 +84,16 @@ class GRPOConfig:
 
 
 def group_advantages(
-    rewards_N: jax.Array, group_size: int, std_normalize: bool = True
+    rewards_B: jax.Array, group_size: int, std_normalize: bool = True
 ) -> jax.Array:
-    """advantages_N: each reward minus its group's mean, divided by the group's sample std
+    """advantages_B: each reward minus its group's mean, divided by the group's sample std
     (+ ADVANTAGE_EPS) when `std_normalize`. Groups are consecutive rows of G."""
-    rewards_BG = rewards_N.astype(jnp.float32).reshape(-1, group_size)
-    centred_BG = rewards_BG - jnp.mean(rewards_BG, axis=1, keepdims=True)
+    rewards_KG = rewards_B.astype(jnp.float32).reshape(-1, group_size)
+    centred_KG = rewards_KG - jnp.mean(rewards_KG, axis=1, keepdims=True)
     if std_normalize:
-        std_B1 = jnp.std(rewards_BG, axis=1, keepdims=True, ddof=1)
-        centred_BG = centred_BG / (std_B1 + ADVANTAGE_EPS)
-    return centred_BG.reshape(-1)
+        std_K1 = jnp.std(rewards_KG, axis=1, keepdims=True, ddof=1)
+        centred_KG = centred_KG / (std_K1 + ADVANTAGE_EPS)
+    return centred_KG.reshape(-1)
 
 
 def k3_kl(logp_BT: jax.Array, ref_logp_BT: jax.Array) -> jax.Array:
@@ -139,7 +139,7 @@ def grpo_token_terms(
     logp_BT: jax.Array,
     old_logp_BT: jax.Array,
     ref_logp_BT: jax.Array | None,
-    advantages_N: jax.Array,
+    advantages_B: jax.Array,
     mask_BT: jax.Array,
     cfg: GRPOConfig,
 ) -> dict[str, jax.Array]:
@@ -148,7 +148,7 @@ def grpo_token_terms(
     inside = mask_BT > 0
     logp_BT = jnp.where(inside, logp_BT, 0.0)
     old_logp_BT = jnp.where(inside, old_logp_BT, 0.0)
-    advantages_BT = jnp.broadcast_to(advantages_N[:, None], logp_BT.shape)
+    advantages_BT = jnp.broadcast_to(advantages_B[:, None], logp_BT.shape)
     policy_BT = clipped_surrogate(
         logp_BT, old_logp_BT, advantages_BT, cfg.clip_eps_low, cfg.clip_eps_high
     )
@@ -181,38 +181,38 @@ def repeat_for_groups(
 
 
 def make_grpo_prepare(model: nn.Module, cfg: GRPOConfig) -> Callable:
-    """Returns `prepare(params, ref_params, rollout, rewards_N) -> (batch, stats)` (pure).
+    """Returns `prepare(params, ref_params, rollout, rewards_B) -> (batch, stats)` (pure).
 
-    `rollout` = {tokens [N, L], mask [N, L], response_mask [N, T], no_eos [N]} from
-    `rlhf.rollout` over prompts repeated by `repeat_for_groups`; `rewards_N` the host's
+    `rollout` = {tokens [B, L], mask [B, L], response_mask [B, T], no_eos [B]} from
+    `rlhf.rollout` over prompts repeated by `repeat_for_groups`; `rewards_B` the host's
     verifiable rewards. `ref_params` is unused (pass None) when kl_beta == 0. The batch
     is the input of the GRPO step: tokens, mask, response_mask, old_logp,
-    ref_logp (only when kl_beta > 0) and advantages [N].
+    ref_logp (only when kl_beta > 0) and advantages [B].
     """
 
-    def prepare(params, ref_params, rollout, rewards_N):
+    def prepare(params, ref_params, rollout, rewards_B):
         tokens_BL, mask_BL = rollout["tokens"], rollout["mask"]
         response_BT = rollout["response_mask"].astype(jnp.float32)
-        if rewards_N.shape[0] % cfg.group_size:
-            raise ValueError(f"{rewards_N.shape[0]} rewards do not form groups of {cfg.group_size}")
+        if rewards_B.shape[0] % cfg.group_size:
+            raise ValueError(f"{rewards_B.shape[0]} rewards do not form groups of {cfg.group_size}")
         logits_BTV = lm_logits(model, params, tokens_BL, mask_BL, cfg.temperature)
         logp_BT, entropy_BT = log_probs_and_entropy(logits_BTV, tokens_BL)
-        rewards_N = rewards_N.astype(jnp.float32)
-        advantages_N = group_advantages(rewards_N, cfg.group_size, cfg.std_normalize)
+        rewards_B = rewards_B.astype(jnp.float32)
+        advantages_B = group_advantages(rewards_B, cfg.group_size, cfg.std_normalize)
         batch = {
             "tokens": tokens_BL,
             "mask": mask_BL,
             "response_mask": response_BT,
             "old_logp": logp_BT,
-            "advantages": advantages_N,
+            "advantages": advantages_B,
         }
         tokens = jnp.maximum(jnp.sum(response_BT), 1.0)
-        rewards_BG = rewards_N.reshape(-1, cfg.group_size)
+        rewards_KG = rewards_B.reshape(-1, cfg.group_size)
         stats = {
-            "reward_mean": jnp.mean(rewards_N),
-            "reward_std": jnp.std(rewards_N),
+            "reward_mean": jnp.mean(rewards_B),
+            "reward_std": jnp.std(rewards_B),
             # Groups whose rewards are all equal teach nothing (their advantages are 0).
-            "frac_groups_all_equal": jnp.mean(jnp.all(rewards_BG == rewards_BG[:, :1], axis=1)),
+            "frac_groups_all_equal": jnp.mean(jnp.all(rewards_KG == rewards_KG[:, :1], axis=1)),
             "entropy": jnp.sum(entropy_BT * response_BT) / tokens,
             "response_length": jnp.mean(jnp.sum(response_BT, axis=1)),
             "no_eos_frac": jnp.mean(rollout["no_eos"].astype(jnp.float32)),
@@ -280,16 +280,16 @@ def make_grpo_step(
         return state, {**metrics, **update_metrics}
 
     def step(state: TrainState, batch: dict, rng: jax.Array):
-        N = batch["tokens"].shape[0]
+        B = batch["tokens"].shape[0]
         M = cfg.num_minibatches
-        if N % M:
-            raise ValueError(f"rollout batch {N} is not divisible by num_minibatches={M}")
+        if B % M:
+            raise ValueError(f"rollout batch {B} is not divisible by num_minibatches={M}")
         rng = jax.random.fold_in(rng, state.step)
 
         def one_epoch(state, epoch_rng):
             perm_rng, step_rng = jax.random.split(epoch_rng)
-            perm = jax.random.permutation(perm_rng, N)
-            mbs = jax.tree.map(lambda x: x[perm].reshape(M, N // M, *x.shape[1:]), batch)
+            perm = jax.random.permutation(perm_rng, B)
+            mbs = jax.tree.map(lambda x: x[perm].reshape(M, B // M, *x.shape[1:]), batch)
             return jax.lax.scan(minibatch_update, state, (mbs, jax.random.split(step_rng, M)))
 
         state, metrics = jax.lax.scan(one_epoch, state, jax.random.split(rng, cfg.epochs))
