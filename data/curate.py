@@ -2,8 +2,14 @@
 
 Every input document gets exactly one decision. Reasons, in the order they are tested:
 read errors (empty, binary, invalid_utf8, jsonl_invalid_json, jsonl_missing_field),
-`empty` after normalisation, `exact_duplicate`, the quality rules of `data.quality`,
-then `near_duplicate`. The report's counts and bytes add up: kept + dropped = input.
+`empty` after normalisation, `held_out_copy` (the same text as a held-out document),
+`exact_duplicate`, the quality rules of `data.quality`, `held_out_near_copy` (a near
+duplicate of a held-out document), then `near_duplicate`. The report's counts and bytes
+add up: kept + dropped = input.
+
+Held-out documents (`held_out=`, e.g. the standard-library files post-training evaluates
+on) are never kept; they are only compared against, so that a copy of one vendored into
+another package does not leak into pretraining either.
 
 The per-document work (normalisation, quality rules, MinHash) runs in worker processes;
 the order-dependent part (which copy of a duplicate is kept) runs in this process in input
@@ -64,13 +70,27 @@ def _analyse(doc: RawDocument) -> tuple[str | None, str | None, bytes | None, np
     return reason, (None if text == doc.text else text), digest, sig
 
 
+DUPLICATE_REASONS = ("exact_duplicate", "near_duplicate", "held_out_copy", "held_out_near_copy")
+
+
+def _count(table: dict, key: str, nbytes: int) -> None:
+    entry = table.setdefault(key, {"docs": 0, "bytes": 0})
+    entry["docs"] += 1
+    entry["bytes"] += nbytes
+
+
 class CurationReport:
-    """Counts and bytes per decision; `to_dict()` is what lands in curation_report.json."""
+    """Counts and bytes per decision; `to_dict()` is what lands in curation_report.json.
+
+    Documents that carry a package and licence (the python corpus) are also counted,
+    when kept, per licence and per package."""
 
     def __init__(self) -> None:
         self.input = {"docs": 0, "bytes": 0}
         self.kept = {"docs": 0, "bytes": 0}
         self.dropped: dict[str, dict] = {}
+        self.kept_by_license: dict[str, dict] = {}
+        self.kept_by_package: dict[str, dict] = {}
 
     def add(self, doc: RawDocument, reason: str | None) -> None:
         self.input["docs"] += 1
@@ -78,6 +98,10 @@ class CurationReport:
         if reason is None:
             self.kept["docs"] += 1
             self.kept["bytes"] += doc.nbytes
+            if doc.license is not None:
+                _count(self.kept_by_license, doc.license, doc.nbytes)
+            if doc.package is not None:
+                _count(self.kept_by_package, doc.package, doc.nbytes)
             return
         entry = self.dropped.setdefault(reason, {"docs": 0, "bytes": 0, "examples": []})
         entry["docs"] += 1
@@ -87,7 +111,7 @@ class CurationReport:
 
     def to_dict(self) -> dict:
         by_reason = {k: self.dropped[k] for k in sorted(self.dropped)}
-        return {
+        out = {
             "input": dict(self.input),
             "kept": dict(self.kept),
             "dropped": {
@@ -95,7 +119,18 @@ class CurationReport:
                 "bytes": sum(v["bytes"] for v in by_reason.values()),
                 "by_reason": by_reason,
             },
+            # The dedup account at a glance (the same numbers as in by_reason).
+            "duplicates": {
+                reason: by_reason.get(reason, {"docs": 0})["docs"] for reason in DUPLICATE_REASONS
+            },
         }
+        if self.kept_by_license or self.kept_by_package:
+            by_bytes = lambda table: dict(  # noqa: E731
+                sorted(table.items(), key=lambda kv: (-kv[1]["bytes"], kv[0]))
+            )
+            out["kept_by_license"] = by_bytes(self.kept_by_license)
+            out["kept_by_package"] = by_bytes(self.kept_by_package)
+        return out
 
 
 def thresholds() -> dict:
@@ -143,19 +178,41 @@ def _analysed(
             yield pending.popleft(), result
 
 
+class _HeldOut:
+    """Content hashes and MinHash signatures of the held-out documents."""
+
+    def __init__(self, docs: Iterable[RawDocument], seed: int, threshold: float):
+        perm = dedup.permutation_params(seed)
+        self.hashes: set[bytes] = set()
+        self.near = dedup.NearDuplicateIndex(threshold)
+        self.docs = self.bytes = 0
+        for doc in docs:
+            if doc.error:
+                continue  # unreadable: nothing to leak
+            text = normalize(doc.text)
+            self.hashes.add(dedup.content_hash(text))
+            self.near.add_if_new(dedup.minhash_signature(text, *perm))
+            self.docs += 1
+            self.bytes += doc.nbytes
+
+
 def curate(
     docs: Iterable[RawDocument],
     *,
+    held_out: Iterable[RawDocument] = (),
     seed: int = 0,
     num_workers: int | None = None,
     near_dup_threshold: float = dedup.NEAR_DUP_THRESHOLD,
     progress: bool = False,
 ) -> tuple[list[CuratedDocument], dict]:
-    """Kept documents (input order) and the report dict, with throughput in MB/s."""
+    """Kept documents (input order) and the report dict, with throughput in MB/s.
+
+    No kept document is an exact or near copy of a `held_out` document."""
     num_workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1)
     report = CurationReport()
     seen_hashes: set[bytes] = set()
     near = dedup.NearDuplicateIndex(near_dup_threshold)
+    held = _HeldOut(held_out, seed, near_dup_threshold)
     kept: list[CuratedDocument] = []
     start = time.perf_counter()
     stream = _analysed(docs, seed, num_workers)
@@ -165,10 +222,14 @@ def curate(
         stream = tqdm(stream, desc="curating", unit=" docs")
     for doc, (reason, text, digest, sig) in stream:
         if digest is not None:  # exact duplicates outrank quality reasons
-            if digest in seen_hashes:
+            if digest in held.hashes:
+                reason = "held_out_copy"
+            elif digest in seen_hashes:
                 reason = "exact_duplicate"
             else:
                 seen_hashes.add(digest)
+        if reason is None and held.near.find(sig) is not None:
+            reason = "held_out_near_copy"
         if reason is None and near.add_if_new(sig) is not None:
             reason = "near_duplicate"
         report.add(doc, reason)
@@ -176,6 +237,8 @@ def curate(
             kept.append(CuratedDocument(doc.name, doc.kind, text or doc.text, doc.nbytes))
     seconds = time.perf_counter() - start
     result = report.to_dict()
+    if held.docs:
+        result["held_out_reference"] = {"docs": held.docs, "bytes": held.bytes}
     result["thresholds"] = thresholds()
     result["seed"] = seed
     result["throughput"] = {

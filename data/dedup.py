@@ -63,6 +63,10 @@ def minhash_signature(text: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return sig
 
 
+def _band_keys(sig: np.ndarray) -> list[bytes]:
+    return [sig[i * ROWS : (i + 1) * ROWS].tobytes() for i in range(BANDS)]
+
+
 class NearDuplicateIndex:
     """Banded LSH over MinHash signatures; `add_if_new` keeps the first of each cluster."""
 
@@ -71,17 +75,24 @@ class NearDuplicateIndex:
         self._buckets: list[dict[bytes, int]] = [{} for _ in range(BANDS)]
         self._signatures: list[np.ndarray] = []
 
-    def add_if_new(self, sig: np.ndarray) -> int | None:
-        """Adds `sig` and returns None, or returns the index of the near-duplicate it matches."""
-        keys = [sig[i * ROWS : (i + 1) * ROWS].tobytes() for i in range(BANDS)]
+    def find(self, sig: np.ndarray) -> int | None:
+        """The index of a stored signature `sig` near-duplicates, or None (stores nothing)."""
         checked = set()
-        for band, key in enumerate(keys):
+        for band, key in enumerate(_band_keys(sig)):
             other = self._buckets[band].get(key)
             if other is None or other in checked:
                 continue
             checked.add(other)
             if np.mean(self._signatures[other] == sig) >= self.threshold:
                 return other
+        return None
+
+    def add_if_new(self, sig: np.ndarray) -> int | None:
+        """Adds `sig` and returns None, or returns the index of the near-duplicate it matches."""
+        match = self.find(sig)
+        if match is not None:
+            return match
+        keys = _band_keys(sig)
         index = len(self._signatures)
         self._signatures.append(sig)
         for band, key in enumerate(keys):

@@ -1,9 +1,11 @@
 """Raw corpus -> curated, split, tokenized dataset with a tokenizer and a curation report.
 
     python -m data.prepare --corpus=stdlib --out=/tmp/stdlib --vocab_size=8192
+    python -m data.prepare --corpus=python --out=/tmp/python --vocab_size=8192
 
 Writes, into DIR:
-  curation_report.json   what was read, kept and dropped (by reason, with examples)
+  curation_report.json   what was read, kept and dropped (by reason, with examples;
+                         per licence and package for the python corpus)
   tokenizer.model        sentencepiece model (tokenizer.json for --tokenizer=char)
   text/                  curated documents, TFDS array_record dataset (splits train, val)
   train/, val/           token arrays for the loader (see data.store)
@@ -27,7 +29,13 @@ from pathlib import Path
 
 from data import store
 from data.curate import CuratedDocument, curate
-from data.sources import CorpusError, check_spec, iter_documents, parse_spec
+from data.sources import (
+    CorpusError,
+    check_spec,
+    held_out_documents,
+    iter_documents,
+    parse_spec,
+)
 from data.tokenizer import load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1
@@ -128,7 +136,13 @@ def _build(
 ) -> dict:
     started = time.perf_counter()
     docs = iter_documents(spec, max_docs=max_docs, tfds_data_dir=tfds_data_dir)
-    kept, report = curate(docs, seed=seed, num_workers=num_workers, progress=progress)
+    kept, report = curate(
+        docs,
+        held_out=held_out_documents(spec),
+        seed=seed,
+        num_workers=num_workers,
+        progress=progress,
+    )
     report["corpus"] = str(spec)
     (tmp / "curation_report.json").write_text(json.dumps(report, indent=1))
     if len(kept) < 2:
@@ -275,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--corpus",
         default="stdlib",
-        help="stdlib | text:PATH | jsonl:PATH:FIELD | tfds:NAME[:FIELD]",
+        help="stdlib[:holdout=F] | python[:holdout=F] | text:PATH | jsonl:PATH:FIELD"
+        " | tfds:NAME[:FIELD]",
     )
     parser.add_argument("--out", required=True)
     parser.add_argument("--vocab_size", type=int, default=8192)

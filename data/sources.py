@@ -5,9 +5,17 @@ Spec forms:
   stdlib:holdout=F    - the same without the fraction F of files held out for the
                         post-training evaluation (`is_held_out`), so that evaluation
                         never asks for a function the model read during pretraining
+  python              - the standard library, then every site-packages folder of the
+                        running interpreter (data.packages), .py files, tests excluded;
+                        each document carries its package and licence
+  python:holdout=F    - the same without the held-out standard-library files
   text:PATH           - a text file or a folder of files (walked in sorted order)
   jsonl:PATH:FIELD    - JSON Lines file (or folder of *.jsonl), text in FIELD
   tfds:NAME[:FIELD]   - a TFDS catalog dataset (train split), text in FIELD (default "text")
+
+With a holdout, `held_out_documents` yields the held-out files themselves, so that
+curation can also drop copies of them found elsewhere (a vendored backport in
+site-packages, say).
 
 Sources never raise on bad *content*: a file that is binary, empty, not UTF-8, or
 a JSONL line that is not JSON or lacks the field becomes a `RawDocument` with an
@@ -25,6 +33,8 @@ import re
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
+
+from data import packages
 
 CODE_EXTENSIONS = frozenset(
     ".py .pyi .pyx .c .h .cc .cpp .cxx .hpp .hh .js .jsx .ts .tsx .java .go .rs .rb .sh .bash"
@@ -49,36 +59,41 @@ class RawDocument:
     text: str | None  # None when `error` is set
     nbytes: int  # bytes as read; the report's byte counts add these up
     error: str | None = None  # drop reason found while reading
+    package: str | None = None  # python corpus: the distribution (or "stdlib")
+    license: str | None = None  # python corpus: the distribution's licence
 
 
 @dataclasses.dataclass(frozen=True)
 class CorpusSpec:
-    kind: str  # stdlib | text | jsonl | tfds
+    kind: str  # stdlib | python | text | jsonl | tfds
     path: str = ""
     field: str = "text"
-    holdout: float = 0.0  # stdlib only: fraction of files left out (see is_held_out)
+    holdout: float = 0.0  # stdlib, python: fraction of stdlib files left out (is_held_out)
 
     def __str__(self) -> str:
-        if self.kind == "stdlib":
-            return f"stdlib:holdout={self.holdout}" if self.holdout else "stdlib"
+        if self.kind in _HOLDOUT_KINDS:
+            return f"{self.kind}:holdout={self.holdout}" if self.holdout else self.kind
         if self.kind == "text":
             return f"text:{self.path}"
         return f"{self.kind}:{self.path}:{self.field}"
 
 
+_HOLDOUT_KINDS = ("stdlib", "python")
+
+
 def parse_spec(spec: str) -> CorpusSpec:
     """Parses a corpus spec string; raises CorpusError with the accepted forms."""
     kind, _, rest = spec.partition(":")
-    if kind == "stdlib" and not rest:
-        return CorpusSpec("stdlib")
-    if kind == "stdlib" and rest.startswith("holdout="):
+    if kind in _HOLDOUT_KINDS and not rest:
+        return CorpusSpec(kind)
+    if kind in _HOLDOUT_KINDS and rest.startswith("holdout="):
         try:
             holdout = float(rest.removeprefix("holdout="))
         except ValueError:
             holdout = -1.0
         if not 0.0 <= holdout < 1.0:
-            raise CorpusError(f"stdlib:holdout=F needs 0 <= F < 1, got {spec!r}")
-        return CorpusSpec("stdlib", holdout=holdout)
+            raise CorpusError(f"{kind}:holdout=F needs 0 <= F < 1, got {spec!r}")
+        return CorpusSpec(kind, holdout=holdout)
     if kind == "text" and rest:
         return CorpusSpec("text", rest)
     if kind == "jsonl" and rest:
@@ -90,7 +105,7 @@ def parse_spec(spec: str) -> CorpusSpec:
         name, sep, field = rest.partition(":")
         return CorpusSpec("tfds", name, field if sep else "text")
     raise CorpusError(
-        f"unknown corpus spec {spec!r}; use stdlib, stdlib:holdout=F, text:PATH, "
+        f"unknown corpus spec {spec!r}; use stdlib[:holdout=F], python[:holdout=F], text:PATH, "
         "jsonl:PATH:FIELD or tfds:NAME"
     )
 
@@ -122,11 +137,39 @@ def is_held_out(relative_path: str, fraction: float) -> bool:
     return bucket < fraction
 
 
-def _stdlib_documents(holdout: float) -> Iterator[RawDocument]:
+def _stdlib_documents(
+    holdout: float, held_out: bool = False, labelled: bool = False
+) -> Iterator[RawDocument]:
+    """The kept files, or with `held_out` the held-out ones; `labelled` adds the
+    package and licence fields."""
     root = stdlib_root()
     for path in stdlib_files():
-        if not is_held_out(str(path.relative_to(root)), holdout):
-            yield from _file_documents(path, "code")
+        if is_held_out(str(path.relative_to(root)), holdout) == held_out:
+            for doc in _file_documents(path, "code"):
+                if labelled:
+                    doc.package, doc.license = packages.STDLIB_PACKAGE, packages.STDLIB_LICENSE
+                yield doc
+
+
+def _python_documents(holdout: float) -> Iterator[RawDocument]:
+    """Standard library first (so its copy of a vendored module is the one kept), then
+    each site-packages folder, every document labelled with its package and licence."""
+    yield from _stdlib_documents(holdout, labelled=True)
+    for site_dir in packages.site_packages_dirs():
+        owners = packages.file_owners(site_dir)
+        for path in stdlib_files(site_dir):
+            owner = packages.owner_of(path, site_dir, owners)
+            for doc in _file_documents(path, "code"):
+                doc.package, doc.license = owner.package, owner.license
+                yield doc
+
+
+def held_out_documents(spec: CorpusSpec | str) -> Iterator[RawDocument]:
+    """The held-out standard-library files of a stdlib or python spec (none otherwise):
+    curation drops any document that is an exact or near copy of one of them."""
+    spec = parse_spec(spec) if isinstance(spec, str) else spec
+    if spec.kind in _HOLDOUT_KINDS and spec.holdout > 0:
+        yield from _stdlib_documents(spec.holdout, held_out=True)
 
 
 def _walk(root: Path) -> list[Path]:
@@ -254,6 +297,8 @@ def iter_documents(
     check_spec(spec)
     if spec.kind == "stdlib":
         stream = _stdlib_documents(spec.holdout)
+    elif spec.kind == "python":
+        stream = _python_documents(spec.holdout)
     elif spec.kind == "text":
         stream = (d for p in _walk(Path(spec.path)) for d in _file_documents(p))
     elif spec.kind == "jsonl":

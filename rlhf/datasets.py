@@ -22,7 +22,11 @@ def check_held_out(config: ConfigDict) -> None:
     """Refuses a pretraining corpus that contains the evaluation's held-out files."""
     spec = parse_spec(config.pretrain.data.corpus)
     fraction = config.posttrain_data.eval_fraction
-    if spec.kind == "stdlib" and not config.posttrain_data.root and spec.holdout < fraction:
+    if (
+        spec.kind in ("stdlib", "python")
+        and not config.posttrain_data.root
+        and spec.holdout < fraction
+    ):
         raise ValueError(
             f"pretrain.data.corpus={str(spec)!r} includes files that posttrain_data."
             f"eval_fraction={fraction} holds out for evaluation; use "

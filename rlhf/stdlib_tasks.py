@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from data import sources
+from rlhf.verifier import module_names
 
 CORRUPTIONS = ("other_body", "truncation", "shuffled_lines", "renamed_identifiers", "broken_syntax")
 _SKIP_DIRS = frozenset({"idlelib", "turtledemo"})  # GUI code: few self-contained functions
@@ -30,6 +31,9 @@ class FunctionTask:
     name: str
     header: str  # `def ...:` through the docstring, dedented
     body: tuple[str, ...]  # the lines after the docstring
+    # Names bound at the top of the file (rlhf.verifier.module_names): the verifier's
+    # undefined-names check counts them as known.
+    module_names: tuple[str, ...] = ()
 
     @property
     def source(self) -> str:
@@ -65,6 +69,7 @@ def mine_file(path: Path, root: Path, max_chars: int = 1200) -> list[FunctionTas
     except (SyntaxError, UnicodeDecodeError, ValueError):
         return []
     lines = text.splitlines()
+    known = tuple(module_names(tree))
     tasks = []
     for node in _functions(tree):
         if ast.get_docstring(node) is None or len(node.body) < 2:
@@ -74,7 +79,7 @@ def mine_file(path: Path, root: Path, max_chars: int = 1200) -> list[FunctionTas
         indent = len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())
         body = [line[indent:] for line in lines[doc_end : node.end_lineno]]
         body = tuple(line.rstrip() for line in body if line.strip())
-        task = FunctionTask(str(path.relative_to(root)), node.name, header, body)
+        task = FunctionTask(str(path.relative_to(root)), node.name, header, body, known)
         if body and len(task.source) <= max_chars and _parses(task.source):
             tasks.append(task)
     return tasks
@@ -166,6 +171,7 @@ def sft_record(task: FunctionTask) -> dict:
         ],
         "name": task.name,
         "file": task.file,
+        "module_names": list(task.module_names),
     }
 
 

@@ -1,4 +1,4 @@
-"""SFT, reward, DPO and PPO steps: sharded over a mesh they equal the single-device step."""
+"""SFT, reward, DPO, PPO and GRPO steps: sharded over a mesh they equal the single-device step."""
 
 import functools
 
@@ -11,6 +11,7 @@ import pytest
 from model.transformer import LanguageModel
 from rlhf import chat
 from rlhf.dpo import DPOConfig, make_dpo_step, make_reference_log_probs
+from rlhf.grpo import GRPOConfig, make_grpo_prepare, make_grpo_step
 from rlhf.ppo import PPOConfig, make_ppo_step, make_prepare
 from rlhf.reward_model import RewardModel
 from rlhf.reward_step import make_reward_step
@@ -19,7 +20,7 @@ from tests.helpers import single_device_mesh
 from tests.rlhf_helpers import CHAT, TINY, FakeTokenizer, init_lm
 from train import sharding
 from train.optim import OptimConfig, make_optimizer
-from train.state import create_train_state, state_logical_specs
+from train.state import create_train_state, param_shardings, state_logical_specs
 
 # A small step: Adam divides by sqrt(v), which magnifies rounding in near-zero gradients.
 TX = make_optimizer(OptimConfig(lr=1e-4, warmup_steps=0, total_steps=10, schedule="constant"))
@@ -93,6 +94,34 @@ def _ppo_batch():
 PPO_CFG = PPOConfig(temperature=0.8, epochs=2, num_minibatches=2)
 
 
+GRPO_CFG = GRPOConfig(group_size=4, kl_beta=0.1, clip_eps_high=0.28, epochs=2, num_minibatches=2)
+
+
+def _grpo_rollout():
+    """Synthetic rollouts (prompt | response | pad), four groups of four, and rewards."""
+    rng = np.random.default_rng(3)
+    B, L = 16, 14
+    plen = rng.integers(2, 5, B)
+    end = plen + rng.integers(1, L - 4, B)
+    i = np.arange(L)
+    rollout = {
+        "tokens": rng.integers(3, TINY.vocab_size, (B, L)).astype(np.int32),
+        "mask": (i < end[:, None]).astype(np.int32),
+        "response_mask": ((i >= plen[:, None]) & (i < end[:, None]))[:, 1:].astype(np.int32),
+        "no_eos": rng.integers(0, 2, B).astype(bool),
+    }
+    return rollout, rng.uniform(0, 1, B).astype(np.float32)
+
+
+@functools.cache
+def _grpo_batch():
+    lm, params = init_lm()
+    _, ref_params = init_lm(seed=1)
+    prepare = jax.jit(make_grpo_prepare(lm, GRPO_CFG))
+    batch, _ = prepare(params, ref_params, *_grpo_rollout())
+    return jax.tree.map(np.asarray, batch)
+
+
 def _ppo_init(rng):
     return {
         "policy": LanguageModel(TINY).init(rng, EXAMPLE)["params"],
@@ -120,6 +149,11 @@ STAGES = {
         lambda: make_ppo_step(LanguageModel(TINY), RewardModel(TINY), TX, PPO_CFG),
         _ppo_init,
         _ppo_batch,
+    ),
+    "grpo": (
+        lambda: make_grpo_step(LanguageModel(TINY), TX, GRPO_CFG),
+        lambda r: LanguageModel(TINY).init(r, EXAMPLE)["params"],
+        _grpo_batch,
     ),
 }
 
@@ -162,6 +196,8 @@ CASES = [
     ("dpo", dict(data=2, fsdp=2, tensor=2)),
     ("ppo", dict(data=2, fsdp=2, tensor=2)),
     ("ppo", dict(data=8)),
+    ("grpo", dict(data=2, fsdp=2, tensor=2)),
+    ("grpo", dict(fsdp=8)),
 ]
 
 
@@ -183,3 +219,27 @@ def test_sharded_step_matches_single_device(stage, mesh_shape):
         np.testing.assert_allclose(
             np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path)
         )
+
+
+def test_grpo_prepare_sharded_matches_single_device():
+    """Groups span devices (rows of a group on different shards): same advantages, same
+    log-probs."""
+    reference = _grpo_batch()
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    lm, params = init_lm()
+    _, ref_params = init_lm(seed=1)
+    params_sh = param_shardings(lambda r: lm.init(r, EXAMPLE)["params"], mesh)
+    prepare = sharding.jit_sharded(
+        make_grpo_prepare(lm, GRPO_CFG),
+        mesh,
+        in_shardings=(
+            params_sh,
+            params_sh,
+            sharding.batch_sharding(mesh),
+            sharding.batch_sharding(mesh),
+        ),
+        out_shardings=(sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+    )
+    batch, _ = prepare(params, ref_params, *_grpo_rollout())
+    for key, value in reference.items():
+        np.testing.assert_allclose(np.asarray(batch[key]), value, rtol=1e-5, atol=1e-5, err_msg=key)

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -160,23 +161,30 @@ def test_all_checkpoints_unreadable_starts_from_scratch_keeping_history(trained,
 
 
 def test_a_checkpoint_is_never_decoded_with_another_tokenizer(trained, tmp_path):
+    """The prepared data folder is deleted and the corpus file changed in place: resuming
+    would retrain the tokenizer; it is refused, naming both tokenizers."""
     config, source = trained
-    workdir = shutil.copytree(source, tmp_path / "run")
-    # The prepared data and its tokenizer are replaced by another corpus's (fewer characters).
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "a.txt").write_text("abc abc cab\n" * 200)
     config = config.copy_and_resolve_references()
-    shutil.rmtree(config.data.dir)
-    config.data.corpus = f"text:{other}"
-    config.train.num_steps = 8
-    with pytest.raises(ValueError, match="another tokenizer"):
-        train(config, workdir)
+    config.train.num_steps = 8  # continue the run
+    workdir = shutil.copytree(source, tmp_path / "run")
+    corpus, data_dir = Path(config.data.corpus.removeprefix("text:")), Path(config.data.dir)
+    saved = {p: p.read_bytes() for p in corpus.iterdir()}
+    shutil.copytree(data_dir, tmp_path / "data_backup")
+    try:
+        shutil.rmtree(data_dir)
+        for path in saved:
+            path.write_text("abc abc cab\n" * 200)
+        with pytest.raises(ValueError, match="another tokenizer"):
+            train(config, workdir)
+    finally:
+        for path, data in saved.items():
+            path.write_bytes(data)
+        shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.copytree(tmp_path / "data_backup", data_dir)
     # Reading the model for sampling uses the tokenizer stored with the checkpoint.
     from train.checkpoint import load_model
 
-    loaded = load_model(workdir)
-    assert loaded.tokenizer.vocab_size > 20
+    assert load_model(workdir).tokenizer.vocab_size > 20
 
 
 def test_sigterm_and_nonfinite_have_their_own_exit_statuses():
