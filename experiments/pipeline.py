@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def stage_runners() -> dict[str, Callable[[ConfigDict, Path], dict]]:
-    from experiments import dpo, ppo, reward, sft
+    from experiments import dpo, grpo, ppo, reward, sft
 
-    return {"sft": sft.run, "reward": reward.run, "ppo": ppo.run, "dpo": dpo.run}
+    return {"sft": sft.run, "reward": reward.run, "ppo": ppo.run, "grpo": grpo.run, "dpo": dpo.run}
 
 
 def stage_names(config: ConfigDict) -> list[str]:

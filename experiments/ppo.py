@@ -23,46 +23,8 @@ from rlhf.evaluation import held_out_evaluator
 from rlhf.ppo import KLController, PPOConfig, reward_model_fn
 from rlhf.ppo_iteration import make_ppo_iteration
 from rlhf.reward_model import RewardModel
-from rlhf.rollout import prompt_batch
 from train.metrics_writer import read_metrics
 from train.state import init_fn, state_with_params
-
-
-class PromptBatches:
-    """Iteration k's prompts depend on (seed, k) alone, so a resumed run draws the same;
-    each process gets its rows of the global batch."""
-
-    def __init__(self, prompts: list, batch_size: int, length: int, pad_id: int, seed: int):
-        if len(prompts) < batch_size:
-            raise ValueError(
-                f"only {len(prompts)} prompts fit ppo.data.max_prompt_len for a batch of "
-                f"{batch_size}; lower ppo.train.global_batch_size or raise max_prompt_len"
-            )
-        self.prompts, self.batch_size, self.length, self.pad_id = (
-            prompts,
-            batch_size,
-            length,
-            pad_id,
-        )
-        self.seed, self.position = seed, 0
-        share = stage.process_share()
-        per = batch_size // share["process_count"]
-        self.rows = slice(share["process_index"] * per, (share["process_index"] + 1) * per)
-
-    def __next__(self) -> dict:
-        self.position += 1
-        rng = np.random.default_rng([self.seed, self.position])
-        chosen = rng.choice(len(self.prompts), self.batch_size, replace=False)
-        prompts_BP, lengths_B = prompt_batch(
-            [self.prompts[i] for i in chosen], self.pad_id, self.length
-        )
-        return {"prompts": prompts_BP[self.rows], "lengths": lengths_B[self.rows]}
-
-    def get_state(self) -> dict:
-        return {"position": self.position}
-
-    def set_state(self, state: dict) -> None:
-        self.position = int(state["position"])
 
 
 def ppo_config(section: ConfigDict) -> PPOConfig:
@@ -150,12 +112,13 @@ def run(config: ConfigDict, root: Path) -> dict:
             ctx,
             state=state,
             step=step,
-            batches=PromptBatches(
+            batches=datasets.PromptBatches(
                 prompts,
                 pc.train.global_batch_size,
                 pc.data.max_prompt_len,
                 sft.tokenizer.pad_id,
                 pc.train.seed,
+                **stage.process_share(),
             ),
             meta=ctx.meta(sft, lm_params="policy"),
             unit="samples",

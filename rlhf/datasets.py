@@ -14,6 +14,7 @@ from ml_collections import ConfigDict
 
 from data.sources import parse_spec
 from rlhf import chat, stdlib_tasks
+from rlhf.rollout import prompt_batch
 
 SETS = ("sft_train", "sft_eval", "pairs_train", "pairs_eval")
 
@@ -78,3 +79,55 @@ def prompts_of(records: list[dict], tokenizer, max_prompt_len: int) -> tuple[lis
             out.append(ids)
             kept.append(r)
     return out, kept
+
+
+class PromptBatches:
+    """Prompts for the RL stages (PPO, GRPO): iteration k's prompts depend on (seed, k)
+    alone, so a resumed run draws the same. Each prompt is repeated `group_size` times in
+    consecutive rows (GRPO's groups; 1 for PPO). Each process gets its rows of the global
+    batch; "index" says which prompt (of the list given) a row holds."""
+
+    def __init__(
+        self,
+        prompts: list,
+        num_prompts: int,
+        length: int,
+        pad_id: int,
+        seed: int,
+        group_size: int = 1,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        if len(prompts) < num_prompts:
+            raise ValueError(
+                f"only {len(prompts)} prompts fit the stage's data.max_prompt_len for "
+                f"{num_prompts} per step; lower train.global_batch_size or raise max_prompt_len"
+            )
+        rows = num_prompts * group_size
+        if rows % process_count:
+            raise ValueError(f"{rows} rows per step do not split over {process_count} processes")
+        self.prompts, self.num_prompts, self.length = prompts, num_prompts, length
+        self.pad_id, self.seed, self.group_size = pad_id, seed, group_size
+        per = rows // process_count
+        self.rows = slice(process_index * per, (process_index + 1) * per)
+        self.position = 0
+
+    def __next__(self) -> dict:
+        self.position += 1
+        rng = np.random.default_rng([self.seed, self.position])
+        chosen = rng.choice(len(self.prompts), self.num_prompts, replace=False)
+        index = np.repeat(chosen, self.group_size).astype(np.int32)
+        prompts_BP, lengths_B = prompt_batch(
+            [self.prompts[i] for i in index], self.pad_id, self.length
+        )
+        return {
+            "prompts": prompts_BP[self.rows],
+            "lengths": lengths_B[self.rows],
+            "index": index[self.rows],
+        }
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.position = int(state["position"])

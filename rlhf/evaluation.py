@@ -16,6 +16,7 @@ import numpy as np
 from rlhf.chat import ChatTokens
 from rlhf.ground_truth import ground_truth
 from rlhf.rollout import prompt_batch, response_ids
+from rlhf.verifier import Reference
 from train import sharding
 
 
@@ -78,7 +79,8 @@ def ground_truth_of(
     )
     answers = [tokenizer.decode(ids) for r in rollouts for ids in response_ids(r, end)]
     scores = np.concatenate([r["score"] for r in rollouts]).tolist() if score_fn else None
-    result = ground_truth(answers, [r["name"] for r in records], scores)
+    references = [Reference.from_sft_record(r) for r in records]
+    result = ground_truth(answers, [r["name"] for r in records], scores, references)
     result["examples"] = answers[:3]
     return result
 

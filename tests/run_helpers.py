@@ -113,6 +113,8 @@ def posttrain_config(corpus: Path, data_dir: Path):
     c.ppo.data.update(max_prompt_len=48, max_new_tokens=16)
     c.ppo.train.update(global_batch_size=8, num_steps=4, log_every=1, checkpoint_every=2)
     c.ppo.algorithm.update(epochs=1, num_minibatches=1)
+    c.grpo.data.update(max_prompt_len=48, max_new_tokens=16)
+    c.grpo.train.update(global_batch_size=2, num_steps=4, log_every=1, checkpoint_every=2)
     c.dpo.data.seq_len = 96
     c.dpo.train.update(global_batch_size=8, num_steps=4, log_every=1, checkpoint_every=2)
     c.dpo.optim.warmup_steps = 1

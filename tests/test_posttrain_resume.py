@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from data.array_batches import ArrayBatches
-from experiments import ppo, reward, sft
+from experiments import grpo, ppo, reward, sft
 from experiments.cli import EXIT_INTERRUPTED
 from model.transformer import LanguageModel
 from tests.run_helpers import REPO, prepare_char_corpus, pretrained_pipeline
@@ -164,6 +164,25 @@ def test_ppo_resumes_exactly_after_a_crash(pipeline_for_ppo, tmp_path, monkeypat
     assert without_times(got) == without_times(expected)
     assert got["ppo/beta"] != config.ppo.algorithm.kl_coef
     assert_same_run("ppo", full, killed)
+
+
+def test_grpo_resumes_exactly_after_a_crash(pipeline_for_ppo, tmp_path, monkeypatch, caplog):
+    config = pipeline_for_ppo[0]
+    full = copy_of(pipeline_for_ppo, tmp_path / "full")
+    killed = copy_of(pipeline_for_ppo, tmp_path / "killed")
+    expected = grpo.run(config, full)
+    assert set(expected["ground_truth"]) == {"sft", "grpo"}
+    assert "grpo/check_parses" in expected and "grpo/reward_mean" in expected
+
+    with monkeypatch.context() as m:
+        crash_at(m, 3)
+        with pytest.raises(Crash):
+            grpo.run(config, killed)
+    with caplog.at_level(logging.INFO):
+        got = grpo.run(config, killed)
+    assert "grpo: resumed from step 2" in caplog.text
+    assert without_times(got) == without_times(expected)
+    assert_same_run("grpo", full, killed)
 
 
 def test_sigterm_in_the_pipeline_saves_exits_4_and_the_same_command_resumes(pipeline, tmp_path):

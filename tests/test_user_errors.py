@@ -172,8 +172,8 @@ def test_a_checkpoint_is_never_decoded_with_another_tokenizer(trained, tmp_path)
     shutil.copytree(data_dir, tmp_path / "data_backup")
     try:
         shutil.rmtree(data_dir)
-        for path in saved:
-            path.write_text("abc abc cab\n" * 200)
+        for i, path in enumerate(saved):
+            path.write_text(f"abc cab {i} bca\n" * (100 + 40 * i))
         with pytest.raises(ValueError, match="another tokenizer"):
             train(config, workdir)
     finally:

@@ -14,7 +14,7 @@ from experiments.configs.common import stage_config
 def get_config():
     c = ConfigDict()
     c.seed = 0
-    c.stages = "sft,reward,ppo,dpo"  # post-training stages, in order
+    c.stages = "sft,reward,ppo,grpo,dpo"  # post-training stages, in order
     # A stage directory to start post-training from instead of pretraining (e.g. a model
     # imported with experiments.convert); "" pretrains first.
     c.init_from = ""
@@ -79,6 +79,39 @@ def get_config():
             kl_coef=0.05,  # initial KL coefficient beta
             kl_target=6.0,  # adaptive controller's target KL (0: fixed beta)
             kl_horizon=10_000,  # adaptive controller's horizon
+        ),
+    )
+    c.grpo = stage_config(
+        # global_batch_size: prompts per iteration (each sampled group_size times).
+        data=dict(max_prompt_len=100, max_new_tokens=100),
+        train=dict(
+            global_batch_size=4,
+            num_steps=20,
+            log_every=5,
+            eval_every=20,
+            checkpoint_every=5,
+            keep_best=0,
+        ),
+        optim=dict(lr=2e-5, end_lr=2e-6, warmup_steps=0, **no_decay),
+        algorithm=dict(
+            group_size=4,  # G answers per prompt
+            temperature=1.0,
+            clip_eps_low=0.2,
+            clip_eps_high=0.2,  # DAPO: 0.28
+            kl_beta=0.04,  # k3 KL to the SFT model; 0 skips the reference pass
+            std_normalize=True,  # False: Dr. GRPO
+            loss_normalization="sequence",  # sequence (GRPO) | token (DAPO) | constant (Dr. GRPO)
+            epochs=1,
+            num_minibatches=1,
+            # The verifiable reward (rlhf/verifier.py): 0 unless it parses, else these.
+            reward_weights=dict(
+                parses=0.1,
+                defines_name=0.2,
+                signature=0.2,
+                nontrivial=0.15,
+                no_undefined_names=0.15,
+                similarity=0.2,
+            ),
         ),
     )
     c.dpo = stage_config(
