@@ -276,7 +276,7 @@ def store_tokenizer(stage_dir: Path, files: list[Path]) -> dict:
     if target.is_dir():
         held = tokenizer_identity(sorted(target.iterdir()))
         if held["sha256"] != identity["sha256"]:
-            raise CheckpointError(
+            raise ValueError(
                 f"{stage_dir} was trained with another tokenizer (sha256 {held['sha256'][:12]}, "
                 f"now {identity['sha256'][:12]} from {files[0].parent}); the prepared data "
                 "changed since: restore it, or use a new workdir"
