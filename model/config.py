@@ -154,6 +154,24 @@ PRESETS: dict[str, ModelConfig] = {
         tie_embeddings=False,
         dtype="bfloat16",
     ),
+    # Llama-2-7B shape (Touvron et al. 2023): 6.7B parameters, multi-head attention,
+    # context 4096. With float32 Adam state it needs ~100 GB before activations, more
+    # than one GPU holds unsharded, so it always trains with remat, scanned layers, FSDP.
+    "llama-7b": ModelConfig(
+        vocab_size=32000,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        d_ff=11008,
+        max_len=4096,
+        positional="rope",
+        norm="rmsnorm",
+        activation="swiglu",
+        tie_embeddings=False,
+        dtype="bfloat16",
+        remat="dots",
+        scan_layers=True,
+    ),
 }
 
 

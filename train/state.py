@@ -53,6 +53,28 @@ def state_logical_specs(abstract_boxed_params: Any, tx: optax.GradientTransforma
     return TrainState(step=PartitionSpec(), params=param_specs, opt_state=opt_specs)
 
 
+def _init_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation):
+    def init(rng):
+        params = nn.unbox(init_params(rng))
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+    return init
+
+
+def state_shardings(
+    init_params: Callable[[jax.Array], Any],
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rng: jax.Array,
+) -> TrainState:
+    """NamedShardings of every train-state leaf (nothing allocated); checks they divide evenly."""
+    with sharding.mesh_context(mesh):
+        abstract_boxed = jax.eval_shape(init_params, rng)
+    shardings = sharding.logical_to_mesh(state_logical_specs(abstract_boxed, tx), mesh)
+    sharding.check_divisible(strip_axis_names(abstract_boxed), shardings.params)
+    return shardings
+
+
 def create_train_state(
     init_params: Callable[[jax.Array], Any],
     tx: optax.GradientTransformation,
@@ -64,17 +86,27 @@ def create_train_state(
     `init_params(rng)` returns the boxed (logically annotated) parameters,
     e.g. `lambda r: model.init(r, tokens)["params"]`.
     """
+    shardings = state_shardings(init_params, tx, mesh, rng)
     with sharding.mesh_context(mesh):
-        abstract_boxed = jax.eval_shape(init_params, rng)
-        shardings = sharding.logical_to_mesh(state_logical_specs(abstract_boxed, tx), mesh)
-        sharding.check_divisible(strip_axis_names(abstract_boxed), shardings.params)
-
-        def init(rng):
-            params = nn.unbox(init_params(rng))
-            return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-
-        state = jax.jit(init, out_shardings=shardings)(rng)
+        state = jax.jit(_init_state(init_params, tx), out_shardings=shardings)(rng)
     return state, shardings
+
+
+def abstract_train_state(
+    init_params: Callable[[jax.Array], Any],
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rng: jax.Array,
+) -> tuple[TrainState, TrainState]:
+    """(state, state_shardings) like `create_train_state`, the state as ShapeDtypeStructs
+    carrying their shardings: enough to lower and compile a step without allocating it."""
+    shardings = state_shardings(init_params, tx, mesh, rng)
+    with sharding.mesh_context(mesh):
+        shapes = jax.eval_shape(_init_state(init_params, tx), rng)
+    abstract = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+    return abstract, shardings
 
 
 def param_shardings(init_params: Callable[[jax.Array], Any], mesh: Mesh) -> Any:

@@ -1,6 +1,9 @@
-"""python -m experiments.bench [--suite gpu|cpu] [--only BENCHES] [--match STR] [--tag T]
+"""python -m experiments.bench [--suite SUITE] [--only BENCHES] [--match STR] [--tag T]
 
-BENCHES: a comma-separated subset of ceilings,attention,kernels,train,decode,posttrain.
+SUITE: gpu | cpu (tiny presets) | scale | scale-cpu (multi-device meshes, issue 17).
+BENCHES: a comma-separated subset of ceilings,attention,kernels,train,decode,posttrain
+(the default), and memory (per-device memory planned on fake CPU devices; not in the
+default set: it compiles in CPU subprocesses and takes minutes).
 
 `--match STR` keeps only the variants whose name contains STR. It
 prints one table at the end and appends every row (with profiles) to
@@ -29,6 +32,7 @@ from experiments.bench import (  # noqa: E402
     ceilings,
     decode,
     kernel_check,
+    memory,
     posttrain,
     suites,
     train_step,
@@ -37,13 +41,14 @@ from experiments.bench.report import table  # noqa: E402
 from experiments.bench.timing import device_name, peak_flops  # noqa: E402
 
 ALL = ("ceilings", "attention", "kernels", "train", "decode", "posttrain")
+CHOICES = (*ALL, "memory")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__)
     on_gpu = jax.default_backend() == "gpu"
     ap.add_argument("--suite", choices=sorted(suites.SUITES), default="gpu" if on_gpu else "cpu")
-    ap.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {ALL}")
+    ap.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {CHOICES}")
     ap.add_argument("--match", default="", help="comma-separated substrings of variant names")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20)
@@ -58,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default="", help="label stored with every row")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
-    if not only <= set(ALL):
-        ap.error(f"--only takes {ALL}, got {sorted(only - set(ALL))}")
+    if not only <= set(CHOICES):
+        ap.error(f"--only takes {CHOICES}, got {sorted(only - set(CHOICES))}")
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     train_variants, decode_variants, profiled = suites.SUITES[args.suite]
@@ -150,10 +155,14 @@ def main(argv: list[str] | None = None) -> int:
             attempt("decode", v.name, lambda v=v, d=pdir: decode.run(v, copy_GBps, 1, iters, d))
 
     def run_posttrain() -> None:
-        for v in pick(suites.POSTTRAIN[args.suite]):
+        for v in pick(suites.POSTTRAIN.get(args.suite, [])):
             attempt(
                 "posttrain", v.name, lambda v=v: posttrain.run(v, peak, args.warmup, args.iters)
             )
+
+    def run_memory() -> None:
+        for row in memory.plan_in_subprocesses(pick(suites.MEMORY.get(args.suite, []))):
+            record(row)
 
     benches = {
         "ceilings": run_ceilings,
@@ -162,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": run_train,
         "decode": run_decode,
         "posttrain": run_posttrain,
+        "memory": run_memory,
     }
     for name in args.only.split(","):  # in the order asked for
         benches[name]()

@@ -23,6 +23,7 @@ COLUMNS = {
         "compile_s",
     ),
     "posttrain": ("step_ms", "tokens_per_s", "mfu", "score_ms", "mem_GiB", "compile_s", "spread"),
+    "memory": ("state_GiB", "argument_GiB", "temp_GiB", "total_GiB", "floor_GiB", "fits_h200"),
 }
 
 

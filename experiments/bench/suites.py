@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from experiments.bench.decode import DecodeVariant
+from experiments.bench.memory import MemoryCase
 from experiments.bench.posttrain import PosttrainVariant
 from experiments.bench.train_step import TrainVariant
 
@@ -83,7 +84,46 @@ POSTTRAIN = {
     ],
 }
 
+
+def _meshes(n: int) -> list[tuple[int, int, int]]:
+    """(data, fsdp, tensor): fully sharded, 2 replicas of FSDP, FSDP x 2-way tensor, no FSDP."""
+    meshes = [(1, n, 1), (2, n // 2, 1), (1, n // 2, 2), (n, 1, 1)]
+    return list(dict.fromkeys(m for m in meshes if min(m) >= 1 and m[0] * m[1] * m[2] == n))
+
+
+def _scaled(preset: str, seq_len: int, rows_per_device: int, mesh, *model) -> TrainVariant:
+    """The same rows per device on every mesh (weak scaling): the global batch grows with it."""
+    batch = rows_per_device * mesh[0] * mesh[1] * mesh[2]
+    return TrainVariant(preset, seq_len, batch, 1, tuple(model) or CUDNN, mesh)
+
+
+# Issue 17 (experiments/bench/scale_gpu.sh): gpt-1.3b at the one-GPU benchmark's batch 8 per
+# GPU on 1, 2, 4, 8 GPUs (variants needing more GPUs than the host has give "error" rows),
+# and llama-7b on 4 GPUs.
+SCALE_GPU = [
+    *(_scaled("gpt-1.3b", 2048, 8, m) for n in (1, 2, 4, 8) for m in _meshes(n)),
+    _scaled("llama-7b", 4096, 4, (1, 4, 1)),
+    _scaled("llama-7b", 4096, 4, (1, 2, 2)),
+    _scaled("llama-7b", 4096, 8, (1, 4, 1), *CUDNN, ("remat", "full")),
+]
+SCALE_CPU = [
+    *(_scaled("tiny", 64, 2, m, XLA) for n in (1, 2, 4, 8) for m in _meshes(n)),
+    _scaled("tiny-llama", 64, 2, (1, 4, 1), XLA, SCAN, ("remat", "dots")),
+]
+
+# Planned ahead of time on fake CPU devices (experiments/bench/memory.py). The 1.3B rows are
+# the weak-scaling runs' step (batch 8 per GPU, no remat); the 7B rows its 4-GPU config.
+MEMORY = {
+    "gpu": [
+        *(MemoryCase("gpt-1.3b", m, 8, 2048) for n in (1, 2, 4) for m in _meshes(n)),
+        *(MemoryCase("llama-7b", m, 4, 4096, microbatches=2) for n in (4, 8) for m in _meshes(n)),
+    ],
+    "cpu": [MemoryCase("tiny-llama", m, 2, 64) for n in (2, 4) for m in _meshes(n)],
+}
+
 SUITES = {
     "gpu": (GPU_TRAIN, GPU_DECODE, GPU_PROFILE),
     "cpu": (CPU_TRAIN, CPU_DECODE, CPU_PROFILE),
+    "scale": (SCALE_GPU, [], set()),
+    "scale-cpu": (SCALE_CPU, [], set()),
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -54,10 +54,14 @@ def program_bytes(compiled: Any) -> int | None:
     )
 
 
-def process_peak_bytes() -> int | None:
-    """The allocator's peak since the process started (monotone across benchmarks)."""
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use")
+def process_peak_bytes(devices: Iterable[jax.Device] | None = None) -> int | None:
+    """The allocator's largest peak over `devices` (default: the first) since the process
+    started (monotone across benchmarks)."""
+    peaks = [
+        (d.memory_stats() or {}).get("peak_bytes_in_use")
+        for d in (devices if devices is not None else jax.devices()[:1])
+    ]
+    return max((p for p in peaks if p is not None), default=None)
 
 
 def device_name() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import time
 
 import jax
@@ -41,12 +42,25 @@ class TrainVariant:
     batch: int
     microbatches: int = 1
     model: tuple[tuple[str, object], ...] = ()  # ModelConfig overrides, e.g. (("remat", "dots"),)
+    # (data, fsdp, tensor) over the first data*fsdp*tensor devices; None: data over all devices
+    mesh: tuple[int, int, int] | None = None
 
     @property
     def name(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in self.model)
         mb = f"/mb{self.microbatches}" if self.microbatches > 1 else ""
-        return f"{self.preset}/T{self.seq_len}/b{self.batch}{mb}" + (f"[{extra}]" if extra else "")
+        mesh = "/data{}.fsdp{}.tensor{}".format(*self.mesh) if self.mesh else ""
+        return f"{self.preset}/T{self.seq_len}/b{self.batch}{mb}{mesh}" + (
+            f"[{extra}]" if extra else ""
+        )
+
+    def make_mesh(self):
+        if self.mesh is None:
+            return make_mesh(MeshConfig(data=-1))
+        n, have = math.prod(self.mesh), len(jax.devices())
+        if n > have:
+            raise ValueError(f"{self.name} needs {n} devices; this host has {have}")
+        return make_mesh(MeshConfig(*self.mesh), jax.devices()[:n])
 
 
 def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict:
@@ -65,7 +79,7 @@ def build(v: TrainVariant):
     cfg = get_preset(v.preset, max_len=max_len, **dict(v.model))
     model = LanguageModel(cfg)
     tx = make_optimizer(OptimConfig())
-    mesh = make_mesh(MeshConfig(data=-1))
+    mesh = v.make_mesh()
     rng = jax.random.key(0)
     tokens = jnp.zeros((1, v.seq_len), jnp.int32)
     init = lambda r: fake_params.replace_values(model.init(r, tokens)["params"])  # noqa: E731
@@ -84,13 +98,13 @@ def build(v: TrainVariant):
     )
     with mesh_context(mesh):
         compiled, compile_s = compile_timed(jitted.jitted, state, batch, rng)
-    return compiled, state, batch, rng, cfg, compile_s, init_s
+    return compiled, state, batch, rng, cfg, compile_s, init_s, mesh
 
 
 def run(
     v: TrainVariant, peak: float | None, warmup: int, iters: int, profile_dir: str | None = None
 ) -> dict:
-    compiled, state, batch, rng, cfg, compile_s, init_s = build(v)
+    compiled, state, batch, rng, cfg, compile_s, init_s, mesh = build(v)
     holder = {"state": state}
 
     def one_step():
@@ -101,16 +115,19 @@ def run(
     loss = float(one_step())
     t = median(times)
     tokens_per_s = v.batch * v.seq_len / t
+    per_device = tokens_per_s / mesh.size  # MFU, TFLOP/s and memory are per device
     row = {
         "bench": "train",
         "variant": v.name,
+        "devices": mesh.size,
         "step_ms": t * 1e3,
         "spread": spread(times),
         "tokens_per_s": tokens_per_s,
-        "mfu": mfu(cfg, v.seq_len, tokens_per_s, peak) if peak else None,
-        "TFLOPs": flops_per_token(cfg, v.seq_len) * tokens_per_s / 1e12,
+        "tokens_per_s_per_device": per_device,
+        "mfu": mfu(cfg, v.seq_len, per_device, peak) if peak else None,
+        "TFLOPs": flops_per_token(cfg, v.seq_len) * per_device / 1e12,
         "mem_GiB": (program_bytes(compiled) or 0) / 2**30,
-        "process_peak_GiB": (process_peak_bytes() or 0) / 2**30,
+        "process_peak_GiB": (process_peak_bytes(mesh.devices.flat) or 0) / 2**30,
         "compile_s": compile_s,
         "init_s": init_s,
         "loss": loss,
