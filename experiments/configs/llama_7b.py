@@ -22,7 +22,6 @@ def get_config():
     c.train.checkpoint_every = 1000
     c.optim.lr = 3e-4
     c.optim.warmup_steps = 2000
-    c.optim.total_steps = 50_000
     c.optim.end_lr = 3e-5
     c.optim.b2 = 0.95
     return c
