@@ -270,19 +270,20 @@ def tokenizer_identity(files: list[Path]) -> dict:
 
 def store_tokenizer(stage_dir: Path, files: list[Path]) -> dict:
     """Copies the tokenizer files to STAGE_DIR/tokenizer/ (atomically) and returns their
-    identity; refuses a stage that already holds another tokenizer."""
+    identity; refuses a stage that already holds another tokenizer. Every process checks
+    before process 0 writes, so all of them refuse alike."""
     identity = tokenizer_identity(files)
     target = stage_dir / "tokenizer"
-    if target.is_dir():
-        held = tokenizer_identity(sorted(target.iterdir()))
-        if held["sha256"] != identity["sha256"]:
-            raise ValueError(
-                f"{stage_dir} was trained with another tokenizer (sha256 {held['sha256'][:12]}, "
-                f"now {identity['sha256'][:12]} from {files[0].parent}); the prepared data "
-                "changed since: restore it, or use a new workdir"
-            )
-        return identity
-    if jax.process_index() == 0:
+    sharding.sync_processes("tokenizer check")
+    held = tokenizer_identity(sorted(target.iterdir())) if target.is_dir() else None
+    sharding.sync_processes("tokenizer checked")
+    if held is not None and held["sha256"] != identity["sha256"]:
+        raise ValueError(
+            f"{stage_dir} was trained with another tokenizer (sha256 {held['sha256'][:12]}, "
+            f"now {identity['sha256'][:12]} from {files[0].parent}); the prepared data "
+            "changed since: restore it, or use a new workdir"
+        )
+    if held is None and jax.process_index() == 0:
         tmp = stage_dir / f".tokenizer.tmp-{time.time_ns()}"
         tmp.mkdir(parents=True)
         for path in files:

@@ -294,11 +294,7 @@ class _Run:
             self._log(step, metrics)
 
     def _check_finite(self, step: int, metrics: dict[str, float]) -> None:
-        bad = [
-            k.removeprefix("nonfinite_")
-            for k, v in metrics.items()
-            if k.startswith("nonfinite_") and v
-        ]
+        bad = [q for q in ("loss", "grad", "update") if metrics.get(f"nonfinite_{q}")]
         if not bad:
             return
         detail = ", ".join(f"{k}={metrics[k]}" for k in ("loss", "grad_norm") if k in metrics)
