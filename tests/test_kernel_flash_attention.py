@@ -131,24 +131,37 @@ def test_unstructured_ids_and_positions_equal_reference():
 
 
 def _exact_block_visibility(seg, pos, bq, bk):
+    """(any pair visible, every pair visible) per (query block, key block)."""
     B, T = seg.shape
     mask = attention_mask(pos, pos, seg, seg).reshape(B, T // bq, bq, T // bk, bk)
-    return mask.any(axis=(2, 4))
+    return mask.any(axis=(2, 4)), mask.all(axis=(2, 4))
 
 
 def test_block_skipping_is_exact_on_packed_rows_and_safe_on_any():
+    """Skipped blocks hold no visible pair, unmasked blocks only visible ones; on packed
+    rows exactly the blocks with a visible pair are computed."""
     rng = np.random.default_rng(2)
-    packed = _packed_rows(rng, 6, 128, max_doc=70)
-    # Unstructured ids and positions (not what packing makes).
-    unstructured = (
+    packed = _packed_rows(rng, 6, 128, max_doc=150)
+    unstructured = (  # ids and positions that packing never makes
         jnp.asarray(rng.integers(0, 4, (6, 128)), jnp.int32),
         jnp.asarray(rng.integers(0, 200, (6, 128)), jnp.int32),
     )
     for bq, bk in [(16, 16), (32, 16), (16, 64)]:
-        may_see = jax.jit(functools.partial(fa._may_see, block_q=bq, block_k=bk))
+        visibility = jax.jit(functools.partial(fa._block_visibility, block_q=bq, block_k=bk))
         exact = jax.jit(functools.partial(_exact_block_visibility, bq=bq, bk=bk))
-        np.testing.assert_array_equal(may_see(*packed), exact(*packed))
-        assert bool(jnp.all(may_see(*unstructured) | ~exact(*unstructured)))  # never drops one
+        for rows in (packed, unstructured):
+            (may_see, sees_all), (some, every) = visibility(*rows), exact(*rows)
+            assert bool(jnp.all(may_see | ~some)) and bool(jnp.all(sees_all == every))
+            bounds = np.asarray(fa._loop_bounds(may_see, sees_all))
+            lo, full_lo, full_hi, hi = np.moveaxis(bounds, -1, 0)
+            assert (lo <= full_lo).all() and (full_lo <= full_hi).all() and (full_hi <= hi).all()
+            idx = np.arange(may_see.shape[-1])
+            inside = (idx >= lo[..., None]) & (idx < hi[..., None])
+            unmasked = (idx >= full_lo[..., None]) & (idx < full_hi[..., None])
+            assert not np.any(np.asarray(may_see) & ~inside)  # every candidate is looped over
+            assert not np.any(unmasked & ~np.asarray(every))  # no mask only where all visible
+        np.testing.assert_array_equal(visibility(*packed)[0], exact(*packed)[0])
+        assert bool(visibility(*packed)[1].any())  # the unmasked path is exercised
 
 
 def test_sharded_equals_reference():

@@ -137,51 +137,18 @@ def check_layer_norm(iters: int) -> Iterator[dict]:
         yield row
 
 
-# (B, T, H, G, D): GPT-2 124M and GPT-3 XL rows, and Llama-1B's grouped-query heads.
+# (B, T, H, G, D): Llama-1B's grouped-query heads, GPT-2 124M and GPT-3 XL rows.
 FLASH_SHAPES = {
+    "llama-1b": (8, 2048, 32, 8, 64),
     "gpt2-124m": (8, 1024, 12, 12, 64),
     "gpt-1.3b": (8, 2048, 16, 16, 128),
-    "llama-1b": (8, 2048, 32, 8, 64),
 }
-# Launch settings tried besides the default (model/kernels/flash_attention.py: Tuning).
+# Launch settings tried besides the default (model/kernels/flash_attention.py: Tuning); an
+# H200 run of five settings is in BENCHMARKS.md.
 FLASH_TUNINGS = {
-    "q64k64": flash_attention.Tuning(fwd_block_q=64),
-    "q128k128-w8": flash_attention.Tuning(fwd_block_k=128, fwd_warps=8),
-    "bwd128x32": flash_attention.Tuning(
-        dq_block_q=128, dq_block_k=32, dkv_block_q=32, dkv_block_k=128, bwd_warps=8
-    ),
-    "stages3": flash_attention.Tuning(num_stages=3),
+    "q128k64": flash_attention.Tuning(fwd_block_q=128),
+    "q128k128-w8": flash_attention.Tuning(fwd_block_q=128, fwd_block_k=128, fwd_warps=8),
 }
-
-
-def _cudnn_packed(segment_ids_BT: jax.Array):
-    """cuDNN's own packed layout (per-document offsets and lengths), reached only through
-    JAX's private `jax._src.cudnn` module (jax.nn.dot_product_attention does not expose
-    it); None if that module has moved. Positions must restart at each document start."""
-    try:
-        from jax._src.cudnn import fused_attention_stablehlo as cudnn
-    except ImportError:
-        return None
-    seg = jax.device_get(segment_ids_BT)
-    B, T = seg.shape
-    docs = int(seg.max())
-    lengths = -jnp.ones((B, docs), jnp.int32)
-    offsets = -jnp.ones((B, docs + 1), jnp.int32)
-    for b in range(B):
-        ids = seg[b]
-        n = int(ids.max())
-        starts = [int((ids == s).argmax()) for s in range(1, n + 1)]
-        sizes = [int((ids == s).sum()) for s in range(1, n + 1)]
-        lengths = lengths.at[b, :n].set(jnp.asarray(sizes, jnp.int32))
-        offsets = offsets.at[b, : n + 1].set(jnp.asarray(starts + [starts[-1] + sizes[-1]]))
-
-    def attend(q, k, v):
-        return cudnn.dot_product_attention(
-            q, k, v, None, None, lengths, lengths, offsets, offsets,
-            scale=q.shape[-1] ** -0.5, mask_type=cudnn.MaskType.PADDING_CAUSAL,
-        )  # fmt: skip
-
-    return attend
 
 
 def _flash_candidates(seg, pos, mask) -> dict:
@@ -191,8 +158,6 @@ def _flash_candidates(seg, pos, mask) -> dict:
         candidates["cudnn-causal"] = lambda q, k, v: fused_attention(q, k, v, None, "cudnn")
     else:
         candidates["cudnn-dense-mask"] = lambda q, k, v: fused_attention(q, k, v, mask, "cudnn")
-        if (attend := _cudnn_packed(seg)) is not None:
-            candidates["cudnn-packed-private"] = attend
     tunings = {"default": flash_attention.DEFAULT_TUNING}
     tunings.update(FLASH_TUNINGS if seg is not None else {})
     for tag, tuning in tunings.items():

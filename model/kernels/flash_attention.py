@@ -19,7 +19,8 @@ segment ranges, every key later than every query, or one shared document whose k
 all come after its queries), so skipping never changes the result. On packed rows
 (segment ids increasing along the row, positions restarting at 0) this keeps exactly
 the blocks that hold a visible pair: the causal triangle, minus documents that ended
-before the query block began.
+before the query block began. Inside that range, the run of blocks where every pair is
+visible (one document, keys before queries) is computed without building the mask.
 
 Padding queries (segment 0) see nothing. The reference gives them the uniform average
 of all values (its finite MASK_VALUE); here their output is 0 and they pass no
@@ -51,9 +52,10 @@ _INT_MIN = jnp.iinfo(jnp.int32).min
 @dataclasses.dataclass(frozen=True)
 class Tuning:
     """Block sizes and launch settings. The defaults were chosen by measurement on an
-    H200 (BENCHMARKS.md, flash attention); tests pass small blocks."""
+    H200 (BENCHMARKS.md, flash attention: 64 x 64 forward blocks ran gpt2-124m's and
+    gpt-1.3b's packed rows fastest of five settings); tests pass small blocks."""
 
-    fwd_block_q: int = 128
+    fwd_block_q: int = 64
     fwd_block_k: int = 64
     fwd_warps: int = 4
     dq_block_q: int = 64
@@ -200,6 +202,7 @@ def _block_summary(seg_BT, pos_BT, block: int) -> dict[str, jax.Array]:
     return {
         "seg_min": seg_min,
         "seg_max": seg_max,
+        "one_doc": real.all(-1) & (seg_min == seg_max),  # no padding, one segment
         "pos_min": jnp.where(real, pos, _INT_MAX).min(-1),
         "pos_max": jnp.where(real, pos, _INT_MIN).max(-1),
         "pos_min_at_seg_min": jnp.where(at_min, pos, _INT_MAX).min(-1),
@@ -207,13 +210,17 @@ def _block_summary(seg_BT, pos_BT, block: int) -> dict[str, jax.Array]:
     }
 
 
-def _may_see(seg_BT, pos_BT, block_q: int, block_k: int) -> jax.Array:
-    """may_see_BNM: False only where query block n provably sees nothing of key block m.
+def _block_visibility(seg_BT, pos_BT, block_q: int, block_k: int):
+    """(may_see_BNM, sees_all_BNM) for query block n and key block m.
 
-    Each test is necessary for a visible pair (same non-zero segment s, key position <=
-    query position): s lies in both blocks' segment ranges; the smallest key position is
-    at most the largest query position; and when the ranges share only s (the query
-    block's last segment is the key block's first), the same holds for s alone.
+    may_see is False only where the block pair provably holds no visible pair. Each test
+    is necessary for one (same non-zero segment s, key position <= query position): s
+    lies in both blocks' segment ranges; the smallest key position is at most the
+    largest query position; and when the ranges share only s (the query block's last
+    segment is the key block's first), the same holds for s alone.
+
+    sees_all is True exactly where every pair is visible (both blocks one document,
+    no padding, every key position <= every query position): no mask needed there.
     """
     q = {k: v[:, :, None] for k, v in _block_summary(seg_BT, pos_BT, block_q).items()}
     k = {k: v[:, None, :] for k, v in _block_summary(seg_BT, pos_BT, block_k).items()}
@@ -221,23 +228,31 @@ def _may_see(seg_BT, pos_BT, block_q: int, block_k: int) -> jax.Array:
     causal = k["pos_min"] <= q["pos_max"]
     one_shared = q["seg_max"] == k["seg_min"]
     shared_causal = k["pos_min_at_seg_min"] <= q["pos_max_at_seg_max"]
-    return overlap & causal & (~one_shared | shared_causal)
+    may_see = overlap & causal & (~one_shared | shared_causal)
+    same_doc = q["one_doc"] & k["one_doc"] & (q["seg_min"] == k["seg_min"])
+    return may_see, same_doc & (k["pos_max"] <= q["pos_min"])
 
 
-def _true_range(may_see_BNM: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(first, last + 1) of the True entries along the last axis; (0, 0) where none."""
+def _loop_bounds(may_see_BNM: jax.Array, sees_all_BNM: jax.Array) -> jax.Array:
+    """bounds_BN4 = (lo, full_lo, full_hi, hi) along the last axis: blocks [lo, hi) hold
+    every block that may be visible, and [full_lo, full_hi) inside them is a run of
+    wholly visible ones (the first such run; empty, at hi, if there is none)."""
     M = may_see_BNM.shape[-1]
+    idx = jnp.arange(M)
     any_BN = may_see_BNM.any(-1)
-    first = jnp.argmax(may_see_BNM, axis=-1)
-    last = M - 1 - jnp.argmax(may_see_BNM[..., ::-1], axis=-1)
-    return (
-        jnp.where(any_BN, first, 0).astype(jnp.int32),
-        jnp.where(any_BN, last + 1, 0).astype(jnp.int32),
-    )
+    lo = jnp.where(any_BN, jnp.argmax(may_see_BNM, axis=-1), 0)
+    hi = jnp.where(any_BN, M - jnp.argmax(may_see_BNM[..., ::-1], axis=-1), 0)
+    full_lo = jnp.where(sees_all_BNM.any(-1), jnp.argmax(sees_all_BNM, axis=-1), hi)
+    # the run ends at the first block after full_lo that is not wholly visible
+    ends = ~sees_all_BNM & (idx > full_lo[..., None])
+    full_hi = jnp.where(ends.any(-1), jnp.argmax(ends, axis=-1), M)
+    full_hi = jnp.where(full_lo < hi, jnp.minimum(full_hi, hi), hi)
+    return jnp.stack([lo, full_lo, full_hi, hi], axis=-1).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------
 # The kernels. Scores are kept in base 2: s2 = q.k * D^-0.5 * log2(e), p = exp2(s2 - max).
+# Each loops over its blocks in three runs: masked, wholly visible (no mask), masked.
 
 
 def _visible(q_seg, q_pos, k_seg, k_pos):
@@ -257,8 +272,17 @@ def _dot(a, b, trans_b=False):
     return plgpu.dot(a, b, trans_b=trans_b, allow_tf32=a.dtype != jnp.float32)
 
 
+def _three_runs(bounds_ref, step, carry):
+    """step(i, carry, masked) over blocks [lo, full_lo) and [full_hi, hi) with the mask,
+    and over [full_lo, full_hi) without."""
+    lo, full_lo, full_hi, hi = (bounds_ref[i] for i in range(4))
+    carry = jax.lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
+    carry = jax.lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+    return jax.lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+
+
 def _fwd_kernel(
-    lo_ref, hi_ref, q_ref, q_seg_ref, q_pos_ref, k_ref, v_ref, k_seg_ref, k_pos_ref,
+    bounds_ref, q_ref, q_seg_ref, q_pos_ref, k_ref, v_ref, k_seg_ref, k_pos_ref,
     o_ref, lse_ref, *, block_k, scale2,
 ):  # fmt: skip
     """One (query block, row, head): q_ref [BQ, D], k_ref/v_ref the row's [Tp, D]."""
@@ -266,15 +290,18 @@ def _fwd_kernel(
     q_seg, q_pos = q_seg_ref[...], q_pos_ref[...]
     BQ, D = q.shape
 
-    def step(j, carry):
+    def step(j, carry, masked):
         acc, m, total = carry
         window = pl.ds(j * block_k, block_k)
         k, v = k_ref[window, :], v_ref[window, :]
-        visible = _visible(q_seg, q_pos, k_seg_ref[window], k_pos_ref[window])
-        s2 = jnp.where(visible, _dot(q, k, trans_b=True) * scale2, MASK_VALUE)
+        s2 = _dot(q, k, trans_b=True) * scale2
+        if masked:
+            visible = _visible(q_seg, q_pos, k_seg_ref[window], k_pos_ref[window])
+            s2 = jnp.where(visible, s2, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s2, axis=1))
-        # Masked keys weigh exactly 0 (a row that has seen nothing yet keeps total = 0).
-        p = jnp.where(visible, jnp.exp2(s2 - m_new[:, None]), 0.0)
+        p = jnp.exp2(s2 - m_new[:, None])
+        if masked:  # masked keys weigh exactly 0 (a row that saw nothing yet keeps total 0)
+            p = jnp.where(visible, p, 0.0)
         rescale = jnp.exp2(m - m_new)
         acc = acc * rescale[:, None] + _dot(p.astype(v.dtype), v)
         return acc, m_new, total * rescale + jnp.sum(p, axis=1)
@@ -284,7 +311,7 @@ def _fwd_kernel(
         jnp.full((BQ,), MASK_VALUE, jnp.float32),
         jnp.zeros((BQ,), jnp.float32),
     )
-    acc, m, total = jax.lax.fori_loop(lo_ref[...], hi_ref[...], step, init)
+    acc, m, total = _three_runs(bounds_ref, step, init)
     seen = total > 0  # False only for padding queries: output 0, and no gradient (p = 0)
     total = jnp.where(seen, total, 1.0)
     o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
@@ -292,7 +319,7 @@ def _fwd_kernel(
 
 
 def _dq_kernel(
-    lo_ref, hi_ref, q_ref, q_seg_ref, q_pos_ref, o_ref, do_ref, lse_ref,
+    bounds_ref, q_ref, q_seg_ref, q_pos_ref, o_ref, do_ref, lse_ref,
     k_ref, v_ref, k_seg_ref, k_pos_ref, dq_ref, delta_ref, *, block_k, scale2, scale,
 ):  # fmt: skip
     """One (query block, row, head): dq, and delta = rowsum(dO * O) for the dk/dv kernel."""
@@ -302,45 +329,46 @@ def _dq_kernel(
     delta = jnp.sum(o_ref[...].astype(jnp.float32) * do.astype(jnp.float32), axis=1)
     delta_ref[...] = delta
 
-    def step(j, dq):
+    def step(j, dq, masked):
         window = pl.ds(j * block_k, block_k)
         k, v = k_ref[window, :], v_ref[window, :]
-        visible = _visible(q_seg, q_pos, k_seg_ref[window], k_pos_ref[window])
-        p = jnp.where(visible, jnp.exp2(_dot(q, k, trans_b=True) * scale2 - lse[:, None]), 0.0)
+        p = jnp.exp2(_dot(q, k, trans_b=True) * scale2 - lse[:, None])
+        if masked:
+            visible = _visible(q_seg, q_pos, k_seg_ref[window], k_pos_ref[window])
+            p = jnp.where(visible, p, 0.0)
         ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k)
 
-    dq = jax.lax.fori_loop(lo_ref[...], hi_ref[...], step, jnp.zeros(q.shape, jnp.float32))
+    dq = _three_runs(bounds_ref, step, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(
-    lo_ref, hi_ref, k_ref, v_ref, k_seg_ref, k_pos_ref, q_ref, do_ref, lse_ref, delta_ref,
+    bounds_ref, k_ref, v_ref, k_seg_ref, k_pos_ref, q_ref, do_ref, lse_ref, delta_ref,
     q_seg_ref, q_pos_ref, dk_ref, dv_ref, *, block_q, heads_per_group, scale2, scale,
 ):  # fmt: skip
     """One (key block, row, key/value head): dk and dv summed over the group's query
     heads; q_ref/do_ref [Tp, R, D], lse_ref/delta_ref [R, Tp]. Tiles are [keys, queries]."""
     k, v = k_ref[...], v_ref[...]
     k_seg, k_pos = k_seg_ref[...], k_pos_ref[...]
-    lo, hi = lo_ref[...], hi_ref[...]
-    dk = jnp.zeros(k.shape, jnp.float32)
-    dv = jnp.zeros(v.shape, jnp.float32)
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     for r in range(heads_per_group):
 
-        def step(i, carry, r=r):
+        def step(i, carry, masked, r=r):
             dk, dv = carry
             window = pl.ds(i * block_q, block_q)
             q, do = q_ref[window, r, :], do_ref[window, r, :]
             lse, delta = lse_ref[r, window], delta_ref[r, window]
-            visible_t = _visible_t(k_seg, k_pos, q_seg_ref[window], q_pos_ref[window])
-            p_t = jnp.where(
-                visible_t, jnp.exp2(_dot(k, q, trans_b=True) * scale2 - lse[None, :]), 0.0
-            )
+            p_t = jnp.exp2(_dot(k, q, trans_b=True) * scale2 - lse[None, :])
+            if masked:
+                visible_t = _visible_t(k_seg, k_pos, q_seg_ref[window], q_pos_ref[window])
+                p_t = jnp.where(visible_t, p_t, 0.0)
             dv = dv + _dot(p_t.astype(do.dtype), do)
             ds_t = p_t * (_dot(v, do, trans_b=True) - delta[None, :])
             return dk + _dot(ds_t.astype(q.dtype), q), dv
 
-        dk, dv = jax.lax.fori_loop(lo, hi, step, (dk, dv))
+        carry = _three_runs(bounds_ref, step, carry)
+    dk, dv = carry
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -366,20 +394,19 @@ def _forward(q, k, v, seg, pos, *, tuning: Tuning, interpret: bool):
     Tp = q.shape[1]
     BQ, BK = tuning.fwd_block_q, tuning.fwd_block_k
     NQ = Tp // BQ
-    lo, hi = _true_range(_may_see(seg, pos, BQ, BK))
+    bounds = _loop_bounds(*_block_visibility(seg, pos, BQ, BK))
     # Query blocks in reverse: the late blocks see the most keys, so they start first.
     rev = lambda n: NQ - 1 - n  # noqa: E731
     row_block = pl.BlockSpec((None, BQ), lambda n, b, h: (b, rev(n)))
     whole_row = pl.BlockSpec((None, Tp), lambda n, b, h: (b, 0))
-    scalar = pl.BlockSpec((None, None), lambda n, b, h: (b, rev(n)))
+    bounds_spec = pl.BlockSpec((None, None, 4), lambda n, b, h: (b, rev(n), 0))
     q_block = pl.BlockSpec((None, BQ, None, D), lambda n, b, h: (b, rev(n), h, 0))
     kv_row = pl.BlockSpec((None, Tp, None, D), lambda n, b, h: (b, 0, h // R, 0))
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, block_k=BK, scale2=D**-0.5 * _LOG2_E),
         grid=(NQ, B, H),
         in_specs=[
-            scalar,
-            scalar,
+            bounds_spec,
             q_block,
             row_block,
             row_block,
@@ -398,7 +425,7 @@ def _forward(q, k, v, seg, pos, *, tuning: Tuning, interpret: bool):
         ),
         interpret=interpret,
         name="flash_attention_fwd",
-    )(lo, hi, q, seg, pos, k, v, seg, pos)
+    )(bounds, q, seg, pos, k, v, seg, pos)
     return out[:, :T], lse
 
 
@@ -415,9 +442,9 @@ def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: 
     # dq (and delta): one program per (query block, row, head), over its key blocks.
     BQ, BK = tuning.dq_block_q, tuning.dq_block_k
     NQ = Tp // BQ
-    lo, hi = _true_range(_may_see(seg, pos, BQ, BK))
+    bounds = _loop_bounds(*_block_visibility(seg, pos, BQ, BK))
     rev = lambda n: NQ - 1 - n  # noqa: E731
-    scalar = pl.BlockSpec((None, None), lambda n, b, h: (b, rev(n)))
+    bounds_spec = pl.BlockSpec((None, None, 4), lambda n, b, h: (b, rev(n), 0))
     row_block = pl.BlockSpec((None, BQ), lambda n, b, h: (b, rev(n)))
     whole_row = pl.BlockSpec((None, Tp), lambda n, b, h: (b, 0))
     q_block = pl.BlockSpec((None, BQ, None, D), lambda n, b, h: (b, rev(n), h, 0))
@@ -427,8 +454,7 @@ def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: 
         functools.partial(_dq_kernel, block_k=BK, **scales),
         grid=(NQ, B, H),
         in_specs=[
-            scalar,
-            scalar,
+            bounds_spec,
             q_block,
             row_block,
             row_block,
@@ -448,13 +474,13 @@ def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: 
         compiler_params=params,
         interpret=interpret,
         name="flash_attention_dq",
-    )(lo, hi, q, seg, pos, out, d_out, lse, k, v, seg, pos)
+    )(bounds, q, seg, pos, out, d_out, lse, k, v, seg, pos)
 
     # dk, dv: one program per (key block, row, key/value head), over the query blocks
     # that may see it, for each query head of the group.
     BQ, BK = tuning.dkv_block_q, tuning.dkv_block_k
-    lo, hi = _true_range(jnp.swapaxes(_may_see(seg, pos, BQ, BK), 1, 2))
-    scalar = pl.BlockSpec((None, None), lambda m, b, g: (b, m))
+    bounds = _loop_bounds(*(jnp.swapaxes(x, 1, 2) for x in _block_visibility(seg, pos, BQ, BK)))
+    bounds_spec = pl.BlockSpec((None, None, 4), lambda m, b, g: (b, m, 0))
     key_block = pl.BlockSpec((None, BK), lambda m, b, g: (b, m))
     whole_row = pl.BlockSpec((None, Tp), lambda m, b, g: (b, 0))
     kv_block = pl.BlockSpec((None, BK, None, D), lambda m, b, g: (b, m, g, 0))
@@ -464,8 +490,7 @@ def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: 
         functools.partial(_dkv_kernel, block_q=BQ, heads_per_group=R, **scales),
         grid=(Tp // BK, B, G),
         in_specs=[
-            scalar,
-            scalar,
+            bounds_spec,
             kv_block,
             kv_block,
             key_block,
@@ -482,5 +507,5 @@ def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: 
         compiler_params=params,
         interpret=interpret,
         name="flash_attention_dkv",
-    )(lo, hi, k, v, seg, pos, q, d_out, lse, delta, seg, pos)
+    )(bounds, k, v, seg, pos, q, d_out, lse, delta, seg, pos)
     return dq[:, :T], dk[:, :T], dv[:, :T]
