@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from model.config import ModelConfig
+from model.kernels import flash_attention as flash
 from model.kernels.decode_attention import decode_attention, supported
 from model.layers import dense_param
 from model.masking import MASK_VALUE, attention_mask
@@ -84,6 +85,25 @@ def fused_attention(
     )
 
 
+def choose_backend(cfg: ModelConfig, packed: bool) -> str:
+    """The attention implementation for `cfg` ("auto" resolved); `packed`: segment ids given.
+
+    "auto", measured on an H200 (BENCHMARKS.md, flash attention): on a GPU, cuDNN's
+    causal kernel for whole rows, the Pallas kernel for packed rows (cuDNN would need a
+    dense [B, 1, T, T] mask: 1.4-1.9x slower there); for float32, which cuDNN does not
+    take, the Pallas kernel too (not measured); elsewhere the reference.
+    """
+    if cfg.attention_backend != "auto":
+        return cfg.attention_backend
+    if jax.default_backend() != "gpu":
+        return "reference"
+    H, G, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    cudnn_ok = cfg.dtype in ("bfloat16", "float16") and D % 8 == 0 and D <= 256
+    if flash.supported(H, G, D) and (packed or not cudnn_ok):
+        return "pallas"
+    return "cudnn" if cudnn_ok else "reference"
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with optional grouped-query heads and KV cache."""
 
@@ -140,6 +160,7 @@ class Attention(nn.Module):
 
         plain_causal = cache is None and segment_ids_BL is None
         one_token_step = cache is not None and q_BLHD.shape[1] == 1
+        backend = "reference" if cache is not None else choose_backend(cfg, not plain_causal)
         # With a cache, the hand-written attention whatever the backend: a decoding step's
         # one query per row is a matrix-vector product over the cache, where a flash
         # kernel saves nothing, and cuDNN's kernels are built for long query blocks;
@@ -155,16 +176,18 @@ class Attention(nn.Module):
                 kv_segments_BK,
             )
             out_BLHD = out_BHD[:, None]
-        elif cfg.attention_backend == "reference" or cache is not None:
+        elif backend == "reference":
             mask = attention_mask(positions_BL, kv_positions_BK, segment_ids_BL, kv_segments_BK)
             out_BLHD = reference_attention(q_BLHD, k_BKGD, v_BKGD, mask)
+        elif backend == "pallas":
+            out_BLHD = flash.flash_attention(q_BLHD, k_BKGD, v_BKGD, segment_ids_BL, positions_BL)
         else:
             mask = (
                 None
                 if plain_causal
                 else attention_mask(positions_BL, kv_positions_BK, segment_ids_BL, kv_segments_BK)
             )
-            out_BLHD = fused_attention(q_BLHD, k_BKGD, v_BKGD, mask, cfg.attention_backend)
+            out_BLHD = fused_attention(q_BLHD, k_BKGD, v_BKGD, mask, backend)
 
         w_out = dense_param(self, "out", (H, D, cfg.d_model), ("heads", "head_dim", "embed"))
         y_BLD = jnp.einsum("blhk,hkd->bld", out_BLHD, w_out.astype(dtype))

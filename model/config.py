@@ -14,7 +14,7 @@ import jax.numpy as jnp
 Positional = Literal["learned", "rope"]
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "swiglu"]
-AttentionBackend = Literal["reference", "xla", "cudnn"]
+AttentionBackend = Literal["auto", "reference", "xla", "cudnn", "pallas"]
 NormImpl = Literal["xla", "pallas"]
 DecodeAttention = Literal["reference", "pallas"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
@@ -23,7 +23,7 @@ _CHOICES = {
     "positional": ("learned", "rope"),
     "norm": ("layernorm", "rmsnorm"),
     "activation": ("gelu", "swiglu"),
-    "attention_backend": ("reference", "xla", "cudnn"),
+    "attention_backend": ("auto", "reference", "xla", "cudnn", "pallas"),
     "norm_impl": ("xla", "pallas"),
     "decode_attention": ("reference", "pallas"),
     "remat": ("none", "full", "dots", "dots_no_batch"),
@@ -39,7 +39,10 @@ class ModelConfig:
     `attention_backend`: "reference" is the hand-written attention (the
     definition every other backend is tested against); "xla" and "cudnn" call
     `jax.nn.dot_product_attention` with that implementation (cuDNN flash
-    attention needs a GPU and bf16/fp16).
+    attention needs a GPU and bf16/fp16); "pallas" is the flash-attention kernel
+    that takes segment ids (`model/kernels/flash_attention.py`); "auto" picks the
+    fastest correct one on a GPU and the reference elsewhere
+    (`model.attention.choose_backend`).
 
     `norm_impl="pallas"` and `decode_attention="pallas"` use the hand-written
     GPU kernels in `model/kernels/` for the norms and for one-token decoding
@@ -65,7 +68,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: RematPolicy = "none"
     scan_layers: bool = False
-    attention_backend: AttentionBackend = "reference"
+    attention_backend: AttentionBackend = "auto"
     norm_impl: NormImpl = "xla"
     decode_attention: DecodeAttention = "reference"
 

@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 from experiments.bench.__main__ import main
 
 
@@ -32,3 +34,20 @@ def test_bench_cpu_smoke(tmp_path):
             assert r["tokens_per_s"] > 0
     decode_rows = [r for r in rows if r["bench"] == "decode"]
     assert all(r["greedy_agree"] == 1.0 for r in decode_rows)  # float32 tiny model: exact
+
+
+def test_packed_rows_have_the_pipelines_document_structure():
+    """The packed benchmark rows: documents of the stdlib corpus' lengths, packed by
+    data.pipeline (segment ids 1, 2, ... along the row, positions restarting at each)."""
+    from experiments.bench.packed_rows import describe, packed_batch, stdlib_document_lengths
+
+    assert len(stdlib_document_lengths()) > 100
+    rows = packed_batch(vocab=256, batch=16, seq_len=512)
+    seg, pos = rows["segment_ids"], rows["positions"]
+    assert seg.shape == pos.shape == rows["inputs"].shape == (16, 512)
+    assert (seg[:, 0] == 1).all() and (pos[:, 0] == 0).all()
+    step = np.diff(seg, axis=1)
+    assert set(np.unique(step)) <= {0, 1}  # no padding in full rows
+    np.testing.assert_array_equal(np.diff(pos, axis=1)[step == 0], 1)
+    np.testing.assert_array_equal(pos[:, 1:][step == 1], 0)
+    assert describe(seg)["docs_per_row"] > 1  # stdlib files: a few hundred tokens and up

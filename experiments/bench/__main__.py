@@ -5,7 +5,8 @@ BENCHES: a comma-separated subset of ceilings,attention,kernels,train,decode,pos
 (the default), and memory (per-device memory planned on fake CPU devices; not in the
 default set: it compiles in CPU subprocesses and takes minutes).
 
-`--match STR` keeps only the variants whose name contains STR. It
+`--match STR` keeps only the variants whose name contains STR (kernel checks: whose
+kernel's name, e.g. flash_attention, contains STR or is contained in it). It
 prints one table at the end and appends every row (with profiles) to
 OUT/bench.jsonl. Each benchmark is one function; a failure (e.g. out of
 memory) becomes an "error" row and the run goes on.
@@ -128,7 +129,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_kernels() -> None:
         iters = max(3, args.iters // 2)
-        for check in (kernel_check.check_decode_attention, kernel_check.check_layer_norm):
+        checks = {
+            "decode_attention": kernel_check.check_decode_attention,
+            "layer_norm": kernel_check.check_layer_norm,
+            "flash_attention": kernel_check.check_flash_attention,
+        }
+        for name, check in checks.items():
+            if wanted and not any(m in name or name in m for m in wanted):
+                continue
             try:
                 for r in check(iters):  # recorded as they come: a timeout keeps earlier rows
                     record(r)

@@ -13,10 +13,11 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
+from experiments.bench import packed_rows
 from experiments.bench.timing import median, time_calls
-from model.attention import reference_attention
+from model.attention import fused_attention, reference_attention
 from model.config import ModelConfig
-from model.kernels import layer_norm
+from model.kernels import flash_attention, layer_norm
 from model.kernels.decode_attention import decode_attention
 from model.layers import Norm
 from model.masking import attention_mask
@@ -134,3 +135,86 @@ def check_layer_norm(iters: int) -> Iterator[dict]:
         except Exception as e:  # noqa: BLE001 - report and keep going
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         yield row
+
+
+# (B, T, H, G, D): Llama-1B's grouped-query heads, GPT-2 124M and GPT-3 XL rows.
+FLASH_SHAPES = {
+    "llama-1b": (8, 2048, 32, 8, 64),
+    "gpt2-124m": (8, 1024, 12, 12, 64),
+    "gpt-1.3b": (8, 2048, 16, 16, 128),
+}
+# Launch settings tried besides the default (model/kernels/flash_attention.py: Tuning); an
+# H200 run of five settings is in BENCHMARKS.md.
+FLASH_TUNINGS = {
+    "q128k64": flash_attention.Tuning(fwd_block_q=128),
+    "q128k128-w8": flash_attention.Tuning(fwd_block_q=128, fwd_block_k=128, fwd_warps=8),
+}
+
+
+def _flash_candidates(seg, pos, mask) -> dict:
+    """name -> fn(q, k, v) for one kind of rows (seg None: whole rows)."""
+    candidates = {"reference": lambda q, k, v: reference_attention(q, k, v, mask)}
+    if seg is None:
+        candidates["cudnn-causal"] = lambda q, k, v: fused_attention(q, k, v, None, "cudnn")
+    else:
+        candidates["cudnn-dense-mask"] = lambda q, k, v: fused_attention(q, k, v, mask, "cudnn")
+    tunings = {"default": flash_attention.DEFAULT_TUNING}
+    tunings.update(FLASH_TUNINGS if seg is not None else {})
+    for tag, tuning in tunings.items():
+        candidates[f"pallas-{tag}"] = functools.partial(
+            flash_attention.flash_attention, segment_ids_BT=seg, positions_BT=pos, tuning=tuning
+        )
+    return candidates
+
+
+def _fwd_bwd(fn, real, d_out):
+    """jit((q, k, v) -> (out, dq, dk, dv)), output and its cotangent zero on padding
+    queries (the reference and the kernel differ there by design)."""
+
+    def run(q, k, v):
+        out, vjp = jax.vjp(fn, q, k, v)
+        return (jnp.where(real, out, 0), *vjp(jnp.where(real, d_out, 0).astype(out.dtype)))
+
+    return jax.jit(run)
+
+
+def _ms(fn, args, iters: int) -> float:
+    return median(time_calls(lambda: fn(*args), 3, iters)) * 1e3
+
+
+def check_flash_attention(iters: int) -> Iterator[dict]:
+    """Forward + backward of the Pallas flash attention against cuDNN on the same rows:
+    packed rows (stdlib document lengths; cuDNN then needs a dense mask) and whole rows
+    (no segment ids; cuDNN's causal kernel). Errors against the float32 reference."""
+    for seed, (name, (B, T, H, G, D)) in enumerate(FLASH_SHAPES.items()):
+        keys = jax.random.split(jax.random.key(seed), 4)
+        q = jax.random.normal(keys[0], (B, T, H, D), jnp.bfloat16)
+        k = jax.random.normal(keys[1], (B, T, G, D), jnp.bfloat16)
+        v = jax.random.normal(keys[2], (B, T, G, D), jnp.bfloat16)
+        d_out = jax.random.normal(keys[3], (B, T, H, D), jnp.bfloat16)
+        rows = packed_rows.packed_batch(256, B, T, seed=seed)
+        packed = (jnp.asarray(rows["segment_ids"]), jnp.asarray(rows["positions"]))
+        whole = (None, jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
+        for layout, (seg, pos) in (("packed", packed), ("whole", whole)):
+            mask = attention_mask(pos, pos, seg, seg)
+            real = jnp.ones((B, T, 1, 1), bool) if seg is None else (seg != 0)[:, :, None, None]
+            candidates = _flash_candidates(seg, pos, mask)
+            f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+            want = _fwd_bwd(candidates["reference"], real, d_out)(*f32)
+            # visible (query, key) pairs: the work a kernel that skips all else does
+            pairs = float(jnp.sum(mask))
+            for impl, fn in candidates.items():
+                row = {"bench": "kernels", "variant": f"flash_attention/{name}/{layout}/{impl}"}
+                if seg is not None:
+                    row.update(packed_rows.describe(seg))
+                try:
+                    run, fwd = _fwd_bwd(fn, real, d_out), jax.jit(fn)
+                    got = run(q, k, v)
+                    row["out_err"] = _rel_err(got[0], want[0])
+                    row["grad_err"] = max(_rel_err(g, w) for g, w in zip(got[1:], want[1:]))
+                    row["fwd_bwd_ms"] = _ms(run, (q, k, v), iters)
+                    row["fwd_ms"] = _ms(fwd, (q, k, v), iters)
+                    row["TFLOPs_visible"] = 3.5 * 4 * pairs * H * D / (row["fwd_bwd_ms"] * 1e9)
+                except Exception as e:  # noqa: BLE001 - report and keep going
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                yield row

@@ -11,6 +11,7 @@ import sys
 COLUMNS = {
     "ceilings": ("copy_GBps", "read_GBps", "matmul_TFLOPs"),
     "attention": ("ok", "out_err", "grad_err", "fwd_bwd_ms", "TFLOPs_causal"),
+    "kernels": ("out_err", "grad_err", "fwd_bwd_ms", "fwd_ms", "us_per_call", "docs_per_row"),
     "train": ("step_ms", "tokens_per_s", "mfu", "TFLOPs", "mem_GiB", "compile_s", "spread"),
     "decode": (
         "step_ms",

@@ -10,8 +10,8 @@ from experiments.bench.train_step import TrainVariant
 CUDNN = (("attention_backend", "cudnn"),)
 
 
-def _gpt2(batch: int, *model, mb: int = 1) -> TrainVariant:
-    return TrainVariant("gpt2-124m", 1024, batch, mb, tuple(model) or CUDNN)
+def _gpt2(batch: int, *model, mb: int = 1, rows: str = "synthetic") -> TrainVariant:
+    return TrainVariant("gpt2-124m", 1024, batch, mb, tuple(model) or CUDNN, rows)
 
 
 def _xl(batch: int, *model, mb: int = 1) -> TrainVariant:
@@ -23,6 +23,8 @@ XLA = ("attention_backend", "xla")
 SCAN = ("scan_layers", True)
 PALLAS_DECODE = (("decode_attention", "pallas"),)
 PALLAS_NORM = ("norm_impl", "pallas")
+PALLAS_ATTENTION = ("attention_backend", "pallas")
+AUTO = ("attention_backend", "auto")
 
 GPU_TRAIN = [
     _gpt2(12, REF),
@@ -37,6 +39,14 @@ GPU_TRAIN = [
     _xl(16, *CUDNN, ("remat", "dots")),
     _gpt2(64, *CUDNN, PALLAS_NORM),
     _xl(8, *CUDNN, PALLAS_NORM),
+    # Real pretraining rows carry segment ids (experiments/bench/packed_rows.py): cuDNN
+    # then takes a dense mask, the Pallas kernel the ids; "auto" is the presets' default.
+    _gpt2(64, rows="packed"),
+    _gpt2(64, PALLAS_ATTENTION, rows="packed"),
+    _gpt2(64, AUTO),
+    _gpt2(64, AUTO, rows="packed"),
+    _gpt2(64, AUTO, PALLAS_NORM),
+    _gpt2(64, AUTO, PALLAS_NORM, rows="packed"),
 ]
 GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 1),
@@ -63,6 +73,7 @@ CPU_TRAIN = [
     TrainVariant("tiny", 64, 8, 1, (REF,)),
     TrainVariant("tiny", 64, 8, 2, (XLA,)),
     TrainVariant("tiny-llama", 64, 8, 1, (XLA, SCAN, ("remat", "dots"))),
+    TrainVariant("tiny-llama", 256, 8, 1, (REF,), rows="packed"),
 ]
 CPU_DECODE = [
     DecodeVariant("tiny", 2, 8, 8),

@@ -10,7 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from experiments.bench import fake_params, profile
+from experiments.bench import fake_params, packed_rows, profile
 from experiments.bench.timing import (
     compile_timed,
     median,
@@ -44,13 +44,15 @@ class TrainVariant:
     model: tuple[tuple[str, object], ...] = ()  # ModelConfig overrides, e.g. (("remat", "dots"),)
     # (data, fsdp, tensor) over the first data*fsdp*tensor devices; None: data over all devices
     mesh: tuple[int, int, int] | None = None
+    rows: str = "synthetic"  # "synthetic": whole rows, no segment ids; "packed": packed_rows
 
     @property
     def name(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in self.model)
         mb = f"/mb{self.microbatches}" if self.microbatches > 1 else ""
         mesh = "/data{}.fsdp{}.tensor{}".format(*self.mesh) if self.mesh else ""
-        return f"{self.preset}/T{self.seq_len}/b{self.batch}{mb}{mesh}" + (
+        packed = "/packed" if self.rows == "packed" else ""
+        return f"{self.preset}/T{self.seq_len}/b{self.batch}{mb}{packed}{mesh}" + (
             f"[{extra}]" if extra else ""
         )
 
@@ -87,7 +89,12 @@ def build(v: TrainVariant):
     state, shardings = jax.block_until_ready(create_train_state(init, tx, mesh, rng))
     init_s = time.perf_counter() - t0
     step = make_pretrain_step(model, tx, StepConfig(num_microbatches=v.microbatches))
-    batch = synthetic_batch(cfg.vocab_size, v.batch, v.seq_len)
+    if v.rows == "packed":
+        batch = packed_rows.packed_batch(cfg.vocab_size, v.batch, v.seq_len)
+    elif v.rows == "synthetic":
+        batch = synthetic_batch(cfg.vocab_size, v.batch, v.seq_len)
+    else:
+        raise ValueError(f"TrainVariant.rows must be 'synthetic' or 'packed', got {v.rows!r}")
     batch = jax.device_put(batch, batch_sharding(mesh))
     jitted = jit_sharded(
         step,
@@ -132,6 +139,7 @@ def run(
         "init_s": init_s,
         "loss": loss,
         "iters": iters,
+        **(packed_rows.describe(batch["segment_ids"]) if "segment_ids" in batch else {}),
     }
     if profile_dir:
         row["profile"] = profile.trace(one_step, 3, profile_dir)

@@ -5,7 +5,7 @@ from experiments.configs.common import base_config, model_fields
 
 def get_config():
     c = base_config("gpt2-124m")
-    c.model = model_fields("gpt2-124m", attention_backend="cudnn")
+    c.model = model_fields("gpt2-124m")
     c.data.vocab_size = 50257 - 257  # a 50k sentencepiece vocabulary fits the padded table
     c.data.seq_len = 1024
     c.train.global_batch_size = 512  # 0.5M tokens

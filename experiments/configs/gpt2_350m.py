@@ -6,7 +6,7 @@ from experiments.configs.gpt2_124m import get_config as gpt2_124m_config
 
 def get_config():
     c = gpt2_124m_config()
-    c.model = model_fields("gpt2-350m", attention_backend="cudnn")
+    c.model = model_fields("gpt2-350m")
     c.optim.lr = 3e-4
     c.optim.end_lr = 3e-5
     return c

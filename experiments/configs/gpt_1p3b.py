@@ -5,7 +5,7 @@ from experiments.configs.common import base_config, model_fields
 
 def get_config():
     c = base_config("gpt-1.3b")
-    c.model = model_fields("gpt-1.3b", attention_backend="cudnn", remat="dots", scan_layers=True)
+    c.model = model_fields("gpt-1.3b", remat="dots", scan_layers=True)
     c.data.vocab_size = 50000
     c.data.seq_len = 2048
     c.mesh.fsdp = -1

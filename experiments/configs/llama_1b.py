@@ -5,7 +5,7 @@ from experiments.configs.common import base_config, model_fields
 
 def get_config():
     c = base_config("llama-1b")
-    c.model = model_fields("llama-1b", attention_backend="cudnn", remat="dots", scan_layers=True)
+    c.model = model_fields("llama-1b", remat="dots", scan_layers=True)
     c.data.vocab_size = 32768
     c.data.seq_len = 2048
     c.mesh.fsdp = -1

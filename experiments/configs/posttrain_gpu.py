@@ -19,7 +19,6 @@ def get_config():
         d_ff=2048,
         max_len=768,
         dtype="bfloat16",
-        attention_backend="cudnn",
         dropout_rate=0.1,  # ~2.6M tokens of pretraining text, seen about 30 times
     )
     p.data.vocab_size = 8192

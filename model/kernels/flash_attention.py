@@ -1,0 +1,512 @@
+"""Flash attention over packed rows (segment ids and per-document positions), as Pallas
+(Triton) kernels: one forward kernel, and a backward pass of two kernels (dq; dk and dv).
+
+The mask rule is exactly `model.masking.attention_mask`: query i sees key j when both
+carry the same non-zero segment id and position[j] <= position[i]. So the kernel takes
+the per-token segment ids and positions instead of a dense [B, T, T] mask, and never
+builds one: each program builds its [block_q, block_k] piece of the mask from the
+block's ids and positions. Scores and the softmax are float32 (Dao et al. 2022: the
+running maximum and sum; Dao 2023: the backward pass recomputes probabilities from the
+saved log-sum-exp and runs dq and dk/dv as separate kernels, so neither needs atomics).
+
+Block skipping. Which key blocks a query block can see depends on the data, not on
+the block indices (positions restart in every document), so before each kernel plain
+JAX summarises every block of the row (its smallest and largest segment id, positions
+at the extremes) and derives, per query block, the range of key blocks that may hold
+a visible key, and per key block the range of query blocks that may see it. A block
+pair is skipped only when the summaries prove that no pair in it is visible (disjoint
+segment ranges, every key later than every query, or one shared document whose keys
+all come after its queries), so skipping never changes the result. On packed rows
+(segment ids increasing along the row, positions restarting at 0) this keeps exactly
+the blocks that hold a visible pair: the causal triangle, minus documents that ended
+before the query block began. Inside that range, the run of blocks where every pair is
+visible (one document, keys before queries) is computed without building the mask.
+
+Padding queries (segment 0) see nothing. The reference gives them the uniform average
+of all values (its finite MASK_VALUE); here their output is 0 and they pass no
+gradient. Nothing reads those rows: their loss weight is 0.
+
+Shape letters: B batch, T length (Tp: padded to whole blocks), H query heads, G key/value
+heads, R = H // G query heads per group, D head dim, N blocks along T.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from model.kernels.partition import fit_logical, interpret_mode, run_sharded
+from model.masking import MASK_VALUE
+
+_LOG2_E = math.log2(math.e)  # exp(x) = exp2(x * log2(e)): exp2 is the cheaper instruction
+_INT_MAX = jnp.iinfo(jnp.int32).max
+_INT_MIN = jnp.iinfo(jnp.int32).min
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Block sizes and launch settings, chosen by measurement on an H200 (BENCHMARKS.md,
+    flash attention: of five settings, 64 x 64 forward blocks gave the fastest forward
+    pass at gpt2-124m and gpt-1.3b size, and forward + backward within 4% of the best);
+    tests pass small blocks."""
+
+    fwd_block_q: int = 64
+    fwd_block_k: int = 64
+    fwd_warps: int = 4
+    dq_block_q: int = 64
+    dq_block_k: int = 64
+    dkv_block_q: int = 64
+    dkv_block_k: int = 64
+    bwd_warps: int = 4
+    num_stages: int = 2
+
+    @property
+    def row_multiple(self) -> int:
+        """Rows are padded to a multiple of every block size (all powers of two)."""
+        return max(
+            self.fwd_block_q,
+            self.fwd_block_k,
+            self.dq_block_q,
+            self.dq_block_k,
+            self.dkv_block_q,
+            self.dkv_block_k,
+        )
+
+
+DEFAULT_TUNING = Tuning()
+
+
+def supported(n_heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Triton's matrix products need a power-of-two head dim of at least 16."""
+    return n_heads % kv_heads == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
+def flash_attention(
+    q_BTHD: jax.Array,
+    k_BTGD: jax.Array,
+    v_BTGD: jax.Array,
+    segment_ids_BT: jax.Array | None,
+    positions_BT: jax.Array,
+    *,
+    tuning: Tuning = DEFAULT_TUNING,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """out_BTHD: softmax(q k^T / sqrt(D), masked by `attention_mask`) v, differentiable in
+    q, k and v. `segment_ids_BT=None` means one document per row.
+
+    Runs per device under the active mesh (rows split over the batch axes, heads over
+    the tensor axis); `interpret` defaults to True off the GPU.
+    """
+    B, T, H, D = q_BTHD.shape
+    G = k_BTGD.shape[2]
+    if k_BTGD.shape != (B, T, G, D) or v_BTGD.shape != k_BTGD.shape:
+        raise ValueError(
+            f"flash_attention: k and v must be [B, T, G, D] = [{B}, {T}, G, {D}] like q "
+            f"{q_BTHD.shape}, got k {k_BTGD.shape} and v {v_BTGD.shape}"
+        )
+    if not supported(H, G, D):
+        raise ValueError(
+            f"flash_attention needs a power-of-two head_dim >= 16 and query heads a multiple "
+            f"of key/value heads, got head_dim={D}, {H} query heads, {G} key/value heads"
+        )
+    if not q_BTHD.dtype == k_BTGD.dtype == v_BTGD.dtype:
+        raise ValueError(
+            f"flash_attention: q, k and v must share one dtype, got "
+            f"{q_BTHD.dtype}, {k_BTGD.dtype}, {v_BTGD.dtype}"
+        )
+    if segment_ids_BT is None:
+        segment_ids_BT = jnp.ones((B, T), jnp.int32)
+    for name, x in (("segment_ids", segment_ids_BT), ("positions", positions_BT)):
+        if x.shape != (B, T):
+            raise ValueError(f"flash_attention: {name} must be [B, T] = [{B}, {T}], got {x.shape}")
+    interpret = interpret_mode() if interpret is None else interpret
+    return _make_attention(tuning, bool(interpret))(
+        q_BTHD,
+        k_BTGD,
+        v_BTGD,
+        segment_ids_BT.astype(jnp.int32),
+        positions_BT.astype(jnp.int32),
+    )
+
+
+@functools.cache
+def _make_attention(tuning: Tuning, interpret: bool):
+    """The custom_vjp (q, k, v, segment_ids, positions) -> out for one static setting."""
+    settings = dict(tuning=tuning, interpret=interpret)
+
+    @jax.custom_vjp
+    def attention(q, k, v, seg, pos):
+        return _sharded_forward(q, k, v, seg, pos, **settings)[0]
+
+    def fwd(q, k, v, seg, pos):
+        out, lse = _sharded_forward(q, k, v, seg, pos, **settings)
+        return out, (q, k, v, seg, pos, out, lse)
+
+    def bwd(residuals, d_out):
+        q, k, v, seg, pos, out, lse = residuals
+        dq, dk, dv = _sharded_backward(q, k, v, seg, pos, out, lse, d_out, **settings)
+        return dq, dk, dv, None, None  # no gradient for the integer ids and positions
+
+    attention.defvjp(fwd, bwd)
+    return attention
+
+
+# ----------------------------------------------------------------------------
+# Sharding: rows over the batch axes, heads over the tensor axis (query and key/value
+# heads split alike, so each device keeps whole groups).
+
+
+def _logical(q_BTHD, k_BTGD):
+    batch, heads = fit_logical((q_BTHD.shape[0], k_BTGD.shape[2]), ("batch", "act_heads"))
+    return (batch, None, heads, None), (batch, None), (batch, heads, None)
+
+
+def _sharded_forward(q, k, v, seg, pos, *, tuning, interpret):
+    qkv, rows, lse = _logical(q, k)
+    local = functools.partial(_forward, tuning=tuning, interpret=interpret)
+    return run_sharded(local, (q, k, v, seg, pos), (qkv, qkv, qkv, rows, rows), (qkv, lse))
+
+
+def _sharded_backward(q, k, v, seg, pos, out, lse, d_out, *, tuning, interpret):
+    qkv, rows, lse_axes = _logical(q, k)
+    local = functools.partial(_backward, tuning=tuning, interpret=interpret)
+    return run_sharded(
+        local,
+        (q, k, v, seg, pos, out, lse, d_out),
+        (qkv, qkv, qkv, rows, rows, qkv, lse_axes, qkv),
+        (qkv, qkv, qkv),
+    )
+
+
+# ----------------------------------------------------------------------------
+# Which blocks can see which: per-block summaries of the ids and positions.
+
+
+def _block_summary(seg_BT, pos_BT, block: int) -> dict[str, jax.Array]:
+    """Per block [B, N]: extreme segment ids and positions of its non-padding tokens.
+
+    A block of padding only gets seg_min > seg_max, so it overlaps nothing."""
+    B, T = seg_BT.shape
+    seg = seg_BT.reshape(B, T // block, block)
+    pos = pos_BT.reshape(B, T // block, block)
+    real = seg != 0
+    seg_min = jnp.where(real, seg, _INT_MAX).min(-1)
+    seg_max = jnp.where(real, seg, 0).max(-1)
+    at_min = real & (seg == seg_min[..., None])
+    at_max = real & (seg == seg_max[..., None])
+    return {
+        "seg_min": seg_min,
+        "seg_max": seg_max,
+        "one_doc": real.all(-1) & (seg_min == seg_max),  # no padding, one segment
+        "pos_min": jnp.where(real, pos, _INT_MAX).min(-1),
+        "pos_max": jnp.where(real, pos, _INT_MIN).max(-1),
+        "pos_min_at_seg_min": jnp.where(at_min, pos, _INT_MAX).min(-1),
+        "pos_max_at_seg_max": jnp.where(at_max, pos, _INT_MIN).max(-1),
+    }
+
+
+def _block_visibility(seg_BT, pos_BT, block_q: int, block_k: int):
+    """(may_see_BNM, sees_all_BNM) for query block n and key block m.
+
+    may_see is False only where the block pair provably holds no visible pair. Each test
+    is necessary for one (same non-zero segment s, key position <= query position): s
+    lies in both blocks' segment ranges; the smallest key position is at most the
+    largest query position; and when the ranges share only s (the query block's last
+    segment is the key block's first), the same holds for s alone.
+
+    sees_all is True exactly where every pair is visible (both blocks one document,
+    no padding, every key position <= every query position): no mask needed there.
+    """
+    q = {k: v[:, :, None] for k, v in _block_summary(seg_BT, pos_BT, block_q).items()}
+    k = {k: v[:, None, :] for k, v in _block_summary(seg_BT, pos_BT, block_k).items()}
+    overlap = (k["seg_min"] <= q["seg_max"]) & (q["seg_min"] <= k["seg_max"])
+    causal = k["pos_min"] <= q["pos_max"]
+    one_shared = q["seg_max"] == k["seg_min"]
+    shared_causal = k["pos_min_at_seg_min"] <= q["pos_max_at_seg_max"]
+    may_see = overlap & causal & (~one_shared | shared_causal)
+    same_doc = q["one_doc"] & k["one_doc"] & (q["seg_min"] == k["seg_min"])
+    return may_see, same_doc & (k["pos_max"] <= q["pos_min"])
+
+
+def _loop_bounds(may_see_BNM: jax.Array, sees_all_BNM: jax.Array) -> jax.Array:
+    """bounds_BN4 = (lo, full_lo, full_hi, hi) along the last axis: blocks [lo, hi) hold
+    every block that may be visible, and [full_lo, full_hi) inside them is a run of
+    wholly visible ones (the first such run; empty, at hi, if there is none)."""
+    M = may_see_BNM.shape[-1]
+    idx = jnp.arange(M)
+    any_BN = may_see_BNM.any(-1)
+    lo = jnp.where(any_BN, jnp.argmax(may_see_BNM, axis=-1), 0)
+    hi = jnp.where(any_BN, M - jnp.argmax(may_see_BNM[..., ::-1], axis=-1), 0)
+    full_lo = jnp.where(sees_all_BNM.any(-1), jnp.argmax(sees_all_BNM, axis=-1), hi)
+    # the run ends at the first block after full_lo that is not wholly visible
+    ends = ~sees_all_BNM & (idx > full_lo[..., None])
+    full_hi = jnp.where(ends.any(-1), jnp.argmax(ends, axis=-1), M)
+    full_hi = jnp.where(full_lo < hi, jnp.minimum(full_hi, hi), hi)
+    return jnp.stack([lo, full_lo, full_hi, hi], axis=-1).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------
+# The kernels. Scores are kept in base 2: s2 = q.k * D^-0.5 * log2(e), p = exp2(s2 - max).
+# Each loops over its blocks in three runs: masked, wholly visible (no mask), masked.
+
+
+def _visible(q_seg, q_pos, k_seg, k_pos):
+    """The mask rule on one [queries, keys] tile."""
+    same_doc = (q_seg[:, None] == k_seg[None, :]) & (q_seg[:, None] != 0)
+    return same_doc & (k_pos[None, :] <= q_pos[:, None])
+
+
+def _visible_t(k_seg, k_pos, q_seg, q_pos):
+    """The mask rule on one [keys, queries] tile."""
+    same_doc = (k_seg[:, None] == q_seg[None, :]) & (q_seg[None, :] != 0)
+    return same_doc & (k_pos[:, None] <= q_pos[None, :])
+
+
+def _dot(a, b, trans_b=False):
+    # float32 inputs get float32 products (TF32 would round to 10 mantissa bits)
+    return plgpu.dot(a, b, trans_b=trans_b, allow_tf32=a.dtype != jnp.float32)
+
+
+def _three_runs(bounds_ref, step, carry):
+    """step(i, carry, masked) over blocks [lo, full_lo) and [full_hi, hi) with the mask,
+    and over [full_lo, full_hi) without."""
+    lo, full_lo, full_hi, hi = (bounds_ref[i] for i in range(4))
+    carry = jax.lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
+    carry = jax.lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+    return jax.lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+
+
+def _fwd_kernel(
+    bounds_ref, q_ref, q_seg_ref, q_pos_ref, k_ref, v_ref, k_seg_ref, k_pos_ref,
+    o_ref, lse_ref, *, block_k, scale2,
+):  # fmt: skip
+    """One (query block, row, head): q_ref [BQ, D], k_ref/v_ref the row's [Tp, D]."""
+    q = q_ref[...]
+    q_seg, q_pos = q_seg_ref[...], q_pos_ref[...]
+    BQ, D = q.shape
+
+    def step(j, carry, masked):
+        acc, m, total = carry
+        window = pl.ds(j * block_k, block_k)
+        k, v = k_ref[window, :], v_ref[window, :]
+        s2 = _dot(q, k, trans_b=True) * scale2
+        if masked:
+            visible = _visible(q_seg, q_pos, k_seg_ref[window], k_pos_ref[window])
+            s2 = jnp.where(visible, s2, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s2, axis=1))
+        p = jnp.exp2(s2 - m_new[:, None])
+        if masked:  # masked keys weigh exactly 0 (a row that saw nothing yet keeps total 0)
+            p = jnp.where(visible, p, 0.0)
+        rescale = jnp.exp2(m - m_new)
+        acc = acc * rescale[:, None] + _dot(p.astype(v.dtype), v)
+        return acc, m_new, total * rescale + jnp.sum(p, axis=1)
+
+    init = (
+        jnp.zeros((BQ, D), jnp.float32),
+        jnp.full((BQ,), MASK_VALUE, jnp.float32),
+        jnp.zeros((BQ,), jnp.float32),
+    )
+    acc, m, total = _three_runs(bounds_ref, step, init)
+    seen = total > 0  # False only for padding queries: output 0, and no gradient (p = 0)
+    total = jnp.where(seen, total, 1.0)
+    o_ref[...] = (acc / total[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(seen, m + jnp.log2(total), 0.0)
+
+
+def _dq_kernel(
+    bounds_ref, q_ref, q_seg_ref, q_pos_ref, o_ref, do_ref, lse_ref,
+    k_ref, v_ref, k_seg_ref, k_pos_ref, dq_ref, delta_ref, *, block_k, scale2, scale,
+):  # fmt: skip
+    """One (query block, row, head): dq, and delta = rowsum(dO * O) for the dk/dv kernel."""
+    q, do = q_ref[...], do_ref[...]
+    q_seg, q_pos = q_seg_ref[...], q_pos_ref[...]
+    lse = lse_ref[...]
+    delta = jnp.sum(o_ref[...].astype(jnp.float32) * do.astype(jnp.float32), axis=1)
+    delta_ref[...] = delta
+
+    def step(j, dq, masked):
+        window = pl.ds(j * block_k, block_k)
+        k, v = k_ref[window, :], v_ref[window, :]
+        p = jnp.exp2(_dot(q, k, trans_b=True) * scale2 - lse[:, None])
+        if masked:
+            visible = _visible(q_seg, q_pos, k_seg_ref[window], k_pos_ref[window])
+            p = jnp.where(visible, p, 0.0)
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k)
+
+    dq = _three_runs(bounds_ref, step, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(
+    bounds_ref, k_ref, v_ref, k_seg_ref, k_pos_ref, q_ref, do_ref, lse_ref, delta_ref,
+    q_seg_ref, q_pos_ref, dk_ref, dv_ref, *, block_q, heads_per_group, scale2, scale,
+):  # fmt: skip
+    """One (key block, row, key/value head): dk and dv summed over the group's query
+    heads; q_ref/do_ref [Tp, R, D], lse_ref/delta_ref [R, Tp]. Tiles are [keys, queries]."""
+    k, v = k_ref[...], v_ref[...]
+    k_seg, k_pos = k_seg_ref[...], k_pos_ref[...]
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    for r in range(heads_per_group):
+
+        def step(i, carry, masked, r=r):
+            dk, dv = carry
+            window = pl.ds(i * block_q, block_q)
+            q, do = q_ref[window, r, :], do_ref[window, r, :]
+            lse, delta = lse_ref[r, window], delta_ref[r, window]
+            p_t = jnp.exp2(_dot(k, q, trans_b=True) * scale2 - lse[None, :])
+            if masked:
+                visible_t = _visible_t(k_seg, k_pos, q_seg_ref[window], q_pos_ref[window])
+                p_t = jnp.where(visible_t, p_t, 0.0)
+            dv = dv + _dot(p_t.astype(do.dtype), do)
+            ds_t = p_t * (_dot(v, do, trans_b=True) - delta[None, :])
+            return dk + _dot(ds_t.astype(q.dtype), q), dv
+
+        carry = _three_runs(bounds_ref, step, carry)
+    dk, dv = carry
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------
+# Per-device launches.
+
+
+def _pad_rows(T: int, tuning: Tuning, *arrays):
+    """Pads dimension 1 of each array to whole blocks (padding tokens: segment 0)."""
+    Tp = -(-T // tuning.row_multiple) * tuning.row_multiple
+    if Tp == T:
+        return arrays
+    return tuple(jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2)) for x in arrays)
+
+
+def _forward(q, k, v, seg, pos, *, tuning: Tuning, interpret: bool):
+    """(out_BTHD, lse_BHTp) on one device; lse in base 2, padded rows included."""
+    B, T, H, D = q.shape
+    G = k.shape[2]
+    R = H // G
+    q, k, v, seg, pos = _pad_rows(T, tuning, q, k, v, seg, pos)
+    Tp = q.shape[1]
+    BQ, BK = tuning.fwd_block_q, tuning.fwd_block_k
+    NQ = Tp // BQ
+    bounds = _loop_bounds(*_block_visibility(seg, pos, BQ, BK))
+    # Query blocks in reverse: the late blocks see the most keys, so they start first.
+    rev = lambda n: NQ - 1 - n  # noqa: E731
+    row_block = pl.BlockSpec((None, BQ), lambda n, b, h: (b, rev(n)))
+    whole_row = pl.BlockSpec((None, Tp), lambda n, b, h: (b, 0))
+    bounds_spec = pl.BlockSpec((None, None, 4), lambda n, b, h: (b, rev(n), 0))
+    q_block = pl.BlockSpec((None, BQ, None, D), lambda n, b, h: (b, rev(n), h, 0))
+    kv_row = pl.BlockSpec((None, Tp, None, D), lambda n, b, h: (b, 0, h // R, 0))
+    out, lse = pl.pallas_call(
+        functools.partial(_fwd_kernel, block_k=BK, scale2=D**-0.5 * _LOG2_E),
+        grid=(NQ, B, H),
+        in_specs=[
+            bounds_spec,
+            q_block,
+            row_block,
+            row_block,
+            kv_row,
+            kv_row,
+            whole_row,
+            whole_row,
+        ],
+        out_specs=[q_block, pl.BlockSpec((None, None, BQ), lambda n, b, h: (b, h, rev(n)))],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((B, H, Tp), jnp.float32),
+        ],
+        compiler_params=plgpu.CompilerParams(
+            num_warps=tuning.fwd_warps, num_stages=tuning.num_stages
+        ),
+        interpret=interpret,
+        name="flash_attention_fwd",
+    )(bounds, q, seg, pos, k, v, seg, pos)
+    return out[:, :T], lse
+
+
+def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: bool):
+    """(dq, dk, dv) on one device, from the forward's output and base-2 log-sum-exp."""
+    B, T, H, D = q.shape
+    G = k.shape[2]
+    R = H // G
+    q, k, v, seg, pos, out, d_out = _pad_rows(T, tuning, q, k, v, seg, pos, out, d_out)
+    Tp = q.shape[1]
+    params = plgpu.CompilerParams(num_warps=tuning.bwd_warps, num_stages=tuning.num_stages)
+    scales = dict(scale2=D**-0.5 * _LOG2_E, scale=D**-0.5)
+
+    # dq (and delta): one program per (query block, row, head), over its key blocks.
+    BQ, BK = tuning.dq_block_q, tuning.dq_block_k
+    NQ = Tp // BQ
+    bounds = _loop_bounds(*_block_visibility(seg, pos, BQ, BK))
+    rev = lambda n: NQ - 1 - n  # noqa: E731
+    bounds_spec = pl.BlockSpec((None, None, 4), lambda n, b, h: (b, rev(n), 0))
+    row_block = pl.BlockSpec((None, BQ), lambda n, b, h: (b, rev(n)))
+    whole_row = pl.BlockSpec((None, Tp), lambda n, b, h: (b, 0))
+    q_block = pl.BlockSpec((None, BQ, None, D), lambda n, b, h: (b, rev(n), h, 0))
+    stat_block = pl.BlockSpec((None, None, BQ), lambda n, b, h: (b, h, rev(n)))
+    kv_row = pl.BlockSpec((None, Tp, None, D), lambda n, b, h: (b, 0, h // R, 0))
+    dq, delta = pl.pallas_call(
+        functools.partial(_dq_kernel, block_k=BK, **scales),
+        grid=(NQ, B, H),
+        in_specs=[
+            bounds_spec,
+            q_block,
+            row_block,
+            row_block,
+            q_block,
+            q_block,
+            stat_block,
+            kv_row,
+            kv_row,
+            whole_row,
+            whole_row,
+        ],  # fmt: skip
+        out_specs=[q_block, stat_block],
+        out_shape=[
+            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((B, H, Tp), jnp.float32),
+        ],
+        compiler_params=params,
+        interpret=interpret,
+        name="flash_attention_dq",
+    )(bounds, q, seg, pos, out, d_out, lse, k, v, seg, pos)
+
+    # dk, dv: one program per (key block, row, key/value head), over the query blocks
+    # that may see it, for each query head of the group.
+    BQ, BK = tuning.dkv_block_q, tuning.dkv_block_k
+    bounds = _loop_bounds(*(jnp.swapaxes(x, 1, 2) for x in _block_visibility(seg, pos, BQ, BK)))
+    bounds_spec = pl.BlockSpec((None, None, 4), lambda m, b, g: (b, m, 0))
+    key_block = pl.BlockSpec((None, BK), lambda m, b, g: (b, m))
+    whole_row = pl.BlockSpec((None, Tp), lambda m, b, g: (b, 0))
+    kv_block = pl.BlockSpec((None, BK, None, D), lambda m, b, g: (b, m, g, 0))
+    group_rows = pl.BlockSpec((None, Tp, R, D), lambda m, b, g: (b, 0, g, 0))
+    group_stats = pl.BlockSpec((None, R, Tp), lambda m, b, g: (b, g, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, block_q=BQ, heads_per_group=R, **scales),
+        grid=(Tp // BK, B, G),
+        in_specs=[
+            bounds_spec,
+            kv_block,
+            kv_block,
+            key_block,
+            key_block,
+            group_rows,
+            group_rows,
+            group_stats,
+            group_stats,
+            whole_row,
+            whole_row,
+        ],  # fmt: skip
+        out_specs=[kv_block, kv_block],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=params,
+        interpret=interpret,
+        name="flash_attention_dkv",
+    )(bounds, k, v, seg, pos, q, d_out, lse, delta, seg, pos)
+    return dq[:, :T], dk[:, :T], dv[:, :T]
