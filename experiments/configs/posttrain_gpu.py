@@ -38,6 +38,10 @@ def get_config():
     c.ppo.train.update(global_batch_size=64, num_steps=200, checkpoint_every=20, eval_every=50)
     c.ppo.algorithm.update(epochs=4, num_minibatches=4)
     c.ppo.optim.update(lr=5e-6, end_lr=5e-7)
+    c.grpo.data.update(max_prompt_len=256, max_new_tokens=384)
+    c.grpo.train.update(global_batch_size=32, num_steps=100, checkpoint_every=20, eval_every=50)
+    c.grpo.algorithm.group_size = 8
+    c.grpo.optim.update(lr=2e-6, end_lr=2e-7)
     c.dpo.data.seq_len = 768
     c.dpo.train.update(global_batch_size=32, num_steps=500, checkpoint_every=100, eval_every=500)
     c.dpo.optim.update(lr=5e-6, end_lr=5e-7)
