@@ -203,8 +203,9 @@ class _Run:
         self.writer = MetricsWriter(stage.directory, resume_step=start)
         self.last: dict[str, float] = {}
         self.skipped = 0
-        self.pending: tuple[int, dict] | None = None  # metrics still on the device
-        self.window = (time.perf_counter(), 0)
+        self.pending: tuple[int, dict, float] | None = None  # metrics still on the device
+        self.window = (time.perf_counter(), 0)  # (start, steps) of the throughput window
+        self.window_end = self.window[0]
         peak = cfg.peak_flops or _peak_flops(jax.devices()[0].device_kind)
         self.flops_per_s = peak * jax.device_count() if stage.flops_per_unit else 0.0
         self.progress = tqdm(
@@ -228,7 +229,7 @@ class _Run:
                     with jax.profiler.StepTraceAnnotation(stage.name, step_num=step):
                         self.state, metrics = stage.step(self.state, batch, rng)
                 self._flush()
-                self.pending = (step, metrics)
+                self.pending = (step, metrics, time.perf_counter())
                 self.progress.update(1)
                 last = step == cfg.num_steps
                 eval_metrics = self._evaluate(step) if step % cfg.eval_every == 0 else None
@@ -264,7 +265,9 @@ class _Run:
         if self.stage.evaluate is None:
             return None
         self._flush()
+        began = time.perf_counter()
         metrics = self.stage.evaluate(self.state)
+        self._pause(time.perf_counter() - began)
         self.writer.write(step, metrics)
         self.last.update(metrics)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
@@ -277,16 +280,22 @@ class _Run:
         if stage.host_state is not None:
             data["host"] = stage.host_state()
         meta = {**stage.meta, "final": final} if final is not None else stage.meta
+        began = time.perf_counter()
         self.ckpt.save(step, self.state, _plain(data), _plain(meta), metrics=eval_metrics)
+        self._pause(time.perf_counter() - began)
 
     def _flush(self) -> None:
         """Reads the pending step's metrics (by now the device has moved on), checks them,
         logs every `log_every` steps."""
         if self.pending is None:
             return
-        step, metrics = self.pending
+        step, metrics, returned = self.pending
         self.pending = None
+        on_device = any(isinstance(v, jax.Array) for v in metrics.values())
         metrics = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+        # When the step finished: once its metrics arrived (asynchronous steps), or when the
+        # call returned (steps that wait for the device themselves, like PPO's iteration).
+        self.window_end = time.perf_counter() if on_device else returned
         self._check_finite(step, metrics)
         start, steps = self.window
         self.window = (start, steps + 1)
@@ -311,7 +320,7 @@ class _Run:
     def _log(self, step: int, metrics: dict[str, float]) -> None:
         stage = self.stage
         start, steps = self.window
-        elapsed = max(time.perf_counter() - start, 1e-9)
+        elapsed = max(self.window_end - start, 1e-9)
         record = {f"{stage.metrics_prefix}/{k}": v for k, v in metrics.items()}
         record[f"{stage.metrics_prefix}/skipped_steps"] = self.skipped
         postfix = {k: f"{metrics[k]:.4g}" for k in stage.progress_keys if k in metrics}
@@ -326,7 +335,12 @@ class _Run:
         self.writer.write(step, record)
         self.last.update(record)
         self.progress.set_postfix(postfix)
-        self.window = (time.perf_counter(), 0)
+        self.window = (self.window_end, 0)
+
+    def _pause(self, seconds: float) -> None:
+        """Evaluation and saving are not training: their time leaves the throughput."""
+        start, steps = self.window
+        self.window = (start + seconds, steps)
 
     @contextlib.contextmanager
     def _maybe_profile(self, step: int) -> Iterator[None]:
