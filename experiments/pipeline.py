@@ -65,6 +65,14 @@ def run_stage(name: str, fn: Callable, config: ConfigDict, root: Path) -> dict:
     results = fn(config, root)
     results.setdefault(f"{name}/seconds", time.perf_counter() - start)
     log.info("stage %s done in %.0fs", name, time.perf_counter() - start)
+    if results.get("ground_truth"):
+        from rlhf.ground_truth import comparison_table
+
+        rows = {
+            k: {m: v for m, v in t.items() if m != "examples"}
+            for k, t in results["ground_truth"].items()
+        }
+        log.info("%s ground truth on held-out prompts:\n%s", name, comparison_table(rows))
     return results
 
 
