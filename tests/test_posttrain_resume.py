@@ -252,6 +252,10 @@ def test_a_checkpoint_of_another_config_is_refused_untouched(pipeline, tmp_path)
             sft.run(other, root)
         assert line in str(error.value)
     assert before == {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    # Cadence and length are not the experiment: a finished stage stays finished.
+    relaxed = config.copy_and_resolve_references()
+    relaxed.sft.train.update(eval_every=5, log_every=3, checkpoint_every=5)
+    assert sft.run(relaxed, root)["sft/train_rows"] > 0
 
 
 def test_array_batches_are_a_function_of_the_position_and_split_over_processes():

@@ -188,8 +188,9 @@ def _check_same_experiment(stage: Stage, meta: dict, step: int) -> None:
             f"{str(old_tok.get('sha256'))[:12]}, now {str(new_tok.get('sha256'))[:12]}); the "
             "prepared data changed since: restore it, or use a new workdir"
         )
-    diffs = config_differences(meta.get("config", {}), stage.meta.get("config", {}))
-    diffs = [d for d in diffs if not d.startswith(RESUMABLE_PREFIXES)]
+    diffs = config_differences(
+        meta.get("config", {}), stage.meta.get("config", {}), RESUMABLE_PREFIXES
+    )
     diffs += config_differences(meta.get("model", {}), stage.meta.get("model", {}))
     if diffs:
         raise ValueError(differences_message(where, diffs))

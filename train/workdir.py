@@ -61,11 +61,12 @@ def flatten(config: dict, prefix: str = "") -> dict[str, object]:
 
 
 def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> list[str]:
-    """'field: old -> new' for every field that differs, except ignored prefixes."""
+    """'field: old -> new' for every field that differs, except ignored prefixes (also
+    inside a stage's section: "train.num_steps" ignores "sft.train.num_steps" too)."""
     old_flat, new_flat = flatten(old), flatten(new)
     lines = []
     for name in sorted(set(old_flat) | set(new_flat)):
-        if name.startswith(ignore):
+        if name.startswith(ignore) or name.partition(".")[2].startswith(ignore):
             continue
         a, b = old_flat.get(name, "<absent>"), new_flat.get(name, "<absent>")
         if a != b:
