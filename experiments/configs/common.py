@@ -17,8 +17,9 @@ from train.optim import OptimConfig
 def model_fields(preset: str, **overrides) -> ConfigDict:
     """All ModelConfig fields of a preset, so that each is overridable and type-checked."""
     fields = dataclasses.asdict(get_preset(preset, **overrides))
-    if fields["n_kv_heads"] is None:
-        fields["n_kv_heads"] = config_dict.placeholder(int)
+    for name in ("n_kv_heads", "d_head"):  # None: derived from the other fields
+        if fields[name] is None:
+            fields[name] = config_dict.placeholder(int)
     return ConfigDict(fields)
 
 
