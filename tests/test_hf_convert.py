@@ -109,7 +109,9 @@ def _assert_same_function(cfg, params, torch_model):
             _torch_logits(torch_model, TOKENS, mask),
         )
         real = mask.astype(bool)
-        np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)
+        # rows past the vocabulary pad the table to a multiple of 128, never to be chosen
+        assert ours.shape[-1] == cfg.padded_vocab == 128 and (ours[..., VOCAB:] <= -1e8).all()
+        np.testing.assert_allclose(ours[..., :VOCAB][real], theirs[real], atol=1e-4, rtol=0)
         assert np.abs(theirs[real]).max() > 1.0  # the comparison is not of near-zero logits
 
 

@@ -247,7 +247,16 @@ def staged_directory(dst: str | Path) -> Iterator[Path]:
         yield tmp
         if dst.exists():
             raise FileExistsError(f"{dst} appeared while writing; left it untouched")
+        _ordinary_permissions(tmp)
         os.rename(tmp, dst)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _ordinary_permissions(directory: Path) -> None:
+    """mkdtemp and safetensors create owner-only entries; give them the umask's modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

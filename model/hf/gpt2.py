@@ -99,14 +99,16 @@ def rules(cfg: ModelConfig) -> list[Rule]:
     D, H, K, F = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff
     V, P = cfg.vocab_size, cfg.max_len
     t, h, ours = _PREFIX, _PREFIX + "h.{i}.", "decoder/block_{i}/"
+    vocab_rows = dict(pad_axis=0, pad_to=cfg.padded_vocab)
+    vocab_cols = dict(pad_axis=1, pad_to=cfg.padded_vocab)
     table = [
-        Rule(t + "wte.weight", "embed/embedding", (V, D)),
+        Rule(t + "wte.weight", "embed/embedding", (V, D), **vocab_rows),
         Rule(t + "wpe.weight", "decoder/position_embedding", (P, D)),
         Rule(t + "ln_f.weight", "decoder/final_norm/scale", (D,)),
         Rule(t + "ln_f.bias", "decoder/final_norm/bias", (D,)),
     ]
     if not cfg.tie_embeddings:
-        table.append(Rule("lm_head.weight", "lm_head", (V, D), perm=(1, 0)))
+        table.append(Rule("lm_head.weight", "lm_head", (V, D), perm=(1, 0), **vocab_cols))
     for hf_norm, our_norm in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
         table += [
             Rule(h + hf_norm + ".weight", ours + our_norm + "/scale", (D,)),

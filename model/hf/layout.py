@@ -2,7 +2,8 @@
 
 A `Rule` says: parameter `ours` (a "/"-joined path in the params tree) is the
 HF tensor `hf`, optionally block `part` of `parts` along `part_axis` (GPT-2's
-fused q/k/v), reshaped to `shape` and transposed by `perm`. Rules whose names
+fused q/k/v), reshaped to `shape`, transposed by `perm`, and zero-padded
+along `pad_axis` (the vocabulary, see `ModelConfig.padded_vocab`). Rules whose names
 hold "{i}" apply to every layer. The same rule read backwards exports, so the
 two directions cannot disagree.
 
@@ -34,6 +35,8 @@ class Rule:
     part: int = 0
     parts: int = 1
     part_axis: int = 0
+    pad_axis: int | None = None  # our vocabulary axis, zero-padded to pad_to rows
+    pad_to: int = 0
 
     def layer(self, i: int) -> Rule:
         return dataclasses.replace(self, hf=self.hf.format(i=i), ours=self.ours.format(i=i))
@@ -56,10 +59,15 @@ class Rule:
             view = st.Reshaped(view, self.shape)
         if self.perm is not None:
             view = st.Transposed(view, self.perm)
+        if self.pad_axis is not None:
+            view = st.Padded(view, self.pad_axis, self.pad_to)
         return view
 
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
         """Our parameter as (its part of) the HF tensor: `view` backwards."""
+        if self.pad_axis is not None:
+            stored = self.hf_shape if self.perm is None else [self.hf_shape[p] for p in self.perm]
+            ours = np.take(ours, np.arange(stored[self.pad_axis]), axis=self.pad_axis)
         if self.perm is not None:
             ours = ours.transpose(np.argsort(self.perm))
         part_shape = list(self.hf_shape)

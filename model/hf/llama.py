@@ -126,8 +126,10 @@ def rules(cfg: ModelConfig) -> list[Rule]:
     D, H, G, K = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
     F, V = cfg.d_ff, cfg.vocab_size
     h, ours = "model.layers.{i}.", "decoder/block_{i}/"
+    vocab_rows = dict(pad_axis=0, pad_to=cfg.padded_vocab)
+    vocab_cols = dict(pad_axis=1, pad_to=cfg.padded_vocab)
     table = [
-        Rule("model.embed_tokens.weight", "embed/embedding", (V, D)),
+        Rule("model.embed_tokens.weight", "embed/embedding", (V, D), **vocab_rows),
         Rule("model.norm.weight", "decoder/final_norm/scale", (D,)),
         Rule(h + "input_layernorm.weight", ours + "attn_norm/scale", (D,)),
         Rule(h + "post_attention_layernorm.weight", ours + "mlp_norm/scale", (D,)),
@@ -142,7 +144,7 @@ def rules(cfg: ModelConfig) -> list[Rule]:
         Rule(h + "mlp.down_proj.weight", ours + "mlp/down", (D, F), perm=(1, 0)),
     ]
     if not cfg.tie_embeddings:
-        table.append(Rule("lm_head.weight", "lm_head", (V, D), perm=(1, 0)))
+        table.append(Rule("lm_head.weight", "lm_head", (V, D), perm=(1, 0), **vocab_cols))
     if cfg.use_bias:
         table += [
             Rule(h + "self_attn.q_proj.bias", ours + "attn/query_bias", (H * K,), (H, K)),

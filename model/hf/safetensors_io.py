@@ -4,7 +4,8 @@ Reading is lazy: `open_checkpoint` maps every tensor name to its file, and a
 `LazyTensor` reads only the slice it is indexed with (safetensors memory-maps
 the file and copies out just those bytes). Views compose without reading
 anything: `Part` (one block of a fused tensor), `Reshaped` (an axis split in
-two or more), `Transposed`, and `Stacked` (layers on a new leading axis), so
+two or more), `Transposed`, `Padded` (zero rows after the end) and `Stacked`
+(layers on a new leading axis), so
 a device can ask a parameter's view for its own shard alone.
 
 Writing plans the files from the tensors' sizes first, then materialises one
@@ -144,6 +145,22 @@ class Transposed:
         for j, p in enumerate(self.perm):
             base_index[p] = index[j]
         return self.base[tuple(base_index)].transpose(self.perm)
+
+
+class Padded:
+    """`base` zero-padded at the end of `axis` to `size` (the padded vocabulary)."""
+
+    def __init__(self, base: LazyTensor, axis: int, size: int):
+        self.base, self.axis, self.dtype = base, axis, base.dtype
+        self.shape = tuple(size if a == axis else n for a, n in enumerate(base.shape))
+
+    def __getitem__(self, index: Index) -> np.ndarray:
+        s, stored = index[self.axis], self.base.shape[self.axis]
+        inside = slice(min(s.start, stored), min(s.stop, stored))
+        out = self.base[index[: self.axis] + (inside,) + index[self.axis + 1 :]]
+        pad = [(0, 0)] * out.ndim
+        pad[self.axis] = (0, (s.stop - s.start) - (inside.stop - inside.start))
+        return np.pad(out, pad) if pad[self.axis][1] else out
 
 
 class Stacked:
