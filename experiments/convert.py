@@ -30,13 +30,6 @@ from model.transformer import LanguageModel
 from train import sharding, state
 from train.sharding import MeshConfig
 
-flags.DEFINE_string("src", None, "import: a Hugging Face model directory")
-flags.DEFINE_string("workdir", None, "this project's checkpoint directory (import: created)")
-flags.DEFINE_string("dst", None, "export: the Hugging Face model directory to create")
-flags.DEFINE_integer(
-    "max_shard_bytes", safetensors_io.DEFAULT_MAX_SHARD_BYTES, "export: bytes per safetensors file"
-)
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "export: stored dtype (default: params')")
 FLAGS = flags.FLAGS
 
 COMMANDS = ("import", "export")
@@ -48,7 +41,7 @@ def import_checkpoint(src: str | Path, workdir: str | Path) -> None:
     if workdir.exists():
         raise FileExistsError(f"{workdir} already exists; choose a new --workdir")
     cfg, family = hf.read_config(src)
-    params = hf.load_params(src, cfg, _import_shardings(cfg), family)
+    params = hf.load_params(src, cfg, import_shardings(cfg), family)
     from train.checkpoint import save_model  # TODO(lead): top-level import once merged
 
     with tempfile.TemporaryDirectory() as scratch, hf.staged_directory(workdir) as tmp:
@@ -102,7 +95,7 @@ def _init_fn(cfg):
     return lambda rng: LanguageModel(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
-def _import_shardings(cfg):
+def import_shardings(cfg):
     """Parameters split over every device (FSDP) where the shapes divide, else replicated."""
     init = _init_fn(cfg)
     abstract = state.strip_axis_names(jax.eval_shape(init, jax.random.key(0)))
@@ -138,5 +131,22 @@ def _need(*names: str) -> None:
             raise ValueError(f"--{name} is required")
 
 
+def define_flags() -> None:
+    """Defined only when run as a program, so that tests can import this module
+    beside others that define flags of the same names."""
+    flags.DEFINE_string("src", None, "import: a Hugging Face model directory")
+    flags.DEFINE_string("workdir", None, "this project's checkpoint directory (import: created)")
+    flags.DEFINE_string("dst", None, "export: the Hugging Face model directory to create")
+    flags.DEFINE_integer(
+        "max_shard_bytes",
+        safetensors_io.DEFAULT_MAX_SHARD_BYTES,
+        "export: the most bytes in one safetensors file",
+    )
+    flags.DEFINE_enum(
+        "dtype", None, ["float32", "bfloat16"], "export: stored dtype (default: the params')"
+    )
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -230,7 +231,8 @@ def test_sharded_load_places_each_parameter_by_the_rule_table(hf_dirs, monkeypat
     assert up == [48 * 32 // 8] * 8
 
 
-def test_hf_tokenizer_matches_transformers_and_pads_with_eos(tmp_path):
+def _write_bpe_tokenizer(directory):
+    """A small byte-level BPE tokenizer.json like GPT-2's; returns its eos id."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     backend = Tokenizer(models.BPE())
@@ -245,10 +247,14 @@ def test_hf_tokenizer_matches_transformers_and_pads_with_eos(tmp_path):
         "def add(a, b):\n    return a + b\n" * 20 + "the quick brown fox jumps over the lazy dog\n"
     )
     backend.train_from_iterator([text], trainer)
+    backend.save(str(directory / "tokenizer.json"))
+    return backend.token_to_id("<|endoftext|>")
+
+
+def test_hf_tokenizer_matches_transformers_and_pads_with_eos(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    backend.save(str(src / "tokenizer.json"))
-    eos = backend.token_to_id("<|endoftext|>")
+    eos = _write_bpe_tokenizer(src)
     (src / "config.json").write_text(json.dumps({"bos_token_id": eos, "eos_token_id": eos}))
     files = hf.tokenizer_files(src, tmp_path)  # GPT-2's hub layout: no tokenizer_config.json
     assert [f.name for f in files] == ["tokenizer.json", "tokenizer_config.json"]
@@ -330,3 +336,50 @@ def test_cli_reports_bad_input_in_one_line(hf_dirs, tmp_path):
         "supported: gelu_new, gelu_pytorch_tanh (the tanh GELU)"
     ]
     assert not (tmp_path / "w").exists()
+
+
+def test_convert_commands_write_a_checkpoint_and_export_it(hf_dirs, tmp_path, monkeypatch):
+    """experiments.convert's wiring, with stand-ins for train.checkpoint's save_model and
+    load_model (the checkpoint layout itself is tested beside train/checkpoint.py)."""
+    import train.checkpoint
+    from experiments import convert
+
+    src = _edit_config(hf_dirs["gpt2"][1], tmp_path)
+    eos = _write_bpe_tokenizer(src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(
+        json.dumps({**config, "bos_token_id": eos, "eos_token_id": eos})
+    )
+    saved = {}
+
+    def save_model(stage_dir, params, model_cfg, tokenizer_files, meta=None):
+        saved.update(params=params, cfg=model_cfg, meta=meta)
+        (stage_dir / "tokenizer").mkdir()
+        for f in tokenizer_files:
+            (stage_dir / "tokenizer" / f.name).write_bytes(f.read_bytes())
+
+    def load_model(stage_dir, mesh=None, which="latest"):
+        tokenizer = load_tokenizer(stage_dir / "tokenizer")
+        return SimpleNamespace(cfg=saved["cfg"], params=saved["params"], tokenizer=tokenizer)
+
+    monkeypatch.setattr(train.checkpoint, "save_model", save_model, raising=False)
+    monkeypatch.setattr(train.checkpoint, "load_model", load_model, raising=False)
+    convert.import_checkpoint(src, tmp_path / "work")
+    assert saved["cfg"] == hf.read_config(src)[0]
+    assert saved["meta"]["imported_from"]["model_type"] == "gpt2"
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert.import_checkpoint(src, tmp_path / "work")
+
+    convert.export_checkpoint(tmp_path / "work", tmp_path / "out", max_shard_bytes=10_000)
+    out = tmp_path / "out"
+    assert {"tokenizer.json", "tokenizer_config.json", "config.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    exported, original = _tensors(out), _tensors(src)
+    assert sorted(exported) == sorted(original)
+    for n in original:
+        np.testing.assert_array_equal(exported[n], original[n])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"]) == (eos, eos)  # GPT-2 pads with eos
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert.export_checkpoint(tmp_path / "work", out)

@@ -24,13 +24,12 @@ import numpy as np
 from absl import app, flags
 
 import model.hf as hf
-from experiments.convert import _import_shardings
+from experiments.convert import import_shardings
 from model.hf import llama
 from model.hf import safetensors_io as st
 from model.hf.layout import expand
 from train.state import count_params
 
-flags.DEFINE_string("dir", "/tmp/llama1b", "where the HF checkpoint is (written by `write`)")
 FLAGS = flags.FLAGS
 
 LLAMA_1B = {
@@ -78,7 +77,7 @@ def write(directory: Path) -> None:
 
 def load(directory: Path):
     cfg, family = hf.read_config(directory)
-    params = hf.load_params(directory, cfg, _import_shardings(cfg), family)
+    params = hf.load_params(directory, cfg, import_shardings(cfg), family)
     return cfg, jax.block_until_ready(params)
 
 
@@ -109,4 +108,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    flags.DEFINE_string("dir", "/tmp/llama1b", "where the HF checkpoint is (written by `write`)")
     app.run(main)
