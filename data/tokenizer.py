@@ -25,6 +25,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from data.hf_tokenizer import CONFIG_FILE, HFTokenizer, is_hf_tokenizer_json
+
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, *CHAT_TOKENS)
@@ -47,7 +49,8 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        return self.sp.pad_id()
+        # A model without a pad piece (Llama 2's) pads with eos; padding is masked anyway.
+        return self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.eos_id()
 
     @property
     def bos_id(self) -> int:
@@ -133,15 +136,30 @@ class CharTokenizer:
         return "".join(out)
 
 
-AnyTokenizer = Tokenizer | CharTokenizer
+AnyTokenizer = Tokenizer | CharTokenizer | HFTokenizer
 
 
 def load_tokenizer(path: str | os.PathLike) -> AnyTokenizer:
-    """A .json file is a CharTokenizer, anything else a sentencepiece model."""
+    """The tokenizer in a file, recognised by content, or in a directory.
+
+    A .json file is a CharTokenizer ({"type": "char"}) or a Hugging Face
+    tokenizer.json (`HFTokenizer`); any other file is a sentencepiece model. A
+    directory holds tokenizer.model, or else tokenizer.json, or else one .json.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer file does not exist: {path}")
-    return CharTokenizer.load(path) if path.suffix == ".json" else Tokenizer.load(path)
+    if path.is_dir():
+        candidates = [path / "tokenizer.model", path / "tokenizer.json"]
+        candidates += sorted(p for p in path.glob("*.json") if p.name != CONFIG_FILE)
+        found = [p for p in candidates if p.exists()]
+        if not found:
+            raise FileNotFoundError(f"{path} holds no tokenizer.model or tokenizer .json")
+        path = found[0]
+    if path.suffix != ".json":
+        return Tokenizer.load(path)
+    spec = json.loads(path.read_text())
+    return HFTokenizer.load(path) if is_hf_tokenizer_json(spec) else CharTokenizer.load(path)
 
 
 def train_tokenizer(

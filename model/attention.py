@@ -34,10 +34,31 @@ class LayerCache(NamedTuple):
     v_BSGD: jax.Array
 
 
-def apply_rope(x_BLHD: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """inv_freq_F (F = head_dim / 2): each dimension pair's angle per position.
+
+    theta^(-2f/head_dim), then `cfg.rope_scaling` applied by Hugging Face's
+    rules for rope_type "linear" and "llama3".
+    """
+    half = cfg.head_dim // 2
+    inv_freq_F = cfg.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if cfg.rope_scaling == "linear":
+        return inv_freq_F / cfg.rope_factor
+    if cfg.rope_scaling == "llama3":
+        wavelength_F = 2 * jnp.pi / inv_freq_F
+        # original context / wavelength: how many turns a pair made in pretraining;
+        # below low_freq_factor turns slowed by the factor, above high_freq_factor kept.
+        turns_F = cfg.rope_original_max_len / wavelength_F
+        blend_F = (turns_F - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor
+        )
+        blend_F = jnp.clip(blend_F, 0.0, 1.0)
+        return (1 - blend_F) * inv_freq_F / cfg.rope_factor + blend_F * inv_freq_F
+    return inv_freq_F
+
+
+def apply_rope(x_BLHD: jax.Array, positions_BL: jax.Array, inv_freq_F: jax.Array) -> jax.Array:
     """Rotary position embedding (Su et al. 2021), rotate-half layout, in float32."""
-    half = x_BLHD.shape[-1] // 2
-    inv_freq_F = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles_BLF = positions_BL[..., None].astype(jnp.float32) * inv_freq_F
     sin_BL1F = jnp.sin(angles_BLF)[:, :, None, :]
     cos_BL1F = jnp.cos(angles_BLF)[:, :, None, :]
@@ -142,8 +163,9 @@ class Attention(nn.Module):
         k_BLGD = project("key", G, "kv_heads")
         v_BLGD = project("value", G, "kv_heads")
         if cfg.positional == "rope":
-            q_BLHD = apply_rope(q_BLHD, positions_BL, cfg.rope_theta)
-            k_BLGD = apply_rope(k_BLGD, positions_BL, cfg.rope_theta)
+            inv_freq_F = rope_inv_freq(cfg)
+            q_BLHD = apply_rope(q_BLHD, positions_BL, inv_freq_F)
+            k_BLGD = apply_rope(k_BLGD, positions_BL, inv_freq_F)
         q_BLHD = nn.with_logical_constraint(q_BLHD, ("batch", "length", "act_heads", "head_dim"))
 
         if cache is None:

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 Positional = Literal["learned", "rope"]
 Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "swiglu"]
+RopeScaling = Literal["none", "linear", "llama3"]
 AttentionBackend = Literal["auto", "reference", "xla", "cudnn", "pallas"]
 NormImpl = Literal["xla", "pallas"]
 DecodeAttention = Literal["reference", "pallas"]
@@ -23,6 +24,7 @@ _CHOICES = {
     "positional": ("learned", "rope"),
     "norm": ("layernorm", "rmsnorm"),
     "activation": ("gelu", "swiglu"),
+    "rope_scaling": ("none", "linear", "llama3"),
     "attention_backend": ("auto", "reference", "xla", "cudnn", "pallas"),
     "norm_impl": ("xla", "pallas"),
     "decode_attention": ("reference", "pallas"),
@@ -47,17 +49,39 @@ class ModelConfig:
     `norm_impl="pallas"` and `decode_attention="pallas"` use the hand-written
     GPU kernels in `model/kernels/` for the norms and for one-token decoding
     steps (BENCHMARKS.md measures both against the XLA/reference paths).
+
+    The embedding table and output head have `padded_vocab` rows, vocab_size
+    rounded up to `vocab_multiple` because matrix products with a multiple of
+    128 columns run faster (GPT-2's 50257 -> 50304: 157 -> 131 ms per training
+    step on an H200, BENCHMARKS.md); the extra rows are internal: their logits
+    are masked, so they are never sampled and carry no probability, and HF
+    export drops them.
+
+    `d_head` is the width of one attention head; None means d_model // n_heads
+    (`head_dim` is the effective value). `rope_scaling` stretches RoPE's
+    wavelengths for long contexts as Hugging Face's rope_type does: "linear"
+    divides every frequency by `rope_factor`; "llama3" (Llama 3.1) divides
+    the low frequencies by it, keeps the high ones and blends in between, the
+    bands set by `rope_low_freq_factor`, `rope_high_freq_factor` and
+    `rope_original_max_len`.
     """
 
     vocab_size: int = 256
+    vocab_multiple: int = 128  # embedding/head rows: vocab_size rounded up to this
     d_model: int = 64
     n_layers: int = 2
     n_heads: int = 4
     n_kv_heads: int | None = None  # None: same as n_heads (plain multi-head)
+    d_head: int | None = None  # None: d_model // n_heads
     d_ff: int = 256
     max_len: int = 128
     positional: Positional = "learned"
     rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     norm: Norm = "layernorm"
     norm_eps: float = 1e-5
     activation: Activation = "gelu"
@@ -82,10 +106,13 @@ class ModelConfig:
                 raise ValueError(
                     f"ModelConfig.{field} must be positive, got {getattr(self, field)}"
                 )
-        if self.d_model % self.n_heads:
+        if self.d_head is None and self.d_model % self.n_heads:
             raise ValueError(
                 f"ModelConfig: n_heads={self.n_heads} does not divide d_model={self.d_model}"
+                " (or set d_head)"
             )
+        if self.d_head is not None and self.d_head <= 0:
+            raise ValueError(f"ModelConfig.d_head must be positive or None, got {self.d_head}")
         if self.kv_heads <= 0 or self.n_heads % self.kv_heads:
             raise ValueError(
                 f"ModelConfig: n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}"
@@ -94,6 +121,33 @@ class ModelConfig:
             raise ValueError(f"ModelConfig: RoPE needs an even head_dim, got {self.head_dim}")
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(f"ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        self._check_rope_scaling()
+        if self.vocab_multiple <= 0:
+            raise ValueError(
+                f"ModelConfig.vocab_multiple must be positive, got {self.vocab_multiple}"
+            )
+
+    def _check_rope_scaling(self):
+        if self.rope_scaling == "none":
+            return
+        if self.positional != "rope":
+            raise ValueError(
+                f"ModelConfig.rope_scaling={self.rope_scaling!r} needs positional='rope'"
+            )
+        if self.rope_factor < 1.0:
+            raise ValueError(f"ModelConfig.rope_factor must be >= 1, got {self.rope_factor}")
+        if self.rope_scaling == "llama3":
+            if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                raise ValueError(
+                    "ModelConfig: rope_low_freq_factor must be positive and below "
+                    f"rope_high_freq_factor, got {self.rope_low_freq_factor} and "
+                    f"{self.rope_high_freq_factor}"
+                )
+            if self.rope_original_max_len <= 0:
+                raise ValueError(
+                    "ModelConfig.rope_original_max_len must be positive, "
+                    f"got {self.rope_original_max_len}"
+                )
 
     @property
     def kv_heads(self) -> int:
@@ -101,7 +155,11 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_model // self.n_heads if self.d_head is None else self.d_head
+
+    @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -115,8 +173,12 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+# GPT-2 exactly (Radford et al. 2019, as published): biases everywhere and the
+# 50257-token vocabulary (padded to 50304 internally), so its checkpoints load and
+# export unchanged.
 _GPT2 = dict(
-    vocab_size=50304,  # 50257 rounded up to a multiple of 128 for fast matmuls
+    vocab_size=50257,
+    use_bias=True,
     max_len=1024,
     positional="learned",
     norm="layernorm",
@@ -139,7 +201,12 @@ PRESETS: dict[str, ModelConfig] = {
     "gpt2-350m": ModelConfig(d_model=1024, n_layers=24, n_heads=16, d_ff=4096, **_GPT2),
     # GPT-3 XL shape (Brown et al. 2020, table 2.1): 1.3B parameters, context 2048.
     "gpt-1.3b": ModelConfig(
-        d_model=2048, n_layers=24, n_heads=16, d_ff=8192, **{**_GPT2, "max_len": 2048}
+        d_model=2048,
+        n_layers=24,
+        n_heads=16,
+        d_ff=8192,
+        # 50257 rounded up to a multiple of 128 for fast matmuls; no biases
+        **{**_GPT2, "max_len": 2048, "vocab_size": 50304, "use_bias": False},
     ),
     # Llama-3.2-1B-like trunk with this project's 32k sentencepiece vocabulary.
     "llama-1b": ModelConfig(

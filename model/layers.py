@@ -125,7 +125,11 @@ class Embed(nn.Module):
         cfg = self.cfg
         # std 1/sqrt(d) keeps tied logits O(1) at init.
         self.embedding = dense_param(
-            self, "embedding", (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), fan_in=cfg.d_model
+            self,
+            "embedding",
+            (cfg.padded_vocab, cfg.d_model),
+            ("vocab", "embed"),
+            fan_in=cfg.d_model,
         )
 
     def __call__(self, tokens_BL: jax.Array) -> jax.Array:

@@ -175,6 +175,15 @@ def _record_slots(cache: DecodeCache, positions_BL, segment_ids_BL) -> DecodeCac
     )
 
 
+def mask_padded_vocab(logits_BLV: jax.Array, vocab_size: int) -> jax.Array:
+    """Logits of the padding rows set far below any real logit: zero probability,
+    never sampled, no gradient. Finite, so that p * log p stays 0 and dividing by a
+    temperature does not overflow."""
+    floor = max(-1e9, float(jnp.finfo(logits_BLV.dtype).min))
+    is_real_V = jnp.arange(logits_BLV.shape[-1]) < vocab_size
+    return jnp.where(is_real_V, logits_BLV, jnp.asarray(floor, logits_BLV.dtype))
+
+
 class LanguageModel(nn.Module):
     """Token embedding, decoder and output head: tokens -> next-token logits."""
 
@@ -204,7 +213,9 @@ class LanguageModel(nn.Module):
         if cfg.tie_embeddings:
             logits_BLV = embed.attend(hidden_BLD)
         else:
-            w = dense_param(self, "lm_head", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+            w = dense_param(self, "lm_head", (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"))
             logits_BLV = hidden_BLD @ w.astype(cfg.compute_dtype)
+        if cfg.padded_vocab > cfg.vocab_size:
+            logits_BLV = mask_padded_vocab(logits_BLV, cfg.vocab_size)
         logits_BLV = nn.with_logical_constraint(logits_BLV, ("batch", "length", "act_vocab"))
         return logits_BLV if cache is None else (logits_BLV, new_cache)

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model.attention import apply_rope, fused_attention, reference_attention
-from model.config import get_preset
+from model.attention import apply_rope, fused_attention, reference_attention, rope_inv_freq
+from model.config import ModelConfig, get_preset
 from model.masking import attention_mask
 from model.transformer import LanguageModel
 
@@ -138,8 +138,9 @@ def test_rope_scores_depend_only_on_relative_position():
     k = jax.random.normal(jax.random.key(2), (1, 1, 1, dim))
 
     def score(q_pos, k_pos):
-        rq = apply_rope(q, jnp.asarray([[q_pos]]), 10_000.0)
-        rk = apply_rope(k, jnp.asarray([[k_pos]]), 10_000.0)
+        inv_freq = rope_inv_freq(ModelConfig(d_model=dim, n_heads=1, positional="rope"))
+        rq = apply_rope(q, jnp.asarray([[q_pos]]), inv_freq)
+        rk = apply_rope(k, jnp.asarray([[k_pos]]), inv_freq)
         return float(jnp.sum(rq * rk))
 
     for offset in (0, 3, 17):

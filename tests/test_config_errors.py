@@ -28,6 +28,31 @@ def test_bad_model_config(kwargs, message):
         ModelConfig(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(d_head=0), "d_head must be positive"),
+        (dict(rope_scaling="llama3"), "rope_scaling='llama3' needs positional='rope'"),
+        (dict(positional="rope", rope_scaling="yarn"), "rope_scaling='yarn' is not one of"),
+        (dict(positional="rope", rope_scaling="linear", rope_factor=0.5), "rope_factor"),
+        (
+            dict(positional="rope", rope_scaling="llama3", rope_low_freq_factor=4.0),
+            "rope_low_freq_factor must be positive and below rope_high_freq_factor",
+        ),
+        (dict(vocab_multiple=0), "vocab_multiple must be positive"),
+    ],
+)
+def test_bad_hf_compatibility_fields(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**kwargs)
+
+
+def test_gpt2_preset_is_gpt2_with_an_internally_padded_vocabulary():
+    cfg = get_preset("gpt2-124m")
+    assert (cfg.vocab_size, cfg.padded_vocab, cfg.use_bias) == (50257, 50304, True)
+    assert ModelConfig(d_model=64, n_heads=4, d_head=24).head_dim == 24
+
+
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown model preset 'gpt5'.*known presets"):
         get_preset("gpt5")

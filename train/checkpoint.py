@@ -308,8 +308,7 @@ def load_stage_tokenizer(stage_dir: Path, meta: dict):
             f"the tokenizer in {directory} (sha256 {got[:12]}) is not the one the checkpoint "
             f"was trained with (sha256 {want[:12]}); restore the original tokenizer files"
         )
-    model_files = [f for f in files if f.suffix in (".model", ".json")]
-    return load_tokenizer(model_files[0])
+    return load_tokenizer(directory)
 
 
 # ---------------------------------------------------------- models for inference and reuse

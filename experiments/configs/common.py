@@ -28,8 +28,9 @@ def model_fields(preset: str, **overrides) -> ConfigDict:
     fields = dataclasses.asdict(get_preset(preset, **overrides))
     if vocab is not None:
         fields["vocab_size"] = vocab
-    if fields["n_kv_heads"] is None:
-        fields["n_kv_heads"] = config_dict.placeholder(int)
+    for name in ("n_kv_heads", "d_head"):  # None: derived from the other fields
+        if fields[name] is None:
+            fields[name] = config_dict.placeholder(int)
     return ConfigDict(fields)
 
 
