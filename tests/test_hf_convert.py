@@ -9,7 +9,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -338,11 +337,11 @@ def test_cli_reports_bad_input_in_one_line(hf_dirs, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-def test_convert_commands_write_a_checkpoint_and_export_it(hf_dirs, tmp_path, monkeypatch):
-    """experiments.convert's wiring, with stand-ins for train.checkpoint's save_model and
-    load_model (the checkpoint layout itself is tested beside train/checkpoint.py)."""
-    import train.checkpoint
+def test_convert_commands_write_a_checkpoint_and_export_it(hf_dirs, tmp_path):
+    """An import is an ordinary checkpoint of this project (params only, the model config,
+    the tokenizer with its identity): load_model reads it, and export gives back the files."""
     from experiments import convert
+    from train.checkpoint import load_model, read_latest_meta
 
     src = _edit_config(hf_dirs["gpt2"][1], tmp_path)
     eos = _write_bpe_tokenizer(src)
@@ -350,23 +349,12 @@ def test_convert_commands_write_a_checkpoint_and_export_it(hf_dirs, tmp_path, mo
     (src / "config.json").write_text(
         json.dumps({**config, "bos_token_id": eos, "eos_token_id": eos})
     )
-    saved = {}
-
-    def save_model(stage_dir, params, model_cfg, tokenizer_files, meta=None):
-        saved.update(params=params, cfg=model_cfg, meta=meta)
-        (stage_dir / "tokenizer").mkdir()
-        for f in tokenizer_files:
-            (stage_dir / "tokenizer" / f.name).write_bytes(f.read_bytes())
-
-    def load_model(stage_dir, mesh=None, which="latest"):
-        tokenizer = load_tokenizer(stage_dir / "tokenizer")
-        return SimpleNamespace(cfg=saved["cfg"], params=saved["params"], tokenizer=tokenizer)
-
-    monkeypatch.setattr(train.checkpoint, "save_model", save_model, raising=False)
-    monkeypatch.setattr(train.checkpoint, "load_model", load_model, raising=False)
     convert.import_checkpoint(src, tmp_path / "work")
-    assert saved["cfg"] == hf.read_config(src)[0]
-    assert saved["meta"]["imported_from"]["model_type"] == "gpt2"
+    loaded = load_model(tmp_path / "work")
+    assert loaded.cfg == hf.read_config(src)[0] and loaded.step == 0
+    meta = read_latest_meta(tmp_path / "work")
+    assert meta["imported_from"]["model_type"] == "gpt2" and meta["tokenizer"]["sha256"]
+    assert loaded.tokenizer.eos_id == eos
     with pytest.raises(FileExistsError, match="already exists"):
         convert.import_checkpoint(src, tmp_path / "work")
 

@@ -70,8 +70,9 @@ def build(config: ConfigDict, workdir: Path) -> loop.Stage:
     model = LanguageModel(cfg)
     tx = make_optimizer(optim_config(config.optim, tc.num_steps))
     state, shardings = create_train_state(init_fn(model), tx, mesh, jax.random.key(tc.seed))
+    tokenizer = store_tokenizer(workdir, data.tokenizer_files)
     if tc.get("init_from"):
-        state = _init_from(state, shardings, Path(tc.init_from), cfg, mesh)
+        state = _init_from(state, Path(tc.init_from), cfg, mesh, tokenizer)
     step = sharding.jit_step(
         make_pretrain_step(model, tx, StepConfig(tc.num_microbatches, tc.z_loss)), shardings, mesh
     )
@@ -85,7 +86,7 @@ def build(config: ConfigDict, workdir: Path) -> loop.Stage:
         "stage": "pretrain",
         "config": config.to_dict(),
         "model": dataclasses.asdict(cfg),
-        "tokenizer": store_tokenizer(workdir, data.tokenizer_files),
+        "tokenizer": tokenizer,
     }
     return loop.Stage(
         name="pretrain",
@@ -117,12 +118,17 @@ class _GlobalBatches:
         self.data.train_iter.set_state(state)
 
 
-def _init_from(state, shardings, source: Path, cfg: ModelConfig, mesh) -> Any:
+def _init_from(state, source: Path, cfg: ModelConfig, mesh, tokenizer: dict) -> Any:
     """The parameters of another stage's (or an imported model's) checkpoint, with a fresh
-    optimizer state: continued pretraining."""
+    optimizer state: continued pretraining. Model and tokenizer must be the source's."""
     _, params, meta = load_params(source, abstract_params(LanguageModel(cfg), mesh))
     if ModelConfig(**meta["model"]) != cfg:
         raise ValueError(f"train.init_from={source} holds another model; copy its model section")
+    if meta.get("tokenizer", {}).get("sha256") != tokenizer["sha256"]:
+        raise ValueError(
+            f"train.init_from={source} was trained with another tokenizer than the prepared "
+            "data's; continued pretraining needs data tokenized with the model's own tokenizer"
+        )
     log.info("pretraining starts from the parameters in %s", source)
     return state.replace(params=params)
 
