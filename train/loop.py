@@ -202,6 +202,7 @@ class _Run:
     def __init__(self, stage: Stage, cfg: LoopConfig, ckpt: Checkpointer, start: int, state):
         self.stage, self.cfg, self.ckpt, self.start, self.state = stage, cfg, ckpt, start, state
         self.writer = MetricsWriter(stage.directory, resume_step=start)
+        self.began = time.perf_counter()
         self.last: dict[str, float] = {}
         self.skipped = 0
         self.pending: tuple[int, dict, float] | None = None  # metrics still on the device
@@ -259,6 +260,7 @@ class _Run:
             self.state, extra = stage.finish(self.state)
             results.update(extra)
         results[f"{stage.metrics_prefix}/skipped_steps"] = self.skipped
+        results[f"{stage.name}/seconds"] = time.perf_counter() - self.began  # this run's part
         self._save(cfg.num_steps, None, final=results)
         return results
 
