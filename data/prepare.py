@@ -14,30 +14,27 @@ Everything is built in a sibling temporary folder, `.DIR.partial-PID`, and moved
 only when it is complete, so a failing run (missing path, nothing left after curation, ...)
 leaves an earlier DIR untouched. prepare() replaces only a folder it wrote itself: DIR must
 be absent, empty, or hold nothing but what its meta.json lists; anything else is refused,
-and nothing is deleted. A run killed before it could clean up (SIGTERM, SIGKILL) leaves
-its temporary folder; the next run on DIR removes it once no process holds its lock.
+and nothing is deleted. The temporary folder of a run killed before it could clean up
+(SIGTERM, SIGKILL) is removed by the next run on DIR (see data/output_folder.py).
 
-Bad input (unknown corpus, vocab_size that cannot fit, a folder not ours to replace)
-fails before any text is read, with one line: see data/cli.py for the exit statuses.
+Bad input that shows without reading the corpus (a corpus spec, path or TFDS name, a
+vocab_size no corpus fits, a folder not ours to replace) fails before anything is read or
+written; a vocab_size too small for this corpus's characters fails right after curation.
+The command ends with one line for each (exit statuses: data/cli.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
-import re
-import shutil
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from absl import flags
 
-from data import cli, store
+from data import cli, output_folder, store
 from data.curate import CuratedDocument, curate
 from data.sources import CorpusError, check_spec, iter_documents, parse_spec
 from data.tokenizer import MODEL_TYPES, check_vocab_size, load_tokenizer, train_tokenizer
@@ -81,143 +78,33 @@ def check_options(
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
 
 
-def _listing(folder: Path) -> dict[str, int | str]:
-    """Every path under folder (but its meta.json): file -> size, folder -> "dir", other
-    kinds (links, ...) -> "other"."""
-    entries: dict[str, int | str] = {}
-    for dirpath, dirnames, filenames in os.walk(folder):
-        for name in dirnames + filenames:
-            path = Path(dirpath, name)
-            rel = path.relative_to(folder).as_posix()
-            if path.is_symlink() or not (path.is_dir() or path.is_file()):
-                entries[rel] = "other"
-            else:
-                entries[rel] = "dir" if path.is_dir() else path.stat().st_size
-    entries.pop("meta.json", None)
-    return dict(sorted(entries.items()))
-
-
-def _kind(entry: int | str) -> str:
-    """A listing entry without its size: "file", "dir" or "other"."""
-    return "file" if isinstance(entry, int) else entry
-
-
 def _read_meta(out: Path) -> dict | None:
-    """DIR's meta.json if it is one prepare() wrote (parses, has a format_version), else None."""
+    """DIR's meta.json if it is one prepare() wrote (a format_version, options), else None."""
     try:
         meta = json.loads((out / "meta.json").read_text())
     except (OSError, ValueError):
         return None
-    return meta if isinstance(meta, dict) and "format_version" in meta else None
+    ours = isinstance(meta, dict) and "format_version" in meta
+    return meta if ours and isinstance(meta.get("options"), dict) else None
+
+
+def _contents(folder: Path) -> dict[str, int | str]:
+    return output_folder.listing(folder, leave_out=("meta.json",))
 
 
 def _check_replaceable(out: Path) -> None:
-    """Refuses (FileExistsError) unless out is absent, empty, or holds only what its own
-    meta.json lists as written by prepare()."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a folder; give --out a folder")
-    found = _listing(out)
-    if not found and not (out / "meta.json").exists():
-        return
-    meta = _read_meta(out) or {}
-    if not isinstance(meta.get("contents"), dict):
-        raise FileExistsError(
-            f"refusing to replace {out}: it has no meta.json listing the files data.prepare "
-            "wrote there (not ours, or an older version's); choose another --out, or empty it"
-        )
-    written = {rel: _kind(entry) for rel, entry in meta["contents"].items()}
-    foreign = [rel for rel, entry in found.items() if written.get(rel) != _kind(entry)]
-    if foreign:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise FileExistsError(
-            f"refusing to replace {out}: data.prepare did not write {foreign[0]}{more}; "
-            "move that away, or choose another --out"
-        )
+    """FileExistsError unless DIR is absent, empty, or holds only what its meta.json lists."""
+    written = (_read_meta(out) or {}).get("contents")
+    found = _contents(out) if out.is_dir() else {}
+    output_folder.check_replaceable(
+        out, found, written if isinstance(written, dict) else None, record="meta.json"
+    )
 
 
 def _is_intact(out: Path, meta: dict) -> bool:
-    """Every file meta.json lists is there with its size (older metas list none)."""
-    found = _listing(out)
-    return all(found.get(rel) == kind for rel, kind in meta.get("contents", {}).items())
-
-
-def _work_pattern(out: Path) -> re.Pattern:
-    return re.compile(rf"\.{re.escape(out.name)}\.partial-\d+")
-
-
-_HELD: set[int] = set()  # descriptors of the locks this process holds
-
-
-def _lock(folder: Path) -> int | None:
-    """A descriptor holding an exclusive lock on folder, or None if another process holds
-    it. The kernel frees the lock when its holder exits, however it exits."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # held (BlockingIOError), or a file system without locks
-        os.close(fd)
-        return None
-    _HELD.add(fd)
-    return fd
-
-
-def _unlock(fd: int) -> None:
-    _HELD.discard(fd)
-    os.close(fd)
-
-
-def _drop_inherited_locks() -> None:
-    """In a forked child (curation workers): the lock is the parent's alone, so that a run
-    killed with its workers still exiting does not look alive."""
-    for fd in _HELD:
-        os.close(fd)
-    _HELD.clear()
-
-
-os.register_at_fork(after_in_child=_drop_inherited_locks)
-
-
-def remove_abandoned(out: Path) -> list[Path]:
-    """Removes the temporary folders of earlier runs on out that died before cleaning up:
-    only folders named like this module's (`.DIR.partial-PID`) whose lock no process holds."""
-    removed = []
-    pattern = _work_pattern(out)
-    siblings = out.parent.iterdir() if out.parent.is_dir() else []
-    for path in siblings:
-        if not pattern.fullmatch(path.name) or path.is_symlink() or not path.is_dir():
-            continue
-        fd = _lock(path)
-        if fd is not None:
-            shutil.rmtree(path)
-            _unlock(fd)
-            removed.append(path)
-    return removed
-
-
-@contextlib.contextmanager
-def _work_folder(out: Path) -> Iterator[Path]:
-    """`.DIR.partial-PID` beside out, locked while this run uses it, removed when it ends
-    (also on an error or Ctrl-C; after SIGKILL the next run's remove_abandoned does it)."""
-    work = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    work.mkdir()
-    fd = _lock(work)
-    try:
-        yield work
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        if fd is not None:
-            _unlock(fd)
-
-
-def _swap_in(new: Path, out: Path, work: Path) -> None:
-    """Moves the finished folder to out; an earlier out goes into the work folder first,
-    and is removed with it."""
-    _check_replaceable(out)  # again: the user may have put files there while we worked
-    if out.exists():
-        out.rename(work / "replaced")
-    new.rename(out)
+    """Every file meta.json lists is there, with its size (older metas list none)."""
+    found = _contents(out)
+    return all(found.get(rel) == entry for rel, entry in meta.get("contents", {}).items())
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -245,9 +132,9 @@ def prepare(
     out = Path(out_dir).resolve()  # a link to a folder: write in the folder
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    for path in remove_abandoned(out):
+    for path in output_folder.remove_abandoned(out):
         _log(progress, f"removed {path}, left by an earlier run that was killed")
-    with _work_folder(out) as work:
+    with output_folder.work_folder(out) as work:
         new = work / "new"
         new.mkdir()
         meta = _build(
@@ -262,7 +149,8 @@ def prepare(
             tfds_data_dir=tfds_data_dir,
             progress=progress,
         )
-        _swap_in(new, out, work)
+        _check_replaceable(out)  # again: files may have been put there while we worked
+        output_folder.swap_in(new, out, work)
     _log(progress, f"prepared {out}: {json.dumps(meta['splits'])}")
     return meta
 
@@ -355,7 +243,7 @@ def _build(
         "curation": {k: report[k] for k in ("input", "kept")},
         "seconds": round(time.perf_counter() - started, 2),
         "complete": True,
-        "contents": _listing(tmp),
+        "contents": _contents(tmp),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks completeness
     return meta
@@ -421,6 +309,7 @@ def ensure_prepared(corpus_spec: str, out_dir: str | os.PathLike, **options) -> 
             )
         complete = meta.get("complete") and meta.get("format_version") == FORMAT_VERSION
         if complete and _is_intact(out, meta):
+            output_folder.remove_abandoned(out)  # of a killed run that was replacing it
             return meta
     return prepare(corpus_spec, out, **options)  # refuses a DIR it did not write
 

@@ -138,34 +138,21 @@ class CharTokenizer:
 AnyTokenizer = Tokenizer | CharTokenizer
 
 
-def _fixed_ids(model_type: str) -> tuple[int, str]:
-    """(number, description) of the ids a tokenizer has whatever the corpus."""
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"tokenizer must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
-    if model_type == "char":
-        return len(SPECIAL_TOKENS), f"{len(SPECIAL_TOKENS)} special tokens"
-    n = len(SPECIAL_TOKENS) + BYTE_PIECES
-    return n, f"{len(SPECIAL_TOKENS)} special tokens and {BYTE_PIECES} byte pieces"
+FIXED_IDS = len(SPECIAL_TOKENS) + BYTE_PIECES  # a subword model's ids whatever the corpus
 
 
 def check_vocab_size(vocab_size: int, model_type: str) -> None:
-    """Refuses a vocab_size that no corpus fits (the fixed ids and one character), before
-    any text is read; a corpus's own minimum is known only from its text (see below)."""
-    fixed, what = _fixed_ids(model_type)
-    if vocab_size <= fixed:
+    """Refuses a vocab_size that no corpus fits, before any text is read. A subword model
+    needs the fixed ids and one per character of the corpus (how many, only its text
+    tells: see _vocab_error); a char model takes its size from the corpus alone."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"tokenizer must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
+    if model_type != "char" and vocab_size <= FIXED_IDS:
         raise ValueError(
-            f"vocab_size {vocab_size} is too small: a {model_type} tokenizer needs {what} "
-            f"plus one id per character of the corpus, so more than {fixed}; raise --vocab_size"
+            f"vocab_size {vocab_size} is too small: a {model_type} tokenizer needs "
+            f"{len(SPECIAL_TOKENS)} special tokens, {BYTE_PIECES} byte pieces and one id per "
+            f"character of the corpus, so more than {FIXED_IDS}; raise --vocab_size"
         )
-
-
-def _too_small(vocab_size: int, needed: int, model_type: str) -> ValueError:
-    fixed, what = _fixed_ids(model_type)
-    return ValueError(
-        f"vocab_size {vocab_size} is too small for this corpus: its {model_type} tokenizer "
-        f"needs {needed} ids ({needed - fixed} characters, {what}); "
-        f"use --vocab_size={needed} or more"
-    )
 
 
 # sentencepiece reports vocabulary sizes that do not fit the corpus in these words.
@@ -176,7 +163,12 @@ _SPM_TOO_LARGE = re.compile(r"Vocabulary size too high \((\d+)\)\. .*<= (\d+)")
 def _vocab_error(error: RuntimeError, model_type: str) -> Exception:
     """sentencepiece's internal check message, as the line a user can act on."""
     if m := _SPM_TOO_SMALL.search(str(error)):
-        return _too_small(int(m[1]), int(m[2]), model_type)
+        vocab_size, needed = int(m[1]), int(m[2])
+        return ValueError(
+            f"vocab_size {vocab_size} is too small for this corpus: its {model_type} tokenizer "
+            f"needs {needed} ids ({needed - FIXED_IDS} characters, {len(SPECIAL_TOKENS)} special "
+            f"tokens, {BYTE_PIECES} byte pieces); use --vocab_size={needed} or more"
+        )
     if m := _SPM_TOO_LARGE.search(str(error)):
         return ValueError(
             f"vocab_size {m[1]} is too large for this corpus: a {model_type} tokenizer can "
@@ -213,8 +205,6 @@ def train_tokenizer(
     check_vocab_size(vocab_size, model_type)
     if model_type == "char":
         tok = CharTokenizer.build(texts)
-        if tok.vocab_size > vocab_size:
-            raise _too_small(vocab_size, tok.vocab_size, model_type)
         tok.save(out_path)
         return tok
     spm.set_random_generator_seed(seed)  # sentence sampling is seeded: same input, same model

@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from data import store
 from data.prepare import ensure_prepared, prepare
 from data.sources import CorpusError, iter_documents
-from data.tokenizer import CharTokenizer, load_tokenizer
+from data.tokenizer import load_tokenizer
 from tests.run_helpers import REPO
 
 WORDS = (
@@ -178,7 +178,7 @@ def test_replaces_only_a_folder_it_wrote(tmp_path, corpus):
     prepare(f"text:{corpus}", out, vocab_size=400, num_workers=1, progress=False)
     (out / "train" / "notes.txt").write_text("mine")
     before = _snapshot(out)
-    with pytest.raises(FileExistsError, match="did not write train/notes.txt"):
+    with pytest.raises(FileExistsError, match="holds train/notes.txt, which was not written there"):
         prepare(f"text:{corpus}", out, vocab_size=500, num_workers=1, progress=False)
     assert _snapshot(out) == before
     (out / "train" / "notes.txt").unlink()
@@ -241,33 +241,23 @@ def _no_curation(monkeypatch):
     monkeypatch.setattr("data.prepare.curate", curate)
 
 
-@pytest.mark.parametrize(
-    "tokenizer,vocab_size,least", [("bpe", 0, 264), ("unigram", 264, 264), ("char", 8, 8)]
-)
+@pytest.mark.parametrize("tokenizer,vocab_size", [("bpe", 0), ("unigram", 264)])
 def test_a_vocab_size_no_corpus_fits_is_refused_before_curation(
-    tmp_path, corpus, monkeypatch, tokenizer, vocab_size, least
+    tmp_path, corpus, monkeypatch, tokenizer, vocab_size
 ):
     _no_curation(monkeypatch)
-    with pytest.raises(
-        ValueError, match=f"vocab_size {vocab_size} is too small.* more than {least}"
-    ):
+    with pytest.raises(ValueError, match=f"vocab_size {vocab_size} is too small.* more than 264"):
         prepare(f"text:{corpus}", tmp_path / "out", vocab_size=vocab_size, tokenizer=tokenizer)
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("tokenizer,vocab_size", [("bpe", 270), ("char", 20)])
-def test_a_vocab_size_too_small_for_the_corpus_names_the_size_it_needs(
-    tmp_path, corpus, tokenizer, vocab_size
-):
-    options = dict(tokenizer=tokenizer, val_fraction=0.3, num_workers=1, progress=False)
+def test_a_vocab_size_too_small_for_the_corpus_names_the_size_it_needs(tmp_path, corpus):
+    options = dict(val_fraction=0.3, num_workers=1, progress=False)
     with pytest.raises(ValueError, match=r"too small for this corpus") as refused:
-        prepare(f"text:{corpus}", tmp_path / "out", vocab_size=vocab_size, **options)
+        prepare(f"text:{corpus}", tmp_path / "out", vocab_size=270, **options)
     needed = int(re.search(r"use --vocab_size=(\d+) or more", str(refused.value))[1])
-    if tokenizer == "char":
-        texts = [d.text for d in iter_documents(f"text:{corpus}")]
-        assert needed == CharTokenizer.build(texts).vocab_size
     meta = prepare(f"text:{corpus}", tmp_path / "out", vocab_size=needed, **options)
-    assert meta["tokenizer"]["vocab_size"] <= needed
+    assert meta["tokenizer"]["vocab_size"] == needed
 
 
 def test_cli_bad_flags_are_one_line(tmp_path):
