@@ -1,26 +1,31 @@
 # Two commands do everything on a fresh machine:
 #   make run    - the main job: the whole chain, raw text to RLHF (creates .venv on first use)
-#   make test   - the test suite, on CPU with 8 fake devices
+#   make test   - the test suite, on CPU with 8 fake devices, one worker per core
+# and `make lint` checks the code (ruff check, ruff format --check).
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# The install: exactly the versions in constraints.txt, the ones the tests ran with.
+INSTALL := $(VENV)/bin/pip install --quiet -c constraints.txt
 
 .PHONY: run test lint clean
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(INSTALL) --upgrade pip
+	$(INSTALL) -e '.[test,hf]'
 	touch $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/python -m experiments.pipeline --workdir=runs/pipeline
 
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
+		$(VENV)/bin/python -m pytest -n 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) *.egg-info

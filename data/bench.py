@@ -5,11 +5,13 @@ python -m data.bench [--out=/tmp/bench_stdlib] [--seq_len=1024] [--batch=64]
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import time
 
+from absl import flags
+
+from data import cli
 from data.curate import curate
 from data.pipeline import PackedBatchIterator
 from data.prepare import ensure_prepared
@@ -46,21 +48,24 @@ def bench_loader(prepared_dir: str, seq_len: int, batch: int, n_batches: int) ->
     }
 
 
+def _define_flags() -> None:
+    flags.DEFINE_string("out", "/tmp/bench_stdlib", "prepared stdlib data (made if absent)")
+    flags.DEFINE_integer("seq_len", 1024, "loader row length")
+    flags.DEFINE_integer("batch", 64, "loader global batch size")
+    flags.DEFINE_integer("batches", 200, "loader batches to time")
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="/tmp/bench_stdlib")
-    parser.add_argument("--seq_len", type=int, default=1024)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=200)
-    args = parser.parse_args()
+    f = flags.FLAGS
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
     for workers in (1, 2):
         print("curation", bench_curation(workers))
     start = time.perf_counter()
-    ensure_prepared("stdlib", args.out, vocab_size=8192, progress=False)
+    ensure_prepared("stdlib", f.out, vocab_size=8192, progress=False)
     print(f"prepare stdlib (vocab 8192, or reused): {time.perf_counter() - start:.1f} s")
-    print("loader", bench_loader(args.out, args.seq_len, args.batch, args.batches))
+    print("loader", bench_loader(f.out, f.seq_len, f.batch, f.batches))
 
 
 if __name__ == "__main__":
-    main()
+    _define_flags()  # only for this command, as in data.prepare
+    cli.run(main)

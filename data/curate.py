@@ -14,14 +14,25 @@ another package does not leak into pretraining either.
 The per-document work (normalisation, quality rules, MinHash) runs in worker processes;
 the order-dependent part (which copy of a duplicate is kept) runs in this process in input
 order, so the result is the same for any number of workers.
+
+Workers are forked, and only where that is safe: a fork copies the locks that other
+threads hold, and the child can deadlock on them. JAX's runtime is multithreaded once it
+has started, so a process that imported JAX, or runs any Python thread besides the main
+one, curates in-process instead. (NumPy's OpenBLAS threads are safe: OpenBLAS quiesces
+them around a fork.) Spawned workers would be safe everywhere but re-import the caller's
+main module: under `python -m experiments.pretrain` that costs more than the workers save
+on the stdlib corpus (BENCHMARKS.md, "Data pipeline").
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import multiprocessing
 import os
+import sys
+import threading
 import time
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -152,30 +163,39 @@ def thresholds() -> dict:
     return consts
 
 
-def _analysed(
-    docs: Iterable[RawDocument], seed: int, num_workers: int
-) -> Iterator[tuple[RawDocument, tuple]]:
-    if num_workers <= 1:
+def fork_is_safe() -> bool:
+    """No JAX in this process and no Python thread but this one (see the module doc)."""
+    return (
+        "jax" not in sys.modules
+        and threading.active_count() == 1
+        and "fork" in multiprocessing.get_all_start_methods()
+    )
+
+
+def _fork_pool(num_workers: int, seed: int):
+    """A pool of forked workers, or None where forking is not safe (see the module doc)."""
+    if num_workers <= 1 or not fork_is_safe():
+        return None
+    ctx = multiprocessing.get_context("fork")
+    return ctx.Pool(num_workers, initializer=_init_worker, initargs=(seed,))
+
+
+def _analysed(docs: Iterable[RawDocument], seed: int, pool) -> Iterator[tuple[RawDocument, tuple]]:
+    if pool is None:
         _init_worker(seed)
         for doc in docs:
             yield doc, _analyse(doc)
         return
-    # fork: no re-import of the caller's __main__ (spawn needs a main guard there). The
-    # workers run only NumPy and Python code, never JAX, so JAX threads in the parent
-    # are not a hazard to them.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    ctx = multiprocessing.get_context(method)
-    with ctx.Pool(num_workers, initializer=_init_worker, initargs=(seed,)) as pool:
-        pending: collections.deque[RawDocument] = collections.deque()
+    pending: collections.deque[RawDocument] = collections.deque()
 
-        def tagged():
-            for doc in docs:
-                pending.append(doc)
-                yield doc
+    def tagged():
+        for doc in docs:
+            pending.append(doc)
+            yield doc
 
-        # imap keeps input order, which keeps dedup decisions deterministic.
-        for result in pool.imap(_analyse, tagged(), chunksize=4):
-            yield pending.popleft(), result
+    # imap keeps input order, which keeps dedup decisions deterministic.
+    for result in pool.imap(_analyse, tagged(), chunksize=4):
+        yield pending.popleft(), result
 
 
 class _HeldOut:
@@ -205,17 +225,50 @@ def curate(
     near_dup_threshold: float = dedup.NEAR_DUP_THRESHOLD,
     progress: bool = False,
 ) -> tuple[list[CuratedDocument], dict]:
-    """Kept documents (input order) and the report dict, with throughput in MB/s.
+    """Kept documents (input order) and the report dict, with throughput in MB/s and the
+    number of worker processes that did the work (1: this process).
 
     No kept document is an exact or near copy of a `held_out` document."""
     num_workers = num_workers if num_workers is not None else min(2, os.cpu_count() or 1)
+    start = time.perf_counter()
+    # Before the progress bar: tqdm starts a monitor thread.
+    pool = _fork_pool(num_workers, seed)
+    if progress and num_workers > 1 and pool is None:
+        print(
+            "curating in this process: forking workers is not safe once JAX or threads run",
+            file=sys.stderr,
+        )
+    held = _HeldOut(held_out, seed, near_dup_threshold)
+    with pool or contextlib.nullcontext():
+        kept, report = _decide(docs, held, seed, pool, near_dup_threshold, progress)
+    seconds = time.perf_counter() - start
+    result = report.to_dict()
+    if held.docs:
+        result["held_out_reference"] = {"docs": held.docs, "bytes": held.bytes}
+    result["thresholds"] = thresholds()
+    result["seed"] = seed
+    result["throughput"] = {
+        "seconds": round(seconds, 3),
+        "input_mb_per_s": round(report.input["bytes"] / 1e6 / max(seconds, 1e-9), 3),
+        "workers": num_workers if pool else 1,
+    }
+    return kept, result
+
+
+def _decide(
+    docs: Iterable[RawDocument],
+    held: _HeldOut,
+    seed: int,
+    pool,
+    near_dup_threshold: float,
+    progress: bool,
+) -> tuple[list[CuratedDocument], CurationReport]:
+    """One decision per document, in input order."""
     report = CurationReport()
     seen_hashes: set[bytes] = set()
     near = dedup.NearDuplicateIndex(near_dup_threshold)
-    held = _HeldOut(held_out, seed, near_dup_threshold)
     kept: list[CuratedDocument] = []
-    start = time.perf_counter()
-    stream = _analysed(docs, seed, num_workers)
+    stream = _analysed(docs, seed, pool)
     if progress:
         from tqdm import tqdm
 
@@ -235,15 +288,4 @@ def curate(
         report.add(doc, reason)
         if reason is None:
             kept.append(CuratedDocument(doc.name, doc.kind, text or doc.text, doc.nbytes))
-    seconds = time.perf_counter() - start
-    result = report.to_dict()
-    if held.docs:
-        result["held_out_reference"] = {"docs": held.docs, "bytes": held.bytes}
-    result["thresholds"] = thresholds()
-    result["seed"] = seed
-    result["throughput"] = {
-        "seconds": round(seconds, 3),
-        "input_mb_per_s": round(report.input["bytes"] / 1e6 / max(seconds, 1e-9), 3),
-        "workers": num_workers,
-    }
-    return kept, result
+    return kept, report

@@ -9,25 +9,34 @@ Writes, into DIR:
   tokenizer.model        sentencepiece model (tokenizer.json for --tokenizer=char)
   text/                  curated documents, TFDS array_record dataset (splits train, val)
   train/, val/           token arrays for the loader (see data.store)
-  meta.json              spec, options, split statistics; written last, marks DIR complete
+  meta.json              spec, options, split statistics, the list of every file above
+                         (`contents`); written last, marks DIR complete
 
-Everything is built in a sibling temporary folder and moved into place only when it is
-complete, so a failing run (missing path, nothing left after curation, ...) leaves an
-earlier DIR untouched.
+Everything is built in a sibling temporary folder, `.DIR.partial-PID`, and moved into place
+only when it is complete, so a failing run (missing path, nothing left after curation, ...)
+leaves an earlier DIR untouched. prepare() replaces only a folder it wrote itself: DIR must
+be absent, empty, or hold nothing but what its meta.json lists; anything else is refused,
+and nothing is deleted. The temporary folder of a run killed before it could clean up
+(SIGTERM, SIGKILL) is removed by the next run on DIR (see data/output_folder.py).
+
+Bad input that shows without reading the corpus (a corpus spec, path or TFDS name, a
+vocab_size no corpus fits, a folder not ours to replace) fails before anything is read or
+written; a vocab_size too small for this corpus's characters fails right after curation.
+The command ends with one line for each (exit statuses: data/cli.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 
-from data import store
+from absl import flags
+
+from data import cli, output_folder, store
 from data.curate import CuratedDocument, curate
 from data.sources import (
     CorpusError,
@@ -36,7 +45,7 @@ from data.sources import (
     iter_documents,
     parse_spec,
 )
-from data.tokenizer import load_tokenizer, train_tokenizer
+from data.tokenizer import MODEL_TYPES, check_vocab_size, load_tokenizer, train_tokenizer
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -62,14 +71,48 @@ def _assign_splits(docs: list[CuratedDocument], val_fraction: float) -> dict[str
     return splits
 
 
-def _commit(tmp: Path, out: Path) -> None:
-    """Swaps the finished tmp folder in; the old DIR is removed only after the swap."""
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
+def check_options(
+    vocab_size: int, tokenizer: str, val_fraction: float, max_docs: int | None, num_workers
+) -> None:
+    """Refuses options no corpus can satisfy, before anything is read or written."""
+    check_vocab_size(vocab_size, tokenizer)
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if max_docs is not None and max_docs < 2:
+        raise ValueError(
+            f"max_docs must be at least 2 (a train and a val document), got {max_docs}"
+        )
+    if num_workers is not None and num_workers < 1:
+        raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+
+
+def _read_meta(out: Path) -> dict | None:
+    """DIR's meta.json if it is one prepare() wrote (a format_version, options), else None."""
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    ours = isinstance(meta, dict) and "format_version" in meta
+    return meta if ours and isinstance(meta.get("options"), dict) else None
+
+
+def _contents(folder: Path) -> dict[str, int | str]:
+    return output_folder.listing(folder, leave_out=("meta.json",))
+
+
+def _check_replaceable(out: Path) -> None:
+    """FileExistsError unless DIR is absent, empty, or holds only what its meta.json lists."""
+    written = (_read_meta(out) or {}).get("contents")
+    found = _contents(out) if out.is_dir() else {}
+    output_folder.check_replaceable(
+        out, found, written if isinstance(written, dict) else None, record="meta.json"
+    )
+
+
+def _is_intact(out: Path, meta: dict) -> bool:
+    """Every file meta.json lists is there, with its size (older metas list none)."""
+    found = _contents(out)
+    return all(found.get(rel) == entry for rel, entry in meta.get("contents", {}).items())
 
 
 def _log(progress: bool, msg: str) -> None:
@@ -91,19 +134,20 @@ def prepare(
     progress: bool = True,
 ) -> dict:
     """Builds DIR from a corpus spec (see data.sources) and returns its meta.json dict."""
+    check_options(vocab_size, tokenizer, val_fraction, max_docs, num_workers)
     spec = parse_spec(corpus_spec)
-    check_spec(spec)
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / "meta.json").exists():
-        raise CorpusError(f"refusing to overwrite {out}: it exists and is not a prepared dataset")
+    check_spec(spec, tfds_data_dir)
+    out = Path(out_dir).resolve()  # a link to a folder: write in the folder
+    _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    for path in output_folder.remove_abandoned(out):
+        _log(progress, f"removed {path}, left by an earlier run that was killed")
+    with output_folder.work_folder(out) as work:
+        new = work / "new"
+        new.mkdir()
         meta = _build(
             spec,
-            tmp,
+            new,
             vocab_size=vocab_size,
             tokenizer=tokenizer,
             val_fraction=val_fraction,
@@ -113,10 +157,8 @@ def prepare(
             tfds_data_dir=tfds_data_dir,
             progress=progress,
         )
-        _commit(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _check_replaceable(out)  # again: files may have been put there while we worked
+        output_folder.swap_in(new, out, work)
     _log(progress, f"prepared {out}: {json.dumps(meta['splits'])}")
     return meta
 
@@ -215,6 +257,7 @@ def _build(
         "curation": {k: report[k] for k in ("input", "kept")},
         "seconds": round(time.perf_counter() - started, 2),
         "complete": True,
+        "contents": _contents(tmp),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))  # last: marks completeness
     return meta
@@ -243,7 +286,10 @@ def load_meta(prepared_dir: str | os.PathLike) -> dict:
         raise FileNotFoundError(
             f"{prepared_dir} is not a prepared dataset (no meta.json); run python -m data.prepare"
         )
-    return json.loads(path.read_text())
+    meta = _read_meta(Path(prepared_dir))
+    if meta is None:
+        raise ValueError(f"{path} is not the meta.json of a prepared dataset; run data.prepare")
+    return meta
 
 
 def load_prepared_tokenizer(prepared_dir: str | os.PathLike):
@@ -258,8 +304,8 @@ def ensure_prepared(corpus_spec: str, out_dir: str | os.PathLike, **options) -> 
     than silently training on the wrong data or deleting it.
     """
     out = Path(out_dir)
-    if (out / "meta.json").exists():
-        meta = load_meta(out)
+    meta = _read_meta(out)
+    if meta is not None:
         wanted = str(parse_spec(corpus_spec))
         defaults = {
             "vocab_size": 8192,
@@ -275,49 +321,51 @@ def ensure_prepared(corpus_spec: str, out_dir: str | os.PathLike, **options) -> 
                 f"{out} was prepared from corpus {meta.get('corpus')!r} with {have}, but "
                 f"{wanted!r} with {asked} was asked for; use another directory or delete it"
             )
-        if meta.get("complete") and meta.get("format_version") == FORMAT_VERSION:
+        complete = meta.get("complete") and meta.get("format_version") == FORMAT_VERSION
+        if complete and _is_intact(out, meta):
+            output_folder.remove_abandoned(out)  # of a killed run that was replacing it
             return meta
-    return prepare(corpus_spec, out, **options)
+    return prepare(corpus_spec, out, **options)  # refuses a DIR it did not write
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m data.prepare",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+def _define_flags() -> None:
+    flags.DEFINE_string(
+        "corpus",
+        "stdlib",
+        "stdlib[:holdout=F] | python[:holdout=F] | text:PATH | jsonl:PATH:FIELD | tfds:NAME",
     )
-    parser.add_argument(
-        "--corpus",
-        default="stdlib",
-        help="stdlib[:holdout=F] | python[:holdout=F] | text:PATH | jsonl:PATH:FIELD"
-        " | tfds:NAME[:FIELD]",
+    flags.DEFINE_string("out", None, "the folder to write (see above)", required=True)
+    flags.DEFINE_integer("vocab_size", 8192, "tokenizer vocabulary size")
+    flags.DEFINE_enum("tokenizer", "bpe", list(MODEL_TYPES), "tokenizer model")
+    flags.DEFINE_float("val_fraction", 0.05, "fraction of documents in the val split")
+    flags.DEFINE_integer("seed", 0, "seed of sampling in curation and tokenizer training")
+    flags.DEFINE_integer("num_workers", None, "curation processes (default: one per core, 2 max)")
+    flags.DEFINE_integer("max_docs", None, "read at most this many documents")
+    flags.DEFINE_string(
+        "tfds_data_dir",
+        None,
+        "where a tfds: corpus is already prepared (default: $TFDS_DATA_DIR or "
+        "~/tensorflow_datasets); never downloaded, never written",
     )
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--vocab_size", type=int, default=8192)
-    parser.add_argument("--tokenizer", choices=("bpe", "unigram", "char"), default="bpe")
-    parser.add_argument("--val_fraction", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_workers", type=int, default=None)
-    parser.add_argument("--max_docs", type=int, default=None)
-    parser.add_argument("--tfds_data_dir", default=None)
-    args = parser.parse_args(argv)
-    try:
-        prepare(
-            args.corpus,
-            args.out,
-            vocab_size=args.vocab_size,
-            tokenizer=args.tokenizer,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            num_workers=args.num_workers,
-            max_docs=args.max_docs,
-            tfds_data_dir=args.tfds_data_dir,
-        )
-    except CorpusError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+
+def main() -> None:
+    f = flags.FLAGS
+    prepare(
+        f.corpus,
+        f.out,
+        vocab_size=f.vocab_size,
+        tokenizer=f.tokenizer,
+        val_fraction=f.val_fraction,
+        seed=f.seed,
+        num_workers=f.num_workers,
+        max_docs=f.max_docs,
+        tfds_data_dir=f.tfds_data_dir,
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Flags are defined only for this command: library users of data.prepare (the training
+    # commands) define flags of the same names.
+    _define_flags()
+    cli.run(main)

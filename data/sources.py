@@ -11,7 +11,12 @@ Spec forms:
   python:holdout=F    - the same without the held-out standard-library files
   text:PATH           - a text file or a folder of files (walked in sorted order)
   jsonl:PATH:FIELD    - JSON Lines file (or folder of *.jsonl), text in FIELD
-  tfds:NAME[:FIELD]   - a TFDS catalog dataset (train split), text in FIELD (default "text")
+  tfds:NAME[:FIELD]   - a TFDS catalog dataset (train split), text in FIELD (default "text"),
+                        already prepared in array_record format under the TFDS data dir
+                        (`tfds_data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets):
+                        nothing here downloads, and nothing is written outside the output
+                        folder; prepare it first where there is network, e.g.
+                        `tfds build NAME --data_dir=DIR --file_format=array_record`
 
 With a holdout, `held_out_documents` yields the held-out files themselves, so that
 curation can also drop copies of them found elsewhere (a vendored backport in
@@ -19,8 +24,9 @@ site-packages, say).
 
 Sources never raise on bad *content*: a file that is binary, empty, not UTF-8, or
 a JSONL line that is not JSON or lacks the field becomes a `RawDocument` with an
-`error` reason, so the curation report counts it. A missing path raises
-`CorpusError` naming it, before anything is written.
+`error` reason, so the curation report counts it. A missing path, an unknown TFDS name
+or a TFDS dataset that is not prepared raises `CorpusError` naming it, before anything
+is written.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import re
 import sysconfig
@@ -254,13 +261,39 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[RawDocument]:
             yield RawDocument(name, "prose", text, len(text.encode("utf-8")))
 
 
+def _tfds_builder(name: str, data_dir: str | None):
+    """The builder of an already prepared TFDS dataset; CorpusError (one line) otherwise."""
+    import tensorflow_datasets as tfds  # lazy: slow import, only needed for this source
+
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # tfds warns about the folders it does not find
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared = builder.is_prepared()
+    except tfds.core.registered.DatasetNotFoundError:
+        raise CorpusError(
+            f"no TFDS dataset named {name!r}; list the names with python -c 'import "
+            "tensorflow_datasets as tfds; print(tfds.list_builders())'"
+        ) from None
+    except (ValueError, AssertionError) as error:  # a config or version it does not have
+        raise CorpusError(f"tfds:{name}: {str(error).splitlines()[0]}") from None
+    finally:
+        absl_logger.setLevel(level)
+    if not prepared:
+        raise CorpusError(
+            f"tfds:{name} is not prepared in {builder.data_dir} and data.prepare does not "
+            f"download; prepare it first (tfds build {name} --data_dir={builder.data_dir_root} "
+            "--file_format=array_record), or point --tfds_data_dir at a folder that has it"
+        )
+    return builder
+
+
 def _tfds_documents(
     name: str, field: str, data_dir: str | None, max_docs: int | None
 ) -> Iterator[RawDocument]:
-    import tensorflow_datasets as tfds  # lazy: slow import, only needed for this source
-
-    # data_source reads array_record by random access and needs no TensorFlow.
-    source = tfds.data_source(name, split="train", data_dir=data_dir, download=True)
+    # A data source reads array_record by random access and needs no TensorFlow.
+    source = _tfds_builder(name, data_dir).as_data_source(split="train")
     n = len(source) if max_docs is None else min(len(source), max_docs)
     for i in range(n):
         record = source[i]
@@ -280,10 +313,12 @@ def _tfds_documents(
             yield RawDocument(f"{doc_name}#{j}", "prose", piece, len(piece.encode("utf-8")))
 
 
-def check_spec(spec: CorpusSpec) -> None:
-    """Fails early (before any output is touched) on a missing path."""
+def check_spec(spec: CorpusSpec, tfds_data_dir: str | None = None) -> None:
+    """Fails early (before any output is touched) on a missing path or TFDS dataset."""
     if spec.kind in ("text", "jsonl"):
         _require(Path(spec.path))
+    if spec.kind == "tfds":
+        _tfds_builder(spec.path, tfds_data_dir)
 
 
 def iter_documents(
@@ -294,7 +329,7 @@ def iter_documents(
 ) -> Iterator[RawDocument]:
     """Raw documents of a corpus in a deterministic order (at most `max_docs`)."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
-    check_spec(spec)
+    check_spec(spec, tfds_data_dir)
     if spec.kind == "stdlib":
         stream = _stdlib_documents(spec.holdout)
     elif spec.kind == "python":

@@ -30,7 +30,9 @@ from data.hf_tokenizer import CONFIG_FILE, HFTokenizer, is_hf_tokenizer_json
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, *CHAT_TOKENS)
+MODEL_TYPES = ("bpe", "unigram", "char")
 MAX_SENTENCE_BYTES = 16384  # training lines longer than this are skipped by sentencepiece
+BYTE_PIECES = 256  # byte fallback: one piece per byte value
 
 
 class Tokenizer:
@@ -139,6 +141,45 @@ class CharTokenizer:
 AnyTokenizer = Tokenizer | CharTokenizer | HFTokenizer
 
 
+FIXED_IDS = len(SPECIAL_TOKENS) + BYTE_PIECES  # a subword model's ids whatever the corpus
+
+
+def check_vocab_size(vocab_size: int, model_type: str) -> None:
+    """Refuses a vocab_size that no corpus fits, before any text is read. A subword model
+    needs the fixed ids and one per character of the corpus (how many, only its text
+    tells: see _vocab_error); a char model takes its size from the corpus alone."""
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"tokenizer must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
+    if model_type != "char" and vocab_size <= FIXED_IDS:
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small: a {model_type} tokenizer needs "
+            f"{len(SPECIAL_TOKENS)} special tokens, {BYTE_PIECES} byte pieces and one id per "
+            f"character of the corpus, so more than {FIXED_IDS}; raise --vocab_size"
+        )
+
+
+# sentencepiece reports vocabulary sizes that do not fit the corpus in these words.
+_SPM_TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
+_SPM_TOO_LARGE = re.compile(r"Vocabulary size too high \((\d+)\)\. .*<= (\d+)")
+
+
+def _vocab_error(error: RuntimeError, model_type: str) -> Exception:
+    """sentencepiece's internal check message, as the line a user can act on."""
+    if m := _SPM_TOO_SMALL.search(str(error)):
+        vocab_size, needed = int(m[1]), int(m[2])
+        return ValueError(
+            f"vocab_size {vocab_size} is too small for this corpus: its {model_type} tokenizer "
+            f"needs {needed} ids ({needed - FIXED_IDS} characters, {len(SPECIAL_TOKENS)} special "
+            f"tokens, {BYTE_PIECES} byte pieces); use --vocab_size={needed} or more"
+        )
+    if m := _SPM_TOO_LARGE.search(str(error)):
+        return ValueError(
+            f"vocab_size {m[1]} is too large for this corpus: a {model_type} tokenizer can "
+            f"learn at most {m[2]} pieces from it; use --vocab_size={m[2]} or less, or more text"
+        )
+    return error
+
+
 def load_tokenizer(path: str | os.PathLike) -> AnyTokenizer:
     """The tokenizer in a file, recognised by content, or in a directory.
 
@@ -179,12 +220,11 @@ def train_tokenizer(
     line by line; newlines themselves are covered by byte fallback.
     """
     out_path = Path(out_path)
+    check_vocab_size(vocab_size, model_type)
     if model_type == "char":
         tok = CharTokenizer.build(texts)
         tok.save(out_path)
         return tok
-    if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"model_type must be bpe, unigram or char, got {model_type!r}")
     spm.set_random_generator_seed(seed)  # sentence sampling is seeded: same input, same model
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp, "corpus.txt")
@@ -198,32 +238,35 @@ def train_tokenizer(
         if n_lines == 0:
             raise ValueError("no text to train the tokenizer on")
         prefix = Path(tmp, "spm")
-        spm.SentencePieceTrainer.train(
-            input=str(corpus),
-            model_prefix=str(prefix),
-            model_type=model_type,
-            vocab_size=vocab_size,
-            byte_fallback=True,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
-            allow_whitespace_only_pieces=True,
-            split_digits=True,
-            character_coverage=0.9995,
-            user_defined_symbols=list(CHAT_TOKENS),
-            pad_id=0,
-            unk_id=1,
-            bos_id=2,
-            eos_id=3,
-            pad_piece=PAD,
-            unk_piece=UNK,
-            bos_piece=BOS,
-            eos_piece=EOS,
-            max_sentence_length=MAX_SENTENCE_BYTES,
-            input_sentence_size=max_sentences,
-            shuffle_input_sentence=True,
-            num_threads=num_threads or min(2, os.cpu_count() or 1),
-            minloglevel=0 if verbose else 2,  # sentencepiece logs its progress to stderr
-        )
+        try:
+            spm.SentencePieceTrainer.train(
+                input=str(corpus),
+                model_prefix=str(prefix),
+                model_type=model_type,
+                vocab_size=vocab_size,
+                byte_fallback=True,
+                normalization_rule_name="identity",
+                remove_extra_whitespaces=False,
+                add_dummy_prefix=False,
+                allow_whitespace_only_pieces=True,
+                split_digits=True,
+                character_coverage=0.9995,
+                user_defined_symbols=list(CHAT_TOKENS),
+                pad_id=0,
+                unk_id=1,
+                bos_id=2,
+                eos_id=3,
+                pad_piece=PAD,
+                unk_piece=UNK,
+                bos_piece=BOS,
+                eos_piece=EOS,
+                max_sentence_length=MAX_SENTENCE_BYTES,
+                input_sentence_size=max_sentences,
+                shuffle_input_sentence=True,
+                num_threads=num_threads or min(2, os.cpu_count() or 1),
+                minloglevel=0 if verbose else 2,  # sentencepiece logs its progress to stderr
+            )
+        except RuntimeError as error:
+            raise _vocab_error(error, model_type) from error
         out_path.write_bytes(Path(f"{prefix}.model").read_bytes())
     return Tokenizer.load(out_path)

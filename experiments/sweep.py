@@ -6,13 +6,17 @@
 runs every point of the grid one after another (each in its own workdir
 under --root, resumable), or with --print_only prints one command per point
 for a cluster scheduler. Then it writes ROOT/sweep_results.csv, prints a
-table of the final metrics, and plots ROOT/sweep.png.
+table of the final metrics, and plots ROOT/sweep.png. If a point failed, the
+results go to ROOT/sweep_results.partial.csv and sweep.partial.png instead:
+the results of an earlier complete sweep are never replaced by partial ones.
+Every file is written under a temporary name and renamed into place.
 """
 
 from __future__ import annotations
 
 import csv
 import itertools
+import os
 import shlex
 import subprocess
 import sys
@@ -79,6 +83,36 @@ def final_metrics(workdir: Path) -> dict[str, float | None]:
     return out
 
 
+def _replace_atomically(path: Path, write) -> None:
+    """write(temporary path) then rename: a crash leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_results(rows: list[dict], grid: dict[str, list[str]], root: Path, complete: bool):
+    """(csv, png) paths written: sweep_results.csv and sweep.png for a complete sweep,
+    else the .partial ones, which leaves an earlier complete sweep's files as they were."""
+    suffix = "" if complete else ".partial"
+    table, figure = root / f"sweep_results{suffix}.csv", root / f"sweep{suffix}.png"
+
+    def write_table(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=[*grid, *FINAL_METRICS])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _replace_atomically(table, write_table)
+    _replace_atomically(figure, lambda path: plot(rows, grid, path))
+    if complete:  # older partial results are superseded
+        for stale in (root / "sweep_results.partial.csv", root / "sweep.partial.png"):
+            stale.unlink(missing_ok=True)
+    return table, figure
+
+
 def plot(rows: list[dict], grid: dict[str, list[str]], out_path: Path) -> None:
     """Final eval loss against the first swept field, one line per setting of the others."""
     import matplotlib
@@ -97,9 +131,10 @@ def plot(rows: list[dict], grid: dict[str, list[str]], out_path: Path) -> None:
     ax.set_xlabel(x_field)
     ax.set_ylabel("final eval loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path)
+    fig.savefig(out_path, format="png")
     plt.close(fig)
 
 
@@ -121,19 +156,17 @@ def main(argv):
         if subprocess.run(point_command(point, overrides, root)).returncode != 0:
             failed.append(point_name(point))
     rows = [{**point, **final_metrics(root / point_name(point))} for point in points]
-    with open(root / "sweep_results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*grid, *FINAL_METRICS])
-        writer.writeheader()
-        writer.writerows(rows)
     header = [*grid, *FINAL_METRICS]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
         cells = [row[h] if h in grid else _fmt(row[h]) for h in header]
         print("| " + " | ".join(cells) + " |")
-    plot(rows, grid, root / "sweep.png")
-    print(f"results: {root / 'sweep_results.csv'}, plot: {root / 'sweep.png'}")
+    table, figure = write_results(rows, grid, root, complete=not failed)
+    print(f"results: {table}, plot: {figure}")
     if failed:
-        sys.exit(f"{len(failed)} point(s) failed: {', '.join(failed)}")
+        kept = root / "sweep_results.csv"
+        earlier = f"; the earlier {kept} is kept" if kept.exists() else ""
+        sys.exit(f"error: {len(failed)} point(s) failed: {', '.join(failed)}{earlier}")
 
 
 def _fmt(value) -> str:

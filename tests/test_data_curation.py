@@ -1,12 +1,16 @@
 """Sources and curation: every document accounted for, rules fire, results deterministic."""
 
 import json
+import os
+import subprocess
+import sys
 import unicodedata
 
 import pytest
 
 from data.curate import curate
 from data.sources import CorpusError, iter_documents, parse_spec, split_prose, stdlib_files
+from tests.run_helpers import REPO
 
 PROSE = (
     "The history of the river valley is long and varied. Farmers came to the region with "
@@ -130,3 +134,30 @@ def test_stdlib_sample_is_deterministic_and_accounted():
     for key in ("input", "kept", "dropped"):
         assert rep1[key] == rep2[key]
     assert rep1["throughput"]["input_mb_per_s"] > 0
+
+
+FORK_THEN_JAX = """
+import warnings
+from data.curate import curate
+from data.sources import iter_documents
+
+docs = list(iter_documents("stdlib", max_docs=40))
+kept, report = curate(docs, num_workers=2)
+assert report["throughput"]["workers"] == 2, report["throughput"]  # forked: no JAX yet
+import jax
+
+jax.devices()  # the runtime's threads start; a fork now can deadlock the child
+with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    kept_after, report = curate(docs, num_workers=2)
+assert report["throughput"]["workers"] == 1, report["throughput"]
+assert [(d.name, d.text) for d in kept_after] == [(d.name, d.text) for d in kept]
+"""
+
+
+def test_curation_forks_no_process_where_jax_runs():
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-W", "error::RuntimeWarning", "-c", FORK_THEN_JAX]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fork" not in result.stderr  # JAX's at-fork warning, even where it is swallowed
