@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from rlhf.sequences import lm_logits, log_probs_and_entropy
-from train.gradients import accumulate_gradients, apply_gradients
+from train.gradients import accumulate_gradients, apply_gradients, minibatch_epochs
 from train.state import TrainState
 
 LOSS_NORMALIZATIONS = ("sequence", "token", "constant")
@@ -230,10 +230,6 @@ def make_grpo_prepare(model: nn.Module, cfg: GRPOConfig) -> Callable:
 # ---------------------------------------------------------------------------- update
 
 
-def _batch_axes(x: jax.Array) -> tuple:
-    return ("batch",) + (None,) * (x.ndim - 1)
-
-
 def make_grpo_loss_sums(model: nn.Module, cfg: GRPOConfig):
     """`loss_sums(params, minibatch, rng) -> (loss_sum, sums)` for `accumulate_gradients`:
     the GRPO loss as (sum, weight_sum) by `cfg.loss_normalization`, and token sums of
@@ -267,10 +263,7 @@ def make_grpo_step(
     "clip_frac_low" / "clip_frac_high", plus the optimizer's."""
     loss_sums = make_grpo_loss_sums(model, cfg)
 
-    def minibatch_update(state, mb_and_rng):
-        mb, rng = mb_and_rng
-        # Keep each minibatch split over the batch axes after the shuffle.
-        mb = jax.tree.map(lambda x: nn.with_logical_constraint(x, _batch_axes(x)), mb)
+    def minibatch_update(state, mb, rng):
         grads, sums = accumulate_gradients(loss_sums, state.params, mb, rng, cfg.num_microbatches)
         state, update_metrics = apply_gradients(state, grads, tx)
         tokens = jnp.maximum(sums.pop("tokens"), 1.0)
@@ -279,20 +272,4 @@ def make_grpo_step(
         metrics.update({k.removesuffix("_sum"): v / tokens for k, v in sums.items()})
         return state, {**metrics, **update_metrics}
 
-    def step(state: TrainState, batch: dict, rng: jax.Array):
-        B = batch["tokens"].shape[0]
-        M = cfg.num_minibatches
-        if B % M:
-            raise ValueError(f"rollout batch {B} is not divisible by num_minibatches={M}")
-        rng = jax.random.fold_in(rng, state.step)
-
-        def one_epoch(state, epoch_rng):
-            perm_rng, step_rng = jax.random.split(epoch_rng)
-            perm = jax.random.permutation(perm_rng, B)
-            mbs = jax.tree.map(lambda x: x[perm].reshape(M, B // M, *x.shape[1:]), batch)
-            return jax.lax.scan(minibatch_update, state, (mbs, jax.random.split(step_rng, M)))
-
-        state, metrics = jax.lax.scan(one_epoch, state, jax.random.split(rng, cfg.epochs))
-        return state, jax.tree.map(jnp.mean, metrics)
-
-    return step
+    return minibatch_epochs(minibatch_update, cfg.epochs, cfg.num_minibatches)

@@ -30,7 +30,7 @@ import optax
 
 from rlhf.reward_model import RewardModel, sequence_reward, token_scores
 from rlhf.sequences import last_token_index, lm_logits, log_probs_and_entropy
-from train.gradients import accumulate_gradients, apply_gradients
+from train.gradients import accumulate_gradients, apply_gradients, minibatch_epochs
 from train.state import TrainState
 
 
@@ -252,10 +252,6 @@ def make_prepare(
 # ---------------------------------------------------------------------------- update
 
 
-def _batch_axes(x: jax.Array) -> tuple:
-    return ("batch",) + (None,) * (x.ndim - 1)
-
-
 def make_ppo_loss_sums(policy_model: nn.Module, value_model: RewardModel, cfg: PPOConfig):
     """`loss_sums(params, minibatch, rng) -> (loss_sum, sums)` for `accumulate_gradients`:
     token sums of the clipped policy loss + vf_coef * clipped value loss over response
@@ -296,30 +292,11 @@ def make_ppo_step(
     `cfg.epochs` passes of `cfg.num_minibatches` updates over the prepared batch."""
     loss_sums = make_ppo_loss_sums(policy_model, value_model, cfg)
 
-    def minibatch_update(state, mb):
-        mb, rng = mb
-        # Keep each minibatch split over the batch axes after the shuffle.
-        mb = jax.tree.map(lambda x: nn.with_logical_constraint(x, _batch_axes(x)), mb)
+    def minibatch_update(state, mb, rng):
         grads, sums = accumulate_gradients(loss_sums, state.params, mb, rng, cfg.num_microbatches)
         state, update_metrics = apply_gradients(state, grads, tx)
         n = jnp.maximum(sums["weight_sum"], 1.0)
         metrics = {k[: -len("_sum")]: v / n for k, v in sums.items() if k != "weight_sum"}
         return state, {**metrics, **update_metrics}
 
-    def step(state: TrainState, batch: dict, rng: jax.Array):
-        B = batch["tokens"].shape[0]
-        M = cfg.num_minibatches
-        if B % M:
-            raise ValueError(f"rollout batch {B} is not divisible by num_minibatches={M}")
-        rng = jax.random.fold_in(rng, state.step)
-
-        def one_epoch(state, epoch_rng):
-            perm_rng, step_rng = jax.random.split(epoch_rng)
-            perm = jax.random.permutation(perm_rng, B)
-            mbs = jax.tree.map(lambda x: x[perm].reshape(M, B // M, *x.shape[1:]), batch)
-            return jax.lax.scan(minibatch_update, state, (mbs, jax.random.split(step_rng, M)))
-
-        state, metrics = jax.lax.scan(one_epoch, state, jax.random.split(rng, cfg.epochs))
-        return state, jax.tree.map(jnp.mean, metrics)
-
-    return step
+    return minibatch_epochs(minibatch_update, cfg.epochs, cfg.num_minibatches)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -98,3 +99,40 @@ def apply_gradients(
         "nonfinite_grad": (~grad_ok).astype(jnp.float32),
         "nonfinite_update": (~update_ok & loss_ok & grad_ok).astype(jnp.float32),
     }
+
+
+def minibatch_epochs(
+    update: Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]],
+    epochs: int,
+    num_minibatches: int,
+) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+    """The step of the on-policy RL stages (PPO, GRPO): `epochs` passes over a rollout batch,
+    each a `lax.scan` of `num_minibatches` calls `update(state, minibatch, rng)` over rows
+    shuffled anew every epoch. Returns `step(state, batch, rng)`; metrics are means over
+    all the updates."""
+
+    def minibatch(state, mb_and_rng):
+        mb, rng = mb_and_rng
+        # Keep each minibatch split over the batch axes after the shuffle.
+        mb = jax.tree.map(
+            lambda x: nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1)), mb
+        )
+        return update(state, mb, rng)
+
+    def step(state: TrainState, batch: dict, rng: jax.Array):
+        B = jax.tree.leaves(batch)[0].shape[0]
+        M = num_minibatches
+        if B % M:
+            raise ValueError(f"rollout batch {B} is not divisible by num_minibatches={M}")
+        rng = jax.random.fold_in(rng, state.step)
+
+        def one_epoch(state, epoch_rng):
+            perm_rng, step_rng = jax.random.split(epoch_rng)
+            perm = jax.random.permutation(perm_rng, B)
+            mbs = jax.tree.map(lambda x: x[perm].reshape(M, B // M, *x.shape[1:]), batch)
+            return jax.lax.scan(minibatch, state, (mbs, jax.random.split(step_rng, M)))
+
+        state, metrics = jax.lax.scan(one_epoch, state, jax.random.split(rng, epochs))
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return step
