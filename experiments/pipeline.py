@@ -76,7 +76,22 @@ def run_stage(name: str, fn: Callable, config: ConfigDict, root: Path) -> dict:
     return results
 
 
-def report(results: dict, root: Path) -> dict:
+def compression_baselines(config: ConfigDict, root: Path) -> dict:
+    """The pretrained model's best held-out bits per byte beside zlib -9 and lzma -9 on the
+    same held-out documents (each compressed on its own)."""
+    from data.compression import held_out_baselines
+    from train.metrics_writer import read_metrics
+
+    data_dir = Path(config.pretrain.data.dir or root / "pretrain" / "data")
+    rows = read_metrics(root / "pretrain" / "metrics.jsonl")
+    model = min(r["eval/bits_per_byte"] for r in rows if r.get("eval/bits_per_byte") is not None)
+    out = held_out_baselines(data_dir)
+    out["model_best"] = model
+    out["model_over_lzma"] = model / out["lzma_9"]
+    return out
+
+
+def report(results: dict, root: Path, config: ConfigDict) -> dict:
     from rlhf.ground_truth import comparison_table
 
     table = {}
@@ -96,8 +111,17 @@ def report(results: dict, root: Path) -> dict:
                 ppo_results.get("ppo/score_last"),
             ],
         }
+    if "pretrain" in results:
+        summary["compression"] = compression_baselines(config, root)
     rows = {k: {m: v for m, v in t.items() if m != "examples"} for k, t in table.items()}
     summary["ground_truth_markdown"] = comparison_table(rows)
+    if "compression" in summary:
+        c = summary["compression"]
+        summary["ground_truth_markdown"] += (
+            f"\n\nHeld-out bits per byte ({c['docs']} documents): pretrained model (best "
+            f"checkpoint) {c['model_best']:.3f}, zlib -9 {c['zlib_9']:.3f}, lzma -9 "
+            f"{c['lzma_9']:.3f} (model / lzma = {c['model_over_lzma']:.2f})"
+        )
     out = root / "report"
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -114,7 +138,7 @@ def run(config: ConfigDict, root: Path) -> dict:
     runners = stage_runners()
     for name in stage_names(config):
         results[name] = run_stage(name, runners[name], config, root)
-    return report(results, root)
+    return report(results, root, config)
 
 
 if __name__ == "__main__":
