@@ -23,6 +23,7 @@ def test_shakespeare_char_recipe_trains(tmp_path):
     config.data.seq_len = 64
     config.train.global_batch_size = 8
     config.train.num_steps = 4
+    config.optim.total_steps = 5000  # the recipe's schedule, of which these are the first steps
     config.train.eval_every = 4
     config.train.eval_batches = 2
     config.train.log_every = 1

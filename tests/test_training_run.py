@@ -60,7 +60,8 @@ def test_resume_after_sigkill_is_bit_exact(corpus, tmp_path):
     assert got == expected  # every logged loss, bit for bit
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_zero(corpus, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_4(corpus, tmp_path):
+    """A stopped run is not a finished run: it saves, says so in one line and exits 4."""
     args = overrides(*corpus, **{"train.num_steps": 400, "train.checkpoint_every": 5})
     command, env = pretrain_command(tmp_path / "run", args)
     process = subprocess.Popen(
@@ -69,8 +70,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(corpus, tmp_path):
     _wait_for_checkpoint(tmp_path / "run", 5, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-3000:]
-    assert "SIGTERM: saved a checkpoint at step" in stderr
+    assert process.returncode == 4, stderr[-3000:]
+    assert "error: pretrain stopped by SIGTERM after step" in stderr
+    assert "Traceback" not in stderr
     last_logged = max(_losses(tmp_path / "run"))
     steps = sorted(
         int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()
@@ -88,7 +90,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(corpus, tmp_path):
             path.write_bytes(b"")
     result = run_pretrain(workdir, overrides(*corpus, **{"train.num_steps": 12}))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "checkpoint at step 8" in result.stderr and "unreadable" in result.stderr
+    assert "the checkpoint of step 8" in result.stderr and "unreadable" in result.stderr
     assert "resumed from step 4" in result.stderr
     assert max(_losses(workdir)) == 12
 
