@@ -73,11 +73,6 @@ class Excerpt:
     last_line: int
     text: str  # the lines, dedented
 
-    @property
-    def label(self) -> str:
-        what = f"{self.symbol}, " if self.symbol else ""
-        return f"{self.path}: {what}lines {self.first_line}-{self.last_line}"
-
 
 def _symbol_lines(tree: ast.Module, symbol: str, path: str) -> tuple[int, int]:
     """(first, last) line of a function, class, method or module-level assignment."""
@@ -205,6 +200,7 @@ def _proportional_widths(table: list[str]) -> str:
     for j, spec in enumerate(rows[1]):
         dashes = "-" * min(max(widths[j] // 2, 3), 60)
         left, right = spec.startswith(":"), spec.endswith(":")
+        left = left or not right  # unaligned columns read best flush left
         separator.append((":" if left else "") + dashes + (":" if right else ""))
     return "\n".join([table[0], "| " + " | ".join(separator) + " |", *table[2:]])
 

@@ -123,7 +123,7 @@ def loss_curves(run: Path) -> Path:
         ("held-out bytes per token", f"{meta['tokenizer']['heldout_bytes_per_token']}"),
         ("throughput (median of the logged steps)", f"{np.median(tokens_per_s):,.0f} tokens/s"),
     ]
-    lines = ["| | |", "| :--- | :--- |", *(f"| {k} | {v} |" for k, v in rows)]
+    lines = ["| | value |", "| :--- | :--- |", *(f"| {k} | {v} |" for k, v in rows)]
     caption = (
         ": The pretraining run behind @fig:loss and @fig:attention (`experiments/configs/"
         "stdlib_tiny.py` with 300 steps, @sec:reproduce), on the development machine's 2 shared "
@@ -262,7 +262,7 @@ def _restore_params(run: Path):
         return checkpointer.restore(step_dir / "state")["params"], steps[-1]
 
 
-def attention_patterns(run: Path, num_tokens: int = 40) -> Path:
+def attention_patterns(run: Path, num_tokens: int = 24) -> Path:
     """Attention probabilities of the trained model on the start of a val document.
 
     The model runs unjitted with `model.attention.reference_attention` wrapped, so the
@@ -306,18 +306,19 @@ def attention_patterns(run: Path, num_tokens: int = 40) -> Path:
             {"params": params}, jnp.asarray(tokens)
         )
     layers = [0, len(recorded) - 1]
-    fig, axes = plt.subplots(len(layers), cfg.n_heads, figsize=(2.4 * cfg.n_heads, 5.2))
-    for row, layer in enumerate(layers):
+    fig, axes = plt.subplots(cfg.n_heads, len(layers), figsize=(7.2, 3.3 * cfg.n_heads))
+    ticks = np.arange(num_tokens)
+    for col, layer in enumerate(layers):
         for head in range(cfg.n_heads):
-            ax = axes[row, head]
+            ax = axes[head, col]
             ax.imshow(recorded[layer][head], cmap="magma", vmin=0, vmax=1, interpolation="nearest")
-            ax.set_title(f"layer {layer}, head {head}", fontsize=7)
-            ticks = np.arange(0, num_tokens, 4)
-            ax.set_xticks(ticks, [pieces[i] for i in ticks], rotation=90, fontsize=4.5)
-            ax.set_yticks(ticks, [pieces[i] for i in ticks], fontsize=4.5)
+            ax.set_title(f"layer {layer}, head {head}", fontsize=8)
+            ax.set_xticks(ticks, pieces, rotation=90, fontsize=6, family="monospace")
+            ax.set_yticks(ticks, pieces, fontsize=6, family="monospace")
     fig.suptitle(
-        f"attention probabilities of the trained model (step {step}) on the first "
-        f"{num_tokens} tokens of a val document; rows: queries, columns: keys"
+        f"attention probabilities of the trained model (step {step}), first {num_tokens} tokens "
+        "of a val document\nrows: queries, columns: keys; first and last layer",
+        fontsize=9,
     )
     fig.tight_layout()
     return _save(fig, "attention_patterns.png")
