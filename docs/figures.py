@@ -356,31 +356,48 @@ def tokenizer_example(run: Path) -> Path:
 # ----------------------------------------------------------------- pipeline run
 
 
-def ppo_curves(pipeline: Path) -> Path:
-    """Score, KL, KL coefficient and response length over PPO iterations."""
-    records = read_jsonl(pipeline / "ppo" / "metrics.jsonl")
-    keys = [k for k in records[-1] if k != "step"]
+def _stage_curves(records: list[dict], panels: list[tuple[str, str]], name: str) -> Path:
+    """One panel per (metric suffix, title) found in a stage's metrics, over its steps."""
+    keys = [k for k in records[-1] if k != "step"] + [k for r in records for k in r]
 
-    def find(*names):
-        return next((k for k in keys for n in names if k.endswith(n)), None)
+    def find(suffix: str) -> str | None:
+        return next((k for k in keys if k == suffix or k.endswith("/" + suffix)), None)
 
-    panels = [
-        (find("score_mean"), "reward-model score (mean)"),
-        (find("/kl", "kl"), "KL to the SFT model (nats / sequence)"),
-        (find("beta"), "KL coefficient beta"),
-        (find("response_length"), "response length (tokens)"),
-        (find("clip_frac"), "fraction of tokens clipped"),
-        (find("value_explained_variance"), "value explained variance"),
-    ]
-    panels = [(k, t) for k, t in panels if k]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.3))
-    for ax, (key, title) in zip(np.atleast_1d(axes), panels):
+    found = [(find(suffix), title) for suffix, title in panels]
+    found = [(k, t) for k, t in found if k]
+    if not found:
+        raise FileNotFoundError(f"no metric of {[p for p, _ in panels]} in the {name} run")
+    fig, axes = plt.subplots(1, len(found), figsize=(2.35 * len(found), 2.3), squeeze=False)
+    for ax, (key, title) in zip(axes[0], found):
         steps, values = series(records, key)
         ax.plot(steps, values, "o-", ms=2.5, lw=1.1)
-        ax.set(xlabel="PPO iteration", title=title)
+        ax.set(xlabel="iteration", title=title)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, "ppo_curves.png")
+    return _save(fig, f"{name}_curves.png")
+
+
+def ppo_curves(pipeline: Path) -> Path:
+    """Score, KL, KL coefficient, response length and clipping over PPO iterations."""
+    panels = [
+        ("score_mean", "reward-model score"),
+        ("kl", "KL to the SFT model (nats)"),
+        ("beta", "KL coefficient beta"),
+        ("response_length", "response length (tokens)"),
+        ("clip_frac", "fraction of tokens clipped"),
+    ]
+    return _stage_curves(read_jsonl(pipeline / "ppo" / "metrics.jsonl"), panels, "ppo")
+
+
+def grpo_curves(pipeline: Path) -> Path:
+    """Verifiable reward, all-equal groups, KL and response length over GRPO iterations."""
+    panels = [
+        ("reward_mean", "verifiable reward (mean)"),
+        ("frac_groups_all_equal", "groups with equal rewards"),
+        ("kl", "k3 KL to the SFT model"),
+        ("response_length", "response length (tokens)"),
+    ]
+    return _stage_curves(read_jsonl(pipeline / "grpo" / "metrics.jsonl"), panels, "grpo")
 
 
 def ground_truth(pipeline: Path) -> Path:
@@ -388,9 +405,9 @@ def ground_truth(pipeline: Path) -> Path:
     summary = json.loads((pipeline / "report" / "summary.json").read_text())
     checks = summary.get("checks", {})
     caption = (
-        ": Ground truth of the CPU pipeline run of @fig:ppo on prompts from held-out files "
-        "(greedy answers): the fraction that parses as Python, that defines the requested "
-        "function, and the mean normalised reward-model score. From `report/summary.json` "
+        ": Held-out ground truth of every policy of the CPU pipeline run of @fig:ppo and "
+        "@fig:grpo (greedy answers to prompts from held-out files; rates with their 95% "
+        "intervals; reward: the normalised reward-model score). From `report/summary.json` "
         "of that run"
     )
     if checks:
@@ -574,7 +591,11 @@ def generate(pretrain: Path | None, pipeline: Path | None) -> dict[str, dict]:
         ]
     if pipeline:
         src = f"pipeline workdir {pipeline}"
-        jobs += [(ppo_curves, (pipeline,), src), (ground_truth, (pipeline,), src)]
+        jobs += [
+            (ppo_curves, (pipeline,), src),
+            (grpo_curves, (pipeline,), src),
+            (ground_truth, (pipeline,), src),
+        ]
     provenance_file = FIGURES / "provenance.json"
     provenance = json.loads(provenance_file.read_text()) if provenance_file.exists() else {}
     stamp = {"revision": git_revision(), "date": datetime.date.today().isoformat()}
