@@ -73,7 +73,7 @@ def _save(fig, name: str) -> Path:
 
 def loss_curves(run: Path) -> Path:
     """Train and eval loss, gradient norm and learning rate of a pretraining run."""
-    from train.optim import OptimConfig, learning_rate_schedule
+    from train.optim import learning_rate_schedule, optim_config
 
     records = read_jsonl(run / "metrics.jsonl")
     config = json.loads((run / "config.json").read_text())
@@ -91,7 +91,7 @@ def loss_curves(run: Path) -> Path:
         axes[1].axhline(clip, ls="--", lw=0.8, color="gray", label=f"clip_norm = {clip}")
         axes[1].legend(frameon=False)
     axes[1].set(xlabel="step", title="gradient global norm (before clipping)")
-    schedule = learning_rate_schedule(OptimConfig(**config["optim"]))
+    schedule = learning_rate_schedule(optim_config(config["optim"], config["train"]["num_steps"]))
     all_steps = np.arange(config["train"]["num_steps"])
     axes[2].plot(all_steps, [float(schedule(s)) for s in all_steps], lw=1.2, color="C3")
     axes[2].set(xlabel="step", title="learning rate (train/optim.py)")
@@ -101,9 +101,14 @@ def loss_curves(run: Path) -> Path:
     png = _save(fig, "pretrain_loss.png")
 
     meta = json.loads((_prepared_dir(run) / "meta.json").read_text())
-    last_eval = [r for r in records if "eval/loss" in r][-1]
+    evals = [r for r in records if "eval/loss" in r]
+    if not evals:
+        raise FileNotFoundError(
+            f"{run / 'metrics.jsonl'} has no evaluation yet; let the run finish"
+        )
+    last_eval = evals[-1]
     _, tokens_per_s = series(records, "train/tokens_per_s")
-    model, train_cfg, data_cfg = config["model"], config["train"], config["data"]
+    model, train_cfg, data_cfg = _model_fields(run), config["train"], config["data"]
     rows = [
         (
             "model",
@@ -125,9 +130,9 @@ def loss_curves(run: Path) -> Path:
     ]
     lines = ["| | value |", "| :--- | :--- |", *(f"| {k} | {v} |" for k, v in rows)]
     caption = (
-        ": The pretraining run behind @fig:loss and @fig:attention (`experiments/configs/"
-        "stdlib_tiny.py` with 300 steps, @sec:reproduce), on the development machine's 2 shared "
-        "CPU cores. {#tbl:pretrain-run}"
+        f": The pretraining run behind @fig:loss and @fig:attention (@sec:reproduce), corpus "
+        f"`{data_cfg['corpus']}`, on the development machine's 2 CPU cores, shared with other "
+        "work (so its throughput says little). {#tbl:pretrain-run}"
     )
     md = FIGURES / "pretrain_table.md"
     md.write_text("\n".join(lines) + "\n\n" + caption + "\n")
@@ -168,8 +173,8 @@ def curation(run: Path) -> list[Path]:
     )
     splits = report.get("splits", {})
     caption = (
-        f": The curation report of the default corpus (`{report['corpus']}`, this machine's "
-        f"Python standard library), from `curation_report.json` in the data folder of the run in "
+        f": The curation report of corpus `{report['corpus']}` (this machine's Python standard "
+        f"library), from `curation_report.json` in the data folder of the run in "
         f"@sec:reproduce. Kept + dropped = input, in documents and in bytes. After curation, "
         + ", ".join(
             f"{s}: {v['docs']} documents, {v['bytes'] / 1e6:.2f} MB" for s, v in splits.items()
@@ -247,19 +252,32 @@ def packed_mask(run: Path) -> Path:
     return _save(fig, "packed_mask.png")
 
 
-def _restore_params(run: Path):
-    """Parameters of the run's newest checkpoint (STEP/params, or STEP/state['params'])."""
-    import orbax.checkpoint as ocp
-
+def _newest_checkpoint(run: Path) -> tuple[Path, int]:
     ckpt_root = run / "checkpoints"
     steps = sorted(int(p.name) for p in ckpt_root.iterdir() if p.name.isdigit())
     if not steps:
         raise FileNotFoundError(f"{ckpt_root} holds no checkpoint")
-    step_dir = ckpt_root / str(steps[-1])
+    return ckpt_root / str(steps[-1]), steps[-1]
+
+
+def _model_fields(run: Path) -> dict:
+    """The model config the run trained: from its checkpoint's meta (train/checkpoint.py),
+    which has the vocabulary size filled in, else from config.json."""
+    meta = _newest_checkpoint(run)[0] / "meta" / "metadata"
+    if meta.is_file():
+        return json.loads(meta.read_text())["model"]
+    return json.loads((run / "config.json").read_text())["model"]
+
+
+def _restore_params(run: Path):
+    """Parameters of the run's newest checkpoint (STEP/params, or STEP/state['params'])."""
+    import orbax.checkpoint as ocp
+
+    step_dir, step = _newest_checkpoint(run)
     with ocp.StandardCheckpointer() as checkpointer:
         if (step_dir / "params").is_dir():
-            return checkpointer.restore(step_dir / "params"), steps[-1]
-        return checkpointer.restore(step_dir / "state")["params"], steps[-1]
+            return checkpointer.restore(step_dir / "params"), step
+        return checkpointer.restore(step_dir / "state")["params"], step
 
 
 def attention_patterns(run: Path, num_tokens: int = 24) -> Path:
@@ -281,7 +299,7 @@ def attention_patterns(run: Path, num_tokens: int = 24) -> Path:
     from model.transformer import LanguageModel
 
     config = json.loads((run / "config.json").read_text())
-    cfg = ModelConfig(**config["model"])
+    cfg = ModelConfig(**_model_fields(run))
     params, step = _restore_params(run)
     batch = next(make_eval_iterator(_prepared_dir(run), config["data"]["seq_len"], 1))
     tokens = batch["inputs"][:, :num_tokens]
@@ -521,6 +539,47 @@ def sharding_diagram() -> Path:
     return _save(fig, "sharding.png")
 
 
+STATE_MESHES = ((8, 1, 1), (4, 2, 1), (2, 4, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2), (1, 1, 8))
+
+
+def state_memory(preset: str = "llama-7b") -> Path:
+    """Bytes of the train state (float32 params and both Adam moments) each device holds,
+    for one preset on 8-device meshes: the rule table's shardings, nothing allocated."""
+    import jax
+
+    from model.config import get_preset
+    from model.transformer import LanguageModel
+    from train.optim import OptimConfig, make_optimizer
+    from train.sharding import MeshConfig, make_mesh
+    from train.state import abstract_train_state, count_params, init_fn
+
+    cfg = get_preset(preset)
+    tx = make_optimizer(OptimConfig(total_steps=1000))
+    rng = jax.eval_shape(jax.random.key, 0)
+    rows = []
+    for d, f, t in STATE_MESHES:
+        mesh = make_mesh(MeshConfig(data=d, fsdp=f, tensor=t), jax.devices()[:8])
+        state, _ = abstract_train_state(init_fn(LanguageModel(cfg)), tx, mesh, rng)
+        per_device = sum(
+            np.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+            for x in jax.tree.leaves(state)
+        )
+        rows.append((f"data={d}, fsdp={f}, tensor={t}", per_device / 2**30))
+    n_params = count_params(jax.eval_shape(init_fn(LanguageModel(cfg)), rng))
+    fig, ax = plt.subplots(figsize=(6.4, 2.5))
+    bars = ax.barh([r[0] for r in rows], [r[1] for r in rows], color="C0")
+    ax.bar_label(bars, [f"{r[1]:.1f} GiB" for r in rows], fontsize=7, padding=2)
+    ax.axvline(80, color="C3", ls="--", lw=0.9, label="80 GiB (one H100)")
+    ax.invert_yaxis()
+    ax.set(xlabel="GiB of train state per device", xlim=(0, max(r[1] for r in rows) * 1.2))
+    ax.set_title(
+        f"{preset}: {n_params / 1e9:.2f}B parameters, float32 params + Adam moments, 8 devices"
+    )
+    ax.legend(frameon=False, fontsize=7, loc="center right")
+    ax.grid(alpha=0.3, axis="x")
+    return _save(fig, "state_memory.png")
+
+
 def lsh_curve() -> Path:
     """P(two documents share a band) against their Jaccard similarity, from data/dedup.py."""
     from data import dedup
@@ -579,6 +638,7 @@ def generate(pretrain: Path | None, pipeline: Path | None) -> dict[str, dict]:
         (sharding_diagram, (), "train/sharding.py rule table, gpt2-124m shapes, 8-device mesh"),
         (kernel_time_breakdown, (), "BENCHMARKS.md, 'Where the time goes', run 3 (H100)"),
         (lsh_curve, (), "data/dedup.py constants"),
+        (state_memory, (), "train/state.py abstract_train_state, llama-7b, 8-device meshes"),
     ]
     if pretrain:
         src = f"pretraining workdir {pretrain}"
