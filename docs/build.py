@@ -223,9 +223,24 @@ def expand_snippets(markdown: str) -> str:
             raise GuideError(
                 f"snippet {match.group(1)} does not exist (run python -m docs.figures)"
             )
-        return file.read_text(encoding="utf-8").strip()
+        return _rewidth_tables(file.read_text(encoding="utf-8").strip())
 
     return _SNIPPET.sub(replace, markdown)
+
+
+def _rewidth_tables(markdown: str) -> str:
+    """Every pipe table in `markdown` with column widths that follow its content."""
+    out: list[str] = []
+    table: list[str] = []
+    for line in [*markdown.splitlines(), ""]:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        if table:
+            out += _proportional_widths(table).splitlines()
+            table = []
+        out.append(line)
+    return "\n".join(out[:-1])
 
 
 # ------------------------------------------------------------------ the document

@@ -202,15 +202,14 @@ def packed_mask(run: Path) -> Path:
     it = PackedBatchIterator(
         _prepared_dir(run), "train", config["data"]["seq_len"], config["train"]["global_batch_size"]
     )
-    # The first row with the most document pieces among the first 200 batches.
+    # The (first) row with the most document pieces in the first 2000 batches: long files
+    # make most rows one or two pieces.
     best, best_segments = None, 0
-    for _, batch in zip(range(200), it):
+    for _, batch in zip(range(2000), it):
         counts = batch["segment_ids"].max(axis=1)
         r = int(np.argmax(counts))
         if counts[r] > best_segments:
             best, best_segments = {k: v[r : r + 1] for k, v in batch.items()}, int(counts[r])
-        if best_segments >= 4:
-            break
     positions, segments = best["positions"], best["segment_ids"]
     mask = np.asarray(
         attention_mask(
@@ -376,10 +375,15 @@ def tokenizer_example(run: Path) -> Path:
 
 def _stage_curves(records: list[dict], panels: list[tuple[str, str]], name: str) -> Path:
     """One panel per (metric suffix, title) found in a stage's metrics, over its steps."""
-    keys = [k for k in records[-1] if k != "step"] + [k for r in records for k in r]
+    counts: dict[str, int] = {}
+    for record in records:
+        for key in record:
+            counts[key] = counts.get(key, 0) + 1
 
     def find(suffix: str) -> str | None:
-        return next((k for k in keys if k == suffix or k.endswith("/" + suffix)), None)
+        """The training series ending in `suffix` (the key most records have: not eval/)."""
+        matches = [k for k in counts if k == suffix or k.endswith("/" + suffix)]
+        return max(matches, key=lambda k: (counts[k], -len(k)), default=None)
 
     found = [(find(suffix), title) for suffix, title in panels]
     found = [(k, t) for k, t in found if k]
@@ -402,7 +406,7 @@ def ppo_curves(pipeline: Path) -> Path:
         ("kl", "KL to the SFT model (nats)"),
         ("beta", "KL coefficient beta"),
         ("response_length", "response length (tokens)"),
-        ("clip_frac", "fraction of tokens clipped"),
+        ("value_explained_variance", "value explained variance"),
     ]
     return _stage_curves(read_jsonl(pipeline / "ppo" / "metrics.jsonl"), panels, "ppo")
 
@@ -411,6 +415,7 @@ def grpo_curves(pipeline: Path) -> Path:
     """Verifiable reward, all-equal groups, KL and response length over GRPO iterations."""
     panels = [
         ("reward_mean", "verifiable reward (mean)"),
+        ("check_parses", "sampled answers that parse"),
         ("frac_groups_all_equal", "groups with equal rewards"),
         ("kl", "k3 KL to the SFT model"),
         ("response_length", "response length (tokens)"),
@@ -418,26 +423,38 @@ def grpo_curves(pipeline: Path) -> Path:
     return _stage_curves(read_jsonl(pipeline / "grpo" / "metrics.jsonl"), panels, "grpo")
 
 
+GROUND_TRUTH_COLUMNS = (
+    "parse_rate",
+    "defines_name_rate",
+    "verifiable_reward_mean",
+    "reward_mean",
+    "n",
+)
+
+
 def ground_truth(pipeline: Path) -> Path:
-    """The held-out ground-truth table of the pipeline's report, with its checks."""
+    """The held-out ground truth of the pipeline's report (the main columns), with its checks."""
+    from rlhf.ground_truth import comparison_table
+
     summary = json.loads((pipeline / "report" / "summary.json").read_text())
+    table = summary["ground_truth"]
+    order = [m for m in ("sft", "ppo", "grpo", "dpo") if m in table]
+    order += sorted(set(table) - set(order))
+    keep = lambda m: {
+        k: v for k, v in table[m].items() if k.split("_ci95")[0] in GROUND_TRUTH_COLUMNS
+    }  # noqa: E731
+    markdown = comparison_table({m: keep(m) for m in order})
     checks = summary.get("checks", {})
     caption = (
         ": Held-out ground truth of every policy of the CPU pipeline run of @fig:ppo and "
-        "@fig:grpo (greedy answers to prompts from held-out files; rates with their 95% "
-        "intervals; reward: the normalised reward-model score). From `report/summary.json` "
-        "of that run"
+        "@fig:grpo: greedy answers to the prompts of held-out files; rates and means with their "
+        "95% intervals; `verifiable_reward_mean` is GRPO's reward (`rlhf/verifier.py`), "
+        "`reward_mean` the normalised reward-model score. From `report/summary.json` of that run"
     )
     if checks:
-        caption += (
-            f"; PPO final KL {checks.get('ppo_final_kl', float('nan')):.2f} nats, "
-            f"raised the held-out reward: {checks.get('ppo_raised_reward_on_heldout')}, "
-            f"kept the parse rate: {checks.get('ppo_kept_parse_rate')}"
-        )
+        caption += f"; PPO's final KL to the SFT model: {checks.get('ppo_final_kl', 0):.2f} nats"
     md = FIGURES / "ground_truth_table.md"
-    md.write_text(
-        summary["ground_truth_markdown"].strip() + "\n\n" + caption + ". {#tbl:ground-truth}\n"
-    )
+    md.write_text(markdown + "\n\n" + caption + ". {#tbl:ground-truth}\n")
     return md
 
 
@@ -676,7 +693,7 @@ def generate(pretrain: Path | None, pipeline: Path | None) -> dict[str, dict]:
 
 def provenance_table(provenance: dict[str, dict]) -> Path:
     """What produced each file in docs/figures/, as a Markdown table for chapter 10."""
-    lines = ["| file | made by | from | revision, date |", "| :--- | :--- | :--- | :--- |"]
+    lines = ["| file | made by | from | generated at |", "| :--- | :--- | :--- | :--- |"]
     for name, p in provenance.items():
         generator = p["generator"].split(":")[-1]
         lines.append(
