@@ -223,12 +223,12 @@ def expand_snippets(markdown: str) -> str:
             raise GuideError(
                 f"snippet {match.group(1)} does not exist (run python -m docs.figures)"
             )
-        return _rewidth_tables(file.read_text(encoding="utf-8").strip())
+        return rewidth_tables(file.read_text(encoding="utf-8").strip())
 
     return _SNIPPET.sub(replace, markdown)
 
 
-def _rewidth_tables(markdown: str) -> str:
+def rewidth_tables(markdown: str) -> str:
     """Every pipe table in `markdown` with column widths that follow its content."""
     out: list[str] = []
     table: list[str] = []

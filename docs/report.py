@@ -15,11 +15,12 @@ import math
 import sys
 from pathlib import Path
 
-# Curves worth a panel, by the end of the metric's name, in this order.
+# Curves worth a panel, by the last part of the metric's name, in this order.
 _PLOTTED = (
     "loss",
     "accuracy",
     "score_mean",
+    "reward_mean",
     "kl",
     "beta",
     "bits_per_byte",
@@ -28,6 +29,8 @@ _PLOTTED = (
     "parse_rate",
 )
 _MAX_PANELS = 4
+# The pipeline's stages in their order; others follow alphabetically.
+_STAGE_ORDER = ("pretrain", "sft", "reward", "ppo", "grpo", "dpo")
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -52,8 +55,8 @@ def _plotted_keys(records: list[dict]) -> list[str]:
                 counts[key] = counts.get(key, 0) + 1
     keys = [k for k, n in counts.items() if n >= 2]
     chosen = []
-    for suffix in _PLOTTED:
-        chosen += [k for k in keys if k.endswith(suffix) and "time" not in k and k not in chosen]
+    for name in _PLOTTED:
+        chosen += [k for k in keys if k.split("/")[-1] == name and k not in chosen]
     return chosen[:_MAX_PANELS]
 
 
@@ -85,6 +88,29 @@ def _format(value: float) -> str:
     return f"{value:.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
 
 
+def ground_truth_by_metric(table: dict[str, dict]) -> str:
+    """The ground truth with a row per metric and a column per policy (a page holds four
+    policies side by side, not ten metrics); 95% intervals in brackets where recorded."""
+    models = [m for m in _STAGE_ORDER if m in table] + sorted(set(table) - set(_STAGE_ORDER))
+    metrics = sorted(
+        {k for t in table.values() for k, v in t.items() if isinstance(v, int | float)},
+        key=lambda k: (k == "n", k),
+    )
+    lines = ["| metric | " + " | ".join(models) + " |", "| :--- |" + " ---: |" * len(models)]
+    for metric in metrics:
+        cells = []
+        for model in models:
+            value, interval = table[model].get(metric), table[model].get(f"{metric}_ci95")
+            if not isinstance(value, int | float):
+                cells.append("")
+            elif interval:
+                cells.append(f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]")
+            else:
+                cells.append(f"{value:.3f}" if isinstance(value, float) else str(value))
+        lines.append(f"| `{metric}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render_markdown(
     workdir: Path, stages: dict[str, list[dict]], summary: dict | None, plots: dict[str, Path]
 ) -> str:
@@ -94,7 +120,9 @@ def render_markdown(
         lines += ["No `report/summary.json` in this workdir: the pipeline did not finish.", ""]
     else:
         lines += ["## Held-out ground truth", ""]
-        if summary.get("ground_truth_markdown"):
+        if summary.get("ground_truth"):
+            lines += [ground_truth_by_metric(summary["ground_truth"]), ""]
+        elif summary.get("ground_truth_markdown"):
             lines += [summary["ground_truth_markdown"].strip(), ""]
         for name, value in summary.get("checks", {}).items():
             lines.append(f"- `{name}`: {value}")
@@ -117,9 +145,15 @@ def write_report(workdir: str | Path) -> Path:
     workdir = Path(workdir)
     if not workdir.is_dir():
         raise FileNotFoundError(f"run workdir {workdir} does not exist")
-    stages = {
-        path.parent.name: read_metrics(path) for path in sorted(workdir.glob("*/metrics.jsonl"))
-    }
+    paths = sorted(
+        workdir.glob("*/metrics.jsonl"),
+        key=lambda p: (
+            (_STAGE_ORDER.index(p.parent.name), "")
+            if p.parent.name in _STAGE_ORDER
+            else (len(_STAGE_ORDER), p.parent.name)
+        ),
+    )
+    stages = {path.parent.name: read_metrics(path) for path in paths}
     summary_file = workdir / "report" / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
     if not stages and summary is None:
@@ -136,7 +170,13 @@ def write_report(workdir: str | Path) -> Path:
     from docs import build
 
     if build.toolchain_missing() is None:
-        build.markdown_to_pdf(markdown, out / "report.pdf", root=out, variables={"report": "true"})
+        # Wide tables (the ground truth has a column per check) need widths by content.
+        build.markdown_to_pdf(
+            build.rewidth_tables(markdown),
+            out / "report.pdf",
+            root=out,
+            variables={"report": "true"},
+        )
     return md_path
 
 

@@ -106,7 +106,10 @@ def _fake_run(root: Path) -> Path:
         (root / stage / "metrics.jsonl").write_text("\n".join(map(json.dumps, records)) + "\n")
     (root / "report").mkdir()
     summary = {
-        "ground_truth_markdown": "| model | parse_rate |\n|---|---|\n| sft | 0.5 |\n| ppo | 0.6 |",
+        "ground_truth": {
+            "sft": {"parse_rate": 0.5, "parse_rate_ci95": [0.25, 0.75], "n": 4},
+            "ppo": {"parse_rate": 0.75, "parse_rate_ci95": [0.5, 1.0], "n": 4},
+        },
         "checks": {"ppo_kept_parse_rate": True},
     }
     (root / "report" / "summary.json").write_text(json.dumps(summary))
@@ -116,7 +119,9 @@ def _fake_run(root: Path) -> Path:
 def test_write_report(tmp_path):
     md = report.write_report(_fake_run(tmp_path / "run"))
     text = md.read_text()
-    assert "| ppo | 0.6 |" in text and "`ppo_kept_parse_rate`: True" in text
+    assert "| metric | sft | ppo |" in text and "`ppo_kept_parse_rate`: True" in text
+    assert "| `parse_rate` | 0.500 [0.250, 0.750] | 0.750 [0.500, 1.000] |" in text
+    assert "| `n` | 4 | 4 |" in text
     assert "| `train/loss` | 0.03333 | 30 |" in text
     assert "| `ppo/score_mean` | 0.03333 | 30 |" in text
     for stage in ("pretrain", "ppo"):
