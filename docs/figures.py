@@ -279,7 +279,7 @@ def _restore_params(run: Path):
         return checkpointer.restore(step_dir / "state")["params"], step
 
 
-def attention_patterns(run: Path, num_tokens: int = 24) -> Path:
+def attention_patterns(run: Path, num_tokens: int = 20) -> Path:
     """Attention probabilities of the trained model on the start of a val document.
 
     The model runs unjitted with `model.attention.reference_attention` wrapped, so the
@@ -323,18 +323,18 @@ def attention_patterns(run: Path, num_tokens: int = 24) -> Path:
             {"params": params}, jnp.asarray(tokens)
         )
     layers = [0, len(recorded) - 1]
-    fig, axes = plt.subplots(cfg.n_heads, len(layers), figsize=(7.2, 3.3 * cfg.n_heads))
+    fig, axes = plt.subplots(len(layers), cfg.n_heads, figsize=(2.55 * cfg.n_heads, 5.6))
     ticks = np.arange(num_tokens)
-    for col, layer in enumerate(layers):
+    for row, layer in enumerate(layers):
         for head in range(cfg.n_heads):
-            ax = axes[head, col]
+            ax = axes[row, head]
             ax.imshow(recorded[layer][head], cmap="magma", vmin=0, vmax=1, interpolation="nearest")
             ax.set_title(f"layer {layer}, head {head}", fontsize=8)
-            ax.set_xticks(ticks, pieces, rotation=90, fontsize=6, family="monospace")
-            ax.set_yticks(ticks, pieces, fontsize=6, family="monospace")
+            ax.set_xticks(ticks, pieces, rotation=90, fontsize=6.5, family="monospace")
+            ax.set_yticks(ticks, pieces, fontsize=6.5, family="monospace")
     fig.suptitle(
         f"attention probabilities of the trained model (step {step}), first {num_tokens} tokens "
-        "of a val document\nrows: queries, columns: keys; first and last layer",
+        "of a val document; rows: queries, columns: keys",
         fontsize=9,
     )
     fig.tight_layout()
