@@ -464,27 +464,19 @@ def ground_truth(pipeline: Path) -> Path:
 def sharding_diagram() -> Path:
     """How the rule table splits two real gpt2-124m weights over a (2, 2, 2) mesh."""
     import jax
-    import jax.numpy as jnp
 
     from model.config import get_preset
     from model.transformer import LanguageModel
     from train.sharding import LOGICAL_AXIS_RULES, MeshConfig, make_mesh
-    from train.state import param_shardings
+    from train.state import abstract_params
 
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), jax.devices()[:8])
-    cfg = get_preset("gpt2-124m")
-    model = LanguageModel(cfg)
-    shardings = param_shardings(lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32)), mesh)[
-        "params"
-    ]
+    # Shapes and shardings exactly as training creates them (nothing allocated).
+    params = abstract_params(LanguageModel(get_preset("gpt2-124m")), mesh)
     names = [
         ("decoder/block_0/mlp/up", ("embed", "mlp")),
         ("embed/embedding", ("vocab", "embed")),
     ]
-    shapes = {
-        "decoder/block_0/mlp/up": (cfg.d_model, cfg.d_ff),
-        "embed/embedding": (cfg.vocab_size, cfg.d_model),
-    }
     rules = dict(LOGICAL_AXIS_RULES)
     device_id = {d.id: i for i, d in enumerate(mesh.devices.flat)}
     coords = {
@@ -508,10 +500,10 @@ def sharding_diagram() -> Path:
     ax.set(xlim=(-0.6, 4.7), ylim=(-1.3, 1.5), aspect="equal")
     ax.axis("off")
     for ax, (name, logical) in zip(axes[1:], names):
-        sh = shardings
+        leaf = params
         for part in name.split("/"):
-            sh = sh[part]
-        shape = shapes[name]
+            leaf = leaf[part]
+        shape, sh = leaf.shape, leaf.sharding
         index_map = sh.devices_indices_map(shape)
         blocks: dict[tuple, list[int]] = {}
         for dev, idx in index_map.items():
