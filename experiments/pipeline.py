@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 from absl import flags
 from ml_collections import ConfigDict
 
@@ -138,7 +139,12 @@ def run(config: ConfigDict, root: Path) -> dict:
     runners = stage_runners()
     for name in stage_names(config):
         results[name] = run_stage(name, runners[name], config, root)
-    return report(results, root, config)
+    summary = report(results, root, config)
+    if jax.process_index() == 0:
+        from docs.report import write_report
+
+        log.info("run report: %s", write_report(root))
+    return summary
 
 
 if __name__ == "__main__":
