@@ -119,7 +119,7 @@ def report(results: dict, root: Path, config: ConfigDict) -> dict:
     if "compression" in summary:
         c = summary["compression"]
         summary["ground_truth_markdown"] += (
-            f"\n\nHeld-out bits per byte ({c['docs']} documents): pretrained model (best "
+            f"\n\nHeld-out bits per byte ({c['docs']} held-out documents): pretrained model (best "
             f"checkpoint) {c['model_best']:.3f}, zlib -9 {c['zlib_9']:.3f}, lzma -9 "
             f"{c['lzma_9']:.3f} (model / lzma = {c['model_over_lzma']:.2f})"
         )
