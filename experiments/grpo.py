@@ -44,7 +44,8 @@ def grpo_config(section: ConfigDict) -> GRPOConfig:
 
 
 def run(config: ConfigDict, root: Path) -> dict:
-    with stage.open_stage("grpo", config, root) as ctx:
+    rows = config.grpo.train.global_batch_size * config.grpo.algorithm.group_size
+    with stage.open_stage("grpo", config, root, rows_per_step=rows) as ctx:
         if ctx.finished is not None:
             return ctx.finished
         gc, mesh = ctx.section, ctx.mesh

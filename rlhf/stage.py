@@ -103,14 +103,18 @@ def validate(section: ConfigDict, name: str) -> None:
 
 
 @contextlib.contextmanager
-def open_stage(name: str, config: ConfigDict, root: Path) -> Iterator[StageContext]:
+def open_stage(
+    name: str, config: ConfigDict, root: Path, rows_per_step: int | None = None
+) -> Iterator[StageContext]:
+    """Validates stage `name`'s section, opens and locks its directory. `rows_per_step` is
+    what the mesh splits (default: train.global_batch_size; GRPO: prompts x group size)."""
     if name not in config:
         raise ValueError(f"the config has no section {name!r}")
     validate(config[name], name)
     identity = {name: config[name].to_dict()}
     identity.update({k: _plain(config[k]) for k in SHARED_SECTIONS if k in config})
     mesh = sharding.make_mesh(sharding.MeshConfig(**config[name].mesh.to_dict()))
-    sharding.check_batch_size(config[name].train.global_batch_size, mesh)
+    sharding.check_batch_size(rows_per_step or config[name].train.global_batch_size, mesh)
     with Workdir(root / name, identity) as wd:
         yield StageContext(name, config, root, wd.path, mesh, identity)
 

@@ -113,8 +113,9 @@ def final_params(root: Path, stage: str) -> list[np.ndarray]:
 
 
 def without_times(result: dict) -> dict:
+    timed = ("time", "per_s", "seconds")
     return json.loads(
-        json.dumps({k: v for k, v in result.items() if "time" not in k and "per_s" not in k})
+        json.dumps({k: v for k, v in result.items() if not any(t in k for t in timed)})
     )
 
 
