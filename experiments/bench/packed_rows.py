@@ -18,6 +18,7 @@ import numpy as np
 
 from data import store
 from data.pipeline import PackedBatchIterator
+from data.prepare import FORMAT_VERSION
 from data.sources import stdlib_files
 
 # Bytes per token of the prepared stdlib corpus under the 50k BPE of the GPT-2 configs:
@@ -43,7 +44,12 @@ def packed_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict[st
     with tempfile.TemporaryDirectory() as root:
         docs = (rng.integers(_EOS + 1, vocab, n) for n in lengths)
         store.write_tokens(Path(root, "train"), docs, _BOS, _EOS, dtype)
-        meta = {"token_dtype": dtype.name, "tokenizer": {"pad_id": _PAD}}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "options": {},
+            "token_dtype": dtype.name,
+            "tokenizer": {"pad_id": _PAD},
+        }
         Path(root, "meta.json").write_text(json.dumps(meta))
         return next(PackedBatchIterator(root, "train", seq_len, batch, seed=seed))
 
