@@ -61,6 +61,20 @@ def overrides(corpus: Path, data_dir: Path, **train) -> list[str]:
     return [f"--config.{key}={value}" for key, value in settings.items()]
 
 
+def char_config(root: Path, **train):
+    """stdlib_tiny with `overrides` applied in-process (for tests that call train() directly)."""
+    from experiments.configs.stdlib_tiny import get_config
+
+    corpus, prepared = prepare_char_corpus(root)
+    config = get_config()
+    for item in overrides(corpus, prepared, **train):
+        key, value = item[len("--config.") :].split("=", 1)
+        section, field = key.split(".")
+        old = config[section][field]
+        config[section][field] = type(old)(value) if old is not None else value
+    return config
+
+
 def pretrain_command(workdir: Path, args: list[str], devices: int = 1) -> tuple[list[str], dict]:
     env = {
         **os.environ,

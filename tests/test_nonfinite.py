@@ -6,10 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.configs.stdlib_tiny import get_config
 from model.config import get_preset
 from tests.helpers import build_training, random_lm_batch, single_device_mesh
-from tests.run_helpers import overrides, prepare_char_corpus
+from tests.run_helpers import char_config
 from train import data_source, loop
 from train.metrics_writer import read_metrics
 from train.pretrain import train
@@ -26,17 +25,6 @@ def test_step_skips_a_nonfinite_update():
     assert int(state.step) == 1
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)):
         np.testing.assert_array_equal(a, b)
-
-
-def _config(tmp_path, **train):
-    corpus, prepared = prepare_char_corpus(tmp_path)
-    config = get_config()
-    for item in overrides(corpus, prepared, **train):
-        key, value = item[len("--config.") :].split("=", 1)
-        section, field = key.split(".")
-        old = config[section][field]
-        config[section][field] = type(old)(value) if old is not None else value
-    return config
 
 
 @pytest.fixture
@@ -58,7 +46,7 @@ def poison_step_6(monkeypatch):
 
 
 def test_nonfinite_loss_stops_the_run_before_any_later_checkpoint(tmp_path, poison_step_6):
-    config = _config(tmp_path, **{"train.num_steps": 12})
+    config = char_config(tmp_path, **{"train.num_steps": 12})
     with pytest.raises(loop.NonFiniteError, match="non-finite loss and grad at step 6"):
         train(config, tmp_path / "run")
     checkpoints = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir())
@@ -66,7 +54,7 @@ def test_nonfinite_loss_stops_the_run_before_any_later_checkpoint(tmp_path, pois
 
 
 def test_skip_nonfinite_counts_and_carries_on(tmp_path, poison_step_6):
-    config = _config(tmp_path, **{"train.num_steps": 8, "train.skip_nonfinite": True})
+    config = char_config(tmp_path, **{"train.num_steps": 8, "train.skip_nonfinite": True})
     final = train(config, tmp_path / "run")
     assert final["train/skipped_steps"] == 1
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")

@@ -19,7 +19,7 @@ from experiments import cli
 from experiments.configs.stdlib_tiny import get_config
 from model.config import get_preset
 from tests.helpers import build_training, random_lm_batch, single_device_mesh
-from tests.run_helpers import REPO, overrides, prepare_char_corpus
+from tests.run_helpers import REPO, char_config
 from train import loop
 from train.checkpoint import Checkpointer, CheckpointError
 from train.optim import OptimConfig
@@ -54,17 +54,6 @@ def _one_line_error(result, status: int, *fragments: str) -> None:
     assert len(errors) == 1, result.stderr[-2000:]
     for fragment in fragments:
         assert fragment in result.stderr, (fragment, result.stderr[-2000:])
-
-
-def _config(tmp_path, **train_fields):
-    corpus, prepared = prepare_char_corpus(tmp_path)
-    config = get_config()
-    for item in overrides(corpus, prepared, **train_fields):
-        key, value = item[len("--config.") :].split("=", 1)
-        section, field = key.split(".")
-        old = config[section][field]
-        config[section][field] = type(old)(value) if old is not None else value
-    return config
 
 
 @pytest.mark.parametrize(
@@ -139,7 +128,7 @@ def test_a_nan_learning_rate_update_is_never_applied():
 def trained(tmp_path_factory):
     """A 4-step run with checkpoints at 2 and 4."""
     root = tmp_path_factory.mktemp("trained")
-    config = _config(root, **{"train.num_steps": 4, "train.checkpoint_every": 2})
+    config = char_config(root, **{"train.num_steps": 4, "train.checkpoint_every": 2})
     train(config, root / "run")
     return config, root / "run"
 
