@@ -2,8 +2,9 @@
 is allocated (8 fake CPU devices)."""
 
 import jax
+import pytest
 
-from experiments.bench.memory import compile_step, memory_fields, shard_bytes
+from experiments.bench.memory import compile_step, fits_h200, floor_GiB, memory_fields, shard_bytes
 from model.config import get_preset
 from train.sharding import MeshConfig
 
@@ -35,3 +36,14 @@ def test_fsdp_splits_the_state_n_fold_without_allocating():
     matrix_bytes = sum(x.size * x.dtype.itemsize for x in matrices)
     assert replicated["argument"] - sharded["argument"] == matrix_bytes * 7 // 8
     assert shard_bytes(full_state.params) / shard_bytes(sharded_state.params) > 7.5
+
+
+def test_floor_counts_the_gradient_and_with_microbatches_the_accumulator():
+    row = dict(argument_GiB=75.3, output_GiB=75.3, alias_GiB=75.3, params_GiB=25.1)
+    one = {**row, "variant": "llama-7b/n4/data4.fsdp1.tensor1/T4096/b4", "total_GiB": 211.7}
+    two = {**one, "variant": one["variant"] + "/mb2"}
+    assert floor_GiB(one) == pytest.approx(75.3 + 25.1)
+    assert floor_GiB(two) == pytest.approx(75.3 + 2 * 25.1)
+    assert fits_h200(two) == "?"  # the CPU plan is over 139 GiB, the floor under it
+    assert fits_h200({**two, "total_GiB": 130.0}) == "yes"
+    assert fits_h200({**two, "params_GiB": 40.0}) == "no"

@@ -19,9 +19,9 @@ Three things differ from the GPU and are handled here:
   - The CPU compiler computes bf16 matmuls in float32 and keeps their float32
     outputs (the buffer assignment shows the saved activations in float32), and
     its fusion and scheduling differ from the GPU's: its temporaries are larger
-    than the GPU's (2.6x in the one case BENCHMARKS.md compares with a GPU).
-    The arguments (state and batch) are exact; so is `floor`, what any compiler
-    needs: the state, the batch and one whole gradient.
+    than the GPU's (2.2x the total in the one case BENCHMARKS.md measured on a
+    GPU). The arguments (state and batch) are exact, and so is `floor_GiB`, what
+    any compiler holds: the state, the batch and the gradients.
 
 Run as `python -m experiments.bench.memory` (or `python -m experiments.bench
 --only memory`); each device count plans in its own subprocess started with
@@ -36,6 +36,7 @@ import gc
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -48,10 +49,10 @@ import jax.numpy as jnp
 from model.config import ModelConfig, get_preset
 from model.transformer import LanguageModel
 from train.optim import OptimConfig, make_optimizer
-from train.pretrain_step import StepConfig, make_pretrain_step
+from train.pretrain_step import StepConfig, lm_loss_sums, make_pretrain_step
 from train.sharding import MeshConfig, batch_sharding, jit_sharded, make_mesh, mesh_context
 from train.sharding import replicated as replicated_sharding
-from train.state import abstract_train_state
+from train.state import abstract_train_state, strip_axis_names
 
 GiB = 2**30
 H200_USABLE_GiB = 139.0  # an H200 has 141 GB; about 139 GiB usable (the device tool's figure)
@@ -101,6 +102,41 @@ def shard_bytes(abstract_tree: Any) -> int:
         math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
         for x in jax.tree.leaves(abstract_tree)
     )
+
+
+def _tree_bytes(abstract_tree: Any) -> int:
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(abstract_tree))
+
+
+def saved_activation_bytes(cfg: ModelConfig, rows: int, seq_len: int) -> int:
+    """Bytes JAX saves for the backward pass of `rows` x `seq_len` tokens: the residuals of the
+    loss's VJP (the leaves of the pullback, traced abstractly) less the parameters among them.
+    With remat "dots" they are matmul outputs, which a compiler keeps; without remat most are
+    elementwise results, which XLA recomputes inside its fusions instead of storing."""
+    model = LanguageModel(cfg)
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens)["params"])
+    params = strip_axis_names(params)
+    batch = {
+        "inputs": jax.ShapeDtypeStruct((rows, seq_len), jnp.int32),
+        "targets": jax.ShapeDtypeStruct((rows, seq_len), jnp.int32),
+        "weights": jax.ShapeDtypeStruct((rows, seq_len), jnp.float32),
+    }
+    loss_sums = lm_loss_sums(model, 0.0, deterministic=True)
+    loss = lambda p, b: loss_sums(p, b, jax.random.key(0))[0]  # noqa: E731
+    pullback = jax.eval_shape(lambda p, b: jax.vjp(lambda q: loss(q, b), p)[1], params, batch)
+    return _tree_bytes(pullback) - _tree_bytes(params)
+
+
+def saved_activations_per_device(case: MemoryCase) -> int:
+    """`saved_activation_bytes` for one device: the rows of one data-parallel group and
+    microbatch, divided over tensor (a lower bound: not every activation is split over it),
+    the attention scores removed by the same extrapolation in T as the temporaries."""
+    cfg = cpu_model_config(case)
+    rows = case.rows_per_device * case.mesh[2]
+    full = saved_activation_bytes(cfg, rows, case.seq_len)
+    half = saved_activation_bytes(cfg, 2 * rows, case.seq_len // 2)
+    return (2 * half - full) // case.mesh[2]
 
 
 def compile_step(
@@ -174,12 +210,8 @@ def plan(case: MemoryCase, devices: Sequence[jax.Device] | None = None) -> dict:
     del half_compiled
     gc.collect()
     temp_flash = 2 * half["temp"] - full["temp"]
+    saved = saved_activations_per_device(case)
     total = full["argument"] + full["output"] - full["alias"] + temp_flash
-    # What any compiler needs: the state and batch, plus one whole gradient (clipping by
-    # the global norm reads every gradient before any parameter is updated).
-    floor = full["argument"] + shard_bytes(state.params)
-    usable = H200_USABLE_GiB * GiB
-    fits = "yes" if total <= usable else "no" if floor > usable else "?"
     row = {
         "bench": "memory",
         "variant": case.name,
@@ -196,12 +228,28 @@ def plan(case: MemoryCase, devices: Sequence[jax.Device] | None = None) -> dict:
         "code_GiB": full["code"] / GiB,
         "total_GiB": total / GiB,
         "total_xla_attention_GiB": (total - temp_flash + full["temp"]) / GiB,
-        "floor_GiB": floor / GiB,
-        "fits_h200": fits,
+        "saved_activations_GiB": saved / GiB,
         "compile_s": compile_s,
         "bytes": {"full_T": full, "half_T": half},
     }
-    return row
+    return {**row, "floor_GiB": floor_GiB(row), "fits_h200": fits_h200(row)}
+
+
+def floor_GiB(row: dict) -> float:
+    """What any compiler holds at once: the arguments (state, batch) and outputs, one whole
+    gradient (clipping by the global norm reads every gradient before any update), and with
+    microbatches the float32 gradient accumulator too (parameters are float32)."""
+    gradients = 2 if re.search(r"/mb\d+", row["variant"]) else 1
+    return (
+        row["argument_GiB"] + row["output_GiB"] - row["alias_GiB"] + gradients * row["params_GiB"]
+    )
+
+
+def fits_h200(row: dict) -> str:
+    """ "yes" if even the CPU plan fits, "no" if not even the floor does, else "?"."""
+    if row["total_GiB"] <= H200_USABLE_GiB:
+        return "yes"
+    return "no" if floor_GiB(row) > H200_USABLE_GiB else "?"
 
 
 # ---- one subprocess per device count ------------------------------------------------
@@ -282,21 +330,22 @@ def _worker(payload: str) -> int:
 def markdown_table(rows: Sequence[dict]) -> str:
     """The BENCHMARKS.md table: GiB per device."""
     lines = [
-        "| model | devices | mesh (data, fsdp, tensor) | rows × T per device | state | argument "
-        "| output | temp | **total** | total, XLA attention | floor | fits 139 GiB |",
-        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| model | devices | mesh (data, fsdp, tensor) | rows × T per device | state "
+        "| argument | output | temp | **total** | total, XLA attention | saved activations "
+        "| floor | fits 139 GiB |",
+        "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['variant']} | ERROR {r['error']} |")
             continue
         preset, _, _, seq, rows_mb = r["variant"].split("/")[:5]
-        fits = {"yes": "yes", "no": "**no**", "?": "? (CPU total over, floor under)"}
         lines.append(
             f"| {preset} | {r['devices']} | {tuple(r['mesh'])} | {rows_mb[1:]} × {seq[1:]} | "
             f"{r['state_GiB']:.1f} | {r['argument_GiB']:.1f} | {r['output_GiB']:.1f} | "
             f"{r['temp_GiB']:.1f} | **{r['total_GiB']:.1f}** | "
-            f"{r['total_xla_attention_GiB']:.1f} | {r['floor_GiB']:.1f} | {fits[r['fits_h200']]} |"
+            f"{r['total_xla_attention_GiB']:.1f} | {r['saved_activations_GiB']:.1f} | "
+            f"{floor_GiB(r):.1f} | {fits_h200(r)} |"
         )
     return "\n".join(lines)
 
@@ -308,10 +357,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", choices=sorted(suites.MEMORY), default="gpu")
     ap.add_argument("--match", default="", help="comma-separated substrings of case names")
     ap.add_argument("--out", default=os.environ.get("OUT", "runs/bench"))
+    ap.add_argument("--table", metavar="FILE.jsonl", help="reprint the table of saved rows")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return _worker(args.worker)
+    if args.table:
+        if not os.path.isfile(args.table):
+            print(f"no such file: {args.table}; pass a memory.jsonl of a run", file=sys.stderr)
+            return 2
+        print(markdown_table([json.loads(line) for line in open(args.table) if line.strip()]))
+        return 0
     wanted = [m for m in args.match.split(",") if m]
     cases = [c for c in suites.MEMORY[args.suite] if not wanted or any(m in c.name for m in wanted)]
     if not cases:
