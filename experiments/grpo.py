@@ -27,19 +27,12 @@ from train.state import init_fn, state_with_params
 
 
 def grpo_config(section: ConfigDict) -> GRPOConfig:
-    a = section.algorithm
+    """GRPOConfig from the stage's `algorithm` section (the reward weights excepted)."""
+    fields = {k: v for k, v in section.algorithm.items() if k != "reward_weights"}
     return GRPOConfig(
-        group_size=a.group_size,
-        clip_eps_low=a.clip_eps_low,
-        clip_eps_high=a.clip_eps_high,
-        kl_beta=a.kl_beta,
-        std_normalize=a.std_normalize,
-        loss_normalization=a.loss_normalization,
+        **fields,
         max_new_tokens=section.data.max_new_tokens,
-        epochs=a.epochs,
-        num_minibatches=a.num_minibatches,
         num_microbatches=section.train.num_microbatches,
-        temperature=a.temperature,
     )
 
 

@@ -28,21 +28,10 @@ from train.state import init_fn, state_with_params
 
 
 def ppo_config(section: ConfigDict) -> PPOConfig:
-    a = section.algorithm
-    return PPOConfig(
-        temperature=a.temperature,
-        gamma=a.gamma,
-        lam=a.lam,
-        clip_eps=a.clip_eps,
-        value_clip=a.value_clip,
-        vf_coef=a.vf_coef,
-        epochs=a.epochs,
-        num_minibatches=a.num_minibatches,
-        num_microbatches=section.train.num_microbatches,
-        whiten_advantages=a.whiten_advantages,
-        missing_eos_penalty=a.missing_eos_penalty,
-        kl_estimator=a.kl_estimator,
-    )
+    """PPOConfig from the stage's `algorithm` section (the KL controller's fields excepted)."""
+    controller = ("kl_coef", "kl_target", "kl_horizon")  # KLController's, host side
+    fields = {k: v for k, v in section.algorithm.items() if k not in controller}
+    return PPOConfig(**fields, num_microbatches=section.train.num_microbatches)
 
 
 def run(config: ConfigDict, root: Path) -> dict:
