@@ -47,6 +47,7 @@ def load(config: ConfigDict, root: Path) -> dict[str, list[dict]]:
             seed=config.seed,
             max_files=dc.max_files or None,
             max_chars=dc.max_chars,
+            num_package_files=dc.package_files,
         )
         for name in SETS:
             stdlib_tasks.write_jsonl(directory / f"{name}.jsonl", data[name])

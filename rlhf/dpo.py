@@ -6,8 +6,14 @@ with log-probabilities summed over the answer tokens only. The frozen
 reference's log-probs are computed once per batch (`make_reference_log_probs`)
 and travel in the batch as `ref_chosen_logp` / `ref_rejected_logp` [B], so
 the training step holds a single model. Optional label smoothing is the
-conservative DPO of Mitchell (2023). Batches are the pair format of
-`rlhf.chat.preference_batch`.
+conservative DPO of Mitchell (2023).
+
+`nll_weight` > 0 adds the chosen answer's mean per-token negative log-likelihood
+(RPO, Pang et al. 2024): DPO alone only widens the gap between chosen and
+rejected, and often does so by lowering both ("likelihood displacement"); on
+this project's pairs (the real function against corrupted copies) plain DPO
+lowered every ground-truth rate (BENCHMARKS.md), the NLL term keeps the chosen
+answers likely. Batches are the pair format of `rlhf.chat.preference_batch`.
 """
 
 from __future__ import annotations
@@ -30,11 +36,14 @@ from train.state import TrainState
 class DPOConfig:
     beta: float = 0.1  # strength of the implicit KL leash to the reference
     label_smoothing: float = 0.0  # assumed probability that a preference label is flipped
+    nll_weight: float = 0.0  # RPO: weight of the chosen answers' per-token NLL
     num_microbatches: int = 1
 
     def __post_init__(self):
-        if self.beta <= 0 or not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"DPOConfig needs beta > 0 and label_smoothing in [0, 0.5): {self}")
+        if self.beta <= 0 or not 0.0 <= self.label_smoothing < 0.5 or self.nll_weight < 0:
+            raise ValueError(
+                f"DPOConfig needs beta > 0, label_smoothing in [0, 0.5) and nll_weight >= 0: {self}"
+            )
 
 
 def pair_log_probs(model: nn.Module, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
@@ -70,14 +79,22 @@ def dpo_sums(
     weight_B: jax.Array,
     beta: float,
     label_smoothing: float = 0.0,
+    chosen_tokens_B: jax.Array | None = None,
+    nll_weight: float = 0.0,
 ) -> dict[str, jax.Array]:
-    """Weighted sums of the DPO loss, preference accuracy and implicit rewards."""
+    """Weighted sums of the DPO loss, preference accuracy and implicit rewards; with
+    `nll_weight`, the loss adds nll_weight * (-chosen_B / chosen_tokens_B) (RPO)."""
     reward_chosen_B = beta * (chosen_B - ref_chosen_B)
     reward_rejected_B = beta * (rejected_B - ref_rejected_B)
     z_B = reward_chosen_B - reward_rejected_B
     loss_B = -(1 - label_smoothing) * jax.nn.log_sigmoid(z_B)
     loss_B -= label_smoothing * jax.nn.log_sigmoid(-z_B)
+    nll_B = jnp.zeros_like(chosen_B)
+    if chosen_tokens_B is not None:
+        nll_B = -chosen_B / jnp.maximum(chosen_tokens_B, 1.0)
+    loss_B += nll_weight * nll_B
     return {
+        "nll_sum": jnp.sum(weight_B * nll_B),
         "loss_sum": jnp.sum(weight_B * loss_B),
         "correct_sum": jnp.sum(weight_B * (z_B > 0)),
         "margin_sum": jnp.sum(weight_B * z_B),
@@ -106,6 +123,9 @@ def make_dpo_step(
             weight_B,
             cfg.beta,
             cfg.label_smoothing,
+            # answer tokens of each chosen row: the targets its log-prob sums over
+            jnp.sum(batch["chosen_loss_mask"][:, 1:], axis=1).astype(jnp.float32),
+            cfg.nll_weight,
         )
         return sums["loss_sum"], sums
 
@@ -120,6 +140,7 @@ def make_dpo_step(
             "margin": sums["margin_sum"] / n,
             "reward_chosen": sums["chosen_sum"] / n,
             "reward_rejected": sums["rejected_sum"] / n,
+            "chosen_nll": sums["nll_sum"] / n,
             **update_metrics,
         }
         return new_state, metrics

@@ -80,7 +80,10 @@ def ground_truth_of(
     answers = [tokenizer.decode(ids) for r in rollouts for ids in response_ids(r, end)]
     scores = np.concatenate([r["score"] for r in rollouts]).tolist() if score_fn else None
     references = [Reference.from_sft_record(r) for r in records]
-    result = ground_truth(answers, [r["name"] for r in records], scores, references)
+    stopped = np.concatenate([~np.asarray(r["no_eos"]) for r in rollouts]).tolist()
+    result = ground_truth(
+        answers, [r["name"] for r in records], scores, references, stopped=stopped
+    )
     result["examples"] = answers[:3]
     return result
 

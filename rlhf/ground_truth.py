@@ -73,11 +73,15 @@ def ground_truth(
     scores: Sequence[float] | None = None,
     references: Sequence[verifier.Reference] | None = None,
     weights: verifier.RewardWeights = verifier.RewardWeights(),
+    stopped: Sequence[bool] | None = None,
 ) -> dict:
     """{"parse_rate", "defines_name_rate", "reward_mean" (if scores), "n"}, each rate and
     mean with a "<key>_ci95" [low, high]; with `references`, also the verifier's
     signature, no-undefined-names and non-trivial rates, the mean similarity to the
-    reference body and the mean verifiable reward."""
+    reference body and the mean verifiable reward; with `stopped` (whether each answer
+    ended with its stop token rather than at the length limit), "stopped_rate": an answer
+    cut off by the limit rarely parses, so this tells a model that loops from one that
+    writes wrong code."""
     if len(answers) != len(names):
         raise ValueError(f"{len(answers)} answers but {len(names)} names")
     if references is not None and len(references) != len(answers):
@@ -92,6 +96,8 @@ def ground_truth(
         _add_mean(out, "similarity_mean", [c["similarity"] for c in checks])
         rewards = [verifier.reward_from_checks(c, weights) for c in checks]
         _add_mean(out, "verifiable_reward_mean", rewards)
+    if stopped is not None:
+        _add_rate(out, "stopped_rate", [bool(x) for x in stopped])
     out["n"] = len(answers)
     if scores is not None:
         _add_mean(out, "reward_mean", [float(s) for s in scores])
@@ -104,6 +110,7 @@ COLUMNS = (
     *VERIFIER_RATES,
     "similarity_mean",
     "verifiable_reward_mean",
+    "stopped_rate",
     "reward_mean",
     "n",
 )

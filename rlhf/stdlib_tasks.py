@@ -3,14 +3,17 @@
 SFT: the instruction is a function's signature and docstring, the answer the
 function's whole source. Preferences: chosen = the real function, rejected =
 a controlled corruption of it (`CORRUPTIONS`). Train and eval are split by
-file (a stable hash of its path), so no file feeds both sides. Nothing mined
-here is ever executed.
+file (a stable hash of its path), so no file feeds both sides. Optionally the
+installed packages add training tasks (`package_files`); any of them with the
+header or source of an evaluation task (a vendored copy) is dropped. Nothing
+mined here is ever executed.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import json
 import random
 import re
@@ -18,7 +21,7 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from data import sources
+from data import packages, sources
 from rlhf.verifier import module_names
 
 CORRUPTIONS = ("other_body", "truncation", "shuffled_lines", "renamed_identifiers", "broken_syntax")
@@ -49,6 +52,19 @@ def stdlib_files(root: str | None = None, max_files: int | None = None) -> list[
     pretraining reads them, less the GUI demo folders."""
     files = sorted(sources.stdlib_files(root, skip_dirs=_SKIP_DIRS))
     return files[:max_files] if max_files else files
+
+
+def package_files(limit: int) -> list[tuple[Path, Path]]:
+    """(file, its site-packages folder) for `limit` .py files of the installed packages,
+    chosen by a stable hash of their relative path (a spread over many packages rather
+    than the alphabetically first ones)."""
+    found = [
+        (path, site_dir)
+        for site_dir in packages.site_packages_dirs()
+        for path in sources.stdlib_files(site_dir, skip_dirs=_SKIP_DIRS)
+    ]
+    key = lambda item: hashlib.sha1(str(item[0].relative_to(item[1])).encode()).hexdigest()
+    return sorted(found, key=key)[:limit]
 
 
 def _functions(tree: ast.Module) -> Iterable[ast.FunctionDef | ast.AsyncFunctionDef]:
@@ -205,14 +221,22 @@ def build_datasets(
     seed: int = 0,
     max_files: int | None = None,
     max_chars: int = 1200,
+    num_package_files: int = 0,
 ) -> dict[str, list[dict]]:
-    """{"sft_train", "sft_eval", "pairs_train", "pairs_eval"}, split by file."""
+    """{"sft_train", "sft_eval", "pairs_train", "pairs_eval"}, split by file; with
+    `num_package_files`, that many files of the installed packages add training tasks."""
     root_path = Path(root) if root else sources.stdlib_root()
     split: dict[str, list[FunctionTask]] = {"train": [], "eval": []}
     for path in stdlib_files(str(root_path), max_files):
         tasks = mine_file(path, root_path, max_chars)
         if tasks:
             split[split_of(tasks[0].file, eval_fraction)].extend(tasks)
+    if num_package_files:
+        seen = {t.header for t in split["eval"]} | {t.source for t in split["eval"]}
+        for path, site_dir in package_files(num_package_files):
+            for task in mine_file(path, site_dir, max_chars):
+                if task.header not in seen and task.source not in seen:
+                    split["train"].append(dataclasses.replace(task, file=f"site:{task.file}"))
     return {
         "sft_train": [sft_record(t) for t in split["train"]],
         "sft_eval": [sft_record(t) for t in split["eval"]],

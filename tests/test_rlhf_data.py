@@ -139,6 +139,31 @@ def test_split_by_file_never_shares_a_file(tmp_path):
     assert train_files and eval_files and not train_files & eval_files
 
 
+def test_package_tasks_train_only_and_never_copy_an_eval_function(tmp_path, monkeypatch):
+    root, site = tmp_path / "lib", tmp_path / "site"
+    root.mkdir(), site.mkdir()
+    for i in range(20):
+        (root / f"m{i}.py").write_text(FILE_B.replace("greet", f"greet{i}"))
+    plain = stdlib_tasks.build_datasets(str(root), eval_fraction=0.3)
+    eval_name = plain["sft_eval"][0]["name"]
+    # A package that vendors one evaluation file, and one with code of its own.
+    (site / "vendored.py").write_text(FILE_B.replace("greet", eval_name))
+    (site / "own.py").write_text(FILE_B.replace("greet", "salute"))
+    files = [(site / "vendored.py", site), (site / "own.py", site)]
+    monkeypatch.setattr(stdlib_tasks, "package_files", lambda limit: files[:limit])
+    data = stdlib_tasks.build_datasets(str(root), eval_fraction=0.3, num_package_files=2)
+    added = [r for r in data["sft_train"] if r["file"].startswith("site:")]
+    assert {r["name"] for r in added} == {"salute"}  # the vendored copy is dropped
+    assert data["sft_eval"] == plain["sft_eval"]
+    assert len(data["sft_train"]) == len(plain["sft_train"]) + len(added)
+
+
+def test_package_files_are_real_sources_spread_by_hash():
+    files = stdlib_tasks.package_files(50)
+    assert len(files) == 50 and all(p.suffix == ".py" and p.is_file() for p, _ in files)
+    assert len({p.relative_to(site).parts[0] for p, site in files}) > 5  # many packages
+
+
 def test_corruptions_are_controlled(tmp_path):
     tasks = _mine(tmp_path)
     records = stdlib_tasks.preference_records(tasks, seed=0)

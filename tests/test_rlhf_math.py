@@ -203,6 +203,20 @@ def test_bradley_terry_and_dpo_losses():
     assert float(better["correct_sum"]) == 2.0
 
 
+def test_dpo_nll_term_is_the_chosen_answers_mean_token_nll():
+    chosen, rejected = jnp.asarray([-6.0, -3.0]), jnp.asarray([-8.0, -1.0])
+    ref_chosen, ref_rejected = jnp.asarray([-7.0, -2.0]), jnp.asarray([-7.5, -2.5])
+    weight, tokens = jnp.asarray([1.0, 0.5]), jnp.asarray([3.0, 2.0])
+    plain = dpo_sums(chosen, rejected, ref_chosen, ref_rejected, weight, beta=0.2)
+    rpo = dpo_sums(chosen, rejected, ref_chosen, ref_rejected, weight, 0.2, 0.0, tokens, 0.7)
+    nll = np.asarray([6.0 / 3.0, 3.0 / 2.0])  # -logp / answer tokens
+    np.testing.assert_allclose(rpo["nll_sum"], 1.0 * nll[0] + 0.5 * nll[1], rtol=1e-6)
+    np.testing.assert_allclose(
+        rpo["loss_sum"], plain["loss_sum"] + 0.7 * float(rpo["nll_sum"]), rtol=1e-6
+    )
+    assert float(plain["nll_sum"]) == 0.0
+
+
 def test_join_prompt_and_response_is_contiguous():
     prompts = jnp.asarray([[1, 2, 3, 0], [1, 2, 0, 0]], jnp.int32)
     response = jnp.asarray([[7, 8, 0], [9, 6, 0]], jnp.int32)

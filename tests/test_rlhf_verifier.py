@@ -230,8 +230,10 @@ def test_ground_truth_reports_each_component_with_an_interval():
         "def clamp(:",
         HEADER + BODY.replace("_c", "_x"),
     ]
-    result = ground_truth(answers, ["clamp"] * 4, references=[REF] * 4)
+    stopped = [True, True, False, True]  # the broken answer ran into the length limit
+    result = ground_truth(answers, ["clamp"] * 4, references=[REF] * 4, stopped=stopped)
     assert result["parse_rate"] == 0.75 and result["defines_name_rate"] == 0.75
+    assert result["stopped_rate"] == 0.75
     assert result["signature_rate"] == 0.75
     assert result["nontrivial_rate"] == 0.5
     assert result["no_undefined_names_rate"] == 0.5
@@ -242,6 +244,7 @@ def test_ground_truth_reports_each_component_with_an_interval():
     assert low < result["similarity_mean"] < high
     table = comparison_table({"sft": result, "grpo": result})
     assert "| 0.750 [0.301, 0.954] |" in table and "signature_rate" in table
+    assert "stopped_rate" in table
     assert "reward_mean" not in table.splitlines()[0].replace("verifiable_reward_mean", "")
     with pytest.raises(ValueError, match="4 answers but 1 references"):
         ground_truth(answers, ["clamp"] * 4, references=[REF])

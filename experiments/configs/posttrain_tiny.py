@@ -27,8 +27,11 @@ def get_config():
     # ("latest": the newest); small corpora overfit (BENCHMARKS.md, GPU pipeline).
     c.pretrain_checkpoint = "best"
     # Mined from the interpreter's own standard library; short functions, so that prompt
-    # and answer fit the tiny model's context.
-    c.posttrain_data = ConfigDict(dict(root="", eval_fraction=0.1, max_files=0, max_chars=400))
+    # and answer fit the tiny model's context. package_files > 0 mines that many files of
+    # the installed packages for more training tasks (evaluation stays on the stdlib).
+    c.posttrain_data = ConfigDict(
+        dict(root="", eval_fraction=0.1, max_files=0, max_chars=400, package_files=0)
+    )
     # Pretraining leaves out the files whose functions the evaluation asks for.
     c.pretrain.data.corpus = "stdlib:holdout=0.1"
     no_decay = dict(schedule="cosine", weight_decay=0.0, clip_norm=1.0)
@@ -125,7 +128,9 @@ def get_config():
             keep_best=0,
         ),
         optim=dict(lr=5e-5, end_lr=5e-6, warmup_steps=5, **no_decay),
-        algorithm=dict(beta=0.1, label_smoothing=0.0),  # label_smoothing > 0: conservative DPO
+        # label_smoothing > 0: conservative DPO; nll_weight > 0: RPO (DPO + the chosen
+        # answers' NLL), which keeps DPO from lowering the ground truth (rlhf/dpo.py)
+        algorithm=dict(beta=0.1, label_smoothing=0.0, nll_weight=1.0),
     )
     # Held-out ground truth: greedy answers to the first num_prompts held-out prompts.
     c.eval = ConfigDict(
