@@ -321,6 +321,9 @@ class LoadedModel:
     tokenizer: Any
     step: int
     meta: dict
+    # Where the tokenizer's files are: STAGE_DIR/tokenizer, or the extended copy a stage
+    # made (rlhf/chat_vocab.py); a stage stores these files as its own.
+    tokenizer_dir: Path | None = None
 
 
 def checkpointer_of(stage_dir: Path) -> Checkpointer:
@@ -406,7 +409,8 @@ def load_model(
     step, params, meta = load_params(stage_dir, target, which)
     params = params[subtree] if subtree else params
     meta = {**meta, "stage_dir": str(stage_dir)}
-    return LoadedModel(cfg, params, load_stage_tokenizer(stage_dir, meta), step, meta)
+    tokenizer = load_stage_tokenizer(stage_dir, meta)
+    return LoadedModel(cfg, params, tokenizer, step, meta, stage_dir / "tokenizer")
 
 
 def save_model(
