@@ -228,3 +228,54 @@ def test_pipeline_post_trains_an_import_and_exports_it(imports, tmp_path):
     assert read_latest_meta(root / "dpo")["tokenizer"]["sha256"] == sha
     assert load_model(root / "dpo").cfg == sft.cfg
     _export_matches_transformers(root / "sft", tmp_path / "hf", old)
+
+
+def _continued_pretraining_config(imported: Path, corpus: Path, data_dir: Path):
+    """stdlib_tiny with the imported model's own model section, two steps."""
+    import dataclasses
+
+    from ml_collections import ConfigDict
+
+    from experiments.configs.stdlib_tiny import get_config
+
+    c = get_config()
+    c.model = ConfigDict(dataclasses.asdict(load_model(imported).cfg))
+    c.data.update(corpus=f"text:{corpus}", dir=str(data_dir), seq_len=32)
+    c.train.update(global_batch_size=8, num_steps=2, log_every=1, eval_every=2, eval_batches=1)
+    c.train.update(checkpoint_every=2, init_from=str(imported))
+    c.optim.update(warmup_steps=1, total_steps=2)
+    c.sample.num_samples = 0
+    return c
+
+
+def test_continued_pretraining_tokenizes_with_the_imported_tokenizer(imports, tmp_path, caplog):
+    from data.prepare import load_meta, prepare
+    from tests.run_helpers import make_corpus
+    from train.checkpoint import read_latest_meta
+    from train.pretrain import train, validate
+
+    _, _, imported = imports["gpt2"]
+    corpus = make_corpus(tmp_path / "text")
+    config = _continued_pretraining_config(imported, corpus, tmp_path / "data")
+    with caplog.at_level(logging.INFO):
+        results = train(config, tmp_path / "pretrain")
+    assert np.isfinite(results["eval/loss"])
+    assert any("starts from the parameters in" in r.message for r in caplog.records)
+    sha = read_latest_meta(imported)["tokenizer"]["sha256"]
+    assert read_latest_meta(tmp_path / "pretrain")["tokenizer"]["sha256"] == sha
+    meta = load_meta(tmp_path / "data")
+    assert meta["tokenizer"]["type"] == "existing" and meta["tokenizer"]["sha256"] == sha
+    assert meta["tokenizer"]["files"] == ["tokenizer.json", "tokenizer_config.json"]
+
+    # data tokenized with another tokenizer is refused, in one line
+    prepare(f"text:{corpus}", tmp_path / "chars", tokenizer="char", progress=False)
+    config.data.dir = str(tmp_path / "chars")
+    with pytest.raises(ValueError, match="was tokenized with another tokenizer") as refused:
+        train(config, tmp_path / "other")
+    assert "\n" not in str(refused.value)
+    # a model section that is not the import's names what to set
+    config.model.d_model = 64
+    with pytest.raises(ValueError, match=r"holds another model; set --config.model.d_model=32$"):
+        validate(config)
+    with pytest.raises(FileNotFoundError, match="nor the path of an existing tokenizer"):
+        prepare(f"text:{corpus}", tmp_path / "x", tokenizer=str(tmp_path / "nothing"))

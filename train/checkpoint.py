@@ -18,7 +18,6 @@ never deleted) and skipped in favour of the previous one.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import shutil
 import time
@@ -29,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from data.tokenizer import tokenizer_identity
 from model.config import ModelConfig
 from train import sharding
 from train.state import TrainState
@@ -258,14 +258,6 @@ def abstract_like(tree: Any) -> Any:
 
 
 # ------------------------------------------------------------------ tokenizer identity
-
-
-def tokenizer_identity(files: list[Path]) -> dict:
-    """{"files": names, "sha256": one digest over the files' names and bytes}."""
-    digest = hashlib.sha256()
-    for path in sorted(files, key=lambda p: p.name):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return {"files": sorted(p.name for p in files), "sha256": digest.hexdigest()}
 
 
 def store_tokenizer(stage_dir: Path, files: list[Path]) -> dict:
