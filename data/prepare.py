@@ -113,8 +113,8 @@ def _existing_files(tokenizer: str) -> list[Path]:
     path = Path(tokenizer).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"tokenizer {tokenizer!r} is neither one of {', '.join(MODEL_TYPES)} (to train) "
-            "nor the path of an existing tokenizer"
+            f"--tokenizer (data.tokenizer) {tokenizer!r} is neither one of "
+            f"{', '.join(MODEL_TYPES)} (to train) nor the path of an existing tokenizer"
         )
     files = tokenizer_files(path)
     load_tokenizer(files[0])  # its errors (a missing tokenizer_config.json, ...) now
