@@ -279,3 +279,36 @@ def test_continued_pretraining_tokenizes_with_the_imported_tokenizer(imports, tm
         validate(config)
     with pytest.raises(FileNotFoundError, match="nor the path of an existing tokenizer"):
         prepare(f"text:{corpus}", tmp_path / "x", tokenizer=str(tmp_path / "nothing"))
+
+
+def test_sample_command_on_an_import_is_transformers_greedy(imports):
+    """`experiments.sample --temperature=0` on an imported model prints the text of
+    transformers' greedy generation from the same prompt (bos first, stopping at eos)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.run_helpers import REPO
+
+    torch_model, _, imported = imports["llama"]
+    tokenizer = load_model(imported).tokenizer
+    prompt, new = "def fill(text, width", 12
+    ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+    with torch.no_grad():
+        out = torch_model.generate(
+            input_ids=torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=new,
+            eos_token_id=tokenizer.eos_id,
+            pad_token_id=tokenizer.pad_id,
+        )[0, len(ids) :].tolist()
+    want = tokenizer.decode([t for t in out if t != tokenizer.eos_id])
+    run = subprocess.run(
+        [sys.executable, "-m", "experiments.sample", f"--workdir={imported}", f"--prompt={prompt}",
+         "--num_samples=1", f"--max_new_tokens={new}", "--temperature=0", "--top_k=0"],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)},
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split("--- sample 0 ---\n", 1)[1] == f"{prompt}{want}\n"
+    assert len(out) > 3  # a real continuation, not an immediate eos
