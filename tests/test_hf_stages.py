@@ -212,6 +212,7 @@ def test_pipeline_post_trains_an_import_and_exports_it(imports, tmp_path):
     """`experiments.pipeline` with init_from=an imported GPT-2: SFT runs on the extended
     tokenizer, DPO inherits it, and the SFT model exports with the extended vocabulary."""
     from experiments import pipeline
+    from experiments import sft as sft_stage
     from train.checkpoint import read_latest_meta
 
     _, _, imported = imports["gpt2"]
@@ -228,6 +229,11 @@ def test_pipeline_post_trains_an_import_and_exports_it(imports, tmp_path):
     assert read_latest_meta(root / "dpo")["tokenizer"]["sha256"] == sha
     assert load_model(root / "dpo").cfg == sft.cfg
     _export_matches_transformers(root / "sft", tmp_path / "hf", old)
+    # SFT asked for one more step resumes: it extends the import again, to the same bytes
+    config.sft.train.num_steps = 3
+    sft_stage.run(config, root)
+    assert load_model(root / "sft").step == 3
+    assert read_latest_meta(root / "sft")["tokenizer"]["sha256"] == sha
 
 
 def _continued_pretraining_config(imported: Path, corpus: Path, data_dir: Path):
