@@ -2,11 +2,17 @@
 
     python -m data.prepare --corpus=stdlib --out=/tmp/stdlib --vocab_size=8192
     python -m data.prepare --corpus=python --out=/tmp/python --vocab_size=8192
+    python -m data.prepare --corpus=text:DOCS --out=/tmp/docs --tokenizer=IMPORTED/tokenizer
+
+`--tokenizer` is bpe, unigram or char (train one on the corpus), or the path of an
+existing tokenizer (a file, or a directory such as an imported model's DIR/tokenizer):
+the corpus is tokenized with it as it is and none is trained (continued pretraining).
 
 Writes, into DIR:
   curation_report.json   what was read, kept and dropped (by reason, with examples;
                          per licence and package for the python corpus)
-  tokenizer.model        sentencepiece model (tokenizer.json for --tokenizer=char)
+  tokenizer.model        sentencepiece model (tokenizer.json for --tokenizer=char; a copy
+                         of the files of an existing tokenizer, names kept)
   text/                  curated documents, TFDS array_record dataset (splits train, val)
   train/, val/           token arrays for the loader (see data.store)
   meta.json              spec, options, split statistics, the list of every file above
@@ -30,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,7 +52,14 @@ from data.sources import (
     iter_documents,
     parse_spec,
 )
-from data.tokenizer import MODEL_TYPES, check_vocab_size, load_tokenizer, train_tokenizer
+from data.tokenizer import (
+    MODEL_TYPES,
+    check_vocab_size,
+    load_tokenizer,
+    tokenizer_files,
+    tokenizer_identity,
+    train_tokenizer,
+)
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
@@ -75,7 +89,10 @@ def check_options(
     vocab_size: int, tokenizer: str, val_fraction: float, max_docs: int | None, num_workers
 ) -> None:
     """Refuses options no corpus can satisfy, before anything is read or written."""
-    check_vocab_size(vocab_size, tokenizer)
+    if is_existing(tokenizer):
+        _existing_files(tokenizer)
+    else:
+        check_vocab_size(vocab_size, tokenizer)
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if max_docs is not None and max_docs < 2:
@@ -84,6 +101,29 @@ def check_options(
         )
     if num_workers is not None and num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+
+
+def is_existing(tokenizer: str) -> bool:
+    """Whether the tokenizer option names an existing tokenizer rather than a kind to train."""
+    return tokenizer not in MODEL_TYPES
+
+
+def _existing_files(tokenizer: str) -> list[Path]:
+    """The files of the existing tokenizer at path `tokenizer`, checked to load."""
+    path = Path(tokenizer).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"--tokenizer (data.tokenizer) {tokenizer!r} is neither one of "
+            f"{', '.join(MODEL_TYPES)} (to train) nor the path of an existing tokenizer"
+        )
+    files = tokenizer_files(path)
+    load_tokenizer(files[0])  # its errors (a missing tokenizer_config.json, ...) now
+    return files
+
+
+def _prepared_tokenizer_files(out: Path, meta: dict) -> list[Path]:
+    names = meta["tokenizer"].get("files") or [meta["tokenizer"]["file"]]
+    return [out / name for name in names]
 
 
 def _read_meta(out: Path) -> dict | None:
@@ -199,19 +239,27 @@ def _build(
         {s: [{"name": d.name, "text": d.text} for d in splits[s]] for s in SPLITS},
     )
 
-    tok_file = tmp / ("tokenizer.json" if tokenizer == "char" else "tokenizer.model")
-    _log(progress, f"training {tokenizer} tokenizer, vocab {vocab_size}")
-    # A character set is not a statistic to hold out: build it from every kept document,
-    # so val has no unknown characters. Subword models learn from train only.
-    train_texts = [d.text for d in (kept if tokenizer == "char" else splits["train"])]
-    tok = train_tokenizer(
-        train_texts,
-        tok_file,
-        vocab_size=vocab_size,
-        model_type=tokenizer,
-        seed=seed,
-        verbose=progress,
-    )
+    if is_existing(tokenizer):
+        files = _existing_files(tokenizer)
+        _log(progress, f"tokenizing with the existing tokenizer {files[0]} (none is trained)")
+        for file in files:
+            shutil.copyfile(file, tmp / file.name)
+        tok_files = [tmp / file.name for file in files]
+        tok = load_tokenizer(tok_files[0])
+    else:
+        tok_files = [tmp / ("tokenizer.json" if tokenizer == "char" else "tokenizer.model")]
+        _log(progress, f"training {tokenizer} tokenizer, vocab {vocab_size}")
+        # A character set is not a statistic to hold out: build it from every kept document,
+        # so val has no unknown characters. Subword models learn from train only.
+        train_texts = [d.text for d in (kept if tokenizer == "char" else splits["train"])]
+        tok = train_tokenizer(
+            train_texts,
+            tok_files[0],
+            vocab_size=vocab_size,
+            model_type=tokenizer,
+            seed=seed,
+            verbose=progress,
+        )
     dtype = store.token_dtype(tok.vocab_size)
 
     split_stats = {}
@@ -244,8 +292,10 @@ def _build(
             "max_docs": max_docs,
         },
         "tokenizer": {
-            "file": tok_file.name,
-            "type": tokenizer,
+            "file": tok_files[0].name,
+            "files": [f.name for f in tok_files],
+            "sha256": tokenizer_identity(tok_files)["sha256"],
+            "type": "existing" if is_existing(tokenizer) else tokenizer,
             "vocab_size": tok.vocab_size,
             "pad_id": tok.pad_id,
             "bos_id": tok.bos_id,
@@ -297,6 +347,11 @@ def load_prepared_tokenizer(prepared_dir: str | os.PathLike):
     return load_tokenizer(Path(prepared_dir) / meta["tokenizer"]["file"])
 
 
+def prepared_tokenizer_files(prepared_dir: str | os.PathLike) -> list[Path]:
+    """The prepared dataset's tokenizer files (what a checkpoint records the identity of)."""
+    return _prepared_tokenizer_files(Path(prepared_dir), load_meta(prepared_dir))
+
+
 def ensure_prepared(corpus_spec: str, out_dir: str | os.PathLike, **options) -> dict:
     """Reuses a complete DIR prepared from the same spec and options, else prepares it.
 
@@ -316,6 +371,11 @@ def ensure_prepared(corpus_spec: str, out_dir: str | os.PathLike, **options) -> 
         }
         asked = {k: options.get(k, defaults[k]) for k in _DATA_OPTIONS}
         have = {k: meta["options"].get(k) for k in _DATA_OPTIONS}
+        if is_existing(asked["tokenizer"]):
+            # An existing tokenizer is compared by content (its vocab_size is its own):
+            # data prepared with a trained tokenizer whose files are these is the same data.
+            _check_same_tokenizer(out, meta, _existing_files(asked["tokenizer"]))
+            asked, have = _without_tokenizer(asked), _without_tokenizer(have)
         if meta.get("corpus") != wanted or asked != have:
             raise ValueError(
                 f"{out} was prepared from corpus {meta.get('corpus')!r} with {have}, but "
@@ -328,6 +388,21 @@ def ensure_prepared(corpus_spec: str, out_dir: str | os.PathLike, **options) -> 
     return prepare(corpus_spec, out, **options)  # refuses a DIR it did not write
 
 
+def _check_same_tokenizer(out: Path, meta: dict, files: list[Path]) -> None:
+    asked = tokenizer_identity(files)["sha256"]
+    prepared = _prepared_tokenizer_files(out, meta)
+    have = tokenizer_identity(prepared)["sha256"] if all(p.exists() for p in prepared) else None
+    if asked != have:
+        raise ValueError(
+            f"{out} was tokenized with another tokenizer (sha256 {str(have)[:12]}) than "
+            f"{files[0].parent} (sha256 {asked[:12]}); use another data directory, or delete it"
+        )
+
+
+def _without_tokenizer(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in ("tokenizer", "vocab_size")}
+
+
 def _define_flags() -> None:
     flags.DEFINE_string(
         "corpus",
@@ -336,7 +411,12 @@ def _define_flags() -> None:
     )
     flags.DEFINE_string("out", None, "the folder to write (see above)", required=True)
     flags.DEFINE_integer("vocab_size", 8192, "tokenizer vocabulary size")
-    flags.DEFINE_enum("tokenizer", "bpe", list(MODEL_TYPES), "tokenizer model")
+    flags.DEFINE_string(
+        "tokenizer",
+        "bpe",
+        f"{' | '.join(MODEL_TYPES)}: train one; or the path of an existing tokenizer (file or "
+        "directory, e.g. an imported model's DIR/tokenizer): use it, train none",
+    )
     flags.DEFINE_float("val_fraction", 0.05, "fraction of documents in the val split")
     flags.DEFINE_integer("seed", 0, "seed of sampling in curation and tokenizer training")
     flags.DEFINE_integer("num_workers", None, "curation processes (default: one per core, 2 max)")

@@ -16,6 +16,7 @@ can be written as a string.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -187,7 +188,31 @@ def load_tokenizer(path: str | os.PathLike) -> AnyTokenizer:
     tokenizer.json (`HFTokenizer`); any other file is a sentencepiece model. A
     directory holds tokenizer.model, or else tokenizer.json, or else one .json.
     """
-    path = Path(path)
+    path = _tokenizer_file(Path(path))
+    if path.suffix != ".json":
+        return Tokenizer.load(path)
+    return HFTokenizer.load(path) if _is_hf_json(path) else CharTokenizer.load(path)
+
+
+def tokenizer_files(path: str | os.PathLike) -> list[Path]:
+    """The files the tokenizer at `path` (as `load_tokenizer` takes it) consists of: its
+    file, and for a Hugging Face tokenizer.json the tokenizer_config.json beside it."""
+    file = _tokenizer_file(Path(path))
+    if file.suffix == ".json" and _is_hf_json(file):
+        return [file, file.parent / CONFIG_FILE]
+    return [file]
+
+
+def tokenizer_identity(files: list[Path]) -> dict:
+    """{"files": names, "sha256": one digest over the files' names and bytes}: the same
+    tokenizer wherever its files are copied."""
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.name):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return {"files": sorted(p.name for p in files), "sha256": digest.hexdigest()}
+
+
+def _tokenizer_file(path: Path) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"tokenizer file does not exist: {path}")
     if path.is_dir():
@@ -197,10 +222,14 @@ def load_tokenizer(path: str | os.PathLike) -> AnyTokenizer:
         if not found:
             raise FileNotFoundError(f"{path} holds no tokenizer.model or tokenizer .json")
         path = found[0]
-    if path.suffix != ".json":
-        return Tokenizer.load(path)
-    spec = json.loads(path.read_text())
-    return HFTokenizer.load(path) if is_hf_tokenizer_json(spec) else CharTokenizer.load(path)
+    return path
+
+
+def _is_hf_json(path: Path) -> bool:
+    try:
+        return is_hf_tokenizer_json(json.loads(path.read_text()))
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not a tokenizer: not valid JSON") from None
 
 
 def train_tokenizer(

@@ -1,6 +1,7 @@
 """Post-training: SFT, reward model, PPO, DPO and GRPO on the core in `model/` and `train/`.
 
 chat          chat template on the tokenizer's special tokens, assistant-only weights, packing
+chat_vocab    the chat tokens added to a model whose tokenizer lacks them (an import)
 sequences     padded rows: positions/segments from a mask, last-token index, log-probs
 sft_step      SFT = the pretraining step on chat batches
 reward_model  trunk + scalar head, reward at the last real token, normalisation

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import jax
 from ml_collections import ConfigDict
 
 from model.config import ModelConfig
+from rlhf.chat_vocab import with_chat_tokens
 from train import loop, sharding
 from train.checkpoint import (
     LoadedModel,
@@ -49,6 +51,7 @@ class StageContext:
     directory: Path  # root / name
     mesh: Any
     identity: dict  # the config this stage's results depend on (recorded, compared)
+    scratch: Path  # a temporary directory, removed when the stage ends
 
     @property
     def section(self) -> ConfigDict:
@@ -66,10 +69,13 @@ class StageContext:
         )
 
     def load_start(self, source: str, which: str = "latest") -> LoadedModel:
-        """The language model of an earlier stage (or the imported model `init_from`)."""
+        """The language model of an earlier stage (or the imported model `init_from`), with
+        the chat tokens added where its tokenizer lacks them (rlhf/chat_vocab.py)."""
         if source == "pretrain" and self.config.get("init_from"):
-            return load_model(Path(self.config.init_from), self.mesh, which)
-        return load_model(self.root / source, self.mesh, which)
+            loaded = load_model(Path(self.config.init_from), self.mesh, which)
+        else:
+            loaded = load_model(self.root / source, self.mesh, which)
+        return with_chat_tokens(loaded, Path(tempfile.mkdtemp(dir=self.scratch)))
 
     def load_reward(self, cfg: ModelConfig) -> Any:
         """The reward model's params (normalised), from DIR/reward."""
@@ -80,7 +86,7 @@ class StageContext:
 
     def meta(self, start: LoadedModel, **extra) -> dict:
         """The stage's checkpoint meta: its config, the model, the tokenizer it inherits."""
-        files = sorted((Path(start.meta["stage_dir"]) / "tokenizer").iterdir())
+        files = sorted(Path(start.tokenizer_dir).iterdir())
         return {
             "stage": self.name,
             "config": self.identity,
@@ -115,8 +121,8 @@ def open_stage(
     identity.update({k: _plain(config[k]) for k in SHARED_SECTIONS if k in config})
     mesh = sharding.make_mesh(sharding.MeshConfig(**config[name].mesh.to_dict()))
     sharding.check_batch_size(rows_per_step or config[name].train.global_batch_size, mesh)
-    with Workdir(root / name, identity) as wd:
-        yield StageContext(name, config, root, wd.path, mesh, identity)
+    with Workdir(root / name, identity) as wd, tempfile.TemporaryDirectory() as scratch:
+        yield StageContext(name, config, root, wd.path, mesh, identity, Path(scratch))
 
 
 def _plain(value: Any) -> Any:

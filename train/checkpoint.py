@@ -18,7 +18,6 @@ never deleted) and skipped in favour of the previous one.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import shutil
 import time
@@ -29,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from data.tokenizer import tokenizer_identity
 from model.config import ModelConfig
 from train import sharding
 from train.state import TrainState
@@ -260,14 +260,6 @@ def abstract_like(tree: Any) -> Any:
 # ------------------------------------------------------------------ tokenizer identity
 
 
-def tokenizer_identity(files: list[Path]) -> dict:
-    """{"files": names, "sha256": one digest over the files' names and bytes}."""
-    digest = hashlib.sha256()
-    for path in sorted(files, key=lambda p: p.name):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return {"files": sorted(p.name for p in files), "sha256": digest.hexdigest()}
-
-
 def store_tokenizer(stage_dir: Path, files: list[Path]) -> dict:
     """Copies the tokenizer files to STAGE_DIR/tokenizer/ (atomically) and returns their
     identity; refuses a stage that already holds another tokenizer. Every process checks
@@ -321,6 +313,9 @@ class LoadedModel:
     tokenizer: Any
     step: int
     meta: dict
+    # Where the tokenizer's files are: STAGE_DIR/tokenizer, or the extended copy a stage
+    # made (rlhf/chat_vocab.py); a stage stores these files as its own.
+    tokenizer_dir: Path | None = None
 
 
 def checkpointer_of(stage_dir: Path) -> Checkpointer:
@@ -406,7 +401,8 @@ def load_model(
     step, params, meta = load_params(stage_dir, target, which)
     params = params[subtree] if subtree else params
     meta = {**meta, "stage_dir": str(stage_dir)}
-    return LoadedModel(cfg, params, load_stage_tokenizer(stage_dir, meta), step, meta)
+    tokenizer = load_stage_tokenizer(stage_dir, meta)
+    return LoadedModel(cfg, params, tokenizer, step, meta, stage_dir / "tokenizer")
 
 
 def save_model(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,15 @@ from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from data import pipeline
-from data.prepare import ensure_prepared, load_meta, load_prepared_tokenizer
+from data.prepare import (
+    ensure_prepared,
+    is_existing,
+    load_prepared_tokenizer,
+    prepared_tokenizer_files,
+)
 from train import sharding
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -32,6 +40,16 @@ def data_dir(config: ConfigDict, workdir: Path) -> Path:
     return Path(config.data.dir).expanduser().absolute() if config.data.dir else workdir / "data"
 
 
+def tokenizer_option(config: ConfigDict) -> str:
+    """data.tokenizer, except in continued pretraining (train.init_from) when it names a kind
+    to train: then the source checkpoint's own tokenizer, since a newly trained one could
+    never match the model (data.prepare's existing-tokenizer mode)."""
+    dc, tc = config.data, config.train
+    if tc.get("init_from") and not is_existing(dc.tokenizer):
+        return str(Path(tc.init_from).expanduser().absolute() / "tokenizer")
+    return dc.tokenizer
+
+
 def build_data(config: ConfigDict, workdir: Path, mesh) -> DataSource:
     """Prepares the corpus and tokenizer if missing, then opens the train and eval streams.
 
@@ -40,12 +58,15 @@ def build_data(config: ConfigDict, workdir: Path, mesh) -> DataSource:
     """
     dc, tc = config.data, config.train
     directory = data_dir(config, workdir)
+    tokenizer = tokenizer_option(config)
+    if tokenizer != dc.tokenizer:
+        log.info("the data is tokenized with train.init_from's tokenizer, %s", tokenizer)
     # One process prepares; the others wait, then find it complete.
     if jax.process_index() == 0:
-        ensure_prepared(dc.corpus, directory, vocab_size=dc.vocab_size, tokenizer=dc.tokenizer)
+        ensure_prepared(dc.corpus, directory, vocab_size=dc.vocab_size, tokenizer=tokenizer)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("data prepared")
-    ensure_prepared(dc.corpus, directory, vocab_size=dc.vocab_size, tokenizer=dc.tokenizer)
+    ensure_prepared(dc.corpus, directory, vocab_size=dc.vocab_size, tokenizer=tokenizer)
     common = dict(
         seq_len=dc.seq_len,
         global_batch_size=tc.global_batch_size,
@@ -63,5 +84,5 @@ def build_data(config: ConfigDict, workdir: Path, mesh) -> DataSource:
         eval_batches,
         pipeline.bytes_per_token(directory, "val"),
         mesh,
-        [directory / load_meta(directory)["tokenizer"]["file"]],
+        prepared_tokenizer_files(directory),
     )

@@ -19,7 +19,7 @@ from model.config import ModelConfig
 from model.sampling import SamplingConfig, make_sampler, sample_texts
 from model.transformer import LanguageModel
 from train import flops, loop, sharding
-from train.checkpoint import finished_results, load_params, store_tokenizer
+from train.checkpoint import finished_results, load_params, read_latest_meta, store_tokenizer
 from train.data_source import build_data
 from train.evaluate import evaluate, make_eval_step
 from train.metrics_writer import plot_loss_curves
@@ -47,6 +47,8 @@ def validate(config: ConfigDict) -> None:
     optim_config(config.optim, tc.num_steps)
     StepConfig(tc.num_microbatches, tc.z_loss)
     cfg = model_config(config.model, vocab_size=max(config.data.vocab_size, 1))
+    if tc.get("init_from"):
+        _check_init_from_model(config)
     if config.data.seq_len < 2:
         raise ValueError(f"data.seq_len must be >= 2, got {config.data.seq_len}")
     if config.data.seq_len > cfg.max_len and cfg.positional == "learned":
@@ -118,12 +120,30 @@ class _GlobalBatches:
         self.data.train_iter.set_state(state)
 
 
+def _check_init_from_model(config: ConfigDict) -> None:
+    """Before any data is prepared: the model section must be train.init_from's model
+    (model.vocab_size=0 taking its vocabulary, as its tokenizer will give)."""
+    source = Path(config.train.init_from)
+    theirs = ModelConfig(**read_latest_meta(source)["model"])
+    _same_model(source, model_config(config.model, theirs.vocab_size), theirs)
+
+
+def _same_model(source: Path, ours: ModelConfig, theirs: ModelConfig) -> None:
+    """ValueError naming every field where the model section differs from the source's."""
+    fields = dataclasses.asdict(theirs)
+    differ = [k for k, v in dataclasses.asdict(ours).items() if fields[k] != v]
+    if differ:
+        raise ValueError(
+            f"train.init_from={source} holds another model; set "
+            + " ".join(f"--config.model.{k}={fields[k]}" for k in differ)
+        )
+
+
 def _init_from(state, source: Path, cfg: ModelConfig, mesh, tokenizer: dict) -> Any:
     """The parameters of another stage's (or an imported model's) checkpoint, with a fresh
     optimizer state: continued pretraining. Model and tokenizer must be the source's."""
+    _same_model(source, cfg, ModelConfig(**read_latest_meta(source)["model"]))
     _, params, meta = load_params(source, abstract_params(LanguageModel(cfg), mesh))
-    if ModelConfig(**meta["model"]) != cfg:
-        raise ValueError(f"train.init_from={source} holds another model; copy its model section")
     if meta.get("tokenizer", {}).get("sha256") != tokenizer["sha256"]:
         raise ValueError(
             f"train.init_from={source} was trained with another tokenizer than the prepared "

@@ -91,7 +91,7 @@ def base_config(preset: str = "tiny") -> ConfigDict:
         dict(
             corpus="stdlib",  # stdlib | stdlib:holdout=F | text:PATH | jsonl:PATH:FIELD | tfds:NAME
             dir="",  # prepared data; "" means WORKDIR/data
-            tokenizer="bpe",  # bpe | unigram | char
+            tokenizer="bpe",  # bpe | unigram | char, or an existing one's path (init_from: its own)
             vocab_size=4096,
             seq_len=256,
         )
