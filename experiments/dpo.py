@@ -16,12 +16,10 @@ from ml_collections import ConfigDict
 
 from data.array_batches import ArrayBatches
 from experiments import cli
-from model.transformer import LanguageModel
 from rlhf import datasets, stage
 from rlhf.dpo import DPOConfig, make_dpo_step, make_reference_log_probs
 from rlhf.evaluation import held_out_evaluator
 from train import sharding
-from train.state import init_fn, state_with_params
 
 
 def run(config: ConfigDict, root: Path) -> dict:
@@ -31,9 +29,9 @@ def run(config: ConfigDict, root: Path) -> dict:
         dc, mesh = ctx.section, ctx.mesh
         sft = ctx.load_start("sft")
         data = datasets.load(config, root)
-        lm = LanguageModel(sft.cfg)
         tx = ctx.optimizer()
-        state, shardings = state_with_params(init_fn(lm), sft.params, tx, mesh)
+        policy = ctx.policy(sft, tx)
+        lm, state, shardings = policy.model, policy.state, policy.shardings
         arrays, _ = datasets.pair_arrays(data["pairs_train"], sft.tokenizer, dc.data.seq_len)
         bs = dc.train.global_batch_size
         # Reference log-probs only for the pairs the steps will see (one epoch at most).
@@ -50,7 +48,7 @@ def run(config: ConfigDict, root: Path) -> dict:
         ref = [
             sharding.to_host(
                 reference(
-                    sft.params,
+                    policy.start_params,
                     sharding.full_to_global({k: v[i : i + bs] for k, v in arrays.items()}, mesh),
                 )
             )

@@ -17,13 +17,11 @@ from ml_collections import ConfigDict
 
 from experiments import cli
 from model.sampling import SamplingConfig
-from model.transformer import LanguageModel
 from rlhf import chat, datasets, stage
 from rlhf.evaluation import held_out_evaluator
 from rlhf.grpo import GRPOConfig
 from rlhf.grpo_iteration import make_grpo_iteration
 from rlhf.verifier import Reference, RewardWeights
-from train.state import init_fn, state_with_params
 
 
 def grpo_config(section: ConfigDict) -> GRPOConfig:
@@ -45,9 +43,9 @@ def run(config: ConfigDict, root: Path) -> dict:
         algo = grpo_config(gc)
         sft = ctx.load_start("sft")
         data = datasets.load(config, root)
-        lm = LanguageModel(sft.cfg)
         tx = ctx.optimizer(gc.train.num_steps * algo.epochs * algo.num_minibatches)
-        state, shardings = state_with_params(init_fn(lm), sft.params, tx, mesh)
+        policy = ctx.policy(sft, tx)
+        lm, state, shardings = policy.model, policy.state, policy.shardings
         sampling = SamplingConfig(
             max_new_tokens=gc.data.max_new_tokens,
             temperature=algo.temperature,
@@ -64,7 +62,7 @@ def run(config: ConfigDict, root: Path) -> dict:
             shardings,
             algo,
             sampling,
-            sft.params,
+            policy.start_params,
             [Reference.from_sft_record(r) for r in records],
             sft.tokenizer.decode,
             RewardWeights(**gc.algorithm.reward_weights.to_dict()),
@@ -78,7 +76,7 @@ def run(config: ConfigDict, root: Path) -> dict:
         def finish(state):
             return state, {
                 "ground_truth": {
-                    "sft": ground_truth(sft.params),
+                    "sft": ground_truth(policy.start_params),
                     "grpo": ground_truth(state.params),
                 }
             }

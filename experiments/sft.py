@@ -13,12 +13,10 @@ from ml_collections import ConfigDict
 
 from data.array_batches import ArrayBatches
 from experiments import cli
-from model.transformer import LanguageModel
 from rlhf import datasets, stage
 from rlhf.sft_step import StepConfig, make_sft_step
 from train import flops, sharding
 from train.evaluate import evaluate, make_eval_step
-from train.state import init_fn, state_with_params
 
 
 def run(config: ConfigDict, root: Path) -> dict:
@@ -28,9 +26,9 @@ def run(config: ConfigDict, root: Path) -> dict:
         sc = ctx.section
         start = ctx.load_start("pretrain", config.pretrain_checkpoint)
         data = datasets.load(config, root)
-        model = LanguageModel(start.cfg)
         tx = ctx.optimizer()
-        state, shardings = state_with_params(init_fn(model), start.params, tx, ctx.mesh)
+        policy = ctx.policy(start, tx)
+        model, state, shardings = policy.model, policy.state, policy.shardings
         rows = datasets.chat_rows(data["sft_train"], start.tokenizer, sc.data.seq_len)
         eval_rows = datasets.chat_rows(data["sft_eval"], start.tokenizer, sc.data.seq_len)
         step = sharding.jit_step(
@@ -50,7 +48,7 @@ def run(config: ConfigDict, root: Path) -> dict:
         ]
 
         def finish(state):
-            before = evaluate(eval_step, start.params, eval_batches, None)
+            before = evaluate(eval_step, policy.start_params, eval_batches, None)
             return state, {
                 "sft/train_rows": len(rows["inputs"]),
                 "sft/eval_loss_before": before["eval/loss"],

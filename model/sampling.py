@@ -97,6 +97,9 @@ def sample(
         twice = lambda a: jnp.concatenate([a, a])  # noqa: E731
         rows = sample(model, params, twice(prompts_BP), twice(prompt_lengths_B), rng, cfg)
         return jax.tree.map(lambda a: a[:1], rows)
+    if hasattr(model, "inference_form"):
+        # A model with LoRA adapters (train/lora.py) merges them once here, not every token.
+        model, params = model.inference_form(params)
     T = cfg.max_new_tokens
     model_cfg = model.cfg
     if P + T > model_cfg.max_len and model_cfg.positional == "learned":

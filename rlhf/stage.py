@@ -9,6 +9,7 @@ pipeline config's section of the same name, with the sub-sections every stage ha
   optim  AdamW and its schedule (the schedule's length derived from the step count)
   mesh   the device mesh
   algorithm  the stage's own constants (PPO, DPO, GRPO, reward margin), where it has any
+  lora   SFT, DPO, GRPO: rank > 0 trains LoRA adapters on the frozen model (train/lora.py)
 `open_stage` validates the section, opens and locks the stage directory and records the
 config; `run` hands the stage to the one loop (train/loop.py).
 """
@@ -26,8 +27,9 @@ import jax
 from ml_collections import ConfigDict
 
 from model.config import ModelConfig
+from model.transformer import LanguageModel
 from rlhf.chat_vocab import with_chat_tokens
-from train import loop, sharding
+from train import loop, lora, sharding
 from train.checkpoint import (
     LoadedModel,
     finished_results,
@@ -36,11 +38,21 @@ from train.checkpoint import (
     store_tokenizer,
 )
 from train.optim import make_optimizer, optim_config
-from train.state import abstract_params
+from train.state import TrainState, abstract_params, init_fn, state_with_params
 from train.workdir import Workdir
 
 # The pipeline-level sections a post-training stage's results depend on besides its own.
 SHARED_SECTIONS = ("seed", "posttrain_data", "eval", "pretrain_checkpoint", "init_from")
+
+
+@dataclasses.dataclass
+class Policy:
+    """What a stage that trains a language model (SFT, DPO, GRPO) trains."""
+
+    model: Any  # what the steps, evaluations and samplers apply: LanguageModel or LoraModel
+    state: TrainState  # the initial state, sharded by the rule table
+    shardings: TrainState
+    start_params: Any  # the starting model in the state's params layout (the state holds copies)
 
 
 @dataclasses.dataclass
@@ -77,6 +89,19 @@ class StageContext:
             loaded = load_model(self.root / source, self.mesh, which)
         return with_chat_tokens(loaded, Path(tempfile.mkdtemp(dir=self.scratch)))
 
+    def policy(self, start: LoadedModel, tx) -> Policy:
+        """The policy trained from `start`: all its params, or with `lora.rank > 0` fresh
+        adapters on it frozen (the optimizer then holds the adapters' moments only)."""
+        lm, lora_cfg = LanguageModel(start.cfg), lora.config_of(self.section)
+        if not lora_cfg.enabled:
+            state, shardings = state_with_params(init_fn(lm), start.params, tx, self.mesh)
+            return Policy(lm, state, shardings, start.params)
+        model = lora.LoraModel(lm, lora_cfg)
+        rng = jax.random.key(self.section.train.seed)
+        start_params = lora.with_fresh_adapters(model, start.params, self.mesh, rng)
+        state, shardings = state_with_params(init_fn(model), start_params, tx, self.mesh)
+        return Policy(model, state, shardings, start_params)
+
     def load_reward(self, cfg: ModelConfig) -> Any:
         """The reward model's params (normalised), from DIR/reward."""
         from rlhf.reward_model import RewardModel
@@ -87,6 +112,9 @@ class StageContext:
     def meta(self, start: LoadedModel, **extra) -> dict:
         """The stage's checkpoint meta: its config, the model, the tokenizer it inherits."""
         files = sorted(Path(start.tokenizer_dir).iterdir())
+        lora_cfg = lora.config_of(self.section)
+        if lora_cfg.enabled:  # load_model then merges the saved adapters
+            extra["lora"] = dataclasses.asdict(lora_cfg)
         return {
             "stage": self.name,
             "config": self.identity,
@@ -104,8 +132,11 @@ def validate(section: ConfigDict, name: str) -> None:
     try:
         loop.LoopConfig.from_config(tc)
         optim_config(section.optim, tc.num_steps)
+        lora_on = lora.config_of(section).enabled
     except ValueError as error:
         raise ValueError(f"{name}: {error}") from None
+    if lora_on and name not in lora.STAGES:
+        raise ValueError(f"{name}.lora: LoRA is for the {', '.join(lora.STAGES)} stages only")
 
 
 @contextlib.contextmanager
@@ -118,6 +149,8 @@ def open_stage(
         raise ValueError(f"the config has no section {name!r}")
     validate(config[name], name)
     identity = {name: config[name].to_dict()}
+    if not lora.config_of(config[name]).enabled:  # LoRA off is the stage as it always was:
+        identity[name].pop("lora", None)  # directories made before the switch still resume
     identity.update({k: _plain(config[k]) for k in SHARED_SECTIONS if k in config})
     mesh = sharding.make_mesh(sharding.MeshConfig(**config[name].mesh.to_dict()))
     sharding.check_batch_size(rows_per_step or config[name].train.global_batch_size, mesh)

@@ -1,7 +1,8 @@
 """Checkpoints: ONE layout for every stage, asynchronous saves, safe restore.
 
 STAGE_DIR/checkpoints/STEP/ holds four orbax items:
-  params  the parameters, saved sharded: all that inference needs
+  params  the parameters, saved sharded: all that inference needs (a LoRA stage's are
+          {"frozen": base, "lora": adapters}, merged by `load_model`: train/lora.py)
   opt     {"step", "opt_state"}: the rest of the TrainState
   data    JSON: the batch iterator's position and the stage's host-side state
   meta    JSON: the stage, its full config, the model config, the tokenizer's identity,
@@ -386,8 +387,10 @@ def load_model(
 ) -> LoadedModel:
     """A language model of any stage (or an imported one) for inference: its config, params
     placed by the rule table on `mesh` (default: data parallel over every device), and its
-    tokenizer. Reads the params alone: no optimizer state, no data preparation."""
+    tokenizer. Reads the params alone: no optimizer state, no data preparation. A LoRA
+    stage's adapters come merged into its base (train/lora.py)."""
     from model.transformer import LanguageModel
+    from train import lora
     from train.state import abstract_params
 
     stage_dir = Path(stage_dir).absolute()
@@ -395,11 +398,17 @@ def load_model(
     cfg = ModelConfig(**meta["model"])
     mesh = mesh if mesh is not None else sharding.make_mesh(sharding.MeshConfig())
     subtree = subtree if subtree is not None else meta.get("lm_params")
-    target = abstract_params(LanguageModel(cfg), mesh)
+    lm = LanguageModel(cfg)
+    # A LoRA stage saved {frozen base, adapters}: read both, hand out the merged model.
+    lora_cfg = lora.LoraConfig(**meta["lora"]) if meta.get("lora") else None
+    target = abstract_params(lora.LoraModel(lm, lora_cfg) if lora_cfg else lm, mesh)
     if subtree:
         target = {subtree: target}
     step, params, meta = load_params(stage_dir, target, which)
     params = params[subtree] if subtree else params
+    if lora_cfg:
+        shardings = jax.tree.map(lambda x: x.sharding, abstract_params(lm, mesh))
+        params = lora.merged_params(params, lora_cfg, shardings)
     meta = {**meta, "stage_dir": str(stage_dir)}
     tokenizer = load_stage_tokenizer(stage_dir, meta)
     return LoadedModel(cfg, params, tokenizer, step, meta, stage_dir / "tokenizer")

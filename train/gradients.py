@@ -5,6 +5,9 @@ where `sums` is a dict of additive statistics that includes "weight_sum".
 Gradients of the summed loss are accumulated over microbatches in a
 `lax.scan` and divided once by the total weight, so k microbatches give the
 same update as one pass over the whole batch.
+
+A params tree's FROZEN entry (train/state.py; LoRA's base model) is only read: the
+gradients, the optimizer and its update cover the trainable rest.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from train.state import TrainState
+from train.state import TrainState, split_frozen, with_frozen
 
 LossSums = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -40,8 +43,11 @@ def split_microbatches(batch: dict, num_microbatches: int) -> dict:
 def accumulate_gradients(
     loss_sums: LossSums, params: Any, batch: dict, rng: jax.Array, num_microbatches: int
 ) -> tuple[Any, dict[str, jax.Array]]:
-    """Returns (gradient of the weight-normalised loss, summed statistics)."""
-    grad_fn = jax.grad(loss_sums, has_aux=True)
+    """Returns (gradient of the weight-normalised loss w.r.t. the trainable params, summed
+    statistics)."""
+    frozen, params = split_frozen(params)
+    # The frozen part is a constant of the differentiated function: no gradient is computed.
+    grad_fn = jax.grad(lambda p, b, r: loss_sums(with_frozen(frozen, p), b, r), has_aux=True)
 
     if num_microbatches == 1:
         grads, sums = grad_fn(params, batch, rng)
@@ -80,17 +86,18 @@ def apply_gradients(
     `nonfinite_grad` and `nonfinite_update` say which quantity was bad, and the training
     loop decides whether to stop or to count and carry on.
     """
+    frozen, trainable = split_frozen(state.params)
     grad_norm = optax.global_norm(grads)
     loss_ok = jnp.isfinite(loss) if loss is not None else jnp.bool_(True)
     grad_ok = jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
     update_ok = jnp.isfinite(optax.global_norm(updates))
-    params = optax.apply_updates(state.params, updates)
+    params = optax.apply_updates(trainable, updates)
     ok = loss_ok & grad_ok & update_ok
     keep_new = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
     new_state = state.replace(
         step=state.step + 1,
-        params=jax.tree.map(keep_new, params, state.params),
+        params=with_frozen(frozen, jax.tree.map(keep_new, params, trainable)),
         opt_state=jax.tree.map(keep_new, opt_state, state.opt_state),
     )
     return new_state, {

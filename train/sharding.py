@@ -40,6 +40,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("positions", None),
     ("norm", None),
     ("layers", None),
+    ("lora_rank", None),  # LoRA adapters' rank (train/lora.py): small, kept whole
     # activations
     ("batch", BATCH_AXES),
     ("length", None),

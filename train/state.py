@@ -7,7 +7,7 @@ exists on one device or on the host.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -18,6 +18,22 @@ from flax import struct
 from jax.sharding import Mesh, PartitionSpec
 
 from train import sharding
+
+# A params entry that is never trained: no gradient, no optimizer state, no update (LoRA's
+# base model, train/lora.py). Every other entry is trainable.
+FROZEN = "frozen"
+
+
+def split_frozen(params: Any) -> tuple[Any, Any]:
+    """(the FROZEN entry or None, the trainable rest) of a params tree."""
+    if isinstance(params, Mapping) and FROZEN in params:
+        return params[FROZEN], {k: v for k, v in params.items() if k != FROZEN}
+    return None, params
+
+
+def with_frozen(frozen: Any, trainable: Any) -> Any:
+    """The inverse of `split_frozen`."""
+    return trainable if frozen is None else {FROZEN: frozen, **trainable}
 
 
 @struct.dataclass
@@ -40,13 +56,13 @@ def state_logical_specs(abstract_boxed_params: Any, tx: optax.GradientTransforma
     """
     param_specs = nn.get_partition_spec(abstract_boxed_params)
     abstract_params = strip_axis_names(abstract_boxed_params)
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    abstract_opt = jax.eval_shape(tx.init, split_frozen(abstract_params)[1])
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     opt_specs = optax.tree_map_params(
         tx,
         lambda _, spec: spec,
         abstract_opt,
-        param_specs,
+        split_frozen(param_specs)[1],
         transform_non_params=lambda _: PartitionSpec(),
         is_leaf=is_spec,
     )
@@ -56,7 +72,7 @@ def state_logical_specs(abstract_boxed_params: Any, tx: optax.GradientTransforma
 def _init_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation):
     def init(rng):
         params = nn.unbox(init_params(rng))
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(split_frozen(params)[1]))
 
     return init
 

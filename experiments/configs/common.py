@@ -6,7 +6,8 @@ Every stage (pretraining and each post-training stage) has the same sub-sections
   train  the loop (train/loop.py): batch, steps, log/eval/checkpoint cadence, seed, ...
   optim  AdamW and its schedule (train/optim.py); total_steps=0 spans the stage's steps
   mesh   the device mesh (train/sharding.py)
-and a stage with constants of its own has an `algorithm` section. Every field can be
+and a stage with constants of its own has an `algorithm` section; the stages that train a
+language model alone (SFT, DPO, GRPO) have a `lora` section (train/lora.py). Every field can be
 overridden from the command line, type-checked, e.g. `--config.optim.lr=1e-3`,
 `--config.sft.optim.lr=1e-4`, `--config.ppo.train.num_steps=50`.
 """
@@ -18,6 +19,7 @@ import dataclasses
 from ml_collections import ConfigDict, config_dict
 
 from model.config import get_preset
+from train.lora import LoraConfig
 from train.optim import OptimConfig
 
 
@@ -69,6 +71,16 @@ def optim_fields(**overrides) -> ConfigDict:
 
 def mesh_fields(**overrides) -> ConfigDict:
     return ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, **overrides})
+
+
+def lora_fields(**overrides) -> ConfigDict:
+    """LoRA: rank 0 trains every parameter; rank r > 0 freezes the model and trains rank-r
+    adapters on the kernels `targets` names (the update scaled by alpha / r)."""
+    fields = {f.name: f.default for f in dataclasses.fields(LoraConfig)}
+    unknown = set(overrides) - set(fields)
+    if unknown:
+        raise KeyError(f"unknown lora fields {sorted(unknown)}")
+    return ConfigDict({**fields, **overrides})
 
 
 def stage_config(data: dict, train: dict, optim: dict, algorithm: dict | None = None) -> ConfigDict:

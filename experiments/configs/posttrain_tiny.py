@@ -3,12 +3,14 @@ DPO, small enough for a 2-core CPU (about 20 minutes end to end).
 
 Every stage section (sft, reward, ppo, dpo) has the sub-sections of pretraining: data,
 train, optim, mesh (experiments/configs/common.py), plus `algorithm` for its constants.
+SFT, GRPO and DPO also have `lora`: `--config.sft.lora.rank=8` freezes the model and trains
+rank-8 adapters instead (train/lora.py); rank 0, the default, trains every parameter.
 """
 
 from ml_collections import ConfigDict
 
 from experiments.configs import stdlib_tiny
-from experiments.configs.common import stage_config
+from experiments.configs.common import lora_fields, stage_config
 
 
 def get_config():
@@ -42,6 +44,10 @@ def get_config():
         ),
         optim=dict(lr=1e-3, end_lr=1e-4, warmup_steps=10, **no_decay),
     )
+    # LoRA (rank 0: off): adapters on the attention and MLP kernels, scaled by alpha / rank;
+    # targets are groups (attention, mlp) or kernel names (query, key, value, out, gate, up,
+    # down). Adapters train well at a learning rate about 10x a full fine-tune's.
+    c.sft.lora = lora_fields(rank=0, alpha=16.0, targets="attention,mlp")
     c.reward = stage_config(
         data=dict(seq_len=256, normalization_samples=64),
         train=dict(
@@ -117,6 +123,7 @@ def get_config():
             ),
         ),
     )
+    c.grpo.lora = lora_fields()
     c.dpo = stage_config(
         data=dict(seq_len=256),
         train=dict(
@@ -132,6 +139,7 @@ def get_config():
         # answers' NLL), which keeps DPO from lowering the ground truth (rlhf/dpo.py)
         algorithm=dict(beta=0.1, label_smoothing=0.0, nll_weight=1.0),
     )
+    c.dpo.lora = lora_fields()
     # Held-out ground truth: greedy answers to the first num_prompts held-out prompts.
     c.eval = ConfigDict(
         dict(num_prompts=64, temperature=0.0, max_prompt_len=100, max_new_tokens=100, batch_size=16)
