@@ -119,9 +119,9 @@ def fused_attention(
 class Attention(nn.Module):
     """Multi-head self-attention with optional grouped-query heads and KV cache.
 
-    Training with `cfg.dropout_rate > 0` (`deterministic=False`) drops attention
-    probabilities too, as GPT-2 and nanoGPT do; only the reference attention can, so
-    "auto" picks it then (model/auto.py), and an explicitly named kernel trains
+    Training with `cfg.attention_dropout > 0` (`deterministic=False`) drops attention
+    probabilities, as GPT-2 and nanoGPT do; only the reference attention can, so "auto"
+    picks it for such steps (model/auto.py), and an explicitly named kernel trains
     without attention dropout."""
 
     cfg: ModelConfig
@@ -179,7 +179,7 @@ class Attention(nn.Module):
 
         plain_causal = cache is None and segment_ids_BL is None
         one_token_step = cache is not None and q_BLHD.shape[1] == 1
-        attention_dropout = not self.deterministic and cfg.dropout_rate > 0
+        attention_dropout = not self.deterministic and cfg.attention_dropout > 0
         backend = (
             "reference"
             if cache is not None
@@ -205,7 +205,9 @@ class Attention(nn.Module):
             mask = attention_mask(positions_BL, kv_positions_BK, segment_ids_BL, kv_segments_BK)
             dropout = None
             if attention_dropout:
-                dropout = nn.Dropout(cfg.dropout_rate, deterministic=False, name="attn_dropout")
+                dropout = nn.Dropout(
+                    cfg.attention_dropout, deterministic=False, name="attn_dropout"
+                )
             out_BLHD = reference_attention(q_BLHD, k_BKGD, v_BKGD, mask, dropout)
         elif backend == "pallas":
             out_BLHD = flash.flash_attention(q_BLHD, k_BKGD, v_BKGD, segment_ids_BL, positions_BL)

@@ -89,7 +89,8 @@ class ModelConfig:
     activation: Activation = "gelu"
     use_bias: bool = False
     tie_embeddings: bool = True
-    dropout_rate: float = 0.0
+    dropout_rate: float = 0.0  # embeddings and both residual branches, while training
+    attention_dropout: float = 0.0  # attention probabilities, while training (reference path)
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: RematPolicy = "none"
@@ -121,8 +122,11 @@ class ModelConfig:
             )
         if self.positional == "rope" and self.head_dim % 2:
             raise ValueError(f"ModelConfig: RoPE needs an even head_dim, got {self.head_dim}")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        for field in ("dropout_rate", "attention_dropout"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                raise ValueError(
+                    f"ModelConfig.{field} must be in [0, 1), got {getattr(self, field)}"
+                )
         self._check_rope_scaling()
         if self.vocab_multiple <= 0:
             raise ValueError(

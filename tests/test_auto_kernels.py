@@ -49,6 +49,8 @@ def test_explicit_kernels_are_kept_off_the_gpu():
 def test_config_rejects_unknown_choices(field):
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{field: "fastest"})
+    with pytest.raises(ValueError, match="attention_dropout"):
+        ModelConfig(attention_dropout=1.0)
 
 
 def test_auto_model_on_cpu_is_the_reference_model():
@@ -62,9 +64,9 @@ def test_auto_model_on_cpu_is_the_reference_model():
 
 
 def test_attention_dropout_only_while_training():
-    """dropout_rate also drops attention probabilities (as nanoGPT does), in training only."""
+    """attention_dropout drops attention probabilities (as nanoGPT does), in training only."""
     tokens = jnp.arange(24, dtype=jnp.int32).reshape(2, 12) % 256
-    model = LanguageModel(get_preset("tiny", dropout_rate=0.5))
+    model = LanguageModel(get_preset("tiny", attention_dropout=0.5))
     params = model.init(jax.random.key(0), tokens)["params"]
     apply = lambda **kw: model.apply({"params": params}, tokens, **kw)  # noqa: E731
     np.testing.assert_array_equal(
@@ -73,9 +75,21 @@ def test_attention_dropout_only_while_training():
     a, b = (apply(deterministic=False, rngs={"dropout": jax.random.key(i)}) for i in (1, 2))
     assert not np.allclose(a, b)
     # the attention block alone differs too: its probabilities are dropped
-    attention = Attention(get_preset("tiny", dropout_rate=0.5), deterministic=False)
+    attention = Attention(get_preset("tiny", attention_dropout=0.5), deterministic=False)
     x = jax.random.normal(jax.random.key(3), (2, 12, 64))
     positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
     variables = attention.init(jax.random.key(0), x, positions, None)
     run = lambda m: m.apply(variables, x, positions, None, rngs={"dropout": jax.random.key(4)})[0]  # noqa: E731
     assert not np.allclose(run(attention), run(attention.clone(deterministic=True)))
+
+
+def test_a_run_resumes_under_another_kernel_choice():
+    """Kernels compute the same function with the same parameters: a checkpoint written
+    with norm_impl="xla" (the old default) resumes under "auto"; other fields still count."""
+    from train.workdir import KERNEL_FIELDS, RESUMABLE_PREFIXES, config_differences
+
+    old = {"model": {"norm_impl": "xla", "decode_attention": "reference", "d_model": 64}}
+    new = {"model": {"norm_impl": "auto", "decode_attention": "auto", "d_model": 64}}
+    assert config_differences(old, new, RESUMABLE_PREFIXES) == []
+    assert config_differences(old["model"], new["model"], KERNEL_FIELDS) == []
+    assert config_differences(old, {"model": {**new["model"], "d_model": 32}}, RESUMABLE_PREFIXES)

@@ -39,7 +39,12 @@ from train import launch, sharding
 from train.checkpoint import Checkpointer, abstract_like
 from train.metrics_writer import MetricsWriter, keep_history
 from train.state import TrainState
-from train.workdir import RESUMABLE_PREFIXES, config_differences, differences_message
+from train.workdir import (
+    KERNEL_FIELDS,
+    RESUMABLE_PREFIXES,
+    config_differences,
+    differences_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +196,7 @@ def _check_same_experiment(stage: Stage, meta: dict, step: int) -> None:
     diffs = config_differences(
         meta.get("config", {}), stage.meta.get("config", {}), RESUMABLE_PREFIXES
     )
-    diffs += config_differences(meta.get("model", {}), stage.meta.get("model", {}))
+    diffs += config_differences(meta.get("model", {}), stage.meta.get("model", {}), KERNEL_FIELDS)
     if diffs:
         raise ValueError(differences_message(where, diffs))
 
