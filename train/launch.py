@@ -2,9 +2,9 @@
 measures it.
 
 The persistent compilation cache: XLA's compilation of a training step (autotuning
-included) is most of the time from launch to the first step on a GPU (BENCHMARKS.md,
-"Time to the first step"), and it is the same on every launch of the same config. JAX
-stores each compiled executable under a key of its HLO, the backend and the flags, so a
+included) is most of the time from launch to the first step on a GPU (21.3 of gpt2-124m's
+45.6 s, BENCHMARKS.md, "Speed round two"), and it is the same on every launch of the same
+config. JAX stores each compiled executable under a key of its HLO, the backend and the flags, so a
 later launch loads it instead of compiling. On by default for the commands
 (experiments/cli.py), in `default_cache_dir()`; JAX_COMPILATION_CACHE_DIR or the
 `--compilation_cache` flag choose another folder, an empty value turns it off. Library
@@ -12,9 +12,9 @@ callers (tests, notebooks) get JAX's own default: no cache.
 
 Threefry as one GPU kernel: JAX's default GPU lowering unrolls threefry's rounds into
 every fusion that draws random bits, and each such fusion takes about 0.75 s to compile
-(gpt2-124m's state init: 55.9 s, against 4.3 s with the kernel, BENCHMARKS.md). The
-commands lower it to JAX's threefry kernel everywhere, so dropout masks (one draw per
-dropout site) compile fast too. Same bits, so the same parameters and masks; the kernel
+(gpt2-124m's state init: 55.9 s, against 4.3 s with the kernel, BENCHMARKS.md). On one
+device the commands lower it to JAX's threefry kernel everywhere, so dropout masks (one
+draw per dropout site) compile fast too. Same bits, so the same parameters and masks; the kernel
 reads broadcast keys, more memory traffic per draw than the fused form.
 """
 
@@ -58,8 +58,10 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
 
 def configure_accelerator(cache_dir: str | os.PathLike | None = None) -> Path | None:
     """What the commands set on a GPU/TPU before compiling anything: the compilation cache
-    (returns its folder) and threefry as one kernel (a GPU-only setting)."""
-    jax.config.update("jax_threefry_gpu_kernel_lowering", True)
+    (returns its folder) and, with one device, threefry as one kernel (a GPU-only setting;
+    with several, XLA's partitioner would run the kernel whole on every device)."""
+    if jax.device_count() == 1:
+        jax.config.update("jax_threefry_gpu_kernel_lowering", True)
     return enable_compilation_cache(cache_dir)
 
 

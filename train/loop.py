@@ -260,7 +260,7 @@ class _Run:
 
     def _first_step_done(self, began: float, metrics: dict) -> None:
         """Waits for the first step once and says how long the start took: the time users
-        wait for (BENCHMARKS.md, "Time to the first step")."""
+        wait for (BENCHMARKS.md, "Speed round two")."""
         jax.block_until_ready(metrics)
         log.info(
             "%s: first step done %.1f s after launch (%.1f s in the step, compiling included)",

@@ -77,16 +77,18 @@ def state_shardings(
 
 
 @contextlib.contextmanager
-def fast_rng_compile() -> Iterator[None]:
+def fast_rng_compile(enabled: bool = True) -> Iterator[None]:
     """Threefry lowered to one GPU kernel (JAX's jax_threefry_gpu_kernel_lowering) while
     a state init is traced and compiled. The default GPU lowering unrolls threefry's 20
-    rounds into every random tensor's fusion, and each of those compiles for about a
-    second: most of gpt2-124m's ~60 s init (BENCHMARKS.md, "Time to the first step").
+    rounds into every random tensor's fusion, and each of those compiles for about
+    0.75 s on an H200: most of gpt2-124m's ~60 s init (BENCHMARKS.md, "Speed round two").
     The bits are the same (the same function), so the parameters are too; the kernel
-    costs some memory for broadcast keys while it runs. No effect off the GPU."""
+    costs some memory for broadcast keys while it runs. No effect off the GPU.
+    `enabled=False` leaves the lowering alone: callers pass it for sharded inits, since
+    the kernel is a custom call that XLA's partitioner would run whole on every device."""
     name = "jax_threefry_gpu_kernel_lowering"
     previous = getattr(jax.config, name)
-    jax.config.update(name, True)
+    jax.config.update(name, enabled or previous)
     try:
         yield
     finally:
@@ -105,7 +107,7 @@ def create_train_state(
     e.g. `lambda r: model.init(r, tokens)["params"]`.
     """
     shardings = state_shardings(init_params, tx, mesh, rng)
-    with sharding.mesh_context(mesh), fast_rng_compile():
+    with sharding.mesh_context(mesh), fast_rng_compile(enabled=mesh.size == 1):
         state = jax.jit(_init_state(init_params, tx), out_shardings=shardings)(rng)
     return state, shardings
 

@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Launch-time measurements on one GPU (BENCHMARKS.md, "shakespeare_char" and "Time to the
-# first step"): the shakespeare_char recipe as shipped, wall time from launch to its best
+# Launch-time measurements on one GPU (BENCHMARKS.md, "Speed round two"): the shakespeare_char recipe as shipped, wall time from launch to its best
 # validation loss; gpt2-124m from launch to its first step, with an empty and with a filled
 # compilation cache; where the start-up time goes, phase by phase. Needs the text at
 # $SHAKESPEARE and gpt2_124m's data prepared in $GPT2_DATA (python -m data.prepare

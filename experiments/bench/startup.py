@@ -7,7 +7,7 @@ The same calls as `train.pretrain.build` and the loop's first step, each phase t
 its own (device work waited for): imports, data (prepared data opened, eval batches put
 on the device), state init (trace + lower, compile, run), step (lower, compile, run).
 Prints one JSON line. The environment picks the variants compared in BENCHMARKS.md
-("Time to the first step"), e.g. JAX_DEFAULT_PRNG_IMPL=rbg.
+("Speed round two"), e.g. JAX_DEFAULT_PRNG_IMPL=rbg.
 """
 
 from __future__ import annotations
