@@ -15,6 +15,10 @@ The per-document work (normalisation, quality rules, MinHash) runs in worker pro
 the order-dependent part (which copy of a duplicate is kept) runs in this process in input
 order, so the result is the same for any number of workers.
 
+Documents whose split the source fixed (`text:PATH:val_tail=F`, data/sources.py) are kept
+whole: normalised, dropped only when unreadable or empty, never by the quality rules or
+as duplicates, so that train and val are exactly the text before and after the cut.
+
 Workers are forked, and only where that is safe: a fork copies the locks that other
 threads hold, and the child can deadlock on them. JAX's runtime is multithreaded once it
 has started, so a process that imported JAX, or runs any Python thread besides the main
@@ -51,6 +55,7 @@ class CuratedDocument:
     kind: str
     text: str  # normalised
     nbytes: int  # bytes as read, as counted in the report
+    split: str | None = None  # the split the source fixed (data.sources val_tail), else None
 
 
 def normalize(text: str) -> str:
@@ -75,7 +80,9 @@ def _analyse(doc: RawDocument) -> tuple[str | None, str | None, bytes | None, np
     if not text.strip():
         return "empty", None, None, None
     digest = dedup.content_hash(text)
-    reason = quality.drop_reason(text, doc.kind)
+    # A document whose split the source fixed (a text corpus's val_tail) is the text as
+    # the user cut it: the quality rules would leave holes in the contiguous split.
+    reason = None if doc.split else quality.drop_reason(text, doc.kind)
     sig = None if reason else dedup.minhash_signature(text, *_PERM)
     # Most texts are already normalised: send None back rather than pickling a copy.
     return reason, (None if text == doc.text else text), digest, sig
@@ -274,7 +281,8 @@ def _decide(
 
         stream = tqdm(stream, desc="curating", unit=" docs")
     for doc, (reason, text, digest, sig) in stream:
-        if digest is not None:  # exact duplicates outrank quality reasons
+        verbatim = doc.split is not None  # as in _analyse: kept whole, like nanoGPT's splits
+        if digest is not None and not verbatim:  # exact duplicates outrank quality reasons
             if digest in held.hashes:
                 reason = "held_out_copy"
             elif digest in seen_hashes:
@@ -283,9 +291,11 @@ def _decide(
                 seen_hashes.add(digest)
         if reason is None and held.near.find(sig) is not None:
             reason = "held_out_near_copy"
-        if reason is None and near.add_if_new(sig) is not None:
+        if reason is None and not verbatim and near.add_if_new(sig) is not None:
             reason = "near_duplicate"
         report.add(doc, reason)
         if reason is None:
-            kept.append(CuratedDocument(doc.name, doc.kind, text or doc.text, doc.nbytes))
+            kept.append(
+                CuratedDocument(doc.name, doc.kind, text or doc.text, doc.nbytes, doc.split)
+            )
     return kept, report

@@ -74,9 +74,11 @@ def split_of(text: str, val_fraction: float) -> str:
 
 
 def _assign_splits(docs: list[CuratedDocument], val_fraction: float) -> dict[str, list]:
+    """Each document's split: the one its source fixed (a text corpus's val_tail), else
+    by `split_of` with `val_fraction`."""
     splits: dict[str, list[CuratedDocument]] = {"train": [], "val": []}
     for doc in docs:
-        splits[split_of(doc.text, val_fraction)].append(doc)
+        splits[doc.split or split_of(doc.text, val_fraction)].append(doc)
     # Tiny corpora: make sure both splits exist (moves whole documents, so still disjoint).
     if not splits["val"] and val_fraction > 0:
         splits["val"].append(splits["train"].pop())
@@ -410,7 +412,8 @@ def _define_flags() -> None:
     flags.DEFINE_string(
         "corpus",
         "stdlib",
-        "stdlib[:holdout=F] | python[:holdout=F] | text:PATH | jsonl:PATH:FIELD | tfds:NAME",
+        "stdlib[:holdout=F] | python[:holdout=F] | text:PATH[:val_tail=F] | jsonl:PATH:FIELD | "
+        "tfds:NAME",
     )
     flags.DEFINE_string("out", None, "the folder to write (see above)", required=True)
     flags.DEFINE_integer("vocab_size", 8192, "tokenizer vocabulary size")
@@ -420,7 +423,9 @@ def _define_flags() -> None:
         f"{' | '.join(MODEL_TYPES)}: train one; or the path of an existing tokenizer (file or "
         "directory, e.g. an imported model's DIR/tokenizer): use it, train none",
     )
-    flags.DEFINE_float("val_fraction", 0.05, "fraction of documents in the val split")
+    flags.DEFINE_float(
+        "val_fraction", 0.05, "fraction of documents in the val split (unless val_tail sets it)"
+    )
     flags.DEFINE_integer("seed", 0, "seed of sampling in curation and tokenizer training")
     flags.DEFINE_integer("num_workers", None, "curation processes (default: one per core, 2 max)")
     flags.DEFINE_integer("max_docs", None, "read at most this many documents")

@@ -10,6 +10,11 @@ Spec forms:
                         each document carries its package and licence
   python:holdout=F    - the same without the held-out standard-library files
   text:PATH           - a text file or a folder of files (walked in sorted order)
+  text:PATH:val_tail=F - the same, its validation split the contiguous last fraction F of
+                        the text (by characters, cut at a line start), as nanoGPT splits
+                        its corpora: every document carries its split, so data.prepare
+                        does not hash documents into splits for it, and curation keeps
+                        both splits whole (no quality or duplicate drops)
   jsonl:PATH:FIELD    - JSON Lines file (or folder of *.jsonl), text in FIELD
   tfds:NAME[:FIELD]   - a TFDS catalog dataset (train split), text in FIELD (default "text"),
                         already prepared in array_record format under the TFDS data dir
@@ -68,6 +73,7 @@ class RawDocument:
     error: str | None = None  # drop reason found while reading
     package: str | None = None  # python corpus: the distribution (or "stdlib")
     license: str | None = None  # python corpus: the distribution's licence
+    split: str | None = None  # "train" | "val" when the spec fixes it (val_tail), else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +82,14 @@ class CorpusSpec:
     path: str = ""
     field: str = "text"
     holdout: float = 0.0  # stdlib, python: fraction of stdlib files left out (is_held_out)
+    val_tail: float = 0.0  # text: fraction of the text, at its end, that is the val split
 
     def __str__(self) -> str:
         if self.kind in _HOLDOUT_KINDS:
             return f"{self.kind}:holdout={self.holdout}" if self.holdout else self.kind
         if self.kind == "text":
-            return f"text:{self.path}"
+            tail = f":val_tail={self.val_tail}" if self.val_tail else ""
+            return f"text:{self.path}{tail}"
         return f"{self.kind}:{self.path}:{self.field}"
 
 
@@ -102,7 +110,16 @@ def parse_spec(spec: str) -> CorpusSpec:
             raise CorpusError(f"{kind}:holdout=F needs 0 <= F < 1, got {spec!r}")
         return CorpusSpec(kind, holdout=holdout)
     if kind == "text" and rest:
-        return CorpusSpec("text", rest)
+        path, sep, option = rest.rpartition(":val_tail=")
+        if not sep:
+            return CorpusSpec("text", rest)
+        try:
+            val_tail = float(option)
+        except ValueError:
+            val_tail = -1.0
+        if not path or not 0.0 < val_tail < 1.0:
+            raise CorpusError(f"text:PATH:val_tail=F needs a path and 0 < F < 1, got {spec!r}")
+        return CorpusSpec("text", path, val_tail=val_tail)
     if kind == "jsonl" and rest:
         path, sep, field = rest.rpartition(":")
         if not sep or not path or not field:
@@ -112,8 +129,8 @@ def parse_spec(spec: str) -> CorpusSpec:
         name, sep, field = rest.partition(":")
         return CorpusSpec("tfds", name, field if sep else "text")
     raise CorpusError(
-        f"unknown corpus spec {spec!r}; use stdlib[:holdout=F], python[:holdout=F], text:PATH, "
-        "jsonl:PATH:FIELD or tfds:NAME"
+        f"unknown corpus spec {spec!r}; use stdlib[:holdout=F], python[:holdout=F], "
+        "text:PATH[:val_tail=F], jsonl:PATH:FIELD or tfds:NAME"
     )
 
 
@@ -234,10 +251,55 @@ def _file_documents(path: Path, kind: str | None = None) -> Iterator[RawDocument
     if error:
         yield RawDocument(str(path), kind, None, len(data), error)
         return
+    yield from _text_documents(str(path), kind, text)
+
+
+def _text_documents(
+    name: str, kind: str, text: str, split: str | None = None
+) -> Iterator[RawDocument]:
+    """One document, or for prose the pieces of `split_prose`, named NAME#i."""
     pieces = split_prose(text) if kind == "prose" else [text]
     for i, piece in enumerate(pieces):
-        name = str(path) if len(pieces) == 1 else f"{path}#{i}"
-        yield RawDocument(name, kind, piece, len(piece.encode("utf-8")))
+        piece_name = name if len(pieces) == 1 else f"{name}#{i}"
+        yield RawDocument(piece_name, kind, piece, len(piece.encode("utf-8")), split=split)
+
+
+def tail_cut(text: str, fraction: float) -> int:
+    """Where the last `fraction` of `text` begins: the first line start at or after
+    len(text) * (1 - fraction), so no line is split between train and val."""
+    at = int(len(text) * (1.0 - fraction))
+    if at == 0 or text[at - 1] == "\n":
+        return at
+    newline = text.find("\n", at)
+    return len(text) if newline < 0 else newline + 1
+
+
+def _tail_split_documents(root: Path, fraction: float) -> Iterator[RawDocument]:
+    """The files of `root` in walk order as one text: before the cut train, after it val.
+
+    The file the cut falls in is split there into two documents, NAME@train and NAME@val,
+    so the val split is exactly the contiguous tail of the text, the same on every run.
+    Unreadable files still become error documents (they hold no text, so no split).
+    """
+    files = []
+    for path in _walk(root):
+        data = path.read_bytes()
+        kind = "code" if path.suffix.lower() in CODE_EXTENSIONS else "prose"
+        text, error = decode_bytes(data)
+        files.append((path, kind, text, len(data), error))
+    cut = tail_cut("".join(text for _, _, text, _, error in files if not error), fraction)
+    start = 0  # offset of the current file in the joined text
+    for path, kind, text, nbytes, error in files:
+        if error:
+            yield RawDocument(str(path), kind, None, nbytes, error)
+            continue
+        local = min(max(cut - start, 0), len(text))
+        if 0 < local < len(text):
+            yield from _text_documents(f"{path}@train", kind, text[:local], "train")
+            yield from _text_documents(f"{path}@val", kind, text[local:], "val")
+        else:
+            yield from _text_documents(str(path), kind, text, "train" if local else "val")
+        start += len(text)
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[RawDocument]:
@@ -334,6 +396,8 @@ def iter_documents(
         stream = _stdlib_documents(spec.holdout)
     elif spec.kind == "python":
         stream = _python_documents(spec.holdout)
+    elif spec.kind == "text" and spec.val_tail:
+        stream = _tail_split_documents(Path(spec.path), spec.val_tail)
     elif spec.kind == "text":
         stream = (d for p in _walk(Path(spec.path)) for d in _file_documents(p))
     elif spec.kind == "jsonl":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from train import distributed
+from train import distributed, launch
 
 EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_INTERRUPTED, EXIT_BUSY = 2, 3, 4, 5
 
@@ -32,6 +32,12 @@ flags.DEFINE_integer("num_processes", 0, "number of processes (0: env JAX_NUM_PR
 flags.DEFINE_integer("process_id", -1, "this process's index (-1: env JAX_PROCESS_ID or 0)")
 flags.DEFINE_bool("distributed_auto", False, "let JAX find the cluster (TPU pods, SLURM)")
 flags.DEFINE_bool("verbose", False, "show tracebacks and library log messages")
+flags.DEFINE_string(
+    "compilation_cache",
+    None,
+    "folder of the persistent compilation cache on a GPU/TPU (default: "
+    "$JAX_COMPILATION_CACHE_DIR, else ~/.cache/fromscratch-lm/jax); '' turns it off",
+)
 
 FLAGS = flags.FLAGS
 _QUIET_LOGGERS = ("absl", "jax._src", "orbax", "tensorstore", "tensorflow", "etils")
@@ -39,13 +45,20 @@ _QUIET_LOGGERS = ("absl", "jax._src", "orbax", "tensorstore", "tensorflow", "eti
 
 def setup() -> None:
     """Logging for the run, then joins the process group if one is configured. Nothing
-    before this touches a JAX backend, so `jax.distributed.initialize` can run here."""
+    before this touches a JAX backend, so `jax.distributed.initialize` can run here.
+    Then, on an accelerator, the persistent compilation cache and threefry as one kernel
+    (train/launch.py); on the CPU neither (the small models and tests that run there
+    gain little from a cache shared between processes)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     for name in _QUIET_LOGGERS:  # their warnings must not drown the project's own messages
         logging.getLogger(name).setLevel(logging.WARNING if FLAGS.verbose else logging.CRITICAL)
     distributed.initialize(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed_auto
     )
+    import jax
+
+    if jax.default_backend() != "cpu":
+        launch.configure_accelerator(FLAGS.compilation_cache)
 
 
 def exit_status(error: BaseException) -> int | None:

@@ -14,12 +14,14 @@ position.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model.auto import choose_backend, choose_decode_attention
 from model.config import ModelConfig
 from model.kernels import flash_attention as flash
 from model.kernels.decode_attention import decode_attention, supported
@@ -68,9 +70,14 @@ def apply_rope(x_BLHD: jax.Array, positions_BL: jax.Array, inv_freq_F: jax.Array
 
 
 def reference_attention(
-    q_BQHD: jax.Array, k_BKGD: jax.Array, v_BKGD: jax.Array, mask_BQK: jax.Array
+    q_BQHD: jax.Array,
+    k_BKGD: jax.Array,
+    v_BKGD: jax.Array,
+    mask_BQK: jax.Array,
+    dropout: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
-    """softmax(q k^T / sqrt(D), masked) v, scores and softmax in float32."""
+    """softmax(q k^T / sqrt(D), masked) v, scores and softmax in float32; `dropout`, if
+    given, is applied to the probabilities (training with attention dropout)."""
     B, Q, H, D = q_BQHD.shape
     G = k_BKGD.shape[2]
     q_BQGRD = q_BQHD.reshape(B, Q, G, H // G, D)
@@ -78,7 +85,10 @@ def reference_attention(
         "bqgrd,bkgd->bgrqk", q_BQGRD, k_BKGD, preferred_element_type=jnp.float32
     ) * (D**-0.5)
     scores_BGRQK = jnp.where(mask_BQK[:, None, None], scores_BGRQK, MASK_VALUE)
-    probs_BGRQK = jax.nn.softmax(scores_BGRQK, axis=-1).astype(v_BKGD.dtype)
+    probs_BGRQK = jax.nn.softmax(scores_BGRQK, axis=-1)
+    if dropout is not None:
+        probs_BGRQK = dropout(probs_BGRQK)
+    probs_BGRQK = probs_BGRQK.astype(v_BKGD.dtype)
     out_BQGRD = jnp.einsum("bgrqk,bkgd->bqgrd", probs_BGRQK, v_BKGD)
     return out_BQGRD.reshape(B, Q, H, D)
 
@@ -106,29 +116,16 @@ def fused_attention(
     )
 
 
-def choose_backend(cfg: ModelConfig, packed: bool) -> str:
-    """The attention implementation for `cfg` ("auto" resolved); `packed`: segment ids given.
-
-    "auto", measured on an H200 (BENCHMARKS.md, flash attention): on a GPU, cuDNN's
-    causal kernel for whole rows, the Pallas kernel for packed rows (cuDNN would need a
-    dense [B, 1, T, T] mask: 1.4-1.9x slower there); for float32, which cuDNN does not
-    take, the Pallas kernel too (not measured); elsewhere the reference.
-    """
-    if cfg.attention_backend != "auto":
-        return cfg.attention_backend
-    if jax.default_backend() != "gpu":
-        return "reference"
-    H, G, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-    cudnn_ok = cfg.dtype in ("bfloat16", "float16") and D % 8 == 0 and D <= 256
-    if flash.supported(H, G, D) and (packed or not cudnn_ok):
-        return "pallas"
-    return "cudnn" if cudnn_ok else "reference"
-
-
 class Attention(nn.Module):
-    """Multi-head self-attention with optional grouped-query heads and KV cache."""
+    """Multi-head self-attention with optional grouped-query heads and KV cache.
+
+    Training with `cfg.attention_dropout > 0` (`deterministic=False`) drops attention
+    probabilities, as GPT-2 and nanoGPT do; only the reference attention can, so "auto"
+    picks it for such steps (model/auto.py), and an explicitly named kernel trains
+    without attention dropout."""
 
     cfg: ModelConfig
+    deterministic: bool = True
 
     @nn.compact
     def __call__(
@@ -182,12 +179,18 @@ class Attention(nn.Module):
 
         plain_causal = cache is None and segment_ids_BL is None
         one_token_step = cache is not None and q_BLHD.shape[1] == 1
-        backend = "reference" if cache is not None else choose_backend(cfg, not plain_causal)
+        attention_dropout = not self.deterministic and cfg.attention_dropout > 0
+        backend = (
+            "reference"
+            if cache is not None
+            else choose_backend(cfg, not plain_causal, attention_dropout)
+        )
         # With a cache, the hand-written attention whatever the backend: a decoding step's
         # one query per row is a matrix-vector product over the cache, where a flash
         # kernel saves nothing, and cuDNN's kernels are built for long query blocks;
         # or, for one-token steps, the same computation as one Pallas kernel.
-        if one_token_step and cfg.decode_attention == "pallas" and supported(H, G, D):
+        decode_kernel = choose_decode_attention(cfg) == "pallas" and supported(H, G, D)
+        if one_token_step and decode_kernel:
             out_BHD = decode_attention(
                 q_BLHD[:, 0],
                 k_BKGD,
@@ -200,7 +203,12 @@ class Attention(nn.Module):
             out_BLHD = out_BHD[:, None]
         elif backend == "reference":
             mask = attention_mask(positions_BL, kv_positions_BK, segment_ids_BL, kv_segments_BK)
-            out_BLHD = reference_attention(q_BLHD, k_BKGD, v_BKGD, mask)
+            dropout = None
+            if attention_dropout:
+                dropout = nn.Dropout(
+                    cfg.attention_dropout, deterministic=False, name="attn_dropout"
+                )
+            out_BLHD = reference_attention(q_BLHD, k_BKGD, v_BKGD, mask, dropout)
         elif backend == "pallas":
             out_BLHD = flash.flash_attention(q_BLHD, k_BKGD, v_BKGD, segment_ids_BL, positions_BL)
         else:
@@ -211,7 +219,11 @@ class Attention(nn.Module):
             )
             out_BLHD = fused_attention(q_BLHD, k_BKGD, v_BKGD, mask, backend)
 
-        w_out = dense_param(self, "out", (H, D, cfg.d_model), ("heads", "head_dim", "embed"))
+        # fan-in H * D, the inputs each output sums over (the first dimension alone, H,
+        # gave an init std sqrt(D) times too large: 0.41 instead of 0.05 at H=6, D=64)
+        w_out = dense_param(
+            self, "out", (H, D, cfg.d_model), ("heads", "head_dim", "embed"), fan_in=H * D
+        )
         y_BLD = jnp.einsum("blhk,hkd->bld", out_BLHD, w_out.astype(dtype))
         if cfg.use_bias:
             y_BLD += dense_param(self, "out_bias", (cfg.d_model,), ("embed",), zeros=True)

@@ -16,8 +16,8 @@ Norm = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "swiglu"]
 RopeScaling = Literal["none", "linear", "llama3"]
 AttentionBackend = Literal["auto", "reference", "xla", "cudnn", "pallas"]
-NormImpl = Literal["xla", "pallas"]
-DecodeAttention = Literal["reference", "pallas"]
+NormImpl = Literal["auto", "xla", "pallas"]
+DecodeAttention = Literal["auto", "reference", "pallas"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
 _CHOICES = {
@@ -26,8 +26,8 @@ _CHOICES = {
     "activation": ("gelu", "swiglu"),
     "rope_scaling": ("none", "linear", "llama3"),
     "attention_backend": ("auto", "reference", "xla", "cudnn", "pallas"),
-    "norm_impl": ("xla", "pallas"),
-    "decode_attention": ("reference", "pallas"),
+    "norm_impl": ("auto", "xla", "pallas"),
+    "decode_attention": ("auto", "reference", "pallas"),
     "remat": ("none", "full", "dots", "dots_no_batch"),
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
@@ -44,11 +44,13 @@ class ModelConfig:
     attention needs a GPU and bf16/fp16); "pallas" is the flash-attention kernel
     that takes segment ids (`model/kernels/flash_attention.py`); "auto" picks the
     fastest correct one on a GPU and the reference elsewhere
-    (`model.attention.choose_backend`).
+    (`model.auto.choose_backend`).
 
     `norm_impl="pallas"` and `decode_attention="pallas"` use the hand-written
     GPU kernels in `model/kernels/` for the norms and for one-token decoding
-    steps (BENCHMARKS.md measures both against the XLA/reference paths).
+    steps (BENCHMARKS.md measures both against the XLA/reference paths);
+    "auto", the default for both, picks them on a GPU and the XLA/reference
+    code elsewhere (`model/auto.py`, the one place every "auto" is resolved).
 
     The embedding table and output head have `padded_vocab` rows, vocab_size
     rounded up to `vocab_multiple` because matrix products with a multiple of
@@ -87,14 +89,15 @@ class ModelConfig:
     activation: Activation = "gelu"
     use_bias: bool = False
     tie_embeddings: bool = True
-    dropout_rate: float = 0.0
+    dropout_rate: float = 0.0  # embeddings and both residual branches, while training
+    attention_dropout: float = 0.0  # attention probabilities, while training (reference path)
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: RematPolicy = "none"
     scan_layers: bool = False
     attention_backend: AttentionBackend = "auto"
-    norm_impl: NormImpl = "xla"
-    decode_attention: DecodeAttention = "reference"
+    norm_impl: NormImpl = "auto"
+    decode_attention: DecodeAttention = "auto"
 
     def __post_init__(self):
         for field, allowed in _CHOICES.items():
@@ -119,8 +122,11 @@ class ModelConfig:
             )
         if self.positional == "rope" and self.head_dim % 2:
             raise ValueError(f"ModelConfig: RoPE needs an even head_dim, got {self.head_dim}")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(f"ModelConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        for field in ("dropout_rate", "attention_dropout"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                raise ValueError(
+                    f"ModelConfig.{field} must be in [0, 1), got {getattr(self, field)}"
+                )
         self._check_rope_scaling()
         if self.vocab_multiple <= 0:
             raise ValueError(

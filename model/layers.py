@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from model.auto import choose_norm_impl
 from model.config import ModelConfig
 from model.kernels import layer_norm
 
@@ -53,9 +54,10 @@ class Norm(nn.Module):
 
     `keep_input=True` returns (x_BLD, normed) instead of normed: a pre-norm
     block continues its residual stream from that x. With `norm_impl="xla"`
-    it is x unchanged; with "pallas" it passes through the fused kernel's
-    custom_vjp, so the residual stream's cotangent and the norm's are added
-    in the one backward kernel instead of in a separate pass.
+    it is x unchanged; with "pallas" (what "auto" picks on a GPU) it passes
+    through the fused kernel's custom_vjp, so the residual stream's cotangent
+    and the norm's are added in the one backward kernel instead of in a
+    separate pass.
     """
 
     cfg: ModelConfig
@@ -63,7 +65,7 @@ class Norm(nn.Module):
     @nn.compact
     def __call__(self, x_BLD: jax.Array, keep_input: bool = False):
         cfg = self.cfg
-        if cfg.norm_impl == "pallas":
+        if choose_norm_impl(cfg) == "pallas":
             return self._fused(x_BLD, keep_input)
         x = x_BLD.astype(jnp.float32)
         if cfg.norm == "layernorm":

@@ -77,7 +77,7 @@ class Block(nn.Module):
         dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         cache = None if layer_cache is None else (layer_cache, *kv_meta)
         x_BLD, normed_BLD = Norm(cfg, name="attn_norm")(x_BLD, keep_input=True)
-        h_BLD, new_cache = Attention(cfg, name="attn")(
+        h_BLD, new_cache = Attention(cfg, self.deterministic, name="attn")(
             normed_BLD, positions_BL, segment_ids_BL, cache
         )
         x_BLD = x_BLD + dropout(h_BLD)

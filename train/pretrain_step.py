@@ -57,7 +57,7 @@ def make_pretrain_step(
     model: nn.Module, tx: optax.GradientTransformation, cfg: StepConfig = StepConfig()
 ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
     """Returns the pure step `(state, batch, rng) -> (state, metrics)` (not yet jitted)."""
-    deterministic = model.cfg.dropout_rate == 0.0
+    deterministic = model.cfg.dropout_rate == 0.0 and model.cfg.attention_dropout == 0.0
     loss_sums = lm_loss_sums(model, cfg.z_loss, deterministic)
 
     def step(state: TrainState, batch: dict, rng: jax.Array):

@@ -7,7 +7,8 @@ exists on one device or on the host.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -91,6 +92,25 @@ def state_shardings(
     return shardings
 
 
+@contextlib.contextmanager
+def fast_rng_compile(enabled: bool = True) -> Iterator[None]:
+    """Threefry lowered to one GPU kernel (JAX's jax_threefry_gpu_kernel_lowering) while
+    a state init is traced and compiled. The default GPU lowering unrolls threefry's 20
+    rounds into every random tensor's fusion, and each of those compiles for about
+    0.75 s on an H200: most of gpt2-124m's ~60 s init (BENCHMARKS.md, "Speed round two").
+    The bits are the same (the same function), so the parameters are too; the kernel
+    costs some memory for broadcast keys while it runs. No effect off the GPU.
+    `enabled=False` leaves the lowering alone: callers pass it for sharded inits, since
+    the kernel is a custom call that XLA's partitioner would run whole on every device."""
+    name = "jax_threefry_gpu_kernel_lowering"
+    previous = getattr(jax.config, name)
+    jax.config.update(name, enabled or previous)
+    try:
+        yield
+    finally:
+        jax.config.update(name, previous)
+
+
 def create_train_state(
     init_params: Callable[[jax.Array], Any],
     tx: optax.GradientTransformation,
@@ -103,7 +123,7 @@ def create_train_state(
     e.g. `lambda r: model.init(r, tokens)["params"]`.
     """
     shardings = state_shardings(init_params, tx, mesh, rng)
-    with sharding.mesh_context(mesh):
+    with sharding.mesh_context(mesh), fast_rng_compile(enabled=mesh.size == 1):
         state = jax.jit(_init_state(init_params, tx), out_shardings=shardings)(rng)
     return state, shardings
 

@@ -22,9 +22,15 @@ from ml_collections import ConfigDict
 
 from train import sharding
 
+# The model's kernel choices: the same function and the same parameters by another
+# implementation (tests hold them equal), so a run may resume under another choice, or
+# under a new default ("auto").
+KERNEL_FIELDS = ("attention_backend", "norm_impl", "decode_attention")
 # Fields a resumed run may change without becoming a different experiment: how long, how
-# often it logs, evaluates and saves, the device layout (orbax reshards on restore).
+# often it logs, evaluates and saves, the device layout (orbax reshards on restore), the
+# kernels.
 RESUMABLE_PREFIXES = (
+    *(f"model.{name}" for name in KERNEL_FIELDS),
     "train.num_steps",
     "train.log_every",
     "train.eval_every",

@@ -22,7 +22,9 @@ REF = ("attention_backend", "reference")
 XLA = ("attention_backend", "xla")
 SCAN = ("scan_layers", True)
 PALLAS_DECODE = (("decode_attention", "pallas"),)
+REF_DECODE = (("decode_attention", "reference"),)
 PALLAS_NORM = ("norm_impl", "pallas")
+XLA_NORM = ("norm_impl", "xla")  # the norms' default is "auto": Pallas on a GPU
 PALLAS_ATTENTION = ("attention_backend", "pallas")
 AUTO = ("attention_backend", "auto")
 
@@ -47,6 +49,7 @@ GPU_TRAIN = [
     _gpt2(64, AUTO, rows="packed"),
     _gpt2(64, AUTO, PALLAS_NORM),
     _gpt2(64, AUTO, PALLAS_NORM, rows="packed"),
+    _gpt2(64, AUTO, XLA_NORM, rows="packed"),
 ]
 GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 1),
@@ -58,6 +61,7 @@ GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 1, loop="sampler", model=PALLAS_DECODE),
     DecodeVariant("gpt-1.3b", 2, model=PALLAS_DECODE),
     DecodeVariant("gpt-1.3b", 64, loop="sampler", model=PALLAS_DECODE),
+    DecodeVariant("gpt-1.3b", 1, loop="sampler", model=REF_DECODE),
 ]
 # Kernel profiles are taken for these variants (by name).
 GPU_PROFILE = {

@@ -101,7 +101,8 @@ def base_config(preset: str = "tiny") -> ConfigDict:
     c.model = model_fields(preset)
     c.data = ConfigDict(
         dict(
-            corpus="stdlib",  # stdlib | stdlib:holdout=F | text:PATH | jsonl:PATH:FIELD | tfds:NAME
+            # stdlib[:holdout=F] | text:PATH[:val_tail=F] | jsonl:PATH:FIELD | tfds:NAME
+            corpus="stdlib",
             dir="",  # prepared data; "" means WORKDIR/data
             tokenizer="bpe",  # bpe | unigram | char, or an existing one's path (init_from: its own)
             vocab_size=4096,

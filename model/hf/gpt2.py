@@ -88,7 +88,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "layer_norm_epsilon": cfg.norm_eps,
         "resid_pdrop": cfg.dropout_rate,
         "embd_pdrop": cfg.dropout_rate,
-        "attn_pdrop": 0.0,  # this model has no dropout on attention probabilities
+        "attn_pdrop": cfg.attention_dropout,
         "scale_attn_weights": True,
         "tie_word_embeddings": cfg.tie_embeddings,
     }

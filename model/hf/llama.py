@@ -116,7 +116,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         "rope_scaling": rope_scaling,
         "attention_bias": cfg.use_bias,
         "mlp_bias": cfg.use_bias,
-        "attention_dropout": 0.0,
+        "attention_dropout": cfg.attention_dropout,
         "tie_word_embeddings": cfg.tie_embeddings,
     }
 

@@ -386,6 +386,11 @@ def _pad_rows(T: int, tuning: Tuning, *arrays):
     return tuple(jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2)) for x in arrays)
 
 
+# jitted so that the kernel is traced and lowered once per shape, not once per layer: a
+# model's identical calls then share one lowered function (gpt2-124m's training step took
+# 9.0 s to trace and 10.6 s to lower for CUDA on a CPU, 9.2 s of it in 86 pallas_call
+# lowerings; 4.1 + 2.0 s with this; BENCHMARKS.md, "Speed round two").
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
 def _forward(q, k, v, seg, pos, *, tuning: Tuning, interpret: bool):
     """(out_BTHD, lse_BHTp) on one device; lse in base 2, padded rows included."""
     B, T, H, D = q.shape
@@ -430,6 +435,7 @@ def _forward(q, k, v, seg, pos, *, tuning: Tuning, interpret: bool):
     return out[:, :T], lse
 
 
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))  # as _forward
 def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: bool):
     """(dq, dk, dv) on one device, from the forward's output and base-2 log-sum-exp."""
     B, T, H, D = q.shape

@@ -192,6 +192,11 @@ def _bwd_kernel(*refs, n_rows, d, d_pad, rows, programs, trips, rms, has_bias, h
         plgpu.store(dbias_ref.at[pid, col_C], jnp.sum(acc[1], axis=0), mask=col_ok_C)
 
 
+# jitted so that each kernel is traced and lowered once per shape, not once per norm of the
+# model (flash_attention._forward says why).
+@functools.partial(
+    jax.jit, static_argnames=("eps", "rms", "out_dtype", "with_stats", "tuning", "interpret")
+)
 def _forward_rows(x_ND, scale_D, bias_D, *, eps, rms, out_dtype, with_stats, tuning, interpret):
     """The forward kernel on [N, D] rows: y_ND, and (mean_N or None, rstd_N) if with_stats."""
     n, d = x_ND.shape
@@ -229,6 +234,7 @@ def _forward_rows(x_ND, scale_D, bias_D, *, eps, rms, out_dtype, with_stats, tun
     return tuple(outs)
 
 
+@functools.partial(jax.jit, static_argnames=("has_bias", "tuning", "interpret"))
 def _backward_rows(x_ND, dy_ND, dres_ND, scale_D, mean_N, rstd_N, *, has_bias, tuning, interpret):
     """The backward kernel on [N, D] rows: dx_ND (+ dres_ND if given) and the
     [programs, D] float32 partial sums of dscale and dbias (None without bias)."""

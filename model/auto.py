@@ -1,0 +1,61 @@
+"""The one place where "auto" kernel choices are resolved, for the config fields
+`attention_backend`, `norm_impl` and `decode_attention`.
+
+Rule for each: on a GPU, the hand-written kernel where it is correct for the shape and
+was measured faster (BENCHMARKS.md names the runs); elsewhere (CPU, TPU) the plain-JAX
+definition the kernels are tested against, so CPU tests, Hugging Face conversion and
+equality checks always run the reference code unless a config names a kernel. Resolved
+at trace time from `jax.default_backend()`, so one config serves every machine.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from model.config import ModelConfig
+from model.kernels import decode_attention, flash_attention, layer_norm
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def choose_backend(cfg: ModelConfig, packed: bool, dropout: bool = False) -> str:
+    """The attention implementation for `cfg` ("auto" resolved); `packed`: segment ids given;
+    `dropout`: a training step that drops attention probabilities, which only the
+    reference does.
+
+    "auto", measured on an H200 (BENCHMARKS.md, flash attention): on a GPU, cuDNN's
+    causal kernel for whole rows, the Pallas kernel for packed rows (cuDNN would need a
+    dense [B, 1, T, T] mask: 1.4-1.9x slower there); for float32, which cuDNN does not
+    take, the Pallas kernel too (not measured); elsewhere the reference.
+    """
+    if cfg.attention_backend != "auto":
+        return cfg.attention_backend
+    if dropout or not on_gpu():
+        return "reference"
+    H, G, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    cudnn_ok = cfg.dtype in ("bfloat16", "float16") and D % 8 == 0 and D <= 256
+    if flash_attention.supported(H, G, D) and (packed or not cudnn_ok):
+        return "pallas"
+    return "cudnn" if cudnn_ok else "reference"
+
+
+def choose_norm_impl(cfg: ModelConfig) -> str:
+    """ "xla" or "pallas" ("auto" resolved). "auto": the fused Pallas norms on a GPU for
+    rows that fit the kernel (d_model <= layer_norm.MAX_D): gpt2-124m's training step
+    1.05x faster on an H200 (BENCHMARKS.md, flash attention table), gpt-1.3b's too on
+    H100s (Training step, Targets); XLA's norms elsewhere."""
+    if cfg.norm_impl != "auto":
+        return cfg.norm_impl
+    return "pallas" if on_gpu() and cfg.d_model <= layer_norm.MAX_D else "xla"
+
+
+def choose_decode_attention(cfg: ModelConfig) -> str:
+    """ "reference" or "pallas" ("auto" resolved), for one-token decoding steps. "auto":
+    the Pallas kernel on a GPU where its shapes are supported (gpt-1.3b batch-1 sampling
+    1.12x faster on an H200, BENCHMARKS.md, Decoding); the reference elsewhere."""
+    if cfg.decode_attention != "auto":
+        return cfg.decode_attention
+    supported = decode_attention.supported(cfg.n_heads, cfg.kv_heads, cfg.head_dim)
+    return "pallas" if on_gpu() and supported else "reference"
