@@ -333,9 +333,10 @@ def choose_step(stage_dir: Path, steps: list[int], which: str) -> int | None:
 
     if which not in ("latest", "best"):
         raise ValueError(f"checkpoint must be 'latest' or 'best', got {which!r}")
-    if which == "latest":
+    metrics = Path(stage_dir) / "metrics.jsonl"
+    if which == "latest" or not metrics.exists():  # an import has no history to choose by
         return None
-    best = best_eval_step(Path(stage_dir) / "metrics.jsonl", steps)
+    best = best_eval_step(metrics, steps)
     if best is None:
         log.warning("no evaluated checkpoint in %s; taking the newest", stage_dir)
     return best
