@@ -88,11 +88,19 @@ def _fail(message: str, status: int) -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parser, with a bad flag or config override reported in one line."""
     try:
-        return FLAGS(argv)
+        rest = FLAGS(argv)
+        if "config" in FLAGS:
+            # ml_collections defers the error of a config file whose get_config(ARG) failed
+            # (--config=FILE:ARG) to the first use of the config: make that use now.
+            FLAGS.config.keys()
+        return rest
     except Exception as error:  # noqa: BLE001 - flag and config-file errors are the user's
-        lines = [line for line in str(error).strip().splitlines() if line.strip()]
-        message = lines[-1] if lines else type(error).__name__
-        _fail(f"{message.strip()} (see --helpfull)", EXIT_BAD_INPUT)
+        if "--verbose" in argv:
+            raise
+        cause = error.__cause__ or error
+        if cause is not error:  # the config file's own error: it says what to do
+            _fail(_first_line(cause), EXIT_BAD_INPUT)
+        _fail(f"{_first_line(error)} (see --helpfull)", EXIT_BAD_INPUT)
         raise  # unreachable
 
 

@@ -287,6 +287,28 @@ def test_continued_pretraining_tokenizes_with_the_imported_tokenizer(imports, tm
         prepare(f"text:{corpus}", tmp_path / "x", tokenizer=str(tmp_path / "nothing"))
 
 
+def test_continue_pretraining_config_takes_the_model_from_the_import(imports, tmp_path):
+    """`--config=experiments/configs/continue_pretraining.py:DIR`: nothing typed in."""
+    from experiments.configs import continue_pretraining
+    from tests.run_helpers import make_corpus
+    from train.checkpoint import read_latest_meta
+    from train.pretrain import train
+
+    _, _, imported = imports["llama"]
+    c = continue_pretraining.get_config(str(imported))
+    assert dict(c.model) == read_latest_meta(imported)["model"]
+    c.data.update(corpus=f"text:{make_corpus(tmp_path / 'text')}", seq_len=32)
+    c.train.update(global_batch_size=8, num_steps=2, eval_every=2, eval_batches=1)
+    c.train.update(checkpoint_every=2, log_every=1)
+    c.optim.update(warmup_steps=1)
+    c.sample.num_samples = 0
+    results = train(c, tmp_path / "pretrain")
+    assert np.isfinite(results["eval/loss"])
+    assert read_latest_meta(tmp_path / "pretrain")["model"] == read_latest_meta(imported)["model"]
+    with pytest.raises(ValueError, match="name the model to continue"):
+        continue_pretraining.get_config("")
+
+
 def test_sample_command_on_an_import_is_transformers_greedy(imports):
     """`experiments.sample --temperature=0` on an imported model prints the text of
     transformers' greedy generation from the same prompt (bos first, stopping at eos)."""

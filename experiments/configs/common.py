@@ -30,6 +30,12 @@ def model_fields(preset: str, **overrides) -> ConfigDict:
     fields = dataclasses.asdict(get_preset(preset, **overrides))
     if vocab is not None:
         fields["vocab_size"] = vocab
+    return model_section(fields)
+
+
+def model_section(fields: dict) -> ConfigDict:
+    """A config's `model` section holding these ModelConfig fields (a dict of all of them)."""
+    fields = dict(fields)
     for name in ("n_kv_heads", "d_head"):  # None: derived from the other fields
         if fields[name] is None:
             fields[name] = config_dict.placeholder(int)
