@@ -18,7 +18,7 @@ from ml_collections import ConfigDict
 from experiments import cli
 from model.sampling import SamplingConfig
 from rlhf import chat, datasets, stage
-from rlhf.evaluation import held_out_evaluator
+from rlhf.evaluation import eval_metrics, held_out_evaluator
 from rlhf.grpo import GRPOConfig
 from rlhf.grpo_iteration import make_grpo_iteration
 from rlhf.verifier import Reference, RewardWeights
@@ -70,8 +70,7 @@ def run(config: ConfigDict, root: Path) -> dict:
         ground_truth = held_out_evaluator(ctx, data, lm, sft.tokenizer)
 
         def evaluate(state) -> dict[str, float]:
-            gt = ground_truth(state.params)
-            return {f"eval/{k}": v for k, v in gt.items() if isinstance(v, float)}
+            return eval_metrics(ground_truth(state.params))
 
         def finish(state):
             return state, {

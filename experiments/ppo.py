@@ -19,7 +19,7 @@ from experiments import cli
 from model.sampling import SamplingConfig
 from model.transformer import LanguageModel
 from rlhf import chat, datasets, stage
-from rlhf.evaluation import held_out_evaluator
+from rlhf.evaluation import eval_metrics, held_out_evaluator
 from rlhf.ppo import KLController, PPOConfig, reward_model_fn
 from rlhf.ppo_iteration import make_ppo_iteration
 from rlhf.reward_model import RewardModel
@@ -78,8 +78,7 @@ def run(config: ConfigDict, root: Path) -> dict:
         ground_truth = held_out_evaluator(ctx, data, lm, sft.tokenizer)
 
         def evaluate(state) -> dict[str, float]:
-            gt = ground_truth(state.params["policy"])
-            return {f"eval/{k}": v for k, v in gt.items() if isinstance(v, float)}
+            return eval_metrics(ground_truth(state.params["policy"]))
 
         def finish(state):
             scores = [

@@ -88,6 +88,11 @@ def ground_truth_of(
     return result
 
 
+def eval_metrics(ground_truth: dict[str, Any]) -> dict[str, float]:
+    """A ground-truth result's numbers as the loop's `eval/` metrics."""
+    return {f"eval/{k}": v for k, v in ground_truth.items() if isinstance(v, float)}
+
+
 def held_out_evaluator(ctx, data: dict, lm, tokenizer) -> Callable[[Any], dict[str, Any]]:
     """`policy_params -> ground truth` on the first `eval.num_prompts` held-out prompts,
     greedy at `eval.temperature`, scored by DIR/reward's model when that stage exists.
