@@ -18,7 +18,8 @@ INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 FLAGS = flags.FLAGS
 
 
-def _fail(message: str, status: int) -> None:
+def fail(message: str, status: int) -> None:
+    """Ends the command with `error: MESSAGE` on stderr and exit `status` (every command's way)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(status)
 
@@ -27,9 +28,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         rest = FLAGS(argv)
     except flags.Error as error:
-        _fail(f"{error} (see --help)", BAD_INPUT)
+        fail(f"{error} (see --help)", BAD_INPUT)
     if len(rest) > 1:
-        _fail(f"unexpected arguments {rest[1:]}: every option is a --flag (see --help)", BAD_INPUT)
+        fail(f"unexpected arguments {rest[1:]}: every option is a --flag (see --help)", BAD_INPUT)
     return rest
 
 
@@ -47,10 +48,10 @@ def run(main: Callable[[], None]) -> None:
         except (ValueError, OSError) as error:
             if FLAGS.verbose:
                 raise
-            _fail(str(error), BAD_INPUT)
+            fail(str(error), BAD_INPUT)
         except KeyboardInterrupt:
             if FLAGS.verbose:
                 raise
-            _fail("interrupted", INTERRUPTED)
+            fail("interrupted", INTERRUPTED)
 
     app.run(guarded, flags_parser=_parse_flags)

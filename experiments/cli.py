@@ -23,6 +23,7 @@ from pathlib import Path
 
 from absl import app, flags
 
+from data.cli import fail
 from train import distributed, launch
 
 EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_INTERRUPTED, EXIT_BUSY = 2, 3, 4, 5
@@ -80,11 +81,6 @@ def exit_status(error: BaseException) -> int | None:
     return None
 
 
-def _fail(message: str, status: int) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(status)
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parser, with a bad flag or config override reported in one line."""
     try:
@@ -99,8 +95,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
             raise
         cause = error.__cause__ or error
         if cause is not error:  # the config file's own error: it says what to do
-            _fail(_first_line(cause), EXIT_BAD_INPUT)
-        _fail(f"{_first_line(error)} (see --helpfull)", EXIT_BAD_INPUT)
+            fail(_first_line(cause), EXIT_BAD_INPUT)
+        fail(f"{_first_line(error)} (see --helpfull)", EXIT_BAD_INPUT)
         raise  # unreachable
 
 
@@ -111,13 +107,13 @@ def define_config(default: str, help_text: str, **kwargs) -> None:
 
     path = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), default)
     if not Path(path.split(":")[0]).is_file():
-        _fail(f"the config file {path!r} does not exist; see experiments/configs/", EXIT_BAD_INPUT)
+        fail(f"the config file {path!r} does not exist; see experiments/configs/", EXIT_BAD_INPUT)
     try:
         config_flags.DEFINE_config_file("config", default, help_text, **kwargs)
     except Exception as error:  # noqa: BLE001 - the user's config file or override
         if "--verbose" in sys.argv:
             raise
-        _fail(_config_problem(error, default), EXIT_BAD_INPUT)
+        fail(_config_problem(error, default), EXIT_BAD_INPUT)
 
 
 def _config_problem(error: BaseException, default: str) -> str:
@@ -158,7 +154,7 @@ def main(run: Callable[[], None]) -> None:
 
     def wrapped(argv: list[str]) -> None:
         if len(argv) > 1:
-            _fail(f"unexpected arguments: {' '.join(argv[1:])}", EXIT_BAD_INPUT)
+            fail(f"unexpected arguments: {' '.join(argv[1:])}", EXIT_BAD_INPUT)
         setup()
         try:
             run()
@@ -166,7 +162,7 @@ def main(run: Callable[[], None]) -> None:
             status = exit_status(error)
             if status is None or FLAGS.verbose:
                 raise
-            _fail(str(error), status)
+            fail(str(error), status)
 
     app.run(wrapped, flags_parser=_parse_flags)
 
