@@ -93,3 +93,32 @@ def test_a_run_resumes_under_another_kernel_choice():
     assert config_differences(old, new, RESUMABLE_PREFIXES) == []
     assert config_differences(old["model"], new["model"], KERNEL_FIELDS) == []
     assert config_differences(old, {"model": {**new["model"], "d_model": 32}}, RESUMABLE_PREFIXES)
+
+
+def test_training_steps_use_cublas_on_a_gpu_only_and_compute_the_same(monkeypatch):
+    """jit_step compiles every stage's step with step_compiler_options(): cuBLAS GEMMs on a
+    GPU (train/sharding.py); the option changes kernels, never values."""
+    from tests.helpers import single_device_mesh
+    from train import sharding
+
+    assert sharding.step_compiler_options() == {}
+    with monkeypatch.context() as m:
+        m.setattr(sharding.jax, "default_backend", lambda: "gpu")
+        assert sharding.step_compiler_options() == {"xla_gpu_enable_triton_gemm": False}
+
+    mesh = single_device_mesh()
+    batch = {"x": jnp.ones((2, 4))}
+
+    def step(state, batch, rng):
+        return state, {"y": (batch["x"] @ state["w"]).sum()}
+
+    def run(options):
+        monkeypatch.setattr(sharding, "step_compiler_options", lambda: options)
+        shardings = {"w": sharding.replicated(mesh)}
+        state = {"w": jnp.arange(16.0).reshape(4, 4)}  # donated: a new one every run
+        return sharding.jit_step(step, shardings, mesh)(state, batch, jax.random.key(0))
+
+    plain = run({})[1]["y"]
+    np.testing.assert_array_equal(run({"xla_gpu_enable_triton_gemm": False})[1]["y"], plain)
+    with pytest.raises(Exception, match="xla_no_such_option"):  # so the options do arrive
+        run({"xla_no_such_option": True})

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from experiments.bench.__main__ import main
 
@@ -51,3 +52,17 @@ def test_packed_rows_have_the_pipelines_document_structure():
     np.testing.assert_array_equal(np.diff(pos, axis=1)[step == 0], 1)
     np.testing.assert_array_equal(pos[:, 1:][step == 1], 0)
     assert describe(seg)["docs_per_row"] > 1  # stdlib files: a few hundred tokens and up
+
+
+def test_every_suite_variant_is_well_formed():
+    """Every variant of every suite names a real mesh and row kind (a misplaced positional
+    argument once gave every gpt2 GPU variant the mesh "synthetic", and the GPU run
+    silently measured none of them)."""
+    from experiments.bench import suites
+    from experiments.bench.train_step import TrainVariant
+
+    for train, _, _ in suites.SUITES.values():
+        for v in train:
+            assert v.rows in ("synthetic", "packed") and "/datas." not in v.name, v.name
+    with pytest.raises(ValueError, match="mesh must be"):
+        TrainVariant("tiny", 64, 8, 1, (), "synthetic")

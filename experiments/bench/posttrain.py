@@ -133,13 +133,7 @@ def run(v: PosttrainVariant, peak: float | None, warmup: int, iters: int) -> dic
         prep_times = time_calls(lambda: compiled_prepare(*args)[0]["advantages"], warmup, iters)
         extra["score_ms"] = median(prep_times) * 1e3
     batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-    jitted = sharding.jit_sharded(
-        step,
-        mesh,
-        in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    jitted = sharding.jit_step(step, shardings, mesh)
     key = jax.random.key(1)
     with sharding.mesh_context(mesh):
         compiled, compile_s = compile_timed(jitted.jitted, state, batch, key)

@@ -11,7 +11,7 @@ CUDNN = (("attention_backend", "cudnn"),)
 
 
 def _gpt2(batch: int, *model, mb: int = 1, rows: str = "synthetic") -> TrainVariant:
-    return TrainVariant("gpt2-124m", 1024, batch, mb, tuple(model) or CUDNN, rows)
+    return TrainVariant("gpt2-124m", 1024, batch, mb, tuple(model) or CUDNN, rows=rows)
 
 
 def _xl(batch: int, *model, mb: int = 1) -> TrainVariant:
@@ -37,6 +37,8 @@ GPU_TRAIN = [
     _gpt2(128),
     _xl(8),
     _xl(8, *CUDNN, SCAN),
+    _xl(12),
+    _xl(16),
     _xl(16, mb=2),
     _xl(16, *CUDNN, ("remat", "dots")),
     _gpt2(64, *CUDNN, PALLAS_NORM),
@@ -50,6 +52,9 @@ GPU_TRAIN = [
     _gpt2(64, AUTO, PALLAS_NORM),
     _gpt2(64, AUTO, PALLAS_NORM, rows="packed"),
     _gpt2(64, AUTO, XLA_NORM, rows="packed"),
+    # stacked layers: 12x fewer parameter leaves, so fewer optimizer kernels
+    _gpt2(64, AUTO, SCAN, rows="packed"),
+    _xl(16, *CUDNN, SCAN),
 ]
 GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 1),
@@ -66,6 +71,7 @@ GPU_DECODE = [
 # Kernel profiles are taken for these variants (by name).
 GPU_PROFILE = {
     _gpt2(64).name,
+    _gpt2(64, AUTO, rows="packed").name,
     _gpt2(64, *CUDNN, PALLAS_NORM).name,
     _xl(8).name,
     GPU_DECODE[0].name,

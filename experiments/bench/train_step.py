@@ -27,10 +27,9 @@ from train.pretrain_step import StepConfig, make_pretrain_step
 from train.sharding import (
     MeshConfig,
     batch_sharding,
-    jit_sharded,
+    jit_step,
     make_mesh,
     mesh_context,
-    replicated,
 )
 from train.state import create_train_state
 
@@ -45,6 +44,15 @@ class TrainVariant:
     # (data, fsdp, tensor) over the first data*fsdp*tensor devices; None: data over all devices
     mesh: tuple[int, int, int] | None = None
     rows: str = "synthetic"  # "synthetic": whole rows, no segment ids; "packed": packed_rows
+
+    def __post_init__(self):
+        # a misplaced positional argument once made every gpt2 variant's mesh "synthetic"
+        if self.mesh is not None and (
+            len(self.mesh) != 3 or not all(isinstance(n, int) and n >= 1 for n in self.mesh)
+        ):
+            raise ValueError(f"mesh must be (data, fsdp, tensor) positive ints, got {self.mesh!r}")
+        if self.rows not in ("synthetic", "packed"):
+            raise ValueError(f"rows must be 'synthetic' or 'packed', got {self.rows!r}")
 
     @property
     def name(self) -> str:
@@ -96,13 +104,7 @@ def build(v: TrainVariant):
     else:
         raise ValueError(f"TrainVariant.rows must be 'synthetic' or 'packed', got {v.rows!r}")
     batch = jax.device_put(batch, batch_sharding(mesh))
-    jitted = jit_sharded(
-        step,
-        mesh,
-        in_shardings=(shardings, batch_sharding(mesh), replicated(mesh)),
-        out_shardings=(shardings, replicated(mesh)),
-        donate_argnums=0,
-    )
+    jitted = jit_step(step, shardings, mesh)  # as every stage compiles its step
     with mesh_context(mesh):
         compiled, compile_s = compile_timed(jitted.jitted, state, batch, rng)
     return compiled, state, batch, rng, cfg, compile_s, init_s, mesh
