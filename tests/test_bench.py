@@ -66,3 +66,31 @@ def test_every_suite_variant_is_well_formed():
             assert v.rows in ("synthetic", "packed") and "/datas." not in v.name, v.name
     with pytest.raises(ValueError, match="mesh must be"):
         TrainVariant("tiny", 64, 8, 1, (), "synthetic")
+
+
+def test_profile_names_each_kernel_by_the_jax_op_it_came_from():
+    """fusion_origins: a kernel (an HLO instruction, '.' and '-' made '_') gets its own
+    op_name, else the one of the ROOT of the computation it calls."""
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.bench.profile import fusion_origins
+
+    hlo = "\n".join(
+        [
+            "%fused_computation.7 (param_0: f32[8]) -> f32[8] {",
+            '  ROOT %select_n.2 = f32[8] select(...), metadata={op_name="jit(step)/jit(_where)"}',
+            "}",
+            "ENTRY %main.3 (x.1: f32[8]) -> f32[8] {",
+            "  %loop_select_fusion.4 = f32[8] fusion(%x.1), kind=kLoop, calls=%fused_computation.7",
+            '  ROOT %wrapped_reduce-window = f32[8] fusion(), metadata={op_name="jit(step)/sum"}',
+            "}",
+        ]
+    )
+    origins = fusion_origins(hlo)
+    assert origins["loop_select_fusion_4"] == "jit(step)/jit(_where)"
+    assert origins["wrapped_reduce_window"] == "jit(step)/sum"
+    # and on a real compiled program: the select's fusion is named after jnp.where
+    f = jax.jit(lambda x: jnp.where(x > 0, jnp.exp(x), 0.0).sum())
+    real = fusion_origins(f.lower(jnp.ones((8, 128))).compile().as_text())
+    assert any("jit(_where)" in op for op in real.values()) and not any("." in k for k in real)

@@ -1,7 +1,10 @@
 """Where the time goes: GPU kernel time by kernel and by kind, from a JAX profiler trace.
 
 Runs `call` a few times under `jax.profiler` with a Perfetto trace, then sums
-the duration of every event on the device's tracks by name.
+the duration of every event on the device's tracks by name. Given the compiled program's
+HLO text, each kernel is also named by the JAX operation it came from (`fusion_origins`),
+e.g. `loop_select_fusion` -> `jit(step)/jvp(LanguageModel)/jit(_where)/select_n`, so a
+profile says which line of the model a kernel belongs to without dumping the HLO.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import glob
 import gzip
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -33,8 +37,45 @@ def _kind(name: str) -> str:
     return "other fusion"
 
 
-def trace(call: Callable[[], Any], steps: int, log_dir: str) -> dict:
-    """{per_step_ms_by_kind, top_kernels, trace_file} for `steps` calls of `call`."""
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+) \(")
+_ASSIGNED = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+) = ")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def fusion_origins(hlo_text: str) -> dict[str, str]:
+    """{kernel name: JAX op_name} from an optimised HLO module's text (`compiled.as_text()`).
+
+    A GPU kernel is named after its HLO instruction, dots and dashes made underscores; its op_name
+    is the instruction's own metadata, else that of the ROOT of the computation it calls.
+    """
+    root_op: dict[str, str] = {}
+    pending: list[tuple[str, str | None, str | None]] = []  # (name, op_name, called)
+    computation = ""
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header.group(1)
+            continue
+        assigned = _ASSIGNED.match(line)
+        if not assigned:
+            continue
+        op = _OP_NAME.search(line)
+        called = _CALLS.search(line)
+        if assigned.group(1) and op:
+            root_op[computation] = op.group(1)
+        pending.append((assigned.group(2), op and op.group(1), called and called.group(1)))
+    origins = {}
+    for name, op, called in pending:
+        origin = op or root_op.get(called or "", "")
+        if origin:
+            origins[name.replace(".", "_").replace("-", "_")] = origin
+    return origins
+
+
+def trace(call: Callable[[], Any], steps: int, log_dir: str, hlo_text: str = "") -> dict:
+    """{per_step_ms_by_kind, top_kernels, trace_file} for `steps` calls of `call`; top
+    kernels are [name, ms per step, op_name] when the program's `hlo_text` is given."""
     jax.block_until_ready(call())
     jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
     for _ in range(steps):
@@ -69,11 +110,14 @@ def trace(call: Callable[[], Any], steps: int, log_dir: str) -> dict:
     for name, ms in by_name.items():
         by_kind[_kind(name)] += ms
     total = sum(by_name.values())
+    origins = fusion_origins(hlo_text)
     return {
         "device_tracks": sorted(names[p] for p in device_pids),
         "device_lines": sorted(set(threads.values()))[:20],
         "kernel_ms_per_step": total / steps,
         "by_kind_ms_per_step": {k: v / steps for k, v in by_kind.most_common()},
-        "top_kernels_ms_per_step": [(n[:120], ms / steps) for n, ms in by_name.most_common(40)],
+        "top_kernels_ms_per_step": [
+            (n[:120], ms / steps, origins.get(n, "")[:160]) for n, ms in by_name.most_common(40)
+        ],
         "trace_file": files[-1],
     }

@@ -144,7 +144,7 @@ def run(
         **(packed_rows.describe(batch["segment_ids"]) if "segment_ids" in batch else {}),
     }
     if profile_dir:
-        row["profile"] = profile.trace(one_step, 3, profile_dir)
+        row["profile"] = profile.trace(one_step, 3, profile_dir, compiled.as_text())
     holder.clear()
     gc.collect()
     return row
