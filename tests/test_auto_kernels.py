@@ -120,5 +120,8 @@ def test_training_steps_use_cublas_on_a_gpu_only_and_compute_the_same(monkeypatc
 
     plain = run({})[1]["y"]
     np.testing.assert_array_equal(run({"xla_gpu_enable_triton_gemm": False})[1]["y"], plain)
-    with pytest.raises(Exception, match="xla_no_such_option"):  # so the options do arrive
+    with pytest.raises(Exception, match="xla_no_such_option"):  # so the options do arrive,
         run({"xla_no_such_option": True})
+    step_ = sharding.jit_step(step, {"w": sharding.replicated(mesh)}, mesh)
+    with pytest.raises(Exception, match="xla_no_such_option"):  # also when compiled ahead
+        step_.jitted.lower({"w": jnp.ones((4, 4))}, batch, jax.random.key(0)).compile()

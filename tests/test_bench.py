@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
@@ -71,7 +72,6 @@ def test_every_suite_variant_is_well_formed():
 def test_profile_names_each_kernel_by_the_jax_op_it_came_from():
     """fusion_origins: a kernel (an HLO instruction, '.' and '-' made '_') gets its own
     op_name, else the one of the ROOT of the computation it calls."""
-    import jax
     import jax.numpy as jnp
 
     from experiments.bench.profile import fusion_origins
@@ -94,3 +94,17 @@ def test_profile_names_each_kernel_by_the_jax_op_it_came_from():
     f = jax.jit(lambda x: jnp.where(x > 0, jnp.exp(x), 0.0).sum())
     real = fusion_origins(f.lower(jnp.ones((8, 128))).compile().as_text())
     assert any("jit(_where)" in op for op in real.values()) and not any("." in k for k in real)
+
+
+def test_optimizer_bench_counts_the_presets_parameters_and_its_floor():
+    from experiments.bench import optimizer_step
+    from model.config import get_preset
+    from model.transformer import LanguageModel
+    from train.state import count_params, init_fn
+
+    n = count_params(jax.eval_shape(init_fn(LanguageModel(get_preset("tiny"))), jax.random.key(0)))
+    for checks in (True, False):
+        row = optimizer_step.measure("tiny", iters=2, copy_GBps=10.0, checks=checks)
+        assert row["params"] == n and row["update_ms"] > 0
+        assert row["floor_ms_at_copy_rate"] == pytest.approx(28 * n / 10e9 * 1e3)
+        assert row["variant"] == ("tiny" if checks else "tiny/no_checks")

@@ -206,7 +206,7 @@ def jit_sharded(
 def step_compiler_options() -> dict[str, Any]:
     """XLA options for the training steps: on a GPU, cuBLAS for every matrix product
     instead of XLA's autotuned Triton GEMM fusions. Measured on an H200 with the flag set
-    for the whole process (BENCHMARKS.md, "Training step (GPU)", change 15): compile
+    for the whole process (BENCHMARKS.md, "Speed round three", change 18): compile
     20-22 -> 13.6 s (gpt2-124m) and 20.7 -> 12.5 s (gpt-1.3b), steps as fast or 1%
     faster, first step 31.3 -> 22.8 s after launch with an empty compilation cache. Only
     the steps: decoding's two-row products ran 1.45x slower with cuBLAS."""

@@ -24,7 +24,7 @@ from model.config import get_preset
 from model.transformer import LanguageModel
 from train.gradients import apply_gradients
 from train.optim import OptimConfig, make_optimizer
-from train.state import TrainState
+from train.state import TrainState, count_params, init_fn, strip_axis_names
 
 FLOOR_BYTES_PER_PARAM = 28
 
@@ -45,16 +45,15 @@ def measure(
     cfg = get_preset(preset, scan_layers=scan_layers)
     model = LanguageModel(cfg)
     tx = make_optimizer(OptimConfig(total_steps=10_000))
-    tokens = jnp.zeros((1, 8), jnp.int32)
 
     @jax.jit
     def init():
-        params = fake_params.replace_values(model.init(jax.random.key(0), tokens)["params"])
-        params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params)
+        params = strip_axis_names(fake_params.replace_values(init_fn(model)(jax.random.key(0))))
         grads = jax.tree.map(lambda p: p * 1e-3, params)
         return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), grads
 
     state, grads = init()
+    n = count_params(state.params)
     if checks:
         fn = lambda s, g: apply_gradients(s, g, tx, jnp.float32(1.0))  # noqa: E731
     else:
@@ -67,7 +66,6 @@ def measure(
         return metrics["grad_norm"]
 
     t = median(time_calls(call, 3, iters))
-    n = sum(x.size for x in jax.tree.leaves(state.params))
     row = {
         "bench": "optimizer",
         "variant": preset

@@ -99,10 +99,8 @@ def build(v: TrainVariant):
     step = make_pretrain_step(model, tx, StepConfig(num_microbatches=v.microbatches))
     if v.rows == "packed":
         batch = packed_rows.packed_batch(cfg.vocab_size, v.batch, v.seq_len)
-    elif v.rows == "synthetic":
-        batch = synthetic_batch(cfg.vocab_size, v.batch, v.seq_len)
     else:
-        raise ValueError(f"TrainVariant.rows must be 'synthetic' or 'packed', got {v.rows!r}")
+        batch = synthetic_batch(cfg.vocab_size, v.batch, v.seq_len)
     batch = jax.device_put(batch, batch_sharding(mesh))
     jitted = jit_step(step, shardings, mesh)  # as every stage compiles its step
     with mesh_context(mesh):
