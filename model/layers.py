@@ -104,7 +104,11 @@ class MLP(nn.Module):
             w = dense_param(self, name, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
             h = x_BLD @ w.astype(dtype)
             if cfg.use_bias:
-                h += dense_param(self, name + "_bias", (cfg.d_ff,), ("mlp",), zeros=True)
+                # added in the compute dtype, so the activation's passes over [B, L, F]
+                # read and write bf16, not float32: gpt2-124m's step 131 -> 128 ms and
+                # 41.1 -> 36.6 GiB on an H200 (BENCHMARKS.md, "Speed round four", change 24)
+                bias = dense_param(self, name + "_bias", (cfg.d_ff,), ("mlp",), zeros=True)
+                h += bias.astype(dtype)
             return nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
 
         if cfg.activation == "swiglu":

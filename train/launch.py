@@ -16,15 +16,26 @@ every fusion that draws random bits, and each such fusion takes about 0.75 s to 
 device the commands lower it to JAX's threefry kernel everywhere, so dropout masks (one
 draw per dropout site) compile fast too. Same bits, so the same parameters and masks; the kernel
 reads broadcast keys, more memory traffic per draw than the fused form.
+
+The step compiled in the background: a stage knows its step's argument shapes and
+shardings before it has a state (`jax.eval_shape` of the init, and one batch peeked), so
+`CompiledAhead` traces, lowers and compiles the step in a thread while the main thread
+initialises the state or reads a checkpoint. The step no longer waits for those.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
+
+log = logging.getLogger(__name__)
 
 # Executables that compiled faster than this are not worth a disk read and write (the
 # many small jits of a run); a training step or a state init takes seconds.
@@ -77,3 +88,69 @@ def seconds_since_launch() -> float:
         return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return time.time() - _IMPORTED
+
+
+class CompiledAhead:
+    """A jitted step (`train.sharding.jit_sharded`) compiled in a background thread for
+    abstract arguments (`jax.ShapeDtypeStruct`s with shardings), started at construction.
+
+    The first call waits for the compilation and re-raises its error, if any. Then every
+    call runs the compiled executable, as long as the first call's arguments were the
+    promised ones; if they were not (JAX checks shapes, dtypes and shardings before
+    running anything, so nothing was donated), it warns once and calls the jitted step,
+    which compiles for them: slower to start, never wrong. The thread is a daemon, so a
+    run that stops before its first step does not wait for the compiler.
+    """
+
+    def __init__(self, step: Callable, *abstract_args: Any, name: str = "step"):
+        self.step, self.name = step, name
+        self.compiled: Any = None  # the executable while it is the one called
+        self.seconds = 0.0
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = threading.Thread(
+            target=self._compile, args=abstract_args, name=f"compile-{name}", daemon=True
+        )
+        self._thread.start()
+
+    def _compile(self, *abstract_args: Any) -> None:
+        began = time.perf_counter()
+        try:
+            self.compiled = self.step.lower(*abstract_args).compile()
+        except BaseException as e:  # noqa: BLE001 - re-raised by the first call
+            self._error = e
+        self.seconds = time.perf_counter() - began
+
+    def __call__(self, *args: Any) -> Any:
+        if self._thread is None:
+            return self.compiled(*args) if self.compiled is not None else self.step(*args)
+        waited = time.perf_counter()
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            raise self._error
+        log.info(
+            "%s compiled in the background in %.1f s (%.1f s of it waited for)",
+            self.name,
+            self.seconds,
+            time.perf_counter() - waited,
+        )
+        try:
+            return self.compiled(*args)
+        except (TypeError, ValueError) as e:  # raised before running: nothing donated
+            log.warning("%s: compiled for other arguments (%s); compiling again", self.name, e)
+            self.compiled = None
+            return self.step(*args)
+
+
+def abstract(tree: Any) -> Any:
+    """ShapeDtypeStructs with the arrays' shardings: what `CompiledAhead` compiles for."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+
+
+def peek(batches: Any) -> Any:
+    """The next batch of an iterator with `get_state`/`set_state`, leaving it in place."""
+    position = batches.get_state()
+    try:
+        return next(batches)
+    finally:
+        batches.set_state(position)

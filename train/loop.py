@@ -226,7 +226,7 @@ class _Run:
 
     def loop(self) -> dict[str, Any]:
         stage, cfg = self.stage, self.cfg
-        rng = jax.random.key(cfg.seed)
+        rng = step_key(cfg.seed, stage.mesh)
         signals = StopSignals()
         try:
             for step in range(self.start + 1, cfg.num_steps + 1):
@@ -379,6 +379,13 @@ class _Run:
                 self.progress.write(
                     f"profile of steps {first}-{step} in {self.stage.directory}/profile"
                 )
+
+
+def step_key(seed: int, mesh) -> jax.Array:
+    """The key every step gets (steps fold in their step number), replicated on the mesh:
+    the sharding a step compiled ahead of time expects (train.launch.CompiledAhead). Made by
+    a jitted call, since a multi-process mesh is not addressable by `device_put`."""
+    return jax.jit(lambda: jax.random.key(seed), out_shardings=sharding.replicated(mesh))()
 
 
 def _on_mesh(batch: dict, mesh) -> dict:

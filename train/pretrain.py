@@ -18,14 +18,14 @@ from ml_collections import ConfigDict
 from model.config import ModelConfig
 from model.sampling import SamplingConfig, make_sampler, sample_texts
 from model.transformer import LanguageModel
-from train import flops, loop, sharding
+from train import flops, launch, loop, sharding
 from train.checkpoint import finished_results, load_params, read_latest_meta, store_tokenizer
 from train.data_source import build_data
 from train.evaluate import evaluate, make_eval_step
 from train.metrics_writer import plot_loss_curves
 from train.optim import make_optimizer, optim_config
 from train.pretrain_step import StepConfig, make_pretrain_step
-from train.state import abstract_params, create_train_state, init_fn
+from train.state import abstract_params, abstract_train_state, create_train_state, init_fn
 from train.workdir import Workdir
 
 log = logging.getLogger(__name__)
@@ -71,13 +71,25 @@ def build(config: ConfigDict, workdir: Path) -> loop.Stage:
         )
     model = LanguageModel(cfg)
     tx = make_optimizer(optim_config(config.optim, tc.num_steps))
-    state, shardings = create_train_state(init_fn(model), tx, mesh, jax.random.key(tc.seed))
+    init, rng = init_fn(model), jax.random.key(tc.seed)
+    abstract_state, shardings = abstract_train_state(init, tx, mesh, rng)
+    batches = _GlobalBatches(data)
+    # compiled while the state is initialised (train/launch.py)
+    step = launch.CompiledAhead(
+        sharding.jit_step(
+            make_pretrain_step(model, tx, StepConfig(tc.num_microbatches, tc.z_loss)),
+            shardings,
+            mesh,
+        ),
+        abstract_state,
+        launch.abstract(launch.peek(batches)),
+        loop.step_key(tc.seed, mesh),
+        name="pretrain step",
+    )
+    state, _ = create_train_state(init, tx, mesh, rng, shardings)
     tokenizer = store_tokenizer(workdir, data.tokenizer_files)
     if tc.get("init_from"):
         state = _init_from(state, Path(tc.init_from), cfg, mesh, tokenizer)
-    step = sharding.jit_step(
-        make_pretrain_step(model, tx, StepConfig(tc.num_microbatches, tc.z_loss)), shardings, mesh
-    )
     eval_step = sharding.jit_sharded(
         make_eval_step(model),
         mesh,
@@ -95,7 +107,7 @@ def build(config: ConfigDict, workdir: Path) -> loop.Stage:
         directory=workdir,
         state=state,
         step=step,
-        batches=_GlobalBatches(data),
+        batches=batches,
         mesh=mesh,
         meta=meta,
         units_per_step=tc.global_batch_size * config.data.seq_len,

@@ -199,7 +199,12 @@ def jit_sharded(
         with mesh_context(mesh):
             return jitted(*args)
 
-    call.jitted = jitted  # for .lower(...) in benchmarks and tests
+    def lower(*args):
+        with mesh_context(mesh):
+            return jitted.lower(*args)
+
+    call.jitted = jitted
+    call.lower = lower  # for compiling ahead (train.launch.CompiledAhead), benchmarks, tests
     return call
 
 

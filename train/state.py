@@ -116,13 +116,16 @@ def create_train_state(
     tx: optax.GradientTransformation,
     mesh: Mesh,
     rng: jax.Array,
+    shardings: TrainState | None = None,
 ) -> tuple[TrainState, TrainState]:
     """Returns (state, state_shardings), the state created sharded by jit.
 
     `init_params(rng)` returns the boxed (logically annotated) parameters,
-    e.g. `lambda r: model.init(r, tokens)["params"]`.
+    e.g. `lambda r: model.init(r, tokens)["params"]`; `shardings`, when known already
+    (`abstract_train_state`), saves working them out again.
     """
-    shardings = state_shardings(init_params, tx, mesh, rng)
+    if shardings is None:
+        shardings = state_shardings(init_params, tx, mesh, rng)
     with sharding.mesh_context(mesh), fast_rng_compile(enabled=mesh.size == 1):
         state = jax.jit(_init_state(init_params, tx), out_shardings=shardings)(rng)
     return state, shardings
