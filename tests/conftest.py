@@ -5,11 +5,18 @@ the suite compiles the same tiny models' steps in many tests and in the CLI proc
 start, and each program is compiled once instead (the whole suite on the 2-core VM: 814 s
 without it, 674 s with it). Programs are the same compiled or loaded, so no result
 depends on it.
+
+No test may make a step compiled ahead of time fall back to compiling again
+(train/launch.py, CompiledAhead): that would mean a stage promised the wrong shapes or
+shardings, which only costs time, so nothing else would notice.
 """
 
+import logging
 import os
 import shutil
 import tempfile
+
+import pytest
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
@@ -28,3 +35,24 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("FROMSCRATCH_TEST_CACHE_OWNER") == str(os.getpid()):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+class _Fallbacks(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "compiled for other arguments" in record.getMessage():
+            self.messages.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def no_compile_ahead_fallback(request):
+    handler = _Fallbacks()
+    logger = logging.getLogger("train.launch")
+    logger.addHandler(handler)
+    yield
+    logger.removeHandler(handler)
+    if handler.messages and "allow_compile_fallback" not in request.keywords:
+        pytest.fail(f"a step compiled ahead was compiled again: {handler.messages[0]}")

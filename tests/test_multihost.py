@@ -115,6 +115,9 @@ def test_sft_as_two_processes_matches_one(tmp_path):
     command, env = _pipeline_command(config_file, single, devices=8)
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    # the loop compiled SFT's step in the background, for the arguments it then got
+    assert "sft step compiled in the background" in done.stderr
+    assert "compiled for other" not in done.stderr
 
     port = _free_port()
     processes = []
@@ -138,6 +141,7 @@ def test_sft_as_two_processes_matches_one(tmp_path):
     outputs = [p.communicate(timeout=400) for p in processes]
     for p, (_, err) in zip(processes, outputs):
         assert p.returncode == 0, err[-3000:]
+        assert "compiled for other" not in err
 
     def sft_losses(directory):
         rows = read_metrics(directory / "sft" / "metrics.jsonl")

@@ -15,7 +15,8 @@ functions. The loop owns everything else, for every stage alike:
   - SIGTERM / SIGINT: save, then raise `Interrupted` (a stopped stage is not finished);
   - non-finite steps (the update is never applied, train.gradients): stop with a
     diagnostic, or skip and count them with `train.skip_nonfinite=True`;
-  - a profiler trace of `profile_steps` steps from `profile_start` on request.
+  - a profiler trace of `profile_steps` steps from `profile_start` on request;
+  - the step compiled in a background thread while the checkpoint is read (train.launch).
 Everything jitted lives in the stages' step functions; this file holds the side effects.
 """
 
@@ -146,6 +147,7 @@ def run(stage: Stage, cfg: LoopConfig) -> dict[str, Any]:
     ckpt = Checkpointer(
         stage.directory / "checkpoints", cfg.keep_checkpoints, cfg.keep_best, stage.best_metric
     )
+    _compile_ahead(stage, cfg)
     try:
         start, stage.state, final = _restore(stage, ckpt, cfg)
         if final is not None:
@@ -158,6 +160,22 @@ def run(stage: Stage, cfg: LoopConfig) -> dict[str, Any]:
             stage.state = run_.state
     finally:
         ckpt.close()
+
+
+def _compile_ahead(stage: Stage, cfg: LoopConfig) -> None:
+    """A jitted step (`train.sharding.jit_sharded`) compiles in the background while the
+    checkpoint is read (train.launch.CompiledAhead); pretraining starts it sooner itself,
+    before its state init. The restored state has the initial state's shapes and shardings."""
+    if not hasattr(stage.step, "lower") or isinstance(stage.step, launch.CompiledAhead):
+        return
+    batch = _on_mesh(launch.peek(stage.batches), stage.mesh)
+    stage.step = launch.CompiledAhead(
+        stage.step,
+        launch.abstract(stage.state),
+        launch.abstract(batch),
+        step_key(cfg.seed, stage.mesh),
+        name=f"{stage.name} step",
+    )
 
 
 def _restore(stage: Stage, ckpt: Checkpointer, cfg: LoopConfig):
