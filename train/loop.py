@@ -162,20 +162,31 @@ def run(stage: Stage, cfg: LoopConfig) -> dict[str, Any]:
         ckpt.close()
 
 
-def _compile_ahead(stage: Stage, cfg: LoopConfig) -> None:
-    """A jitted step (`train.sharding.jit_sharded`) compiles in the background while the
-    checkpoint is read (train.launch.CompiledAhead); pretraining starts it sooner itself,
-    before its state init. The restored state has the initial state's shapes and shardings."""
-    if not hasattr(stage.step, "lower") or isinstance(stage.step, launch.CompiledAhead):
-        return
-    batch = _on_mesh(launch.peek(stage.batches), stage.mesh)
-    stage.step = launch.CompiledAhead(
-        stage.step,
-        launch.abstract(stage.state),
-        launch.abstract(batch),
-        step_key(cfg.seed, stage.mesh),
-        name=f"{stage.name} step",
+def compile_ahead(
+    step: Callable, abstract_state: Any, batches: Batches, mesh, seed: int, name: str
+) -> launch.CompiledAhead:
+    """`step` (a `train.sharding.jit_sharded` step) compiling in the background for the
+    arguments this loop will pass it: the state's shapes and shardings, the next batch's
+    (peeked) and the step key."""
+    batch = _on_mesh(launch.peek(batches), mesh)
+    return launch.CompiledAhead(
+        step, abstract_state, launch.abstract(batch), step_key(seed, mesh), name=name
     )
+
+
+def _compile_ahead(stage: Stage, cfg: LoopConfig) -> None:
+    """A jitted step compiles while the checkpoint is read; pretraining starts it sooner
+    itself, before its state init. A restored state has the initial one's shapes and
+    shardings."""
+    if hasattr(stage.step, "lower") and not isinstance(stage.step, launch.CompiledAhead):
+        stage.step = compile_ahead(
+            stage.step,
+            launch.abstract(stage.state),
+            stage.batches,
+            stage.mesh,
+            cfg.seed,
+            f"{stage.name} step",
+        )
 
 
 def _restore(stage: Stage, ckpt: Checkpointer, cfg: LoopConfig):

@@ -18,7 +18,7 @@ from ml_collections import ConfigDict
 from model.config import ModelConfig
 from model.sampling import SamplingConfig, make_sampler, sample_texts
 from model.transformer import LanguageModel
-from train import flops, launch, loop, sharding
+from train import flops, loop, sharding
 from train.checkpoint import finished_results, load_params, read_latest_meta, store_tokenizer
 from train.data_source import build_data
 from train.evaluate import evaluate, make_eval_step
@@ -75,16 +75,17 @@ def build(config: ConfigDict, workdir: Path) -> loop.Stage:
     abstract_state, shardings = abstract_train_state(init, tx, mesh, rng)
     batches = _GlobalBatches(data)
     # compiled while the state is initialised (train/launch.py)
-    step = launch.CompiledAhead(
+    step = loop.compile_ahead(
         sharding.jit_step(
             make_pretrain_step(model, tx, StepConfig(tc.num_microbatches, tc.z_loss)),
             shardings,
             mesh,
         ),
         abstract_state,
-        launch.abstract(launch.peek(batches)),
-        loop.step_key(tc.seed, mesh),
-        name="pretrain step",
+        batches,
+        mesh,
+        tc.seed,
+        "pretrain step",
     )
     state, _ = create_train_state(init, tx, mesh, rng, shardings)
     tokenizer = store_tokenizer(workdir, data.tokenizer_files)
