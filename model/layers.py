@@ -37,6 +37,16 @@ def dense_param(
         std = (fan_in or shape[0]) ** -0.5
         init = nn.initializers.truncated_normal(stddev=std)
     cfg: ModelConfig = module.cfg
+    if module.has_variable("params", name):
+        # Applying: Flax's `param` would trace the initializer again only to check the
+        # shape, for every parameter on every trace (about an eighth of tracing a step).
+        value = nn.meta.unbox(module.get_variable("params", name))
+        if value.shape != shape:
+            raise ValueError(
+                f"parameter {'/'.join(module.path)}/{name} has shape {value.shape}; "
+                f"this model expects {shape}"
+            )
+        return value
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weight_dtype)
 
 

@@ -108,3 +108,21 @@ def test_optimizer_bench_counts_the_presets_parameters_and_its_floor():
         assert row["params"] == n and row["update_ms"] > 0
         assert row["floor_ms_at_copy_rate"] == pytest.approx(28 * n / 10e9 * 1e3)
         assert row["variant"] == ("tiny" if checks else "tiny/no_checks")
+
+
+def test_host_spans_time_a_compile_by_its_named_spans(tmp_path):
+    """profile.host_spans returns the call's result and XLA's own spans of it, each with its
+    summed and wall seconds (their union) and threads; `_union` merges overlapping spans."""
+    import jax.numpy as jnp
+
+    from experiments.bench.profile import _union, host_spans
+
+    assert _union([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4.0
+    lowered = jax.jit(lambda x: jnp.tanh(x @ x).sum()).lower(jnp.ones((64, 64)))
+    compiled, spans = host_spans(lowered.compile, str(tmp_path))
+    assert float(compiled(jnp.ones((64, 64)))) == pytest.approx(64 * 64 * np.tanh(64.0))
+    names = {name for name, *_ in spans["top_spans"]}
+    assert any("Compile" in n for n in names) and not any(n.startswith("$") for n in names)
+    assert all(
+        wall <= total + 1e-6 and threads >= 1 for _, total, wall, threads in spans["top_spans"]
+    )

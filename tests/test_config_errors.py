@@ -94,3 +94,15 @@ def test_bad_optimizer_config():
         OptimConfig(warmup_steps=20, total_steps=10)
     with pytest.raises(ValueError, match="schedule='step'"):
         OptimConfig(schedule="step")
+
+
+def test_parameters_of_another_shape_are_named():
+    """Applying checks each parameter's shape (model/layers.py skips Flax's slower check)."""
+    model = LanguageModel(get_preset("tiny"))
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    params = model.init(jax.random.key(0), tokens)["params"]
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, p: p[:-1] if "up" in jax.tree_util.keystr(path) else p, params
+    )
+    with pytest.raises(ValueError, match=r"mlp/up has shape .* this model expects"):
+        model.apply({"params": params}, tokens)

@@ -1,13 +1,22 @@
 """The step learns, the schedule and decay mask do what they say, and the FLOP counter is right."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from model.config import get_preset
 from tests.helpers import build_training, random_lm_batch, single_device_mesh
 from train import flops
-from train.optim import OptimConfig, learning_rate_schedule, weight_decay_mask
+from train.optim import (
+    OptimConfig,
+    all_finite,
+    clip_by_global_norm,
+    global_norm,
+    learning_rate_schedule,
+    weight_decay_mask,
+)
 from train.state import count_params
 
 
@@ -33,6 +42,39 @@ def test_schedule_warmup_then_cosine_to_end():
     assert float(schedule(59)) == pytest.approx(0.55, abs=1e-3)  # half-way down the cosine
     assert float(schedule(109)) == pytest.approx(0.1)
     assert float(schedule(500)) == pytest.approx(0.1)
+
+
+def _tree(seed: int, scale: float) -> dict:
+    r = np.random.default_rng(seed)
+    return {
+        "w": jnp.asarray(r.normal(size=(8, 5)) * scale, jnp.float32),
+        "b": {"x": jnp.asarray(r.normal(size=(5,)) * scale, jnp.bfloat16)},
+    }
+
+
+@pytest.mark.parametrize("scale", [0.01, 10.0])  # below and above the clipping norm
+def test_global_norm_and_clipping_match_optax(scale):
+    tree = _tree(0, scale)
+    exact = np.sqrt(sum(np.sum(np.float64(x) ** 2) for x in jax.tree.leaves(tree)))
+    assert float(global_norm(tree)) == pytest.approx(exact, rel=1e-6)  # squares in float32
+    ours, _ = clip_by_global_norm(1.0).update(tree, optax.EmptyState())
+    theirs, _ = optax.clip_by_global_norm(1.0).update(tree, optax.EmptyState())
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(
+            np.float32(a), np.float32(b), rtol=1e-2 if a.dtype == jnp.bfloat16 else 1e-3
+        )
+    expected = min(exact, 1.0)
+    assert float(global_norm(ours)) == pytest.approx(expected, rel=1e-2)
+
+
+def test_all_finite_finds_any_inf_or_nan():
+    tree = _tree(1, 1.0)
+    assert bool(all_finite(tree))
+    for bad in (np.inf, -np.inf, np.nan):
+        poisoned = {**tree, "w": tree["w"].at[3, 2].set(bad)}
+        assert not bool(all_finite(poisoned))
+    assert bool(all_finite({"w": jnp.full((4,), 3e37, jnp.float32)}))  # large, finite
 
 
 def test_weight_decay_skips_norms_biases_and_embeddings():

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from train.optim import all_finite, global_norm
 from train.state import TrainState, split_frozen, with_frozen
 
 LossSums = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -87,11 +88,11 @@ def apply_gradients(
     loop decides whether to stop or to count and carry on.
     """
     frozen, trainable = split_frozen(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = global_norm(grads)
     loss_ok = jnp.isfinite(loss) if loss is not None else jnp.bool_(True)
     grad_ok = jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    update_ok = jnp.isfinite(optax.global_norm(updates))
+    update_ok = all_finite(updates)
     params = optax.apply_updates(trainable, updates)
     ok = loss_ok & grad_ok & update_ok
     keep_new = lambda new, old: jnp.where(ok, new, old)  # noqa: E731

@@ -15,6 +15,7 @@ import gzip
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -81,18 +82,12 @@ def trace(call: Callable[[], Any], steps: int, log_dir: str, hlo_text: str = "")
     for _ in range(steps):
         jax.block_until_ready(call())
     jax.profiler.stop_trace()
-    files = sorted(glob.glob(os.path.join(log_dir, "**", "*.trace.json.gz"), recursive=True))
-    if not files:
+    loaded = _load_trace(log_dir)
+    if loaded is None:
         return {"error": f"no perfetto trace under {log_dir}"}
-    with gzip.open(files[-1]) as f:
-        events = json.load(f)
-    events = events["traceEvents"] if isinstance(events, dict) else events
-    names = {
-        e["pid"]: e["args"].get("name", "")
-        for e in events
-        if e.get("ph") == "M" and e.get("name") == "process_name"
-    }
-    device_pids = {pid for pid, n in names.items() if "gpu" in n.lower() or "/device:" in n.lower()}
+    events, trace_file = loaded
+    names = _process_names(events)
+    device_pids = {pid for pid, n in names.items() if _is_device(n)}
     threads = {
         (e["pid"], e["tid"]): e["args"].get("name", "")
         for e in events
@@ -119,5 +114,66 @@ def trace(call: Callable[[], Any], steps: int, log_dir: str, hlo_text: str = "")
         "top_kernels_ms_per_step": [
             (n[:120], ms / steps, origins.get(n, "")[:160]) for n, ms in by_name.most_common(40)
         ],
-        "trace_file": files[-1],
+        "trace_file": trace_file,
     }
+
+
+def host_spans(call: Callable[[], Any], log_dir: str, top: int = 30) -> tuple[Any, dict]:
+    """`call()` (e.g. an XLA compile) and where the host's time went in it: the `top` named
+    spans of the profiler's host tracks (XLA's passes, autotuners, LLVM, ptxas), each as
+    [name, summed seconds, wall seconds (their union), threads]. Spans nest, so a pass and
+    its parent both count; summed above wall means the work ran on several threads."""
+    jax.profiler.start_trace(log_dir, create_perfetto_trace=True)
+    began = time.perf_counter()
+    out = jax.block_until_ready(call())
+    seconds = time.perf_counter() - began
+    jax.profiler.stop_trace()
+    loaded = _load_trace(log_dir)
+    if loaded is None:
+        return out, {"error": f"no perfetto trace under {log_dir}"}
+    events, _ = loaded
+    names = _process_names(events)
+    spans: dict[str, list] = collections.defaultdict(list)
+    for e in events:
+        host = not _is_device(names.get(e.get("pid"), ""))
+        if e.get("ph") == "X" and host and not e["name"].startswith("$"):  # "$": Python frames
+            spans[e["name"][:100]].append((e["ts"], e["ts"] + e.get("dur", 0), e.get("tid")))
+    rows = [
+        [name, sum(b - a for a, b, _ in s) / 1e6, _union(s) / 1e6, len({t for *_, t in s})]
+        for name, s in spans.items()
+    ]
+    rows.sort(key=lambda r: -r[1])
+    top_rows = [[n, round(total, 3), round(wall, 3), threads] for n, total, wall, threads in rows]
+    return out, {"seconds": round(seconds, 3), "top_spans": top_rows[:top]}
+
+
+def _union(intervals: list) -> float:
+    """The length of the union of (start, end, ...) intervals."""
+    length, reach = 0.0, float("-inf")
+    for start, end, *_ in sorted(intervals):
+        if end > reach:
+            length += end - max(start, reach)
+            reach = end
+    return length
+
+
+def _load_trace(log_dir: str) -> tuple[list, str] | None:
+    """The events of the newest Perfetto trace under `log_dir`, and its file."""
+    files = sorted(glob.glob(os.path.join(log_dir, "**", "*.trace.json.gz"), recursive=True))
+    if not files:
+        return None
+    with gzip.open(files[-1]) as f:
+        events = json.load(f)
+    return (events["traceEvents"] if isinstance(events, dict) else events), files[-1]
+
+
+def _process_names(events: list) -> dict:
+    return {
+        e["pid"]: e["args"].get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+
+
+def _is_device(process_name: str) -> bool:
+    return "gpu" in process_name.lower() or "/device:" in process_name.lower()

@@ -1,13 +1,14 @@
 """Where the time from launch to the first training step goes, phase by phase.
 
     PYTHONPATH=. python -m experiments.bench.startup --config=experiments/configs/gpt2_124m.py \
-        --data_dir=DIR [--cache=DIR] [--init_only]
+        --data_dir=DIR [--cache=DIR] [--init_only] [--profile_compile=DIR]
 
 The same calls as `train.pretrain.build` and the loop's first step, each phase timed on
 its own (device work waited for): imports, data (prepared data opened, eval batches put
 on the device), state init (trace + lower, compile, run), step (lower, compile, run).
-Prints one JSON line. The environment picks the variants compared in BENCHMARKS.md
-("Speed round two"), e.g. JAX_DEFAULT_PRNG_IMPL=rbg.
+`--profile_compile` also records where the step's XLA compile spends its time (its passes,
+LLVM, ptxas: `profile.host_spans`). Prints one JSON line. The environment picks the
+variants compared in BENCHMARKS.md ("Speed round two"), e.g. JAX_DEFAULT_PRNG_IMPL=rbg.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from experiments.bench import profile  # noqa: E402
 from model.transformer import LanguageModel  # noqa: E402
 from train import launch, sharding  # noqa: E402
 from train.data_source import build_data  # noqa: E402
@@ -41,6 +43,7 @@ config_flags.DEFINE_config_file("config", None, "experiment config")
 flags.DEFINE_string("data_dir", "", "prepared data (data.prepare); '' prepares into /tmp")
 flags.DEFINE_string("cache", "", "persistent compilation cache folder; '' none")
 flags.DEFINE_bool("init_only", False, "stop after the state init")
+flags.DEFINE_string("profile_compile", "", "folder: profile the step compile, print its top spans")
 flags.DEFINE_bool("kernel_rng", True, "init as create_train_state does (fast_rng_compile)")
 FLAGS = flags.FLAGS
 
@@ -83,7 +86,11 @@ def main(_) -> None:
         rng = jax.random.key(0)
         with sharding.mesh_context(mesh):
             lowered = phase("step_lower_s", lambda: step.jitted.lower(state, batch, rng))
-            compiled = phase("step_compile_s", lowered.compile)
+            if FLAGS.profile_compile:
+                compiled, spans = profile.host_spans(lowered.compile, FLAGS.profile_compile)
+                times["step_compile_s"], times["step_compile_spans"] = spans.get("seconds"), spans
+            else:
+                compiled = phase("step_compile_s", lowered.compile)
             phase("step_run_s", lambda: compiled(state, batch, rng))
     times["total_s"] = round(seconds_since_launch(), 3)
     row = {
