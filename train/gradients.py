@@ -64,8 +64,11 @@ def accumulate_gradients(
             return (grads_acc, sums_acc), None
 
         zeros_grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        # the statistics' shapes from the loss alone: tracing its gradient too would cost
+        # a second trace of the backward pass
+        first = jax.tree.map(lambda x: x[0], micro)
         abstract_sums = jax.eval_shape(
-            lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro), rng)[1]
+            lambda: loss_sums(with_frozen(frozen, params), first, rng)[1]
         )
         zeros_sums = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_sums)
         (grads, sums), _ = jax.lax.scan(
