@@ -54,8 +54,11 @@ def choose_norm_impl(cfg: ModelConfig) -> str:
 def choose_decode_attention(cfg: ModelConfig) -> str:
     """ "reference" or "pallas" ("auto" resolved), for one-token decoding steps. "auto":
     the Pallas kernel on a GPU where its shapes are supported (gpt-1.3b batch-1 sampling
-    1.12x faster on an H200, BENCHMARKS.md, Decoding); the reference elsewhere."""
+    1.12x faster on an H200, BENCHMARKS.md, Decoding); the reference elsewhere, and for
+    scanned layers: traced inside Flax's scan, the kernel fails on the GPU ("broadcasted
+    variable has a data dependency on the scan body", jax 0.11.2, flax 0.12.10), so the
+    sampler decodes scanned models layer by layer (`LanguageModel.inference_form`)."""
     if cfg.decode_attention != "auto":
         return cfg.decode_attention
     supported = decode_attention.supported(cfg.n_heads, cfg.kv_heads, cfg.head_dim)
-    return "pallas" if on_gpu() and supported else "reference"
+    return "pallas" if on_gpu() and supported and not cfg.scan_layers else "reference"

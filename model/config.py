@@ -66,6 +66,11 @@ class ModelConfig:
     the low frequencies by it, keeps the high ones and blends in between, the
     bands set by `rope_low_freq_factor`, `rope_high_freq_factor` and
     `rope_original_max_len`.
+
+    `scan_layers` stacks the blocks' parameters on a leading layer axis and runs the
+    blocks as one `lax.scan`; `scan_unroll` layers run per iteration of its loop, and 0
+    unrolls it completely: straight-line code as fast as unscanned layers, with the
+    stacked parameters' fewer, larger arrays (a shorter compile and optimizer update).
     """
 
     vocab_size: int = 256
@@ -95,6 +100,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: RematPolicy = "none"
     scan_layers: bool = False
+    scan_unroll: int = 1  # layers per iteration of the layer scan; 0: all of them
     attention_backend: AttentionBackend = "auto"
     norm_impl: NormImpl = "auto"
     decode_attention: DecodeAttention = "auto"
@@ -122,6 +128,11 @@ class ModelConfig:
             )
         if self.positional == "rope" and self.head_dim % 2:
             raise ValueError(f"ModelConfig: RoPE needs an even head_dim, got {self.head_dim}")
+        if self.scan_unroll < 0:
+            raise ValueError(
+                "ModelConfig.scan_unroll must be >= 0 (0 unrolls every layer), "
+                f"got {self.scan_unroll}"
+            )
         for field in ("dropout_rate", "attention_dropout"):
             if not 0.0 <= getattr(self, field) < 1.0:
                 raise ValueError(

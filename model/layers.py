@@ -6,6 +6,8 @@ names (see `train/sharding.py` for the one table that maps them to mesh axes).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -34,8 +36,7 @@ def dense_param(
     elif ones:
         init = nn.initializers.ones_init()
     else:
-        std = (fan_in or shape[0]) ** -0.5
-        init = nn.initializers.truncated_normal(stddev=std)
+        init = _own_kernel(nn.initializers.truncated_normal(stddev=(fan_in or shape[0]) ** -0.5))
     cfg: ModelConfig = module.cfg
     if module.has_variable("params", name):
         # Applying: Flax's `param` would trace the initializer again only to check the
@@ -48,6 +49,16 @@ def dense_param(
             )
         return value
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.weight_dtype)
+
+
+def _own_kernel(init: Callable) -> Callable:
+    """`init` whose result XLA computes in a kernel of its own. With stacked layers
+    (`scan_layers`) the layers' draws meet in one concatenation, and XLA's GPU fusion
+    pass would otherwise merge all of them into it: gpt2-124m's state init compiled in
+    5.5 s instead of 3.3 (BENCHMARKS.md, "Speed round six")."""
+    return lambda key, shape, dtype=jnp.float32: jax.lax.optimization_barrier(
+        init(key, shape, dtype)
+    )
 
 
 def gather_rows(table_ND: jax.Array, ids_BL: jax.Array) -> jax.Array:

@@ -98,7 +98,8 @@ def sample(
         rows = sample(model, params, twice(prompts_BP), twice(prompt_lengths_B), rng, cfg)
         return jax.tree.map(lambda a: a[:1], rows)
     if hasattr(model, "inference_form"):
-        # A model with LoRA adapters (train/lora.py) merges them once here, not every token.
+        # Once here, not every token: LoRA adapters merged (train/lora.py), scanned
+        # layers split into separate ones (model/transformer.py).
         model, params = model.inference_form(params)
     T = cfg.max_new_tokens
     model_cfg = model.cfg

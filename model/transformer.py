@@ -140,6 +140,7 @@ class Decoder(nn.Module):
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
                 length=cfg.n_layers,
+                unroll=cfg.scan_unroll or cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, deterministic, name="blocks")
             x_BLD, new_layers = stack(x_BLD, positions_BL, segment_ids_BL, kv_meta, layer_caches)
@@ -184,6 +185,16 @@ def mask_padded_vocab(logits_BLV: jax.Array, vocab_size: int) -> jax.Array:
     return jnp.where(is_real_V, logits_BLV, jnp.asarray(floor, logits_BLV.dtype))
 
 
+def unstack_layers(params: dict, n_layers: int) -> dict:
+    """Scanned layers' parameters (`decoder/blocks`, a leading layer axis) as separate
+    layers' (`decoder/block_{i}`): the same model with `scan_layers=False`."""
+    decoder = dict(params["decoder"])
+    blocks = decoder.pop("blocks")
+    for i in range(n_layers):
+        decoder[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], blocks)
+    return {**params, "decoder": decoder}
+
+
 class LanguageModel(nn.Module):
     """Token embedding, decoder and output head: tokens -> next-token logits."""
 
@@ -219,3 +230,14 @@ class LanguageModel(nn.Module):
             logits_BLV = mask_padded_vocab(logits_BLV, cfg.vocab_size)
         logits_BLV = nn.with_logical_constraint(logits_BLV, ("batch", "length", "act_vocab"))
         return logits_BLV if cache is None else (logits_BLV, new_cache)
+
+    @nn.nowrap
+    def inference_form(self, params: dict) -> tuple[LanguageModel, dict]:
+        """(model, params) for decoding: scanned layers run as separate layers, so each
+        layer's cache is updated in place (a scan would restack the whole cache every
+        token) and the Pallas decode kernel is not traced inside Flax's scan, which fails
+        on the GPU (model/auto.py)."""
+        if not self.cfg.scan_layers:
+            return self, params
+        unscanned = LanguageModel(self.cfg.replace(scan_layers=False), parent=None)
+        return unscanned, unstack_layers(params, self.cfg.n_layers)

@@ -31,6 +31,8 @@ def test_auto_picks_the_kernels_on_a_gpu(monkeypatch):
     assert auto.choose_norm_impl(cfg.replace(d_model=8448, n_heads=8)) == "xla"
     assert auto.choose_decode_attention(cfg.replace(n_heads=6, d_model=384)) == "pallas"
     assert auto.choose_decode_attention(cfg.replace(n_heads=12, n_kv_heads=4)) == "reference"
+    # inside Flax's scan the decode kernel does not trace on the GPU
+    assert auto.choose_decode_attention(cfg.replace(scan_layers=True)) == "reference"
     # training with attention dropout: only the reference drops probabilities
     assert auto.choose_backend(cfg, packed=True) == "pallas"
     assert auto.choose_backend(cfg, packed=True, dropout=True) == "reference"

@@ -174,8 +174,9 @@ class LoraModel:
         return merge(params[FROZEN], params[ADAPTERS], self.lora)
 
     def inference_form(self, params: dict) -> tuple[nn.Module, Any]:
-        """(base model, merged params): a sampler merges once, not at every decoded token."""
-        return self.base, self.merged(params)
+        """The base model's decoding form of the merged params: a sampler merges once, not
+        at every decoded token."""
+        return self.base.inference_form(self.merged(params))
 
 
 def with_fresh_adapters(model: LoraModel, base_params: Any, mesh: Mesh, rng: jax.Array) -> dict:

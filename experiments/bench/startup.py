@@ -6,9 +6,10 @@
 The same calls as `train.pretrain.build` and the loop's first step, each phase timed on
 its own (device work waited for): imports, data (prepared data opened, eval batches put
 on the device), state init (trace + lower, compile, run), step (lower, compile, run).
-`--profile_compile` also records where the step's XLA compile spends its time (its passes,
-LLVM, ptxas: `profile.host_spans`). Prints one JSON line. The environment picks the
-variants compared in BENCHMARKS.md ("Speed round two"), e.g. JAX_DEFAULT_PRNG_IMPL=rbg.
+`--profile_compile` also records where the init's and the step's XLA compiles spend their
+time (the HLO passes, LLVM, ptxas: `profile.host_spans`). Prints one JSON line. The
+environment picks the variants compared in BENCHMARKS.md ("Speed round two"), e.g.
+JAX_DEFAULT_PRNG_IMPL=rbg.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ config_flags.DEFINE_config_file("config", None, "experiment config")
 flags.DEFINE_string("data_dir", "", "prepared data (data.prepare); '' prepares into /tmp")
 flags.DEFINE_string("cache", "", "persistent compilation cache folder; '' none")
 flags.DEFINE_bool("init_only", False, "stop after the state init")
-flags.DEFINE_string("profile_compile", "", "folder: profile the step compile, print its top spans")
+flags.DEFINE_string("profile_compile", "", "folder: profile the init and step compiles")
 flags.DEFINE_bool("kernel_rng", True, "init as create_train_state does (fast_rng_compile)")
 FLAGS = flags.FLAGS
 
@@ -62,6 +63,13 @@ def main(_) -> None:
         times[name] = round(time.perf_counter() - began, 3)
         return out
 
+    def compile_phase(name, lowered):
+        if not FLAGS.profile_compile:
+            return phase(f"{name}_compile_s", lowered.compile)
+        compiled, spans = profile.host_spans(lowered.compile, f"{FLAGS.profile_compile}/{name}")
+        times[f"{name}_compile_s"], times[f"{name}_compile_spans"] = spans.get("seconds"), spans
+        return compiled
+
     mesh = phase("backend_and_mesh_s", lambda: sharding.make_mesh(sharding.MeshConfig()))
     data = phase("data_s", lambda: build_data(config, "/tmp/startup_bench", mesh))
     cfg = model_config(config.model, data.tokenizer.vocab_size)
@@ -74,7 +82,7 @@ def main(_) -> None:
     with sharding.mesh_context(mesh), rng_lowering:
         jitted = jax.jit(_init_state(init, tx), out_shardings=shardings)
         lowered = phase("init_lower_s", lambda: jitted.lower(key))
-        compiled = phase("init_compile_s", lowered.compile)
+        compiled = compile_phase("init", lowered)
         state = phase("init_run_s", lambda: compiled(key))
     if not FLAGS.init_only:
         step = sharding.jit_step(
@@ -86,11 +94,7 @@ def main(_) -> None:
         rng = jax.random.key(0)
         with sharding.mesh_context(mesh):
             lowered = phase("step_lower_s", lambda: step.jitted.lower(state, batch, rng))
-            if FLAGS.profile_compile:
-                compiled, spans = profile.host_spans(lowered.compile, FLAGS.profile_compile)
-                times["step_compile_s"], times["step_compile_spans"] = spans.get("seconds"), spans
-            else:
-                compiled = phase("step_compile_s", lowered.compile)
+            compiled = compile_phase("step", lowered)
             phase("step_run_s", lambda: compiled(state, batch, rng))
     times["total_s"] = round(seconds_since_launch(), 3)
     row = {

@@ -21,6 +21,7 @@ def _xl(batch: int, *model, mb: int = 1) -> TrainVariant:
 REF = ("attention_backend", "reference")
 XLA = ("attention_backend", "xla")
 SCAN = ("scan_layers", True)
+UNROLL = ("scan_unroll", 0)  # with SCAN: stacked parameters, straight-line code
 PALLAS_DECODE = (("decode_attention", "pallas"),)
 REF_DECODE = (("decode_attention", "reference"),)
 PALLAS_NORM = ("norm_impl", "pallas")
@@ -55,6 +56,8 @@ GPU_TRAIN = [
     # stacked layers: 12x fewer parameter leaves, so fewer optimizer kernels
     _gpt2(64, AUTO, SCAN, rows="packed"),
     _xl(16, *CUDNN, SCAN),
+    _gpt2(64, AUTO, SCAN, UNROLL, rows="packed"),
+    _xl(16, *CUDNN, SCAN, UNROLL),
 ]
 GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 1),
@@ -67,6 +70,8 @@ GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 2, model=PALLAS_DECODE),
     DecodeVariant("gpt-1.3b", 64, loop="sampler", model=PALLAS_DECODE),
     DecodeVariant("gpt-1.3b", 1, loop="sampler", model=REF_DECODE),
+    DecodeVariant("gpt2-124m", 1, loop="sampler"),
+    DecodeVariant("gpt2-124m", 1, loop="sampler", model=(SCAN, UNROLL)),
 ]
 # Kernel profiles are taken for these variants (by name).
 GPU_PROFILE = {
