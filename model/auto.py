@@ -1,5 +1,5 @@
 """The one place where "auto" kernel choices are resolved, for the config fields
-`attention_backend`, `norm_impl` and `decode_attention`.
+`attention_backend`, `norm_impl`, `activation_impl` and `decode_attention`.
 
 Rule for each: on a GPU, the hand-written kernel where it is correct for the shape and
 was measured faster (BENCHMARKS.md names the runs); elsewhere (CPU, TPU) the plain-JAX
@@ -49,6 +49,17 @@ def choose_norm_impl(cfg: ModelConfig) -> str:
     if cfg.norm_impl != "auto":
         return cfg.norm_impl
     return "pallas" if on_gpu() and cfg.d_model <= layer_norm.MAX_D else "xla"
+
+
+def choose_activation_impl(cfg: ModelConfig) -> str:
+    """ "xla" or "pallas" ("auto" resolved), for the MLP's bias + GELU. "auto": the fused
+    Pallas kernels (`model/kernels/bias_gelu.py`) on a GPU for a GELU MLP with biases
+    (GPT-2), where they save the passes XLA spends on the biased copy of the
+    activations and on the bias gradient (BENCHMARKS.md, "Speed round seven"); XLA
+    elsewhere, and without biases, where XLA's fusions already make the fewest passes."""
+    if cfg.activation_impl != "auto":
+        return cfg.activation_impl
+    return "pallas" if on_gpu() and cfg.activation == "gelu" and cfg.use_bias else "xla"
 
 
 def choose_decode_attention(cfg: ModelConfig) -> str:

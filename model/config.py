@@ -17,6 +17,7 @@ Activation = Literal["gelu", "swiglu"]
 RopeScaling = Literal["none", "linear", "llama3"]
 AttentionBackend = Literal["auto", "reference", "xla", "cudnn", "pallas"]
 NormImpl = Literal["auto", "xla", "pallas"]
+ActivationImpl = Literal["auto", "xla", "pallas"]
 DecodeAttention = Literal["auto", "reference", "pallas"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
@@ -27,6 +28,7 @@ _CHOICES = {
     "rope_scaling": ("none", "linear", "llama3"),
     "attention_backend": ("auto", "reference", "xla", "cudnn", "pallas"),
     "norm_impl": ("auto", "xla", "pallas"),
+    "activation_impl": ("auto", "xla", "pallas"),
     "decode_attention": ("auto", "reference", "pallas"),
     "remat": ("none", "full", "dots", "dots_no_batch"),
     "dtype": ("float32", "bfloat16", "float16"),
@@ -46,10 +48,11 @@ class ModelConfig:
     fastest correct one on a GPU and the reference elsewhere
     (`model.auto.choose_backend`).
 
-    `norm_impl="pallas"` and `decode_attention="pallas"` use the hand-written
-    GPU kernels in `model/kernels/` for the norms and for one-token decoding
-    steps (BENCHMARKS.md measures both against the XLA/reference paths);
-    "auto", the default for both, picks them on a GPU and the XLA/reference
+    `norm_impl="pallas"`, `activation_impl="pallas"` and `decode_attention="pallas"`
+    use the hand-written GPU kernels in `model/kernels/` for the norms, the GELU
+    MLP's bias + activation and one-token decoding steps (BENCHMARKS.md measures
+    them against the XLA/reference paths); "auto", the default for all three,
+    picks them on a GPU where they were measured faster and the XLA/reference
     code elsewhere (`model/auto.py`, the one place every "auto" is resolved).
 
     The embedding table and output head have `padded_vocab` rows, vocab_size
@@ -103,6 +106,7 @@ class ModelConfig:
     scan_unroll: int = 1  # layers per iteration of the layer scan; 0: all of them
     attention_backend: AttentionBackend = "auto"
     norm_impl: NormImpl = "auto"
+    activation_impl: ActivationImpl = "auto"
     decode_attention: DecodeAttention = "auto"
 
     def __post_init__(self):

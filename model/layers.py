@@ -12,9 +12,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.auto import choose_norm_impl
+from model.auto import choose_activation_impl, choose_norm_impl
 from model.config import ModelConfig
 from model.kernels import layer_norm
+from model.kernels.bias_gelu import bias_gelu
 
 
 def dense_param(
@@ -122,20 +123,26 @@ class MLP(nn.Module):
         dtype = cfg.compute_dtype
 
         def up(name):
+            """(x @ w, bias or None); the bias is added by the caller."""
             w = dense_param(self, name, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
-            h = x_BLD @ w.astype(dtype)
-            if cfg.use_bias:
-                # added in the compute dtype, so the activation's passes over [B, L, F]
-                # read and write bf16, not float32: gpt2-124m's step 131 -> 128 ms and
-                # 41.1 -> 36.6 GiB on an H200 (BENCHMARKS.md, "Speed round four", change 24)
-                bias = dense_param(self, name + "_bias", (cfg.d_ff,), ("mlp",), zeros=True)
-                h += bias.astype(dtype)
-            return nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))
+            h = nn.with_logical_constraint(x_BLD @ w.astype(dtype), ("batch", "length", "act_mlp"))
+            if not cfg.use_bias:
+                return h, None
+            return h, dense_param(self, name + "_bias", (cfg.d_ff,), ("mlp",), zeros=True)
+
+        def add_bias(h, bias):
+            # added in the compute dtype, so the activation's passes over [B, L, F] read
+            # and write bf16, not float32: gpt2-124m's step 131 -> 128 ms and 41.1 -> 36.6
+            # GiB on an H200 (BENCHMARKS.md, "Speed round four", change 24)
+            return h if bias is None else h + bias.astype(dtype)
 
         if cfg.activation == "swiglu":
-            h_BLF = nn.silu(up("gate")) * up("up")
+            h_BLF = nn.silu(add_bias(*up("gate"))) * add_bias(*up("up"))
+        elif choose_activation_impl(cfg) == "pallas":
+            h, bias = up("up")  # one kernel each way, the bias gradient included
+            h_BLF = bias_gelu(h, jnp.zeros(cfg.d_ff) if bias is None else bias)
         else:
-            h_BLF = nn.gelu(up("up"), approximate=True)
+            h_BLF = nn.gelu(add_bias(*up("up")), approximate=True)
         w_down = dense_param(self, "down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
         y_BLD = h_BLF.astype(dtype) @ w_down.astype(dtype)
         if cfg.use_bias:

@@ -15,10 +15,12 @@ from model.transformer import LanguageModel
 def test_defaults_are_auto_and_resolve_to_the_reference_on_cpu():
     for name in ("tiny", "gpt2-124m", "gpt-1.3b", "llama-1b"):
         cfg = get_preset(name)
-        assert (cfg.attention_backend, cfg.norm_impl, cfg.decode_attention) == ("auto",) * 3
+        kernels = (cfg.attention_backend, cfg.norm_impl, cfg.activation_impl, cfg.decode_attention)
+        assert kernels == ("auto",) * 4
         assert jax.default_backend() == "cpu"
         assert auto.choose_backend(cfg, packed=True) == "reference"
         assert auto.choose_norm_impl(cfg) == "xla"
+        assert auto.choose_activation_impl(cfg) == "xla"
         assert auto.choose_decode_attention(cfg) == "reference"
 
 
@@ -27,6 +29,10 @@ def test_auto_picks_the_kernels_on_a_gpu(monkeypatch):
     cfg = get_preset("gpt2-124m")
     assert auto.choose_norm_impl(cfg) == "pallas"
     assert auto.choose_decode_attention(cfg) == "pallas"
+    assert auto.choose_activation_impl(cfg) == "pallas"  # GELU with biases
+    # no biases (gpt-1.3b) or SwiGLU (Llama): XLA's fusions already make the fewest passes
+    assert auto.choose_activation_impl(get_preset("gpt-1.3b")) == "xla"
+    assert auto.choose_activation_impl(get_preset("llama-1b")) == "xla"
     # rows wider than the norm kernel holds; heads per group not a power of two
     assert auto.choose_norm_impl(cfg.replace(d_model=8448, n_heads=8)) == "xla"
     assert auto.choose_decode_attention(cfg.replace(n_heads=6, d_model=384)) == "pallas"
@@ -42,12 +48,14 @@ def test_auto_picks_the_kernels_on_a_gpu(monkeypatch):
 
 
 def test_explicit_kernels_are_kept_off_the_gpu():
-    cfg = get_preset("tiny", norm_impl="pallas", decode_attention="pallas")
+    pallas = dict(norm_impl="pallas", activation_impl="pallas", decode_attention="pallas")
+    cfg = get_preset("tiny", **pallas)
     assert auto.choose_norm_impl(cfg) == "pallas"
+    assert auto.choose_activation_impl(cfg) == "pallas"
     assert auto.choose_decode_attention(cfg) == "pallas"
 
 
-@pytest.mark.parametrize("field", ["norm_impl", "decode_attention"])
+@pytest.mark.parametrize("field", ["norm_impl", "activation_impl", "decode_attention"])
 def test_config_rejects_unknown_choices(field):
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{field: "fastest"})
@@ -58,7 +66,9 @@ def test_config_rejects_unknown_choices(field):
 def test_auto_model_on_cpu_is_the_reference_model():
     tokens = jnp.arange(24, dtype=jnp.int32).reshape(2, 12) % 256
     auto_model = LanguageModel(get_preset("tiny"))
-    reference = LanguageModel(get_preset("tiny", norm_impl="xla", decode_attention="reference"))
+    reference = LanguageModel(
+        get_preset("tiny", norm_impl="xla", activation_impl="xla", decode_attention="reference")
+    )
     params = auto_model.init(jax.random.key(0), tokens)["params"]
     np.testing.assert_array_equal(
         auto_model.apply({"params": params}, tokens), reference.apply({"params": params}, tokens)
@@ -90,8 +100,8 @@ def test_a_run_resumes_under_another_kernel_choice():
     with norm_impl="xla" (the old default) resumes under "auto"; other fields still count."""
     from train.workdir import KERNEL_FIELDS, RESUMABLE_PREFIXES, config_differences
 
-    old = {"model": {"norm_impl": "xla", "decode_attention": "reference", "d_model": 64}}
-    new = {"model": {"norm_impl": "auto", "decode_attention": "auto", "d_model": 64}}
+    old = {"model": {"norm_impl": "xla", "activation_impl": "xla", "d_model": 64}}
+    new = {"model": {"norm_impl": "auto", "activation_impl": "auto", "d_model": 64}}
     assert config_differences(old, new, RESUMABLE_PREFIXES) == []
     assert config_differences(old["model"], new["model"], KERNEL_FIELDS) == []
     assert config_differences(old, {"model": {**new["model"], "d_model": 32}}, RESUMABLE_PREFIXES)

@@ -12,7 +12,7 @@ from model.config import ModelConfig, get_preset
 from model.kernels import layer_norm as ln
 from model.layers import Norm
 from model.transformer import LanguageModel
-from tests.helpers import random_lm_batch
+from tests.helpers import lm_value_and_grad, random_lm_batch, triton_kernels, verify_triton_ir
 from train import sharding
 
 # A row block count that leaves the last block part full, and in the backward
@@ -170,22 +170,14 @@ def test_language_model_pallas_equals_xla(cfg, mesh_shape):
         == (jax.eval_shape(xla.init, jax.random.key(0), tokens)["params"])
     )  # same parameters: checkpoints are interchangeable
     params = _random_params(shapes)
-
-    def value_and_grad(model):
-        def loss(p):
-            logits = model.apply({"params": p}, tokens)
-            return jnp.mean(logits**2), logits
-
-        return jax.jit(jax.value_and_grad(loss, has_aux=True))
-
-    want = value_and_grad(xla)(params)
+    want = lm_value_and_grad(xla, tokens)(params)
     if mesh_shape is None:
-        got = value_and_grad(pallas)(params)
+        got = lm_value_and_grad(pallas, tokens)(params)
     else:
         mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_shape))
         with sharding.mesh_context(mesh):
             tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
-            got = value_and_grad(pallas)(params)
+            got = lm_value_and_grad(pallas, tokens)(params)
     (loss_p, logits_p), grads_p = got
     (loss_x, logits_x), grads_x = want
     np.testing.assert_allclose(logits_p, logits_x, rtol=1e-5, atol=1e-5)
@@ -231,26 +223,10 @@ def _gpu_step(rms):
 
 
 def _triton_kernels(rms):
-    """(name, grid_x, TTIR bytes) of every Triton kernel at GPT-2 124M size."""
+    """Every Triton kernel of a norm step at GPT-2 124M size."""
     x = jax.ShapeDtypeStruct((64, 1024, 768), jnp.bfloat16)
     p = jax.ShapeDtypeStruct((768,), jnp.float32)
-    lowered = _gpu_step(rms).trace(x, p, None if rms else p).lower(lowering_platforms=("cuda",))
-    kernels = []
-
-    def walk(op):
-        op = op.operation
-        if op.name == "stablehlo.custom_call" and "triton" in str(
-            op.attributes["call_target_name"]
-        ):
-            config = op.attributes["mhlo.backend_config"]
-            kernels.append((config["name"].value, config["grid_x"].value, config["ir"].value_bytes))
-        for region in op.regions:
-            for block in region:
-                for child in block:
-                    walk(child)
-
-    walk(lowered.compiler_ir("stablehlo").operation)
-    return kernels
+    return triton_kernels(_gpu_step(rms), x, p, None if rms else p)
 
 
 @pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
@@ -259,30 +235,17 @@ def test_lowers_to_triton_at_gpt2_size(rms):
     rows = 64 * 1024
     fwd_rows, _ = ln._rows_and_warps(1024, ln.DEFAULT_TUNING.fwd_elems, 16)
     assert (
-        sorted((name, grid) for name, grid, _ in kernels if name == "norm_fwd")
+        sorted((k.name, k.grid[0]) for k in kernels if k.name == "norm_fwd")
         == [("norm_fwd", rows // fwd_rows)] * 2
     )
     # one backward with the residual cotangent (keep-input), one without (final norm)
-    assert sorted(name for name, _, _ in kernels if name != "norm_fwd") == [
+    assert sorted(k.name for k in kernels if k.name != "norm_fwd") == [
         "norm_bwd",
         "norm_bwd_res",
     ]
     # backward: 6 programs per SM (132 without a GPU), each looping over row blocks
-    assert {grid for name, grid, _ in kernels if name != "norm_fwd"} == {6 * 132}
+    assert {k.grid[0] for k in kernels if k.name != "norm_fwd"} == {6 * 132}
 
 
 def test_triton_ir_verifies():
-    """The Triton IR passes its dialect's verifier (e.g. power-of-two tensor sizes)."""
-    try:  # JAX internals: the check is skipped, not failed, if they move
-        from jax._src.interpreters import mlir
-        from jax._src.lib import triton
-        from jax._src.lib.mlir import ir
-    except ImportError as e:
-        pytest.skip(f"Triton dialect bindings not importable: {e}")
-    ctx = ir.Context()
-    ctx.append_dialect_registry(mlir.upstream_dialects)
-    triton.dialect.register_dialect(ctx)
-    ctx.load_all_available_dialects()
-    for name, _, ttir in _triton_kernels(rms=False):
-        module = ir.Module.parse(ttir, context=ctx)
-        assert module.operation.verify(), name
+    verify_triton_ir(_triton_kernels(rms=False))

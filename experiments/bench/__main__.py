@@ -6,7 +6,9 @@ BENCHES: a comma-separated subset of ceilings,attention,kernels,train,decode,pos
 default set: it compiles in CPU subprocesses and takes minutes).
 
 `--match STR` keeps only the variants whose name contains STR (kernel checks: whose
-kernel's name, e.g. flash_attention, contains STR or is contained in it). It
+kernel's name, e.g. flash_attention, contains STR or is contained in it); several
+STRs are separated by commas outside brackets, so a whole variant name such as
+gpt2-124m/T1024/b64/packed[attention_backend=auto,activation_impl=xla] is one STR. It
 prints one table at the end and appends every row (with profiles) to
 OUT/bench.jsonl. Each benchmark is one function; a failure (e.g. out of
 memory) becomes an "error" row and the run goes on.
@@ -45,6 +47,17 @@ ALL = ("ceilings", "attention", "kernels", "train", "decode", "posttrain")
 CHOICES = (*ALL, "memory")
 
 
+def match_terms(arg: str) -> list[str]:
+    """--match's substrings: split at the commas that are not inside [...]."""
+    terms, depth, start = [], 0, 0
+    for i, ch in enumerate(arg + ","):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            terms.append(arg[start:i])
+            start = i + 1
+    return [t for t in terms if t]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__)
     on_gpu = jax.default_backend() == "gpu"
@@ -69,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
     train_variants, decode_variants, profiled = suites.SUITES[args.suite]
-    wanted = [m for m in args.match.split(",") if m]
+    wanted = match_terms(args.match)
     pick = lambda vs: [v for v in vs if not wanted or any(m in v.name for m in wanted)]  # noqa: E731
     peak_key, peak = peak_flops()
     header = {
@@ -132,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         checks = {
             "decode_attention": kernel_check.check_decode_attention,
             "layer_norm": kernel_check.check_layer_norm,
+            "bias_gelu": kernel_check.check_bias_gelu,
             "flash_attention": kernel_check.check_flash_attention,
         }
         for name, check in checks.items():

@@ -17,7 +17,7 @@ from experiments.bench import packed_rows
 from experiments.bench.timing import median, time_calls
 from model.attention import fused_attention, reference_attention
 from model.config import ModelConfig
-from model.kernels import flash_attention, layer_norm
+from model.kernels import bias_gelu, flash_attention, layer_norm
 from model.kernels.decode_attention import decode_attention
 from model.layers import Norm
 from model.masking import attention_mask
@@ -137,6 +137,57 @@ def check_layer_norm(iters: int) -> Iterator[dict]:
         yield row
 
 
+# GPT-2 124M at batch 64 x 1024: the MLP's hidden activations [B * T, d_ff].
+GELU_SHAPE = (64 * 1024, 3072)
+GELU_TUNINGS = {
+    "default": bias_gelu.DEFAULT_TUNING,
+    "r4-c1024": bias_gelu.Tuning(rows=4),
+    "r16-c1024": bias_gelu.Tuning(rows=16),
+    "r8-c2048": bias_gelu.Tuning(cols=2048),
+    "pps4": bias_gelu.Tuning(programs_per_sm=4),
+    "r8-c512-w4": bias_gelu.Tuning(cols=512, warps=4),
+}
+
+
+def _xla_bias_gelu(h, b):
+    """The MLP's XLA path (model/layers.py): bias added in h's dtype, then GELU."""
+    return jax.nn.gelu(h + b.astype(h.dtype), approximate=True)
+
+
+def check_bias_gelu(iters: int) -> Iterator[dict]:
+    """Forward + backward (bias gradient included) of the MLP's bias + GELU at GPT-2 size."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    h = jax.random.normal(keys[0], GELU_SHAPE, jnp.bfloat16)
+    b = 0.1 * jax.random.normal(keys[1], GELU_SHAPE[-1:], jnp.float32)
+    d_y = jax.random.normal(keys[2], GELU_SHAPE, jnp.bfloat16)
+    candidates = {"xla": _xla_bias_gelu}
+    for tag, tuning in GELU_TUNINGS.items():
+        candidates[f"pallas-{tag}"] = functools.partial(bias_gelu.bias_gelu, tuning=tuning)
+
+    def fwd_bwd(fn):
+        def run(h, b):
+            y, vjp = jax.vjp(fn, h, b)
+            return y, *vjp(d_y.astype(y.dtype))
+
+        return jax.jit(run)
+
+    want = fwd_bwd(lambda h, b: jax.nn.gelu(h + b, approximate=True))(h.astype(jnp.float32), b)
+    for impl, fn in candidates.items():
+        row = {"bench": "kernels", "variant": f"bias_gelu/gpt2-124m-b64/{impl}"}
+        try:
+            run = fwd_bwd(fn)
+            got = run(h, b)
+            row["out_err"] = _rel_err(got[0], want[0])
+            row["grad_err"] = max(_rel_err(g, w) for g, w in zip(got[1:], want[1:], strict=True))
+            row["fwd_bwd_ms"] = median(time_calls(lambda r=run: r(h, b), 3, iters)) * 1e3
+            row["fwd_ms"] = median(time_calls(lambda f=jax.jit(fn): f(h, b), 3, iters)) * 1e3
+            # floor: forward reads h, writes y; backward reads h and dy, writes dh
+            row["GBps"] = 5 * h.size * 2 / (row["fwd_bwd_ms"] * 1e6)
+        except Exception as e:  # noqa: BLE001 - report and keep going
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        yield row
+
+
 # (B, T, H, G, D): Llama-1B's grouped-query heads, GPT-2 124M and GPT-3 XL rows.
 FLASH_SHAPES = {
     "llama-1b": (8, 2048, 32, 8, 64),
@@ -148,6 +199,8 @@ FLASH_SHAPES = {
 FLASH_TUNINGS = {
     "q128k64": flash_attention.Tuning(fwd_block_q=128),
     "q128k128-w8": flash_attention.Tuning(fwd_block_q=128, fwd_block_k=128, fwd_warps=8),
+    "stages2": flash_attention.Tuning(num_stages=2),
+    "stages3": flash_attention.Tuning(num_stages=3),
 }
 
 

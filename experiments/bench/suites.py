@@ -26,6 +26,7 @@ PALLAS_DECODE = (("decode_attention", "pallas"),)
 REF_DECODE = (("decode_attention", "reference"),)
 PALLAS_NORM = ("norm_impl", "pallas")
 XLA_NORM = ("norm_impl", "xla")  # the norms' default is "auto": Pallas on a GPU
+XLA_GELU = ("activation_impl", "xla")  # the GELU's default is "auto": Pallas on a GPU with biases
 PALLAS_ATTENTION = ("attention_backend", "pallas")
 AUTO = ("attention_backend", "auto")
 
@@ -58,6 +59,9 @@ GPU_TRAIN = [
     _xl(16, *CUDNN, SCAN),
     _gpt2(64, AUTO, SCAN, UNROLL, rows="packed"),
     _xl(16, *CUDNN, SCAN, UNROLL),
+    # XLA's bias + GELU against the fused kernels that "auto" now picks
+    _gpt2(64, AUTO, XLA_GELU, rows="packed"),
+    _gpt2(64, AUTO, SCAN, UNROLL, XLA_GELU, rows="packed"),
 ]
 GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 1),

@@ -64,7 +64,16 @@ class Tuning:
     dkv_block_q: int = 64
     dkv_block_k: int = 64
     bwd_warps: int = 4
-    num_stages: int = 2
+    # software-pipelined key/value loads: None = 3 for head_dim <= 64, 2 above. Three
+    # stages made gpt2-124m's packed step 1.7 ms faster on an H200 (122.0, 122.2 ->
+    # 120.0, 120.8 ms; BENCHMARKS.md, "Speed round seven"), while the kernel at gpt-1.3b's
+    # head_dim 128 took 3.9 instead of 3.3 ms (shared memory for the third stage).
+    num_stages: int | None = None
+
+    def stages(self, head_dim: int) -> int:
+        if self.num_stages is not None:
+            return self.num_stages
+        return 3 if head_dim <= 64 else 2
 
     @property
     def row_multiple(self) -> int:
@@ -427,7 +436,7 @@ def _forward(q, k, v, seg, pos, *, tuning: Tuning, interpret: bool):
             jax.ShapeDtypeStruct((B, H, Tp), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(
-            num_warps=tuning.fwd_warps, num_stages=tuning.num_stages
+            num_warps=tuning.fwd_warps, num_stages=tuning.stages(D)
         ),
         interpret=interpret,
         name="flash_attention_fwd",
@@ -443,7 +452,7 @@ def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: 
     R = H // G
     q, k, v, seg, pos, out, d_out = _pad_rows(T, tuning, q, k, v, seg, pos, out, d_out)
     Tp = q.shape[1]
-    params = plgpu.CompilerParams(num_warps=tuning.bwd_warps, num_stages=tuning.num_stages)
+    params = plgpu.CompilerParams(num_warps=tuning.bwd_warps, num_stages=tuning.stages(D))
     scales = dict(scale2=D**-0.5 * _LOG2_E, scale=D**-0.5)
 
     # dq (and delta): one program per (query block, row, head), over its key blocks.

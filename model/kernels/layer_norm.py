@@ -42,7 +42,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from model.kernels.partition import fit_logical, interpret_mode, run_sharded
+from model.kernels.partition import interpret_mode, row_logical, run_sharded
 
 MAX_D = 8192  # whole padded rows live in registers; wider rows would need a column loop
 
@@ -280,14 +280,8 @@ def _backward_rows(x_ND, dy_ND, dres_ND, scale_D, mean_N, rstd_N, *, has_bias, t
 # Per-device wrappers: [..., D] arrays, run under shard_map over the rows.
 
 
-def _lead_logical(shape) -> tuple:
-    """Logical names of the leading (row) dimensions: batch, then length."""
-    names = ("batch", "length") + (None,) * len(shape)
-    return fit_logical(shape[:-1], names[: len(shape) - 1])
-
-
 def _forward(x, scale_D, bias_D, *, with_stats, interpret, **kw):
-    lead = _lead_logical(x.shape)
+    lead = row_logical(x.shape)
     d = x.shape[-1]
 
     def local(x, scale_D, *bias):
@@ -317,7 +311,7 @@ def _forward(x, scale_D, bias_D, *, with_stats, interpret, **kw):
 
 
 def _backward(x, dy, dres, scale_D, mean, rstd, *, has_bias, tuning, interpret):
-    lead = _lead_logical(x.shape)
+    lead = row_logical(x.shape)
     rms = mean is None
     # Partial sums: one block of rows per device, stacked over the devices that
     # split the rows (the first row dimension's mesh axes).

@@ -41,6 +41,13 @@ def fit_logical(shape: Sequence[int], logical: Sequence[str | None]) -> tuple[st
     return tuple(fitted)
 
 
+def row_logical(shape: Sequence[int]) -> tuple[str | None, ...]:
+    """Logical names of the leading (row) dimensions of an [..., D] array: batch, then
+    length, fitted to the mesh (`fit_logical`)."""
+    names = ("batch", "length") + (None,) * len(shape)
+    return fit_logical(shape[:-1], names[: len(shape) - 1])
+
+
 def run_sharded(
     kernel: Callable,
     args: Sequence[jax.Array],
