@@ -122,9 +122,6 @@ def test_bad_inputs_fail_clearly():
         bg.bias_gelu(jnp.zeros((4, 48)), jnp.zeros(64))
     with pytest.raises(ValueError, match="floating"):
         bg.bias_gelu(jnp.zeros((4, 48), jnp.int32), jnp.zeros(48))
-    with pytest.raises(ValueError, match="overflow int32"):
-        big = jax.ShapeDtypeStruct((2**20, 4096), jnp.bfloat16)
-        jax.eval_shape(lambda h: bg.bias_gelu(h, jnp.zeros(4096)), big)
 
 
 def test_lowers_to_verified_triton_at_gpt2_size():

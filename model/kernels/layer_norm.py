@@ -42,7 +42,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from model.kernels.partition import interpret_mode, row_logical, run_sharded
+from model.kernels.partition import interpret_mode, num_sms, row_logical, run_sharded
 
 MAX_D = 8192  # whole padded rows live in registers; wider rows would need a column loop
 
@@ -80,13 +80,6 @@ def _rows_and_warps(d_pad: int, elems: int, max_rows: int) -> tuple[int, int]:
     # work, and fewer warps would mean long per-thread register arrays.
     warps = 8 if rows * d_pad >= 4096 else 4
     return rows, warps
-
-
-def _num_sms() -> int:
-    device = jax.devices()[0]
-    if device.platform == "gpu":
-        return getattr(device, "core_count", 132)
-    return 132  # H100 SXM, for lowering off the GPU
 
 
 def _check_offsets(n: int, d: int):
@@ -243,7 +236,7 @@ def _backward_rows(x_ND, dy_ND, dres_ND, scale_D, mean_N, rstd_N, *, has_bias, t
     d_pad = pl.next_power_of_2(d)
     rows, warps = _rows_and_warps(d_pad, tuning.bwd_elems, tuning.max_rows)
     blocks = pl.cdiv(n, rows)
-    programs = min(blocks, tuning.bwd_programs or tuning.bwd_programs_per_sm * _num_sms())
+    programs = min(blocks, tuning.bwd_programs or tuning.bwd_programs_per_sm * num_sms())
     # Program p takes blocks p, p + programs, ...; in the last round some find
     # only rows past the end, all masked (no memory traffic).
     trips = pl.cdiv(blocks, programs)

@@ -26,6 +26,12 @@ def _active_mesh():
     return None if mesh.empty or mesh.size == 1 else mesh
 
 
+def num_sms() -> int:
+    """Streaming multiprocessors of the local GPU; an H100 SXM's 132 when lowering off it."""
+    device = jax.devices()[0]
+    return getattr(device, "core_count", 132) if device.platform == "gpu" else 132
+
+
 def fit_logical(shape: Sequence[int], logical: Sequence[str | None]) -> tuple[str | None, ...]:
     """`logical` with the names whose mesh split does not divide their dimension
     replaced by None (not split): shard_map needs even splits, and e.g. a
