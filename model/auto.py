@@ -1,5 +1,6 @@
 """The one place where "auto" kernel choices are resolved, for the config fields
-`attention_backend`, `norm_impl`, `activation_impl` and `decode_attention`.
+`attention_backend`, `norm_impl`, `activation_impl`, `cross_entropy_impl` and
+`decode_attention`.
 
 Rule for each: on a GPU, the hand-written kernel where it is correct for the shape and
 was measured faster (BENCHMARKS.md names the runs); elsewhere (CPU, TPU) the plain-JAX
@@ -60,6 +61,17 @@ def choose_activation_impl(cfg: ModelConfig) -> str:
     if cfg.activation_impl != "auto":
         return cfg.activation_impl
     return "pallas" if on_gpu() and cfg.activation == "gelu" and cfg.use_bias else "xla"
+
+
+def choose_cross_entropy_impl(cfg: ModelConfig) -> str:
+    """ "xla" or "pallas" ("auto" resolved), for the cross-entropy of pretraining and
+    evaluation (`train/losses.py`). "auto": the Pallas kernels (`model/kernels/
+    cross_entropy.py`) on a GPU, which read the logits once forward and once backward and
+    leave the vocabulary's padding columns out themselves (BENCHMARKS.md, "Speed round
+    eight"); XLA's fused passes elsewhere."""
+    if cfg.cross_entropy_impl != "auto":
+        return cfg.cross_entropy_impl
+    return "pallas" if on_gpu() else "xla"
 
 
 def choose_decode_attention(cfg: ModelConfig) -> str:

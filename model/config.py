@@ -18,6 +18,7 @@ RopeScaling = Literal["none", "linear", "llama3"]
 AttentionBackend = Literal["auto", "reference", "xla", "cudnn", "pallas"]
 NormImpl = Literal["auto", "xla", "pallas"]
 ActivationImpl = Literal["auto", "xla", "pallas"]
+CrossEntropyImpl = Literal["auto", "xla", "pallas"]
 DecodeAttention = Literal["auto", "reference", "pallas"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
@@ -29,6 +30,7 @@ _CHOICES = {
     "attention_backend": ("auto", "reference", "xla", "cudnn", "pallas"),
     "norm_impl": ("auto", "xla", "pallas"),
     "activation_impl": ("auto", "xla", "pallas"),
+    "cross_entropy_impl": ("auto", "xla", "pallas"),
     "decode_attention": ("auto", "reference", "pallas"),
     "remat": ("none", "full", "dots", "dots_no_batch"),
     "dtype": ("float32", "bfloat16", "float16"),
@@ -48,10 +50,11 @@ class ModelConfig:
     fastest correct one on a GPU and the reference elsewhere
     (`model.auto.choose_backend`).
 
-    `norm_impl="pallas"`, `activation_impl="pallas"` and `decode_attention="pallas"`
-    use the hand-written GPU kernels in `model/kernels/` for the norms, the GELU
-    MLP's bias + activation and one-token decoding steps (BENCHMARKS.md measures
-    them against the XLA/reference paths); "auto", the default for all three,
+    `norm_impl`, `activation_impl`, `cross_entropy_impl` and `decode_attention` set to
+    "pallas" use the hand-written GPU kernels in `model/kernels/` for the norms, the
+    GELU MLP's bias + activation, the cross-entropy of pretraining and evaluation, and
+    one-token decoding steps (BENCHMARKS.md measures them against the XLA/reference
+    paths); "auto", the default for all four,
     picks them on a GPU where they were measured faster and the XLA/reference
     code elsewhere (`model/auto.py`, the one place every "auto" is resolved).
 
@@ -107,6 +110,7 @@ class ModelConfig:
     attention_backend: AttentionBackend = "auto"
     norm_impl: NormImpl = "auto"
     activation_impl: ActivationImpl = "auto"
+    cross_entropy_impl: CrossEntropyImpl = "auto"  # the training loss on this model's logits
     decode_attention: DecodeAttention = "auto"
 
     def __post_init__(self):

@@ -208,11 +208,15 @@ class LanguageModel(nn.Module):
         segment_ids_BL: jax.Array | None = None,
         cache: DecodeCache | None = None,
         deterministic: bool = True,
+        mask_vocab_padding: bool = True,
     ):
         """Returns logits_BLV (compute dtype), or (logits_BLV, cache) when a cache is given.
 
         positions default to 0..L-1 in every row; segment_ids None means every
         row is one whole document with no padding (the fastest attention path).
+        `mask_vocab_padding=False` leaves the padding columns of the vocabulary as
+        computed, for a loss that leaves them out itself (`train/losses.py`) and so
+        spares a pass over the logits.
         """
         cfg = self.cfg
         if positions_BL is None:
@@ -226,7 +230,7 @@ class LanguageModel(nn.Module):
         else:
             w = dense_param(self, "lm_head", (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"))
             logits_BLV = hidden_BLD @ w.astype(cfg.compute_dtype)
-        if cfg.padded_vocab > cfg.vocab_size:
+        if mask_vocab_padding and cfg.padded_vocab > cfg.vocab_size:
             logits_BLV = mask_padded_vocab(logits_BLV, cfg.vocab_size)
         logits_BLV = nn.with_logical_constraint(logits_BLV, ("batch", "length", "act_vocab"))
         return logits_BLV if cache is None else (logits_BLV, new_cache)

@@ -53,6 +53,13 @@ def single_device_mesh():
     return sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
 
 
+def assert_trees_close(got, want, check_dtype: bool = True, **tol) -> None:
+    """Leaf by leaf: same shape (and dtype), values close in float32 (`tol` as numpy's)."""
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.shape == b.shape and (not check_dtype or a.dtype == b.dtype)
+        np.testing.assert_allclose(np.float32(a), np.float32(b), **tol)
+
+
 def lm_value_and_grad(model, tokens):
     """jit(params -> ((mean squared logit, logits), gradients)): a loss that depends on every
     logit, for holding a kernel's model equal to the plain one."""

@@ -7,6 +7,7 @@ import pytest
 
 from model.attention import apply_rope, fused_attention, reference_attention, rope_inv_freq
 from model.config import ModelConfig, get_preset
+from model.layers import dense
 from model.masking import attention_mask
 from model.transformer import LanguageModel
 
@@ -183,3 +184,26 @@ def test_model_backends_agree():
     )
     valid = np.asarray(segments > 0)
     np.testing.assert_allclose(np.asarray(ref)[valid], np.asarray(xla)[valid], atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dense_is_the_einsum_of_its_projection(dtype):
+    """`dense` (one 2-D product, bias added in x's dtype) equals the einsums the attention
+    projections are defined by: x [B, L, D] -> [B, L, H, K], and back over (H, K)."""
+    k = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(k[0], (B, L, 16)).astype(dtype)
+    w_in, b_in = jax.random.normal(k[1], (16, 4, 8)), jax.random.normal(k[2], (4, 8))
+    w_out, b_out = jax.random.normal(k[3], (4, 8, 16)), jax.random.normal(k[4], (16,))
+    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    tol = 1e-6 if dtype == "float32" else 1e-2  # of the result's norm: bf16 rounds each output
+
+    def assert_close(got, want):
+        assert np.linalg.norm(f32(got) - want) <= tol * np.linalg.norm(want)
+
+    y = dense(x, w_in, b_in)
+    assert y.shape == (B, L, 4, 8) and y.dtype == x.dtype
+    assert_close(y, jnp.einsum("bld,dhk->blhk", f32(x), w_in) + b_in)
+    z = dense(y, w_out, b_out, n_in=2)
+    assert z.shape == (B, L, 16) and z.dtype == x.dtype
+    assert_close(z, jnp.einsum("blhk,hkd->bld", f32(y), w_out) + b_out)
+    np.testing.assert_array_equal(dense(x, w_in), dense(x, w_in, jnp.zeros((4, 8))))

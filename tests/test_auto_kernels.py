@@ -15,12 +15,19 @@ from model.transformer import LanguageModel
 def test_defaults_are_auto_and_resolve_to_the_reference_on_cpu():
     for name in ("tiny", "gpt2-124m", "gpt-1.3b", "llama-1b"):
         cfg = get_preset(name)
-        kernels = (cfg.attention_backend, cfg.norm_impl, cfg.activation_impl, cfg.decode_attention)
-        assert kernels == ("auto",) * 4
+        kernels = (
+            cfg.attention_backend,
+            cfg.norm_impl,
+            cfg.activation_impl,
+            cfg.cross_entropy_impl,
+            cfg.decode_attention,
+        )
+        assert kernels == ("auto",) * 5
         assert jax.default_backend() == "cpu"
         assert auto.choose_backend(cfg, packed=True) == "reference"
         assert auto.choose_norm_impl(cfg) == "xla"
         assert auto.choose_activation_impl(cfg) == "xla"
+        assert auto.choose_cross_entropy_impl(cfg) == "xla"
         assert auto.choose_decode_attention(cfg) == "reference"
 
 
@@ -33,6 +40,7 @@ def test_auto_picks_the_kernels_on_a_gpu(monkeypatch):
     # no biases (gpt-1.3b) or SwiGLU (Llama): XLA's fusions already make the fewest passes
     assert auto.choose_activation_impl(get_preset("gpt-1.3b")) == "xla"
     assert auto.choose_activation_impl(get_preset("llama-1b")) == "xla"
+    assert auto.choose_cross_entropy_impl(get_preset("llama-1b")) == "pallas"
     # rows wider than the norm kernel holds; heads per group not a power of two
     assert auto.choose_norm_impl(cfg.replace(d_model=8448, n_heads=8)) == "xla"
     assert auto.choose_decode_attention(cfg.replace(n_heads=6, d_model=384)) == "pallas"
@@ -48,14 +56,22 @@ def test_auto_picks_the_kernels_on_a_gpu(monkeypatch):
 
 
 def test_explicit_kernels_are_kept_off_the_gpu():
-    pallas = dict(norm_impl="pallas", activation_impl="pallas", decode_attention="pallas")
+    pallas = dict(
+        norm_impl="pallas",
+        activation_impl="pallas",
+        cross_entropy_impl="pallas",
+        decode_attention="pallas",
+    )
     cfg = get_preset("tiny", **pallas)
     assert auto.choose_norm_impl(cfg) == "pallas"
     assert auto.choose_activation_impl(cfg) == "pallas"
+    assert auto.choose_cross_entropy_impl(cfg) == "pallas"
     assert auto.choose_decode_attention(cfg) == "pallas"
 
 
-@pytest.mark.parametrize("field", ["norm_impl", "activation_impl", "decode_attention"])
+@pytest.mark.parametrize(
+    "field", ["norm_impl", "activation_impl", "cross_entropy_impl", "decode_attention"]
+)
 def test_config_rejects_unknown_choices(field):
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{field: "fastest"})

@@ -11,7 +11,13 @@ import pytest
 from model.config import get_preset
 from model.kernels import bias_gelu as bg
 from model.transformer import LanguageModel
-from tests.helpers import lm_value_and_grad, random_lm_batch, triton_kernels, verify_triton_ir
+from tests.helpers import (
+    assert_trees_close,
+    lm_value_and_grad,
+    random_lm_batch,
+    triton_kernels,
+    verify_triton_ir,
+)
 from train import sharding
 
 # Blocks smaller than the inputs: a last row block and a last column block part full,
@@ -37,12 +43,6 @@ def _value_and_grad(fn, w):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
-def _assert_close(got, want, **tol):
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_allclose(np.float32(a), np.float32(b), **tol)
-
-
 @pytest.mark.parametrize(
     "dtype, tuning, tol",
     [
@@ -56,10 +56,10 @@ def test_values_and_gradients_match_the_definition(dtype, tuning, tol):
     h, b, w = _inputs(dtype=dtype)
     y = bg.bias_gelu(h, b, tuning=tuning)
     assert y.dtype == h.dtype and y.shape == h.shape
-    _assert_close(y, _definition(h, b), **tol)
+    assert_trees_close(y, _definition(h, b), **tol)
     got = _value_and_grad(lambda h, b: bg.bias_gelu(h, b, tuning=tuning), w)(h, b)
     want = _value_and_grad(_definition, w)(h, b)
-    _assert_close(got, want, **tol)
+    assert_trees_close(got, want, **tol)
 
 
 def test_large_inputs_saturate_without_overflow():
@@ -71,7 +71,7 @@ def test_large_inputs_saturate_without_overflow():
     got = _value_and_grad(lambda h, b: bg.bias_gelu(h, b, tuning=SMALL_BLOCKS), w)(h, b)
     want = _value_and_grad(_definition, w)(h, b)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(got))
-    _assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_trees_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_sharded_matches_the_definition(mesh_shape, batch):
             h = jax.device_put(h, sharding.batch_sharding(mesh))
         got = step(h, b)
         assert "shard_map" in str(step.trace(h, b).jaxpr)
-    _assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_trees_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mesh_shape", [None, dict(data=2, fsdp=2, tensor=2)], ids=["1", "8"])
@@ -114,7 +114,7 @@ def test_language_model_kernel_equals_xla(mesh_shape):
         with sharding.mesh_context(sharding.make_mesh(sharding.MeshConfig(**mesh_shape))):
             got = lm_value_and_grad(kernel, tokens)(params)
     # float32 throughout: XLA's bias add and the kernel's differ only in rounding
-    _assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert_trees_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_bad_inputs_fail_clearly():

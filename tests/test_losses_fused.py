@@ -52,3 +52,20 @@ def test_fused_token_log_probs_gradient_matches_plain():
 
     got = jax.grad(lambda lg: jnp.sum(ct * losses.token_log_probs(lg, targets)))(logits)
     np.testing.assert_allclose(got, jax.grad(plain)(logits), rtol=1e-5, atol=1e-6)
+
+
+def test_vocab_size_leaves_the_padding_columns_out():
+    """Unmasked logits with `vocab_size` give what the model's masked logits give."""
+    logits, targets, _ = _inputs(jnp.float32, seed=5)
+    vocab = logits.shape[-1] - 5
+    targets = targets % vocab
+    ct = [jax.random.normal(jax.random.key(i), targets.shape) for i in (6, 7)]
+
+    def value_and_grad(fn):
+        out, vjp = jax.vjp(lambda lg: fn(lg, targets), logits)
+        return out, vjp(tuple(ct))[0]
+
+    got = value_and_grad(lambda lg, t: losses.target_logit_and_log_z(lg, t, vocab))
+    want = value_and_grad(lambda lg, t: losses.reference_masked_statistics(lg, t, vocab))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import flax.linen as nn
 import jax
 
-from train.losses import cross_entropy_sums
+from train.losses import cross_entropy_sums, loss_options
 
 
 def make_eval_step(model: nn.Module) -> Callable[[dict, dict], dict[str, jax.Array]]:
@@ -16,9 +16,15 @@ def make_eval_step(model: nn.Module) -> Callable[[dict, dict], dict[str, jax.Arr
 
     def eval_step(params, batch):
         logits_BLV = model.apply(
-            {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids")
+            {"params": params},
+            batch["inputs"],
+            batch.get("positions"),
+            batch.get("segment_ids"),
+            mask_vocab_padding=False,  # the loss leaves the padding out itself
         )
-        sums = cross_entropy_sums(logits_BLV, batch["targets"], batch["weights"])
+        sums = cross_entropy_sums(
+            logits_BLV, batch["targets"], batch["weights"], **loss_options(model.cfg)
+        )
         return {"ce_sum": sums["ce_sum"], "weight_sum": sums["weight_sum"]}
 
     return eval_step

@@ -9,6 +9,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from model.auto import choose_cross_entropy_impl
+from model.config import ModelConfig
+from model.kernels import cross_entropy
+from model.transformer import mask_padded_vocab
+
 
 def reference_target_logit_and_log_z(logits_BLV: jax.Array, targets_BL: jax.Array):
     """(logit of the target, log of the partition function), float32, by plain autodiff.
@@ -21,6 +26,12 @@ def reference_target_logit_and_log_z(logits_BLV: jax.Array, targets_BL: jax.Arra
     log_z_BL = jax.nn.logsumexp(logits, axis=-1)
     target_logit_BL = jnp.take_along_axis(logits, targets_BL[..., None], axis=-1)[..., 0]
     return target_logit_BL, log_z_BL
+
+
+def reference_masked_statistics(logits_BLV, targets_BL, vocab_size: int):
+    """`reference_target_logit_and_log_z` after the model's mask of the padding columns:
+    the definition `target_logit_and_log_z` is tested against for unmasked logits."""
+    return reference_target_logit_and_log_z(mask_padded_vocab(logits_BLV, vocab_size), targets_BL)
 
 
 @jax.custom_vjp
@@ -54,10 +65,33 @@ def _fused_backward(residuals, cotangents):
 _target_logit_and_log_z.defvjp(_fused_forward, _fused_backward)
 
 
+def target_logit_and_log_z(
+    logits_BLV: jax.Array, targets_BL: jax.Array, vocab_size: int | None = None, impl: str = "xla"
+) -> tuple[jax.Array, jax.Array]:
+    """(logit of the target, log Z over the first `vocab_size` columns), float32.
+
+    `vocab_size` (default: all columns) leaves out the padding columns of logits the
+    model did not mask (`LanguageModel(..., mask_vocab_padding=False)`). `impl`: "xla",
+    the custom-VJP passes above, after the model's own mask; "pallas", the kernels of
+    `model/kernels/cross_entropy.py`, which leave the padding out themselves.
+    """
+    if impl == "pallas":
+        return cross_entropy.target_logit_and_log_z(logits_BLV, targets_BL, vocab_size)
+    if vocab_size is not None and vocab_size < logits_BLV.shape[-1]:
+        logits_BLV = mask_padded_vocab(logits_BLV, vocab_size)
+    return _target_logit_and_log_z(logits_BLV, targets_BL)
+
+
 def token_log_probs(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
     """log p(target) at every position, in float32."""
     target_logit_BL, log_z_BL = _target_logit_and_log_z(logits_BLV, targets_BL)
     return target_logit_BL - log_z_BL
+
+
+def loss_options(cfg: ModelConfig) -> dict:
+    """`cross_entropy_sums`' vocab_size and impl for logits of a model with config `cfg`
+    applied with `mask_vocab_padding=False`."""
+    return dict(vocab_size=cfg.vocab_size, impl=choose_cross_entropy_impl(cfg))
 
 
 def cross_entropy_sums(
@@ -65,14 +99,18 @@ def cross_entropy_sums(
     targets_BL: jax.Array,
     weights_BL: jax.Array,
     z_loss: float = 0.0,
+    *,
+    vocab_size: int | None = None,
+    impl: str = "xla",
 ) -> dict[str, jax.Array]:
     """Weighted sums of next-token cross-entropy and z-loss (PaLM, Chowdhery et al. 2022).
 
     Returns {"loss_sum": sum w*(CE + z_loss*logZ^2), "ce_sum": sum w*CE,
     "weight_sum": sum w}. Tokens with weight 0 (padding, prompts) contribute
-    nothing, neither to the value nor to the gradient.
+    nothing, neither to the value nor to the gradient. `vocab_size` and `impl`: as
+    `target_logit_and_log_z`.
     """
-    target_logit_BL, log_z_BL = _target_logit_and_log_z(logits_BLV, targets_BL)
+    target_logit_BL, log_z_BL = target_logit_and_log_z(logits_BLV, targets_BL, vocab_size, impl)
     weights_BL = weights_BL.astype(jnp.float32)
     ce_sum = jnp.sum(weights_BL * (log_z_BL - target_logit_BL))
     loss_sum = ce_sum + z_loss * jnp.sum(weights_BL * jnp.square(log_z_BL)) if z_loss else ce_sum

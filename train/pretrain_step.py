@@ -19,7 +19,7 @@ import jax
 import optax
 
 from train.gradients import accumulate_gradients, apply_gradients
-from train.losses import cross_entropy_sums
+from train.losses import cross_entropy_sums, loss_options
 from train.state import TrainState
 
 
@@ -37,6 +37,7 @@ class StepConfig:
 
 def lm_loss_sums(model: nn.Module, z_loss: float, deterministic: bool) -> Callable:
     """loss_sums(params, batch, rng) for next-token prediction on `batch`."""
+    options = loss_options(model.cfg)
 
     def loss_sums(params, batch, rng):
         logits_BLV = model.apply(
@@ -46,8 +47,9 @@ def lm_loss_sums(model: nn.Module, z_loss: float, deterministic: bool) -> Callab
             batch.get("segment_ids"),
             deterministic=deterministic,
             rngs={"dropout": rng},
+            mask_vocab_padding=False,  # the loss leaves the padding out itself
         )
-        sums = cross_entropy_sums(logits_BLV, batch["targets"], batch["weights"], z_loss)
+        sums = cross_entropy_sums(logits_BLV, batch["targets"], batch["weights"], z_loss, **options)
         return sums["loss_sum"], sums
 
     return loss_sums

@@ -25,7 +25,13 @@ from train import sharding
 # The model's kernel choices: the same function and the same parameters by another
 # implementation (tests hold them equal), so a run may resume under another choice, or
 # under a new default ("auto").
-KERNEL_FIELDS = ("attention_backend", "norm_impl", "activation_impl", "decode_attention")
+KERNEL_FIELDS = (
+    "attention_backend",
+    "norm_impl",
+    "activation_impl",
+    "cross_entropy_impl",
+    "decode_attention",
+)
 # Fields a resumed run may change without becoming a different experiment: how long, how
 # often it logs, evaluates and saves, the device layout (orbax reshards on restore), the
 # kernels.

@@ -17,10 +17,11 @@ from experiments.bench import packed_rows
 from experiments.bench.timing import median, time_calls
 from model.attention import fused_attention, reference_attention
 from model.config import ModelConfig
-from model.kernels import bias_gelu, flash_attention, layer_norm
+from model.kernels import bias_gelu, cross_entropy, flash_attention, layer_norm
 from model.kernels.decode_attention import decode_attention
 from model.layers import Norm
 from model.masking import attention_mask
+from train import losses
 
 # gpt-1.3b decoding one sequence as two rows (model/sampling.py): cache of 128 + 256 slots.
 DECODE_SHAPES = {"gpt-1.3b": (2, 384, 16, 16, 128), "llama-1b": (2, 384, 32, 8, 64)}
@@ -183,6 +184,64 @@ def check_bias_gelu(iters: int) -> Iterator[dict]:
             row["fwd_ms"] = median(time_calls(lambda f=jax.jit(fn): f(h, b), 3, iters)) * 1e3
             # floor: forward reads h, writes y; backward reads h and dy, writes dh
             row["GBps"] = 5 * h.size * 2 / (row["fwd_bwd_ms"] * 1e6)
+        except Exception as e:  # noqa: BLE001 - report and keep going
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        yield row
+
+
+# GPT-2 124M at batch 64 x 1024: the logits [B * T, padded vocabulary], 50,257 real columns.
+CE_SHAPE, CE_VOCAB = (64 * 1024, 50304), 50257
+CE_TUNINGS = {
+    "default": cross_entropy.DEFAULT_TUNING,
+    "fwd-lanes16": cross_entropy.Tuning(fwd_lanes=16),
+    "fwd-lanes1024": cross_entropy.Tuning(fwd_lanes=1024),  # one max a row: cross-thread
+    "fwd-lanes1": cross_entropy.Tuning(fwd_lanes=1),  # a max per column: two exp2 an element
+    "fwd-r2": cross_entropy.Tuning(fwd_rows=2),
+    "fwd-r8-w8": cross_entropy.Tuning(fwd_rows=8, fwd_warps=8),
+    "fwd-c512": cross_entropy.Tuning(fwd_cols=512),
+    "fwd-c2048-w8": cross_entropy.Tuning(fwd_cols=2048, fwd_warps=8),
+    "fwd-stages2": cross_entropy.Tuning(fwd_stages=2),
+    "fwd-stages4": cross_entropy.Tuning(fwd_stages=4),
+    "bwd-r4-w4": cross_entropy.Tuning(bwd_rows=4, bwd_warps=4),
+    "bwd-r16": cross_entropy.Tuning(bwd_rows=16),
+    "bwd-c2048": cross_entropy.Tuning(bwd_cols=2048),
+}
+
+
+def check_cross_entropy(iters: int) -> Iterator[dict]:
+    """Forward + backward of the loss's two statistics at GPT-2 size: XLA's fused passes
+    after the model's mask of the padding columns (the previous default) against the
+    kernels, which read the unmasked logits and leave the padding out themselves."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    logits = 4 * jax.random.normal(keys[0], CE_SHAPE, jnp.bfloat16)
+    targets = jax.random.randint(keys[1], CE_SHAPE[:1], 0, CE_VOCAB)
+    g_target, g_log_z = (jax.random.normal(k, CE_SHAPE[:1]) for k in keys[2:])
+    candidates = {"xla": functools.partial(losses.target_logit_and_log_z, impl="xla")}
+    for tag, tuning in CE_TUNINGS.items():
+        candidates[f"pallas-{tag}"] = functools.partial(
+            cross_entropy.target_logit_and_log_z, tuning=tuning
+        )
+
+    def fwd_bwd(fn):
+        def run(x):
+            out, vjp = jax.vjp(lambda x: fn(x, targets, CE_VOCAB), x)
+            return out, vjp((g_target, g_log_z))[0]
+
+        return jax.jit(run)
+
+    want = fwd_bwd(losses.reference_masked_statistics)(logits.astype(jnp.float32))
+    for impl, fn in candidates.items():
+        row = {"bench": "kernels", "variant": f"cross_entropy/gpt2-124m-b64/{impl}"}
+        try:
+            run = fwd_bwd(fn)
+            got = run(logits)
+            row["out_err"] = max(_rel_err(g, w) for g, w in zip(got[0], want[0], strict=True))
+            row["grad_err"] = _rel_err(got[1], want[1])
+            row["fwd_bwd_ms"] = median(time_calls(lambda r=run: r(logits), 3, iters)) * 1e3
+            fwd = jax.jit(lambda x, f=fn: f(x, targets, CE_VOCAB))
+            row["fwd_ms"] = median(time_calls(lambda f=fwd: f(logits), 3, iters)) * 1e3
+            # floor: forward reads the logits, backward reads them and writes their gradient
+            row["GBps"] = 3 * logits.size * 2 / (row["fwd_bwd_ms"] * 1e6)
         except Exception as e:  # noqa: BLE001 - report and keep going
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         yield row

@@ -27,6 +27,7 @@ REF_DECODE = (("decode_attention", "reference"),)
 PALLAS_NORM = ("norm_impl", "pallas")
 XLA_NORM = ("norm_impl", "xla")  # the norms' default is "auto": Pallas on a GPU
 XLA_GELU = ("activation_impl", "xla")  # the GELU's default is "auto": Pallas on a GPU with biases
+XLA_CE = ("cross_entropy_impl", "xla")  # the loss's default is "auto": Pallas on a GPU
 PALLAS_ATTENTION = ("attention_backend", "pallas")
 AUTO = ("attention_backend", "auto")
 
@@ -62,6 +63,10 @@ GPU_TRAIN = [
     # XLA's bias + GELU against the fused kernels that "auto" now picks
     _gpt2(64, AUTO, XLA_GELU, rows="packed"),
     _gpt2(64, AUTO, SCAN, UNROLL, XLA_GELU, rows="packed"),
+    # XLA's cross-entropy passes (after the model's mask) against the kernels
+    _gpt2(64, AUTO, XLA_CE, rows="packed"),
+    _gpt2(64, AUTO, SCAN, UNROLL, XLA_CE, rows="packed"),
+    _xl(16, *CUDNN, XLA_CE),
 ]
 GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 1),

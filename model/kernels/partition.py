@@ -21,7 +21,8 @@ def interpret_mode() -> bool:
     return jax.devices()[0].platform != "gpu"
 
 
-def _active_mesh():
+def active_mesh() -> jax.sharding.AbstractMesh | None:
+    """The mesh kernels split over: None without one or with a single device."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh.empty or mesh.size == 1 else mesh
 
@@ -36,7 +37,7 @@ def fit_logical(shape: Sequence[int], logical: Sequence[str | None]) -> tuple[st
     """`logical` with the names whose mesh split does not divide their dimension
     replaced by None (not split): shard_map needs even splits, and e.g. a
     one-sequence decoding batch cannot be split over the data axes."""
-    mesh = _active_mesh()
+    mesh = active_mesh()
     if mesh is None:
         return tuple(logical)
     fitted = []
@@ -65,7 +66,7 @@ def run_sharded(
     `logical_in` / `logical_out` name each dimension of each argument / output
     with a logical axis (or None: not split).
     """
-    mesh = _active_mesh()
+    mesh = active_mesh()
     if mesh is None:
         return kernel(*args)
     to_spec = lambda axes: nn.logical_to_mesh_axes(axes)  # noqa: E731  (uses the active rules)

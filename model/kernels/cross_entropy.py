@@ -1,0 +1,269 @@
+"""Cross-entropy's two statistics over the vocabulary: one Pallas (Triton) kernel forward,
+one backward.
+
+Next-token cross-entropy needs, per row of logits x (the rows of [B, L, V]), the logit of
+the target and log Z = logsumexp(x) over the real vocabulary. The logits are the largest
+array of a small model's step (gpt2-124m at batch 64: 65,536 x 50,304 in bf16, 6.6 GB).
+XLA reads them three times besides the matrix products (the maximum, the sum of
+exponentials, the backward pass) and writes them once; these kernels read them twice and
+write them once:
+
+  forward:  one read. Each program takes a few rows and walks their columns, keeping a
+            running maximum and sum of exponentials (flash attention's online softmax)
+            per group of `lanes` adjacent columns: a group lies in one thread, so the loop
+            needs no exchange between threads; the groups are combined once at the end.
+            The target's logit is one load per row. Columns at or past `vocab_size`
+            (the padding that rounds the vocabulary up to a multiple of 128) are left out
+            inside the kernel, so the model hands over its logits unmasked;
+  backward: one read and one write: dx = g_logz * softmax(x) + g_target * onehot(target),
+            0 on the padding columns.
+
+Why the loads are written as they are: Triton turns a block load into 16-byte vector loads
+only where it can prove the load's mask constant over 8 adjacent columns. Masks here
+compare columns with static, 128-aligned bounds only; the real vocabulary's limit (not
+aligned, and per device with tensor parallelism) is applied to the loaded values. A first
+version masked its loads with that limit and read at 0.85 TB/s (BENCHMARKS.md, change 37).
+
+With the vocabulary split over devices (tensor parallelism), each device's kernel returns
+its columns' maximum, sum and target logit, and plain JAX combines them as flash-decoding
+combines its splits; the backward pass needs only the combined log Z.
+
+Exponentials are taken base 2 (one `ex2` instruction); the running statistics are in
+units of log2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from model.kernels.partition import (
+    active_mesh,
+    fit_logical,
+    interpret_mode,
+    row_logical,
+    run_sharded,
+)
+
+LOG2_E = math.log2(math.e)
+# Running maximum's start: finite, so that a group whose columns are all left out (-inf)
+# gives exp2(start - start) = 1 times a zero sum rather than inf - inf = NaN.
+_START = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Block shapes (powers of two); the defaults were chosen on an H200 (BENCHMARKS.md,
+    "Speed round eight"); tests pass small blocks."""
+
+    fwd_rows: int = 4
+    fwd_cols: int = 1024
+    fwd_lanes: int = 8  # adjacent columns sharing one running max and sum (one 16-byte load)
+    fwd_warps: int = 4
+    fwd_stages: int = 3  # column blocks loaded ahead of the one being reduced
+    bwd_rows: int = 8
+    bwd_cols: int = 1024
+    bwd_warps: int = 8
+
+    def __post_init__(self):
+        if self.fwd_cols % self.fwd_lanes:
+            raise ValueError(f"cross_entropy: fwd_lanes={self.fwd_lanes} must divide fwd_cols")
+
+
+DEFAULT_TUNING = Tuning()
+
+
+def _rows(ref, row_R, row_ok_R, other):
+    return plgpu.load(ref.at[row_R], mask=row_ok_R, other=other)
+
+
+def _fwd_kernel(x_ref, t_ref, lim_ref, m_ref, s_ref, tl_ref, *, n, v, tuning):
+    """Rows r..r+R: max and sum of 2^(x log2 e - max) over the columns below each row's
+    limit (log2 units), and the target's logit. Shapes: R rows, G groups of K lanes."""
+    R, C, K = tuning.fwd_rows, tuning.fwd_cols, tuning.fwd_lanes
+    G = C // K
+    row_R = pl.program_id(0) * R + jnp.arange(R)
+    row_ok_R = row_R < n
+    t_R, lim_R = _rows(t_ref, row_R, row_ok_R, -1), _rows(lim_ref, row_R, row_ok_R, 0)
+    col_GK = K * jnp.arange(G)[:, None] + jnp.arange(K)[None, :]
+
+    def body(j, carry):
+        m_RG, s_RG = carry
+        col_GK_j = j * C + col_GK
+        in_bounds = row_ok_R[:, None, None] & (col_GK_j < v)[None]  # static bounds: vector loads
+        x_RGK = plgpu.load(
+            x_ref.at[row_R[:, None, None], col_GK_j[None]], mask=in_bounds, other=-jnp.inf
+        ).astype(jnp.float32)
+        real = col_GK_j[None] < lim_R[:, None, None]
+        x_RGK = jnp.where(real, x_RGK * LOG2_E, -jnp.inf)
+        new_m_RG = jnp.maximum(m_RG, jnp.max(x_RGK, axis=2))
+        s_RG = s_RG * jnp.exp2(m_RG - new_m_RG) + jnp.sum(
+            jnp.exp2(x_RGK - new_m_RG[:, :, None]), axis=2
+        )
+        return new_m_RG, s_RG
+
+    start = (jnp.full((R, G), _START, jnp.float32), jnp.zeros((R, G), jnp.float32))
+    m_RG, s_RG = jax.lax.fori_loop(0, pl.cdiv(v, C), body, start)
+    m_R = jnp.max(m_RG, axis=1)
+    s_R = jnp.sum(s_RG * jnp.exp2(m_RG - m_R[:, None]), axis=1)
+    # the target's logit, if it is one of this device's real columns (else 0, summed away)
+    has_target_R = row_ok_R & (t_R >= 0) & (t_R < lim_R)
+    tl_R = plgpu.load(x_ref.at[row_R, t_R], mask=has_target_R, other=0.0).astype(jnp.float32)
+    for ref, value in ((m_ref, m_R), (s_ref, s_R), (tl_ref, tl_R)):
+        plgpu.store(ref.at[row_R], value, mask=row_ok_R)
+
+
+def _bwd_kernel(x_ref, t_ref, lim_ref, lz_ref, glz_ref, gt_ref, dx_ref, *, n, v, tuning):
+    """dx = g_logz * 2^(x log2 e - log2 Z) + g_target * onehot, 0 past each row's limit."""
+    R, C = tuning.bwd_rows, tuning.bwd_cols
+    row_R = pl.program_id(0) * R + jnp.arange(R)
+    col_C = pl.program_id(1) * C + jnp.arange(C)
+    row_ok_R = row_R < n
+    idx = (row_R[:, None], col_C[None, :])
+    in_bounds_RC = row_ok_R[:, None] & (col_C < v)[None, :]  # static bounds: vector access
+    t_R, lim_R = _rows(t_ref, row_R, row_ok_R, -1), _rows(lim_ref, row_R, row_ok_R, 0)
+    lz_R, glz_R, gt_R = (_rows(r, row_R, row_ok_R, 0.0) for r in (lz_ref, glz_ref, gt_ref))
+    x_RC = plgpu.load(x_ref.at[idx], mask=in_bounds_RC, other=0.0).astype(jnp.float32)
+    real_RC = col_C[None, :] < lim_R[:, None]
+    probs_RC = jnp.where(real_RC, jnp.exp2(x_RC * LOG2_E - lz_R[:, None] * LOG2_E), 0.0)
+    onehot_RC = jnp.where(col_C[None, :] == t_R[:, None], gt_R[:, None], 0.0)
+    dx_RC = glz_R[:, None] * probs_RC + onehot_RC
+    plgpu.store(dx_ref.at[idx], dx_RC.astype(dx_ref.dtype), mask=in_bounds_RC)
+
+
+# jitted so that each kernel is traced and lowered once per shape
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
+def _forward_rows(x_NV, t_N, lim_N, *, tuning, interpret):
+    """(max, sum of 2^(x log2 e - max), both in log2 units, target logit), each [N]
+    float32, over this device's columns."""
+    n, v = x_NV.shape
+    stat = jax.ShapeDtypeStruct((n,), jnp.float32)
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, n=n, v=v, tuning=tuning),
+        grid=(pl.cdiv(n, tuning.fwd_rows),),
+        out_shape=[stat, stat, stat],
+        compiler_params=plgpu.CompilerParams(
+            num_warps=tuning.fwd_warps, num_stages=tuning.fwd_stages
+        ),
+        interpret=interpret,
+        name="cross_entropy_fwd",
+    )(x_NV, t_N, lim_N)
+
+
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
+def _backward_rows(x_NV, t_N, lim_N, lz_N, glz_N, gt_N, *, tuning, interpret):
+    n, v = x_NV.shape
+    return pl.pallas_call(
+        functools.partial(_bwd_kernel, n=n, v=v, tuning=tuning),
+        grid=(pl.cdiv(n, tuning.bwd_rows), pl.cdiv(v, tuning.bwd_cols)),
+        out_shape=jax.ShapeDtypeStruct((n, v), x_NV.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=tuning.bwd_warps, num_stages=1),
+        interpret=interpret,
+        name="cross_entropy_bwd",
+    )(x_NV, t_N, lim_N, lz_N, glz_N, gt_N)
+
+
+def _layout(x):
+    """(logical names of the logits [..., V], of the rows [...], mesh axes splitting V)."""
+    rows = row_logical(x.shape)
+    (vocab,) = fit_logical(x.shape[-1:], ("act_vocab",))
+    split = vocab is not None and active_mesh() is not None
+    return (*rows, vocab), rows, nn.logical_to_mesh_axes((vocab,))[0] if split else None
+
+
+def _local_columns(targets, x_local, vocab_size, vocab_axes):
+    """This device's (targets relative to its first column, per-row column limit)."""
+    v_local = x_local.shape[-1]
+    first = 0 if vocab_axes is None else jax.lax.axis_index(vocab_axes) * v_local
+    limit = jnp.clip(vocab_size - first, 0, v_local).astype(jnp.int32)
+    return (targets - first).astype(jnp.int32), jnp.broadcast_to(limit, targets.shape)
+
+
+def _forward(x, targets, vocab_size, tuning, interpret):
+    x_spec, row_spec, vocab_axes = _layout(x)
+    split_spec = (x_spec[-1], *row_spec)  # partial statistics stacked over the vocab shards
+
+    def local(x, targets):
+        t, lim = _local_columns(targets, x, vocab_size, vocab_axes)
+        stats = _forward_rows(
+            x.reshape(-1, x.shape[-1]),
+            t.reshape(-1),
+            lim.reshape(-1),
+            tuning=tuning,
+            interpret=interpret,
+        )
+        return tuple(s.reshape(1, *targets.shape) for s in stats)
+
+    m_S, s_S, tl_S = run_sharded(local, [x, targets], [x_spec, row_spec], [split_spec] * 3)
+    m = jnp.max(m_S, axis=0)
+    log2_z = m + jnp.log2(jnp.sum(s_S * jnp.exp2(m_S - m), axis=0))
+    return jnp.sum(tl_S, axis=0), log2_z / LOG2_E
+
+
+def _backward(x, targets, log_z, g_log_z, g_target, vocab_size, tuning, interpret):
+    x_spec, row_spec, vocab_axes = _layout(x)
+
+    def local(x, targets, log_z, g_log_z, g_target):
+        t, lim = _local_columns(targets, x, vocab_size, vocab_axes)
+        rows = lambda a: a.reshape(-1)  # noqa: E731
+        dx = _backward_rows(
+            x.reshape(-1, x.shape[-1]),
+            *map(rows, (t, lim, log_z, g_log_z, g_target)),
+            tuning=tuning,
+            interpret=interpret,
+        )
+        return dx.reshape(x.shape)
+
+    args = [x, targets, log_z, g_log_z.astype(jnp.float32), g_target.astype(jnp.float32)]
+    return run_sharded(local, args, [x_spec] + [row_spec] * 4, x_spec)
+
+
+@functools.cache
+def _make(vocab_size: int, tuning: Tuning, interpret: bool):
+    @jax.custom_vjp
+    def stats_fn(x, targets):
+        return _forward(x, targets, vocab_size, tuning, interpret)
+
+    def fwd(x, targets):
+        target_logit, log_z = _forward(x, targets, vocab_size, tuning, interpret)
+        return (target_logit, log_z), (x, targets, log_z)
+
+    def bwd(res, cotangents):
+        x, targets, log_z = res
+        g_target, g_log_z = cotangents
+        return _backward(x, targets, log_z, g_log_z, g_target, vocab_size, tuning, interpret), None
+
+    stats_fn.defvjp(fwd, bwd)
+    return stats_fn
+
+
+def target_logit_and_log_z(
+    logits: jax.Array,
+    targets: jax.Array,
+    vocab_size: int | None = None,
+    *,
+    tuning: Tuning = DEFAULT_TUNING,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(logits[..., target], logsumexp(logits) over the first `vocab_size` columns), float32,
+    for logits [..., V] and integer targets [...] below `vocab_size` (default: V);
+    differentiable in the logits. `interpret` defaults to True off the GPU."""
+    V = logits.shape[-1]
+    vocab_size = V if vocab_size is None else vocab_size
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise ValueError(f"cross_entropy: logits must be floating, got {logits.dtype}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"cross_entropy: targets have shape {targets.shape}, expected {logits.shape[:-1]}"
+        )
+    if not 0 < vocab_size <= V:
+        raise ValueError(f"cross_entropy: vocab_size={vocab_size} must be in 1..{V}")
+    interpret = interpret_mode() if interpret is None else interpret
+    return _make(int(vocab_size), tuning, bool(interpret))(logits, targets.astype(jnp.int32))
