@@ -25,7 +25,7 @@ from model.auto import choose_backend, choose_decode_attention
 from model.config import ModelConfig
 from model.kernels import flash_attention as flash
 from model.kernels.decode_attention import decode_attention, supported
-from model.layers import dense, dense_param
+from model.layers import dense_group, dense_param, is_decoding_step
 from model.masking import MASK_VALUE, attention_mask
 
 
@@ -146,19 +146,28 @@ class Attention(nn.Module):
         H, G, D = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         dtype = cfg.compute_dtype
 
-        def project(name, heads, axes):
+        one_token_step = is_decoding_step(cache, x_BLD)
+
+        def weights(name, heads, axes):
             w = dense_param(self, name, (cfg.d_model, heads, D), ("embed", axes, "head_dim"))
             bias = None
             if cfg.use_bias:
                 bias = dense_param(self, name + "_bias", (heads, D), (axes, "head_dim"), zeros=True)
-            return dense(x_BLD.astype(dtype), w, bias)
+            return w, bias
 
-        # Three separate products, also while decoding: stacking the weights into one
-        # q/k/v product made gpt-1.3b decoding slower, 1.61 -> 2.25 ms/token on an H100
-        # (BENCHMARKS.md, change 12): XLA re-stacks them every step.
-        q_BLHD = project("query", H, "heads")
-        k_BLGD = project("key", G, "kv_heads")
-        v_BLGD = project("value", G, "kv_heads")
+        # Three products, never one of stacked weights: XLA would re-stack them every
+        # decoding step (gpt-1.3b 1.61 -> 2.25 ms/token on an H100, BENCHMARKS.md, change
+        # 12); in a decoding step `dense_group` may run all three as one kernel instead.
+        q_BLHD, k_BLGD, v_BLGD = dense_group(
+            cfg,
+            x_BLD.astype(dtype),
+            [
+                weights("query", H, "heads"),
+                weights("key", G, "kv_heads"),
+                weights("value", G, "kv_heads"),
+            ],
+            decoding=one_token_step,
+        )
         if cfg.positional == "rope":
             inv_freq_F = rope_inv_freq(cfg)
             q_BLHD = apply_rope(q_BLHD, positions_BL, inv_freq_F)
@@ -178,7 +187,6 @@ class Attention(nn.Module):
             k_BKGD, v_BKGD = new_cache
 
         plain_causal = cache is None and segment_ids_BL is None
-        one_token_step = cache is not None and q_BLHD.shape[1] == 1
         attention_dropout = not self.deterministic and cfg.attention_dropout > 0
         backend = (
             "reference"
@@ -227,7 +235,8 @@ class Attention(nn.Module):
         b_out = None
         if cfg.use_bias:
             b_out = dense_param(self, "out_bias", (cfg.d_model,), ("embed",), zeros=True)
-        return dense(out_BLHD.astype(dtype), w_out, b_out, n_in=2), new_cache
+        (y_BLD,) = dense_group(cfg, out_BLHD.astype(dtype), [(w_out, b_out)], 2, one_token_step)
+        return y_BLD, new_cache
 
 
 def _write_slots(cache_BSGD: jax.Array, new_BLGD: jax.Array, start_B: jax.Array) -> jax.Array:

@@ -1,6 +1,6 @@
 """The one place where "auto" kernel choices are resolved, for the config fields
-`attention_backend`, `norm_impl`, `activation_impl`, `cross_entropy_impl` and
-`decode_attention`.
+`attention_backend`, `norm_impl`, `activation_impl`, `cross_entropy_impl`,
+`decode_attention` and `decode_matmul`.
 
 Rule for each: on a GPU, the hand-written kernel where it is correct for the shape and
 was measured faster (BENCHMARKS.md names the runs); elsewhere (CPU, TPU) the plain-JAX
@@ -11,10 +11,13 @@ at trace time from `jax.default_backend()`, so one config serves every machine.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 
 from model.config import ModelConfig
-from model.kernels import decode_attention, flash_attention, layer_norm
+from model.kernels import decode_attention, decode_matmul, flash_attention, layer_norm
+from model.kernels.partition import active_mesh, num_sms
 
 
 def on_gpu() -> bool:
@@ -42,14 +45,16 @@ def choose_backend(cfg: ModelConfig, packed: bool, dropout: bool = False) -> str
     return "cudnn" if cudnn_ok else "reference"
 
 
-def choose_norm_impl(cfg: ModelConfig) -> str:
+def choose_norm_impl(cfg: ModelConfig, decoding: bool = False) -> str:
     """ "xla" or "pallas" ("auto" resolved). "auto": the fused Pallas norms on a GPU for
     rows that fit the kernel (d_model <= layer_norm.MAX_D): gpt2-124m's training step
     1.05x faster on an H200 (BENCHMARKS.md, flash attention table), gpt-1.3b's too on
-    H100s (Training step, Targets); XLA's norms elsewhere."""
+    H100s (Training step, Targets); XLA's norms elsewhere, and in one-token decoding
+    steps (`decoding`), where XLA folds each norm into the kernel of the residual add
+    before it (BENCHMARKS.md, "Speed round nine")."""
     if cfg.norm_impl != "auto":
         return cfg.norm_impl
-    return "pallas" if on_gpu() and cfg.d_model <= layer_norm.MAX_D else "xla"
+    return "pallas" if on_gpu() and cfg.d_model <= layer_norm.MAX_D and not decoding else "xla"
 
 
 def choose_activation_impl(cfg: ModelConfig) -> str:
@@ -85,3 +90,21 @@ def choose_decode_attention(cfg: ModelConfig) -> str:
         return cfg.decode_attention
     supported = decode_attention.supported(cfg.n_heads, cfg.kv_heads, cfg.head_dim)
     return "pallas" if on_gpu() and supported and not cfg.scan_layers else "reference"
+
+
+def use_decode_matmul(cfg: ModelConfig, rows: int, k: int, ns: Sequence[int]) -> bool:
+    """Whether a one-token decoding step's products of the same `rows` rows, `k` inputs
+    and outputs `ns` run as one `decode_matmul` kernel ("auto" resolved).
+
+    "auto", measured on an H200 (BENCHMARKS.md, "Speed round nine"): on a GPU, for a
+    group of several products whose columns give the kernel at least one program per SM
+    (gpt-1.3b's q, k and v: 1.30 -> 1.27 ms/token); XLA's products otherwise, which are
+    as fast alone and faster for small weights (gpt2-124m's q, k and v as one kernel:
+    0.389 -> 0.407 ms/token). "pallas": the kernel wherever it takes the shapes. Never
+    on a mesh of several devices, which the kernel does not split."""
+    if active_mesh() is not None or not decode_matmul.supported(rows, k, ns):
+        return False
+    if cfg.decode_matmul != "auto":
+        return cfg.decode_matmul == "pallas"
+    programs = decode_matmul.grid_size(k, ns)
+    return on_gpu() and len(ns) > 1 and programs >= num_sms()

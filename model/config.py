@@ -20,6 +20,7 @@ NormImpl = Literal["auto", "xla", "pallas"]
 ActivationImpl = Literal["auto", "xla", "pallas"]
 CrossEntropyImpl = Literal["auto", "xla", "pallas"]
 DecodeAttention = Literal["auto", "reference", "pallas"]
+DecodeMatmul = Literal["auto", "xla", "pallas"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
 _CHOICES = {
@@ -32,6 +33,7 @@ _CHOICES = {
     "activation_impl": ("auto", "xla", "pallas"),
     "cross_entropy_impl": ("auto", "xla", "pallas"),
     "decode_attention": ("auto", "reference", "pallas"),
+    "decode_matmul": ("auto", "xla", "pallas"),
     "remat": ("none", "full", "dots", "dots_no_batch"),
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
@@ -50,11 +52,12 @@ class ModelConfig:
     fastest correct one on a GPU and the reference elsewhere
     (`model.auto.choose_backend`).
 
-    `norm_impl`, `activation_impl`, `cross_entropy_impl` and `decode_attention` set to
-    "pallas" use the hand-written GPU kernels in `model/kernels/` for the norms, the
-    GELU MLP's bias + activation, the cross-entropy of pretraining and evaluation, and
-    one-token decoding steps (BENCHMARKS.md measures them against the XLA/reference
-    paths); "auto", the default for all four,
+    `norm_impl`, `activation_impl`, `cross_entropy_impl`, `decode_attention` and
+    `decode_matmul` set to "pallas" use the hand-written GPU kernels in `model/kernels/`
+    for the norms, the GELU MLP's bias + activation, the cross-entropy of pretraining and
+    evaluation, and one-token decoding steps' attention and matrix products
+    (BENCHMARKS.md measures them against the XLA/reference paths); "auto", the default
+    for all five,
     picks them on a GPU where they were measured faster and the XLA/reference
     code elsewhere (`model/auto.py`, the one place every "auto" is resolved).
 
@@ -112,6 +115,7 @@ class ModelConfig:
     activation_impl: ActivationImpl = "auto"
     cross_entropy_impl: CrossEntropyImpl = "auto"  # the training loss on this model's logits
     decode_attention: DecodeAttention = "auto"
+    decode_matmul: DecodeMatmul = "auto"
 
     def __post_init__(self):
         for field, allowed in _CHOICES.items():

@@ -13,10 +13,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.auto import choose_activation_impl, choose_norm_impl
+from model.auto import choose_activation_impl, choose_norm_impl, use_decode_matmul
 from model.config import ModelConfig
 from model.kernels import layer_norm
 from model.kernels.bias_gelu import bias_gelu
+from model.kernels.decode_matmul import decode_matmul
 
 
 def dense_param(
@@ -80,6 +81,41 @@ def dense(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, n_in: int =
     return y.reshape(*rows, *out)
 
 
+def dense_group(
+    cfg: ModelConfig,
+    x: jax.Array,
+    params: list[tuple[jax.Array, jax.Array | None]],
+    n_in: int = 1,
+    decoding: bool = False,
+    activation: str | None = None,
+) -> tuple[jax.Array, ...]:
+    """`dense(x, w, bias)`, then `activation` (None or "gelu"), for each (w, bias) of
+    `params`. In a one-token decoding step (`decoding`) all of them run as one
+    `decode_matmul` kernel where `model.auto.use_decode_matmul` picks it (gpt-1.3b's q, k
+    and v: one kernel instead of three), bias and GELU applied before its store."""
+    k = math.prod(x.shape[x.ndim - n_in :])
+    ns = [math.prod(w.shape[n_in:]) for w, _ in params]
+    rows = math.prod(x.shape[: x.ndim - n_in])
+    if decoding and use_decode_matmul(cfg, rows, k, ns):
+        outs = decode_matmul(
+            x.reshape(rows, k),
+            [w.reshape(k, -1) for w, _ in params],
+            [None if b is None else b.reshape(-1) for _, b in params],
+            activation=activation,
+        )
+        lead = x.shape[: x.ndim - n_in]
+        return tuple(y.reshape(*lead, *w.shape[n_in:]) for y, (w, _) in zip(outs, params))
+    outs = tuple(dense(x, w, b, n_in) for w, b in params)
+    if activation == "gelu":
+        outs = tuple(nn.gelu(y, approximate=True) for y in outs)
+    return outs
+
+
+def is_decoding_step(cache: object, x_BL: jax.Array) -> bool:
+    """One token per row with a KV cache: the step the decoding kernels and choices are for."""
+    return cache is not None and x_BL.shape[1] == 1
+
+
 def gather_rows(table_ND: jax.Array, ids_BL: jax.Array) -> jax.Array:
     """table[ids] for a sharded table: gathered whole first (as FSDP does for
     every weight), since a lookup into a split table cannot keep the batch split."""
@@ -94,18 +130,19 @@ class Norm(nn.Module):
 
     `keep_input=True` returns (x_BLD, normed) instead of normed: a pre-norm
     block continues its residual stream from that x. With `norm_impl="xla"`
-    it is x unchanged; with "pallas" (what "auto" picks on a GPU) it passes
-    through the fused kernel's custom_vjp, so the residual stream's cotangent
-    and the norm's are added in the one backward kernel instead of in a
-    separate pass.
+    it is x unchanged; with "pallas" (what "auto" picks on a GPU, decoding steps
+    aside) it passes through the fused kernel's custom_vjp, so the residual
+    stream's cotangent and the norm's are added in the one backward kernel
+    instead of in a separate pass.
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array, keep_input: bool = False):
+    def __call__(self, x_BLD: jax.Array, keep_input: bool = False, decoding: bool = False):
+        """`decoding`: a one-token decoding step (`model.auto.choose_norm_impl`)."""
         cfg = self.cfg
-        if choose_norm_impl(cfg) == "pallas":
+        if choose_norm_impl(cfg, decoding) == "pallas":
             return self._fused(x_BLD, keep_input)
         x = x_BLD.astype(jnp.float32)
         if cfg.norm == "layernorm":
@@ -136,36 +173,36 @@ class MLP(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    def __call__(self, x_BLD: jax.Array, decoding: bool = False) -> jax.Array:
+        """`decoding`: a one-token decoding step, whose products `dense_group` may run as
+        one kernel (SwiGLU's gate and up together, GELU inside the up-projection's)."""
         cfg = self.cfg
-        dtype = cfg.compute_dtype
 
-        def up(name):
-            """(x @ w, bias or None); the bias is added by the caller."""
-            w = dense_param(self, name, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))
-            h = nn.with_logical_constraint(dense(x_BLD, w), ("batch", "length", "act_mlp"))
+        def weights(name, shape, axes):
+            """(w, bias or None); biases are added in the compute dtype, so the
+            activation's passes over [B, L, F] read and write bf16, not float32:
+            gpt2-124m's step 131 -> 128 ms and 41.1 -> 36.6 GiB on an H200
+            (BENCHMARKS.md, "Speed round four", change 24)."""
+            w = dense_param(self, name, shape, axes)
             if not cfg.use_bias:
-                return h, None
-            return h, dense_param(self, name + "_bias", (cfg.d_ff,), ("mlp",), zeros=True)
+                return w, None
+            return w, dense_param(self, name + "_bias", shape[-1:], axes[-1:], zeros=True)
 
-        def add_bias(h, bias):
-            # added in the compute dtype, so the activation's passes over [B, L, F] read
-            # and write bf16, not float32: gpt2-124m's step 131 -> 128 ms and 41.1 -> 36.6
-            # GiB on an H200 (BENCHMARKS.md, "Speed round four", change 24)
-            return h if bias is None else h + bias.astype(dtype)
-
+        up = lambda name: weights(name, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))  # noqa: E731
+        act = lambda h: nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))  # noqa: E731
         if cfg.activation == "swiglu":
-            h_BLF = nn.silu(add_bias(*up("gate"))) * add_bias(*up("up"))
-        elif choose_activation_impl(cfg) == "pallas":
-            h, bias = up("up")  # one kernel each way, the bias gradient included
-            h_BLF = bias_gelu(h, jnp.zeros(cfg.d_ff) if bias is None else bias)
-        else:
-            h_BLF = nn.gelu(add_bias(*up("up")), approximate=True)
-        w_down = dense_param(self, "down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
-        b_down = None
-        if cfg.use_bias:
-            b_down = dense_param(self, "down_bias", (cfg.d_model,), ("embed",), zeros=True)
-        return dense(h_BLF.astype(dtype), w_down, b_down)
+            gate_BLF, up_BLF = dense_group(cfg, x_BLD, [up("gate"), up("up")], 1, decoding)
+            h_BLF = nn.silu(act(gate_BLF)) * act(up_BLF)
+        elif decoding or choose_activation_impl(cfg) != "pallas":
+            # (decoding: XLA folds bias and GELU into its product, the Pallas pair would
+            # be a kernel of its own)
+            (h_BLF,) = dense_group(cfg, x_BLD, [up("up")], 1, decoding, activation="gelu")
+            h_BLF = act(h_BLF)
+        else:  # the training kernels: one each way, the bias gradient included
+            w, bias = up("up")
+            h_BLF = bias_gelu(act(dense(x_BLD, w)), jnp.zeros(cfg.d_ff) if bias is None else bias)
+        down = weights("down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
+        return dense_group(cfg, h_BLF.astype(cfg.compute_dtype), [down], 1, decoding)[0]
 
 
 class Embed(nn.Module):

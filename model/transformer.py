@@ -20,7 +20,15 @@ import jax.numpy as jnp
 
 from model.attention import Attention, LayerCache
 from model.config import ModelConfig
-from model.layers import MLP, Embed, Norm, dense_param, gather_rows
+from model.layers import (
+    MLP,
+    Embed,
+    Norm,
+    dense_group,
+    dense_param,
+    gather_rows,
+    is_decoding_step,
+)
 from model.masking import EMPTY_POSITION
 
 _REMAT_POLICIES = {
@@ -76,13 +84,14 @@ class Block(nn.Module):
         cfg = self.cfg
         dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         cache = None if layer_cache is None else (layer_cache, *kv_meta)
-        x_BLD, normed_BLD = Norm(cfg, name="attn_norm")(x_BLD, keep_input=True)
+        decoding = is_decoding_step(layer_cache, x_BLD)
+        x_BLD, normed_BLD = Norm(cfg, name="attn_norm")(x_BLD, True, decoding)
         h_BLD, new_cache = Attention(cfg, self.deterministic, name="attn")(
             normed_BLD, positions_BL, segment_ids_BL, cache
         )
         x_BLD = x_BLD + dropout(h_BLD)
-        x_BLD, normed_BLD = Norm(cfg, name="mlp_norm")(x_BLD, keep_input=True)
-        x_BLD = x_BLD + dropout(MLP(cfg, name="mlp")(normed_BLD))
+        x_BLD, normed_BLD = Norm(cfg, name="mlp_norm")(x_BLD, True, decoding)
+        x_BLD = x_BLD + dropout(MLP(cfg, name="mlp")(normed_BLD, decoding))
         x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
         return x_BLD, new_cache
 
@@ -153,7 +162,8 @@ class Decoder(nn.Module):
                 )
                 new_layers.append(new_layer)
             new_layers = tuple(new_layers)
-        hidden_BLD = Norm(cfg, name="final_norm")(x_BLD)
+        decoding = is_decoding_step(cache, x_BLD)
+        hidden_BLD = Norm(cfg, name="final_norm")(x_BLD, decoding=decoding)
         new_cache = None if cache is None else cache._replace(layers=new_layers)
         return hidden_BLD, new_cache
 
@@ -225,11 +235,12 @@ class LanguageModel(nn.Module):
         hidden_BLD, new_cache = Decoder(cfg, name="decoder")(
             embed(tokens_BL), positions_BL, segment_ids_BL, cache, deterministic
         )
+        decoding = is_decoding_step(cache, tokens_BL)
         if cfg.tie_embeddings:
             logits_BLV = embed.attend(hidden_BLD)
         else:
             w = dense_param(self, "lm_head", (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"))
-            logits_BLV = hidden_BLD @ w.astype(cfg.compute_dtype)
+            (logits_BLV,) = dense_group(cfg, hidden_BLD, [(w, None)], 1, decoding)
         if mask_vocab_padding and cfg.padded_vocab > cfg.vocab_size:
             logits_BLV = mask_padded_vocab(logits_BLV, cfg.vocab_size)
         logits_BLV = nn.with_logical_constraint(logits_BLV, ("batch", "length", "act_vocab"))

@@ -21,20 +21,25 @@ def test_defaults_are_auto_and_resolve_to_the_reference_on_cpu():
             cfg.activation_impl,
             cfg.cross_entropy_impl,
             cfg.decode_attention,
+            cfg.decode_matmul,
         )
-        assert kernels == ("auto",) * 5
+        assert kernels == ("auto",) * 6
         assert jax.default_backend() == "cpu"
         assert auto.choose_backend(cfg, packed=True) == "reference"
         assert auto.choose_norm_impl(cfg) == "xla"
         assert auto.choose_activation_impl(cfg) == "xla"
         assert auto.choose_cross_entropy_impl(cfg) == "xla"
         assert auto.choose_decode_attention(cfg) == "reference"
+        assert not auto.use_decode_matmul(cfg, 2, 2048, [2048] * 3)
 
 
 def test_auto_picks_the_kernels_on_a_gpu(monkeypatch):
     monkeypatch.setattr(auto.jax, "default_backend", lambda: "gpu")
     cfg = get_preset("gpt2-124m")
     assert auto.choose_norm_impl(cfg) == "pallas"
+    # in decoding steps XLA's norms, fused with the residual add before them
+    assert auto.choose_norm_impl(cfg, decoding=True) == "xla"
+    assert auto.choose_norm_impl(cfg.replace(norm_impl="pallas"), decoding=True) == "pallas"
     assert auto.choose_decode_attention(cfg) == "pallas"
     assert auto.choose_activation_impl(cfg) == "pallas"  # GELU with biases
     # no biases (gpt-1.3b) or SwiGLU (Llama): XLA's fusions already make the fewest passes
@@ -70,7 +75,8 @@ def test_explicit_kernels_are_kept_off_the_gpu():
 
 
 @pytest.mark.parametrize(
-    "field", ["norm_impl", "activation_impl", "cross_entropy_impl", "decode_attention"]
+    "field",
+    ["norm_impl", "activation_impl", "cross_entropy_impl", "decode_attention", "decode_matmul"],
 )
 def test_config_rejects_unknown_choices(field):
     with pytest.raises(ValueError, match=field):

@@ -69,6 +69,21 @@ def test_every_suite_variant_is_well_formed():
         TrainVariant("tiny", 64, 8, 1, (), "synthetic")
 
 
+def test_match_picks_variants_by_substring_or_exact_name():
+    """--match: substrings, whole bracketed names as one term, "=" for exactly one name
+    (a base variant's name is a substring of all its [overridden] siblings')."""
+    from experiments.bench.__main__ import match_terms, matches
+
+    base = "gpt-1.3b/sampler/b1/p128+256"
+    sibling = base + "[decode_matmul=xla,norm_impl=pallas]"
+    terms = match_terms(f"={base},{sibling}")
+    assert terms == [f"={base}", sibling]
+    assert matches(base, terms) and matches(sibling, terms)
+    assert matches(sibling, [base]) and not matches(sibling, [f"={base}"])
+    assert not matches(base + "[norm_impl=pallas]", terms)
+    assert matches("anything", [])
+
+
 def test_profile_names_each_kernel_by_the_jax_op_it_came_from():
     """fusion_origins: a kernel (an HLO instruction, '.' and '-' made '_') gets its own
     op_name, else the one of the ROOT of the computation it calls."""

@@ -31,6 +31,7 @@ KERNEL_FIELDS = (
     "activation_impl",
     "cross_entropy_impl",
     "decode_attention",
+    "decode_matmul",
 )
 # Fields a resumed run may change without becoming a different experiment: how long, how
 # often it logs, evaluates and saves, the device layout (orbax reshards on restore), the

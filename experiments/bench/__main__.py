@@ -8,7 +8,8 @@ default set: it compiles in CPU subprocesses and takes minutes).
 `--match STR` keeps only the variants whose name contains STR (kernel checks: whose
 kernel's name, e.g. flash_attention, contains STR or is contained in it); several
 STRs are separated by commas outside brackets, so a whole variant name such as
-gpt2-124m/T1024/b64/packed[attention_backend=auto,activation_impl=xla] is one STR. It
+gpt2-124m/T1024/b64/packed[attention_backend=auto,activation_impl=xla] is one STR; an
+STR starting with "=" keeps only the variant of exactly that name. It
 prints one table at the end and appends every row (with profiles) to
 OUT/bench.jsonl. Each benchmark is one function; a failure (e.g. out of
 memory) becomes an "error" row and the run goes on.
@@ -58,6 +59,11 @@ def match_terms(arg: str) -> list[str]:
     return [t for t in terms if t]
 
 
+def matches(name: str, terms: list[str]) -> bool:
+    """Whether a variant named `name` is kept by --match's `terms` (no terms: all)."""
+    return not terms or any(name == t[1:] if t.startswith("=") else t in name for t in terms)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench", description=__doc__)
     on_gpu = jax.default_backend() == "gpu"
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     train_variants, decode_variants, profiled = suites.SUITES[args.suite]
     wanted = match_terms(args.match)
-    pick = lambda vs: [v for v in vs if not wanted or any(m in v.name for m in wanted)]  # noqa: E731
+    pick = lambda vs: [v for v in vs if matches(v.name, wanted)]  # noqa: E731
     peak_key, peak = peak_flops()
     header = {
         "device": device_name(),

@@ -24,6 +24,7 @@ SCAN = ("scan_layers", True)
 UNROLL = ("scan_unroll", 0)  # with SCAN: stacked parameters, straight-line code
 PALLAS_DECODE = (("decode_attention", "pallas"),)
 REF_DECODE = (("decode_attention", "reference"),)
+XLA_MATMUL = (("decode_matmul", "xla"),)  # the default "auto" is the Pallas kernel on a GPU
 PALLAS_NORM = ("norm_impl", "pallas")
 XLA_NORM = ("norm_impl", "xla")  # the norms' default is "auto": Pallas on a GPU
 XLA_GELU = ("activation_impl", "xla")  # the GELU's default is "auto": Pallas on a GPU with biases
@@ -81,6 +82,13 @@ GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 1, loop="sampler", model=REF_DECODE),
     DecodeVariant("gpt2-124m", 1, loop="sampler"),
     DecodeVariant("gpt2-124m", 1, loop="sampler", model=(SCAN, UNROLL)),
+    # the decode_matmul kernel (q/k/v) and XLA's norms in decoding steps, which "auto"
+    # picks, each against the path before them; the last two rows are that path
+    DecodeVariant("gpt-1.3b", 1, loop="sampler", model=XLA_MATMUL),
+    DecodeVariant("gpt-1.3b", 1, loop="sampler", model=(PALLAS_NORM,)),
+    DecodeVariant("gpt-1.3b", 64, loop="sampler", model=(PALLAS_NORM,)),
+    DecodeVariant("gpt-1.3b", 1, loop="sampler", model=(*XLA_MATMUL, PALLAS_NORM)),
+    DecodeVariant("gpt2-124m", 1, loop="sampler", model=(*XLA_MATMUL, PALLAS_NORM)),
 ]
 # Kernel profiles are taken for these variants (by name).
 GPU_PROFILE = {

@@ -1,0 +1,230 @@
+"""Several matrix products of a decoding step's few rows as one Pallas (Triton) kernel.
+
+Decoding one token multiplies R <= 16 rows (one per sequence) by every weight matrix
+once. There is almost no arithmetic: the time is the weights' read and the number of
+kernels, each of which pays a few microseconds of ramp-up and tail. This kernel computes
+several products of the same rows at once (q, k and v; a SwiGLU's gate and up): each
+program owns `block_n` output columns of one weight and walks the whole input dimension
+in `block_k` steps, and bias and GELU are applied to the float32 sums before the one
+store. The rows are repeated to 16 inside the kernel, the smallest tensor-core tile, so
+that Triton pipelines the weight loads of its `dot` (`stages` blocks in flight) as it
+does for any matrix product.
+
+Measured on an H200 (BENCHMARKS.md, "Speed round nine"), gpt-1.3b at two rows: q, k and
+v (24 MB) take 9.4 us as one kernel against XLA's three; alone, a product is no faster
+than XLA's (whose split-K GEMMs win where the weight has few columns, 10.0 against
+15.5 us for the 8192 x 2048 down-projection), and small groups lose (gpt2-124m's q, k
+and v, 72 programs). So "auto" uses it for large groups only (`model.auto`).
+
+Shape letters: R rows, K input features, N output features (of one weight).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from model.kernels.partition import interpret_mode
+
+MAX_ROWS = 16  # one tensor-core tile of rows; more rows are a matrix product for cuBLAS
+_TILE_ROWS = 16
+ACTIVATIONS = (None, "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Block shapes (powers of two) and Triton settings."""
+
+    block_n: int = 32  # output columns per program
+    block_k: int = 256  # input features per loop step
+    warps: int = 4
+    stages: int = 4  # loop steps whose weight blocks are loaded ahead
+
+
+DEFAULT_TUNING = Tuning()
+
+
+def supported(rows: int, k: int, ns: Sequence[int], tuning: Tuning = DEFAULT_TUNING) -> bool:
+    """Whether the kernel takes these shapes (else the caller keeps XLA's product): rows a
+    power of two up to 16, and the input and output dimensions multiples of 16, the
+    smallest tensor-core tile."""
+    return rows in (1, 2, 4, 8, 16) and min(_blocks(k, ns, tuning)) >= _TILE_ROWS
+
+
+def grid_size(k: int, ns: Sequence[int], tuning: Tuning = DEFAULT_TUNING) -> int:
+    """Programs of one call: one per `block_n` columns of each weight."""
+    block_n = _blocks(k, ns, tuning)[1]
+    return sum(n // block_n for n in ns)
+
+
+def _blocks(k: int, ns: Sequence[int], tuning: Tuning) -> tuple[int, int]:
+    """(block_k, block_n): the tuning's, or the largest power of two dividing the shapes
+    where they are smaller or not multiples of the tuning's."""
+    return math.gcd(k, tuning.block_k), math.gcd(*ns, tuning.block_n)
+
+
+def decode_matmul(
+    x_RK: jax.Array,
+    weights: Sequence[jax.Array],
+    biases: Sequence[jax.Array | None] | None = None,
+    *,
+    activation: str | None = None,
+    tuning: Tuning = DEFAULT_TUNING,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, ...]:
+    """(activation(x @ w + b) for each weight w and bias b), each [R, N] in x's dtype.
+
+    `weights` are [K, N]; biases [N] or None; `activation` None or "gelu" (tanh form, as
+    GPT-2). Products, bias and activation in float32. One device's arrays: the callers
+    use it only without a mesh (`model.auto.use_decode_matmul`).
+    """
+    R, K = x_RK.shape
+    weights = tuple(weights)
+    ns = tuple(w.shape[1] for w in weights)
+    for w in weights:
+        if w.shape[0] != K:
+            raise ValueError(f"decode_matmul: weight {w.shape} does not take {K} input features")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"decode_matmul: activation must be one of {ACTIVATIONS}")
+    if not supported(R, K, ns, tuning):
+        raise ValueError(
+            f"decode_matmul takes a power of two rows up to {MAX_ROWS} and inputs and "
+            f"outputs that are multiples of 16, got {R} rows, {K} inputs, outputs {ns}"
+        )
+    biases = tuple(biases) if biases is not None else (None,) * len(weights)
+    has_bias = tuple(b is not None for b in biases)
+    if interpret is None:
+        interpret = interpret_mode()
+    return _call(
+        x_RK,
+        weights,
+        tuple(b.astype(jnp.float32) for b in biases if b is not None),
+        has_bias=has_bias,
+        activation=activation,
+        tuning=tuning,
+        interpret=interpret,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("has_bias", "activation", "tuning", "interpret"))
+def _call(x_RK, weights, biases, *, has_bias, activation, tuning, interpret):
+    R, K = x_RK.shape
+    ns = [w.shape[1] for w in weights]
+    block_k, block_n = _blocks(K, ns, tuning)
+    # program p works on weight i for starts[i] <= p < starts[i + 1]
+    starts = [0]
+    for n in ns:
+        starts.append(starts[-1] + n // block_n)
+    kernel = functools.partial(
+        _kernel,
+        n_weights=len(weights),
+        has_bias=has_bias,
+        starts=tuple(starts),
+        activation=activation,
+        blocks=(block_k, block_n),
+    )
+    return tuple(
+        pl.pallas_call(
+            kernel,
+            grid=(starts[-1],),
+            out_shape=[jax.ShapeDtypeStruct((R, n), x_RK.dtype) for n in ns],
+            compiler_params=plgpu.CompilerParams(num_warps=tuning.warps, num_stages=tuning.stages),
+            interpret=interpret,
+            name="decode_matmul",
+        )(x_RK, *weights, *biases)
+    )
+
+
+def _kernel(x_ref, *refs, n_weights, has_bias, starts, activation, blocks):
+    """Program p: columns [j * block_n, (j + 1) * block_n) of the weight i it falls in."""
+    w_refs = refs[:n_weights]
+    bias_refs = iter(refs[n_weights : n_weights + sum(has_bias)])
+    out_refs = refs[n_weights + sum(has_bias) :]
+    p = pl.program_id(0)
+    for i in range(n_weights):
+        bias_ref = next(bias_refs) if has_bias[i] else None
+
+        @pl.when((p >= starts[i]) & (p < starts[i + 1]))
+        def _(i=i, bias_ref=bias_ref):
+            _columns(
+                x_ref,
+                w_refs[i],
+                bias_ref,
+                out_refs[i],
+                p - starts[i],
+                activation,
+                blocks,
+            )
+
+
+def _columns(x_ref, w_ref, bias_ref, out_ref, j, activation, blocks):
+    BK, BN = blocks
+    R, K = x_ref.shape
+    cols = pl.ds(pl.multiple_of(j * BN, BN), BN)
+
+    def step(kb, acc_TN):
+        ks = pl.ds(pl.multiple_of(kb * BK, BK), BK)
+        x_TK = _repeat_rows(x_ref[:, ks], R)
+        # weights stored in float32 are rounded here, not by a separate cast kernel
+        w_KN = w_ref[ks, cols].astype(x_TK.dtype)
+        return acc_TN + plgpu.dot(x_TK, w_KN, allow_tf32=_tf32_ok(w_KN))
+
+    acc_TN = jax.lax.fori_loop(0, K // BK, step, jnp.zeros((_TILE_ROWS, BN), jnp.float32))
+    y_RN = _first_rows(acc_TN, R)
+    if bias_ref is not None:
+        y_RN = y_RN + bias_ref[cols][None, :]
+    if activation == "gelu":
+        y_RN = jax.nn.gelu(y_RN, approximate=True)
+    out_ref[:, cols] = y_RN.astype(out_ref.dtype)
+
+
+def _repeat_rows(x_RK: jax.Array, R: int) -> jax.Array:
+    """[R, K] -> [16, K]: the rows repeated 16 / R times (row t is row t mod R)."""
+    if R == _TILE_ROWS:
+        return x_RK
+    if R == 1:
+        return jnp.broadcast_to(x_RK, (_TILE_ROWS, x_RK.shape[1]))
+    K = x_RK.shape[1]
+    return jnp.broadcast_to(x_RK[None], (_TILE_ROWS // R, R, K)).reshape(_TILE_ROWS, K)
+
+
+def _first_rows(acc_TN: jax.Array, R: int) -> jax.Array:
+    """[16, N] of rows repeated with period R -> [R, N]. Repeated rows are equal, so their
+    maximum is each row exactly (Triton tensors cannot be sliced)."""
+    if R == _TILE_ROWS:
+        return acc_TN
+    N = acc_TN.shape[1]
+    return jnp.max(acc_TN.reshape(_TILE_ROWS // R, R, N), axis=0)
+
+
+def reference_decode_matmul(
+    x_RK: jax.Array,
+    weights: Sequence[jax.Array],
+    biases: Sequence[jax.Array | None] | None = None,
+    *,
+    activation: str | None = None,
+) -> tuple[jax.Array, ...]:
+    """The definition `decode_matmul` is tested against, in plain JAX."""
+    biases = biases if biases is not None else [None] * len(weights)
+    outs = []
+    for w, b in zip(weights, biases):
+        w_KN = w.astype(jnp.float32)
+        y = jnp.dot(x_RK.astype(jnp.float32), w_KN, precision="highest")
+        if b is not None:
+            y = y + b.astype(jnp.float32)
+        if activation == "gelu":
+            y = jax.nn.gelu(y, approximate=True)
+        outs.append(y.astype(x_RK.dtype))
+    return tuple(outs)
+
+
+def _tf32_ok(x: jax.Array) -> bool:
+    """float32 models get float32 products (TF32 would round to 10 mantissa bits)."""
+    return x.dtype != jnp.float32

@@ -1,0 +1,156 @@
+"""The decoding products' kernel equals its plain-JAX definition, and a model decoding with
+it equals the same model decoding with XLA's products.
+
+On CPU the kernel runs in Pallas' interpreter; one test lowers it for CUDA (Triton IR),
+which catches what the interpreter accepts but Triton does not.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model import auto
+from model.config import get_preset
+from model.kernels import decode_matmul as dm
+from model.sampling import SamplingConfig, make_sampler
+from model.transformer import LanguageModel, init_cache
+from tests.helpers import triton_kernels, verify_triton_ir
+from train import sharding
+from train.state import strip_axis_names
+
+SMALL = dm.Tuning(block_n=16, block_k=32, stages=2)
+
+
+def _case(rows, k, ns, dtype, seed=0):
+    keys = iter(jax.random.split(jax.random.key(seed), 2 * len(ns) + 1))
+    x = jax.random.normal(next(keys), (rows, k), dtype)
+    weights = [jax.random.normal(next(keys), (k, n), dtype) * k**-0.5 for n in ns]
+    # a bias for every other weight: biased and unbiased products in one kernel
+    biases = [jax.random.normal(next(keys), (n,)) if i % 2 == 0 else None for i, n in enumerate(ns)]
+    return x, weights, biases
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4, 16])
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_equals_definition(rows, activation):
+    """Several weights of different widths in one call, K spanning several loop steps."""
+    x, weights, biases = _case(rows, 96, (48, 32, 64), jnp.float32)
+    got = dm.decode_matmul(x, weights, biases, activation=activation, tuning=SMALL)
+    want = dm.reference_decode_matmul(x, weights, biases, activation=activation)
+    assert [g.shape for g in got] == [(rows, 48), (rows, 32), (rows, 64)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_and_float32_weights():
+    """bf16 rows with bf16 weights, and with float32 weights (rounded inside the kernel):
+    float32 sums of bf16 products, so within bf16's output rounding of the definition."""
+    x, weights, biases = _case(2, 256, (64,), jnp.bfloat16)
+    want = dm.reference_decode_matmul(x, weights, biases)[0].astype(jnp.float32)
+    for w in (weights[0], weights[0].astype(jnp.float32)):
+        (got,) = dm.decode_matmul(x, [w], biases)  # the default tuning
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=1e-2, atol=1e-2)
+
+
+def test_unsupported_shapes_are_refused():
+    x, weights, _ = _case(3, 64, (32,), jnp.float32)
+    assert not dm.supported(3, 64, [32])
+    with pytest.raises(ValueError, match="power of two rows"):
+        dm.decode_matmul(x, weights)
+    assert not dm.supported(2, 24, [32])  # 24 inputs: not a multiple of 16
+    with pytest.raises(ValueError, match="does not take 48 input features"):
+        dm.decode_matmul(jnp.zeros((2, 48)), weights)
+    with pytest.raises(ValueError, match="activation"):
+        dm.decode_matmul(x[:2], weights, activation="relu")
+
+
+def test_lowers_to_verified_triton_at_gpt_1p3b_size():
+    """gpt-1.3b's q/k/v as one kernel of 3 x 2048 / block_n programs, for one and two rows,
+    with a bias (GPT-2's layout) and without."""
+    block_n = dm.DEFAULT_TUNING.block_n
+    assert dm.grid_size(2048, [2048] * 3) == 3 * 2048 // block_n
+    for rows in (1, 2):
+        x = jax.ShapeDtypeStruct((rows, 2048), jnp.bfloat16)
+        w = jax.ShapeDtypeStruct((2048, 2048), jnp.bfloat16)
+        b = jax.ShapeDtypeStruct((2048,), jnp.float32)
+
+        def qkv(x, wq, wk, wv, b):
+            return dm.decode_matmul(x, [wq, wk, wv], [b, None, b], interpret=False)
+
+        kernels = triton_kernels(jax.jit(qkv), x, w, w, w, b)
+        assert [(k.name, k.grid) for k in kernels] == [
+            ("decode_matmul", (3 * 2048 // block_n, 1, 1))
+        ]
+        verify_triton_ir(kernels)
+
+
+PRESETS = {
+    "gpt2-like": get_preset("tiny", use_bias=True),  # biases, GELU, tied head
+    "tiny-llama": get_preset("tiny-llama"),  # SwiGLU, grouped-query heads, untied head
+}
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_decoding_steps_equal_xla_products(name):
+    """Prefill, then one-token steps with the kernel: the same logits as with XLA's
+    products (every product of the step but the tied head's goes through the kernel)."""
+    cfg = PRESETS[name]
+    model = LanguageModel(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, cfg.vocab_size)
+    params = strip_axis_names(model.init(jax.random.key(0), tokens)["params"])
+
+    def decode(impl):
+        m = LanguageModel(cfg.replace(decode_matmul=impl))
+        logits, cache = m.apply({"params": params}, tokens[:, :6], cache=init_cache(cfg, 2, 10))
+        steps = []
+        for t in range(6, 10):
+            positions = jnp.full((2, 1), t, jnp.int32)
+            logits, cache = m.apply(
+                {"params": params}, tokens[:, t : t + 1], positions, cache=cache
+            )
+            steps.append(logits)
+        return jnp.concatenate(steps, axis=1)
+
+    np.testing.assert_allclose(decode("pallas"), decode("xla"), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_sampler_with_kernel_equals_xla(batch):
+    """Greedy samples are the same tokens (one sequence is decoded as two identical rows,
+    more as they are)."""
+    cfg = PRESETS["gpt2-like"]
+    model = LanguageModel(cfg)
+    prompts = jax.random.randint(jax.random.key(5), (batch, 6), 0, cfg.vocab_size)
+    lengths = jnp.asarray([6, 3, 5, 1][:batch], jnp.int32)
+    params = strip_axis_names(model.init(jax.random.key(0), prompts)["params"])
+    sampling = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    out = {
+        impl: make_sampler(LanguageModel(cfg.replace(decode_matmul=impl)), sampling)(
+            params, prompts, lengths, jax.random.key(0)
+        )
+        for impl in ("xla", "pallas")
+    }
+    np.testing.assert_array_equal(out["pallas"].tokens_BT, out["xla"].tokens_BT)
+
+
+def test_when_the_kernel_is_used(monkeypatch):
+    """ "pallas": wherever the kernel takes the shapes. "auto": on a GPU, for groups of
+    products with a program per SM (gpt-1.3b's q/k/v, not gpt2-124m's, nor one product
+    alone). Never on a mesh of several devices, which the kernel does not split."""
+    cfg = get_preset("tiny", decode_matmul="pallas")
+    assert auto.use_decode_matmul(cfg, 2, 64, [64])
+    assert not auto.use_decode_matmul(cfg, 3, 64, [64])  # 3 rows: not a power of two
+    assert not auto.use_decode_matmul(cfg.replace(decode_matmul="xla"), 2, 64, [64])
+    default = cfg.replace(decode_matmul="auto")
+    assert not auto.use_decode_matmul(default, 2, 2048, [2048] * 3)  # not on a GPU
+    monkeypatch.setattr(auto, "on_gpu", lambda: True)
+    monkeypatch.setattr(auto, "num_sms", lambda: 132)
+    assert auto.use_decode_matmul(default, 2, 2048, [2048] * 3)  # gpt-1.3b: 192 programs
+    assert not auto.use_decode_matmul(default, 2, 768, [768] * 3)  # gpt2-124m: 72
+    assert not auto.use_decode_matmul(default, 2, 2048, [8192])  # one product
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    with sharding.mesh_context(mesh):
+        assert not auto.use_decode_matmul(cfg, 2, 64, [64])
+        assert not auto.use_decode_matmul(default, 2, 2048, [2048] * 3)
