@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from model.kernels.partition import fit_logical, interpret_mode, run_sharded
+from model.kernels.partition import dot, fit_logical, interpret_mode, run_sharded
 from model.masking import MASK_VALUE
 
 # Elements of the [R, block, D] product held in registers per step (4 warps).
@@ -250,11 +250,11 @@ class _dot_step:
 
     @staticmethod
     def scores(q_RD, k_KD):
-        return plgpu.dot(q_RD, k_KD, trans_b=True, allow_tf32=_tf32_ok(k_KD))
+        return dot(q_RD, k_KD, trans_b=True)
 
     @staticmethod
     def weighted(p_RK, v_KD):
-        return plgpu.dot(p_RK.astype(v_KD.dtype), v_KD, allow_tf32=_tf32_ok(v_KD))
+        return dot(p_RK.astype(v_KD.dtype), v_KD)
 
 
 class _reduce_step:
@@ -268,11 +268,6 @@ class _reduce_step:
     @staticmethod
     def weighted(p_RK, v_KD):
         return jnp.sum(p_RK[:, :, None] * v_KD.astype(jnp.float32)[None, :, :], axis=1)
-
-
-def _tf32_ok(x: jax.Array) -> bool:
-    """float32 models get float32 products (TF32 would round to 10 mantissa bits)."""
-    return x.dtype != jnp.float32
 
 
 def _is_power_of_two(n: int) -> bool:

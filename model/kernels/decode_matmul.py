@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from model.kernels.partition import interpret_mode
+from model.kernels.partition import dot, interpret_mode
 
 MAX_ROWS = 16  # one tensor-core tile of rows; more rows are a matrix product for cuBLAS
 _TILE_ROWS = 16
@@ -174,7 +174,7 @@ def _columns(x_ref, w_ref, bias_ref, out_ref, j, activation, blocks):
         x_TK = _repeat_rows(x_ref[:, ks], R)
         # weights stored in float32 are rounded here, not by a separate cast kernel
         w_KN = w_ref[ks, cols].astype(x_TK.dtype)
-        return acc_TN + plgpu.dot(x_TK, w_KN, allow_tf32=_tf32_ok(w_KN))
+        return acc_TN + dot(x_TK, w_KN)
 
     acc_TN = jax.lax.fori_loop(0, K // BK, step, jnp.zeros((_TILE_ROWS, BN), jnp.float32))
     y_RN = _first_rows(acc_TN, R)
@@ -223,8 +223,3 @@ def reference_decode_matmul(
             y = jax.nn.gelu(y, approximate=True)
         outs.append(y.astype(x_RK.dtype))
     return tuple(outs)
-
-
-def _tf32_ok(x: jax.Array) -> bool:
-    """float32 models get float32 products (TF32 would round to 10 mantissa bits)."""
-    return x.dtype != jnp.float32

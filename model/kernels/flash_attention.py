@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from model.kernels.partition import fit_logical, interpret_mode, run_sharded
+from model.kernels.partition import dot, fit_logical, interpret_mode, run_sharded
 from model.masking import MASK_VALUE
 
 _LOG2_E = math.log2(math.e)  # exp(x) = exp2(x * log2(e)): exp2 is the cheaper instruction
@@ -277,11 +277,6 @@ def _visible_t(k_seg, k_pos, q_seg, q_pos):
     return same_doc & (k_pos[:, None] <= q_pos[None, :])
 
 
-def _dot(a, b, trans_b=False):
-    # float32 inputs get float32 products (TF32 would round to 10 mantissa bits)
-    return plgpu.dot(a, b, trans_b=trans_b, allow_tf32=a.dtype != jnp.float32)
-
-
 def _three_runs(bounds_ref, step, carry):
     """step(i, carry, masked) over blocks [lo, full_lo) and [full_hi, hi) with the mask,
     and over [full_lo, full_hi) without."""
@@ -304,7 +299,7 @@ def _fwd_kernel(
         acc, m, total = carry
         window = pl.ds(j * block_k, block_k)
         k, v = k_ref[window, :], v_ref[window, :]
-        s2 = _dot(q, k, trans_b=True) * scale2
+        s2 = dot(q, k, trans_b=True) * scale2
         if masked:
             visible = _visible(q_seg, q_pos, k_seg_ref[window], k_pos_ref[window])
             s2 = jnp.where(visible, s2, MASK_VALUE)
@@ -313,7 +308,7 @@ def _fwd_kernel(
         if masked:  # masked keys weigh exactly 0 (a row that saw nothing yet keeps total 0)
             p = jnp.where(visible, p, 0.0)
         rescale = jnp.exp2(m - m_new)
-        acc = acc * rescale[:, None] + _dot(p.astype(v.dtype), v)
+        acc = acc * rescale[:, None] + dot(p.astype(v.dtype), v)
         return acc, m_new, total * rescale + jnp.sum(p, axis=1)
 
     init = (
@@ -342,12 +337,12 @@ def _dq_kernel(
     def step(j, dq, masked):
         window = pl.ds(j * block_k, block_k)
         k, v = k_ref[window, :], v_ref[window, :]
-        p = jnp.exp2(_dot(q, k, trans_b=True) * scale2 - lse[:, None])
+        p = jnp.exp2(dot(q, k, trans_b=True) * scale2 - lse[:, None])
         if masked:
             visible = _visible(q_seg, q_pos, k_seg_ref[window], k_pos_ref[window])
             p = jnp.where(visible, p, 0.0)
-        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k)
+        ds = p * (dot(do, v, trans_b=True) - delta[:, None])
+        return dq + dot(ds.astype(k.dtype), k)
 
     dq = _three_runs(bounds_ref, step, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
@@ -369,13 +364,13 @@ def _dkv_kernel(
             window = pl.ds(i * block_q, block_q)
             q, do = q_ref[window, r, :], do_ref[window, r, :]
             lse, delta = lse_ref[r, window], delta_ref[r, window]
-            p_t = jnp.exp2(_dot(k, q, trans_b=True) * scale2 - lse[None, :])
+            p_t = jnp.exp2(dot(k, q, trans_b=True) * scale2 - lse[None, :])
             if masked:
                 visible_t = _visible_t(k_seg, k_pos, q_seg_ref[window], q_pos_ref[window])
                 p_t = jnp.where(visible_t, p_t, 0.0)
-            dv = dv + _dot(p_t.astype(do.dtype), do)
-            ds_t = p_t * (_dot(v, do, trans_b=True) - delta[None, :])
-            return dk + _dot(ds_t.astype(q.dtype), q), dv
+            dv = dv + dot(p_t.astype(do.dtype), do)
+            ds_t = p_t * (dot(v, do, trans_b=True) - delta[None, :])
+            return dk + dot(ds_t.astype(q.dtype), q), dv
 
         carry = _three_runs(bounds_ref, step, carry)
     dk, dv = carry

@@ -1,4 +1,5 @@
-"""Running a kernel on sharded arrays.
+"""What every kernel shares: running on sharded arrays, interpret mode off the GPU, the
+SM count, and the tensor-core product.
 
 XLA cannot split a Pallas custom call across devices: given sharded operands
 it would gather them whole onto every device. So a kernel that works row by
@@ -14,6 +15,8 @@ from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+from jax.experimental.pallas import triton as plgpu
 
 
 def interpret_mode() -> bool:
@@ -83,3 +86,9 @@ def run_sharded(
     return jax.shard_map(
         kernel, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
     )(*args)
+
+
+def dot(a: jax.Array, b: jax.Array, trans_b: bool = False) -> jax.Array:
+    """a @ b (or a @ b^T) on the tensor cores inside a kernel, float32 accumulation; float32
+    inputs get float32 products (TF32 would round them to 10 mantissa bits)."""
+    return plgpu.dot(a, b, trans_b=trans_b, allow_tf32=a.dtype != jnp.float32)
