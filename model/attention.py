@@ -25,7 +25,7 @@ from model.auto import choose_backend, choose_decode_attention
 from model.config import ModelConfig
 from model.kernels import flash_attention as flash
 from model.kernels.decode_attention import decode_attention, supported
-from model.layers import dense_group, dense_param, is_decoding_step
+from model.layers import dense_group, dense_param, group_kernel, is_decoding_step
 from model.masking import MASK_VALUE, attention_mask
 
 
@@ -157,34 +157,44 @@ class Attention(nn.Module):
 
         # Three products, never one of stacked weights: XLA would re-stack them every
         # decoding step (gpt-1.3b 1.61 -> 2.25 ms/token on an H100, BENCHMARKS.md, change
-        # 12); in a decoding step `dense_group` may run all three as one kernel instead.
-        q_BLHD, k_BLGD, v_BLGD = dense_group(
-            cfg,
-            x_BLD.astype(dtype),
-            [
-                weights("query", H, "heads"),
-                weights("key", G, "kv_heads"),
-                weights("value", G, "kv_heads"),
-            ],
-            decoding=one_token_step,
-        )
-        if cfg.positional == "rope":
-            inv_freq_F = rope_inv_freq(cfg)
-            q_BLHD = apply_rope(q_BLHD, positions_BL, inv_freq_F)
-            k_BLGD = apply_rope(k_BLGD, positions_BL, inv_freq_F)
-        q_BLHD = nn.with_logical_constraint(q_BLHD, ("batch", "length", "act_heads", "head_dim"))
-
-        if cache is None:
-            new_cache = None
-            k_BKGD, v_BKGD = k_BLGD, v_BLGD
-            kv_positions_BK, kv_segments_BK = positions_BL, segment_ids_BL
-        else:
+        # 12); in a decoding step `dense_group` may run all three as one kernel instead,
+        # which also writes the new key and value into the cache where no rotation (RoPE)
+        # comes between (two kernels a layer fewer: BENCHMARKS.md, "Speed round ten").
+        x_BLD = x_BLD.astype(dtype)
+        qkv = [
+            weights("query", H, "heads"),
+            weights("key", G, "kv_heads"),
+            weights("value", G, "kv_heads"),
+        ]
+        if one_token_step and cfg.positional != "rope" and group_kernel(cfg, x_BLD, qkv, 1, True):
             layer_cache, kv_positions_BK, kv_segments_BK = cache
-            new_cache = LayerCache(
-                _write_slots(layer_cache.k_BSGD, k_BLGD, positions_BL[:, 0]),
-                _write_slots(layer_cache.v_BSGD, v_BLGD, positions_BL[:, 0]),
+            q_BLHD, k_BKGD, v_BKGD = dense_group(
+                cfg,
+                x_BLD,
+                qkv,
+                decoding=True,
+                caches=[None, layer_cache.k_BSGD, layer_cache.v_BSGD],
+                slots_B=positions_BL[:, 0],
             )
-            k_BKGD, v_BKGD = new_cache
+            new_cache = LayerCache(k_BKGD, v_BKGD)
+        else:
+            q_BLHD, k_BLGD, v_BLGD = dense_group(cfg, x_BLD, qkv, decoding=one_token_step)
+            if cfg.positional == "rope":
+                inv_freq_F = rope_inv_freq(cfg)
+                q_BLHD = apply_rope(q_BLHD, positions_BL, inv_freq_F)
+                k_BLGD = apply_rope(k_BLGD, positions_BL, inv_freq_F)
+            if cache is None:
+                new_cache = None
+                k_BKGD, v_BKGD = k_BLGD, v_BLGD
+                kv_positions_BK, kv_segments_BK = positions_BL, segment_ids_BL
+            else:
+                layer_cache, kv_positions_BK, kv_segments_BK = cache
+                new_cache = LayerCache(
+                    _write_slots(layer_cache.k_BSGD, k_BLGD, positions_BL[:, 0]),
+                    _write_slots(layer_cache.v_BSGD, v_BLGD, positions_BL[:, 0]),
+                )
+                k_BKGD, v_BKGD = new_cache
+        q_BLHD = nn.with_logical_constraint(q_BLHD, ("batch", "length", "act_heads", "head_dim"))
 
         plain_causal = cache is None and segment_ids_BL is None
         attention_dropout = not self.deterministic and cfg.attention_dropout > 0

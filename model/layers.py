@@ -88,27 +88,53 @@ def dense_group(
     n_in: int = 1,
     decoding: bool = False,
     activation: str | None = None,
+    caches: list[jax.Array | None] | None = None,
+    slots_B: jax.Array | None = None,
 ) -> tuple[jax.Array, ...]:
     """`dense(x, w, bias)`, then `activation` (None or "gelu"), for each (w, bias) of
     `params`. In a one-token decoding step (`decoding`) all of them run as one
-    `decode_matmul` kernel where `model.auto.use_decode_matmul` picks it (gpt-1.3b's q, k
-    and v: one kernel instead of three), bias and GELU applied before its store."""
-    k = math.prod(x.shape[x.ndim - n_in :])
-    ns = [math.prod(w.shape[n_in:]) for w, _ in params]
-    rows = math.prod(x.shape[: x.ndim - n_in])
-    if decoding and use_decode_matmul(cfg, rows, k, ns):
+    `decode_matmul` kernel where `group_kernel` says so (gpt-1.3b's q, k and v: one
+    kernel instead of three), bias and GELU applied before its store.
+
+    `caches` (only where `group_kernel` is true): a product with a cache [B, S, ...] is
+    written by the kernel into slot `slots_B[b]` of its row b, and the updated cache is
+    returned in its place."""
+    if group_kernel(cfg, x, params, n_in, decoding):
+        k = math.prod(x.shape[x.ndim - n_in :])
         outs = decode_matmul(
-            x.reshape(rows, k),
+            x.reshape(-1, k),
             [w.reshape(k, -1) for w, _ in params],
             [None if b is None else b.reshape(-1) for _, b in params],
             activation=activation,
+            caches=caches,
+            slots_R=slots_B,
         )
         lead = x.shape[: x.ndim - n_in]
-        return tuple(y.reshape(*lead, *w.shape[n_in:]) for y, (w, _) in zip(outs, params))
+        return tuple(
+            y if c is not None else y.reshape(*lead, *w.shape[n_in:])
+            for y, (w, _), c in zip(outs, params, caches or [None] * len(params))
+        )
+    if caches is not None:
+        raise ValueError("dense_group writes into caches only where group_kernel is true")
     outs = tuple(dense(x, w, b, n_in) for w, b in params)
     if activation == "gelu":
         outs = tuple(nn.gelu(y, approximate=True) for y in outs)
     return outs
+
+
+def group_kernel(
+    cfg: ModelConfig,
+    x: jax.Array,
+    params: list[tuple[jax.Array, jax.Array | None]],
+    n_in: int = 1,
+    decoding: bool = False,
+) -> bool:
+    """Whether `dense_group` runs these products as one `decode_matmul` kernel: in a
+    one-token decoding step, where `model.auto.use_decode_matmul` picks it."""
+    k = math.prod(x.shape[x.ndim - n_in :])
+    ns = [math.prod(w.shape[n_in:]) for w, _ in params]
+    rows = math.prod(x.shape[: x.ndim - n_in])
+    return decoding and use_decode_matmul(cfg, rows, k, ns)
 
 
 def is_decoding_step(cache: object, x_BL: jax.Array) -> bool:

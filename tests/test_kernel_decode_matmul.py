@@ -54,6 +54,32 @@ def test_bfloat16_and_float32_weights():
         np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_writes_into_caches(rows):
+    """Products with a cache land in slot slots[r] of cache row r, clamped to the last slot
+    as `dynamic_update_slice` clamps, every other slot untouched; the others are returned."""
+    x, weights, biases = _case(rows, 64, (32, 32, 32), jnp.float32)
+    S, G, D = 5, 2, 16
+    k_cache, v_cache = jax.random.normal(jax.random.key(9), (2, rows, S, G, D))
+    slots = jnp.asarray([3, 0, 7, 4][:rows], jnp.int32)  # 7: past the end
+    q, k_new, v_new = dm.decode_matmul(
+        x, weights, biases, caches=[None, k_cache, v_cache], slots_R=slots, tuning=SMALL
+    )
+    want_q, want_k, want_v = dm.reference_decode_matmul(x, weights, biases)
+
+    def written(cache, new_RN):
+        put = lambda row, new, slot: jax.lax.dynamic_update_slice_in_dim(row, new, slot, 0)  # noqa: E731
+        return jax.vmap(put)(cache, new_RN.reshape(rows, 1, G, D), slots)
+
+    np.testing.assert_allclose(q, want_q, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(k_new, written(k_cache, want_k), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(v_new, written(v_cache, want_v), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs slots_R"):
+        dm.decode_matmul(x, weights, caches=[None, k_cache, v_cache], tuning=SMALL)
+    with pytest.raises(ValueError, match="does not take"):
+        dm.decode_matmul(x, weights, caches=[k_cache[:, :, :1], None, None], slots_R=slots)
+
+
 def test_unsupported_shapes_are_refused():
     x, weights, _ = _case(3, 64, (32,), jnp.float32)
     assert not dm.supported(3, 64, [32])
@@ -68,7 +94,7 @@ def test_unsupported_shapes_are_refused():
 
 def test_lowers_to_verified_triton_at_gpt_1p3b_size():
     """gpt-1.3b's q/k/v as one kernel of 3 x 2048 / block_n programs, for one and two rows,
-    with a bias (GPT-2's layout) and without."""
+    with a bias (GPT-2's layout) and without, and writing keys and values into caches."""
     block_n = dm.DEFAULT_TUNING.block_n
     assert dm.grid_size(2048, [2048] * 3) == 3 * 2048 // block_n
     for rows in (1, 2):
@@ -83,6 +109,18 @@ def test_lowers_to_verified_triton_at_gpt_1p3b_size():
         assert [(k.name, k.grid) for k in kernels] == [
             ("decode_matmul", (3 * 2048 // block_n, 1, 1))
         ]
+        verify_triton_ir(kernels)
+
+        # keys and values written into [rows, 384, 16, 128] caches by the same kernel
+        cache = jax.ShapeDtypeStruct((rows, 384, 16, 128), jnp.bfloat16)
+        slots = jax.ShapeDtypeStruct((rows,), jnp.int32)
+
+        def qkv_into_cache(x, wq, wk, wv, k_cache, v_cache, slots):
+            caches = [None, k_cache, v_cache]
+            return dm.decode_matmul(x, [wq, wk, wv], caches=caches, slots_R=slots, interpret=False)
+
+        kernels = triton_kernels(jax.jit(qkv_into_cache), x, w, w, w, cache, cache, slots)
+        assert [k.name for k in kernels] == ["decode_matmul"]
         verify_triton_ir(kernels)
 
 

@@ -194,6 +194,6 @@ def run(
             holder["prefilled"] = prefill_c(params, prompt)
             return one_decode()
 
-        row["profile"] = profile.trace(prefill_and_decode, 1, profile_dir)
+        row["profile"] = profile.trace(prefill_and_decode, 1, profile_dir, decode_c.as_text())
     gc.collect()
     return row

@@ -96,11 +96,13 @@ def trace(call: Callable[[], Any], steps: int, log_dir: str, hlo_text: str = "")
     # kernels sit on "Stream" lines; derived lines (XLA Ops, Modules) would count them twice
     streams = {key for key, n in threads.items() if "stream" in n.lower()}
     by_name: dict[str, float] = collections.Counter()
+    kernels = []  # (start us, end us, name)
     for e in events:
         on_stream = not streams or (e.get("pid"), e.get("tid")) in streams
         on_device = e.get("pid") in device_pids and on_stream
         if e.get("ph") == "X" and on_device:
             by_name[e["name"]] += e.get("dur", 0) / 1e3  # us -> ms
+            kernels.append((e["ts"], e["ts"] + e.get("dur", 0), e["name"]))
     by_kind: dict[str, float] = collections.Counter()
     for name, ms in by_name.items():
         by_kind[_kind(name)] += ms
@@ -114,7 +116,32 @@ def trace(call: Callable[[], Any], steps: int, log_dir: str, hlo_text: str = "")
         "top_kernels_ms_per_step": [
             (n[:120], ms / steps, origins.get(n, "")[:160]) for n, ms in by_name.most_common(40)
         ],
+        **idle_gaps(kernels, steps),
         "trace_file": trace_file,
+    }
+
+
+def idle_gaps(kernels: list, steps: int, top: int = 12) -> dict:
+    """Where the GPU waits: the gaps between one kernel's end and the next kernel's start
+    (all streams merged), those between calls (the host starting the next one) included.
+    Under the profiler XLA launches kernel by kernel unless
+    `--xla_enable_command_buffers_during_profiling=true`, which keeps the CUDA-graph
+    launches of the timed calls."""
+    idle, widest = 0.0, []
+    reach, before = None, ""
+    for start, end, name in sorted(kernels):
+        if reach is not None and start > reach:
+            idle += start - reach
+            widest.append((start - reach, before[:60], name[:60]))
+        if reach is None or end > reach:
+            reach, before = end, name
+    widest.sort(reverse=True)
+    span = reach - min(k[0] for k in kernels) if kernels else 0.0
+    return {
+        "kernels_per_step": len(kernels) / steps,
+        "span_ms_per_step": span / 1e3 / steps,
+        "idle_ms_per_step": idle / 1e3 / steps,
+        "widest_gaps_us": [(round(g, 1), a, b) for g, a, b in widest[:top]],
     }
 
 

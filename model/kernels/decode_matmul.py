@@ -76,6 +76,8 @@ def decode_matmul(
     biases: Sequence[jax.Array | None] | None = None,
     *,
     activation: str | None = None,
+    caches: Sequence[jax.Array | None] | None = None,
+    slots_R: jax.Array | None = None,
     tuning: Tuning = DEFAULT_TUNING,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, ...]:
@@ -84,6 +86,13 @@ def decode_matmul(
     `weights` are [K, N]; biases [N] or None; `activation` None or "gelu" (tanh form, as
     GPT-2). Products, bias and activation in float32. One device's arrays: the callers
     use it only without a mesh (`model.auto.use_decode_matmul`).
+
+    `caches`, one per weight or None: where a weight has a cache [R, S, ...] (a layer's
+    keys or values, its trailing dimensions N values a slot), row r of that product is
+    written into slot `slots_R[r]` of cache row r (clamped to S - 1, as
+    `dynamic_update_slice` clamps) instead of being returned, and the cache is returned in
+    its place, updated in place: a decoding step's new key and value need no kernel of
+    their own to reach the cache.
     """
     R, K = x_RK.shape
     weights = tuple(weights)
@@ -91,6 +100,12 @@ def decode_matmul(
     for w in weights:
         if w.shape[0] != K:
             raise ValueError(f"decode_matmul: weight {w.shape} does not take {K} input features")
+    caches = tuple(caches) if caches is not None else (None,) * len(weights)
+    for c, n in zip(caches, ns):
+        if c is not None and (c.shape[0] != R or math.prod(c.shape[2:]) != n):
+            raise ValueError(f"decode_matmul: cache {c.shape} does not take {R} rows of {n}")
+    if any(c is not None for c in caches) and (slots_R is None or slots_R.shape != (R,)):
+        raise ValueError(f"decode_matmul: writing into caches needs slots_R of shape ({R},)")
     if activation not in ACTIVATIONS:
         raise ValueError(f"decode_matmul: activation must be one of {ACTIVATIONS}")
     if not supported(R, K, ns, tuning):
@@ -102,19 +117,29 @@ def decode_matmul(
     has_bias = tuple(b is not None for b in biases)
     if interpret is None:
         interpret = interpret_mode()
-    return _call(
+    has_cache = tuple(c is not None for c in caches)
+    outs = _call(
         x_RK,
         weights,
         tuple(b.astype(jnp.float32) for b in biases if b is not None),
+        jnp.zeros((R,), jnp.int32) if slots_R is None else slots_R.astype(jnp.int32),
+        tuple(c.reshape(-1, n) for c, n in zip(caches, ns) if c is not None),
         has_bias=has_bias,
+        has_cache=has_cache,
         activation=activation,
         tuning=tuning,
         interpret=interpret,
     )
+    return tuple(o if c is None else o.reshape(c.shape) for o, c in zip(outs, caches))
 
 
-@functools.partial(jax.jit, static_argnames=("has_bias", "activation", "tuning", "interpret"))
-def _call(x_RK, weights, biases, *, has_bias, activation, tuning, interpret):
+@functools.partial(
+    jax.jit,
+    static_argnames=("has_bias", "has_cache", "activation", "tuning", "interpret"),
+)
+def _call(
+    x_RK, weights, biases, slots_R, caches, *, has_bias, has_cache, activation, tuning, interpret
+):
     R, K = x_RK.shape
     ns = [w.shape[1] for w in weights]
     block_k, block_n = _blocks(K, ns, tuning)
@@ -126,45 +151,61 @@ def _call(x_RK, weights, biases, *, has_bias, activation, tuning, interpret):
         _kernel,
         n_weights=len(weights),
         has_bias=has_bias,
+        has_cache=has_cache,
         starts=tuple(starts),
         activation=activation,
         blocks=(block_k, block_n),
     )
-    return tuple(
+    # outputs: the products without a cache, then the caches (aliased to their inputs)
+    out_shape = [jax.ShapeDtypeStruct((R, n), x_RK.dtype) for n, c in zip(ns, has_cache) if not c]
+    out_shape += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
+    first_cache = 1 + len(weights) + len(biases) + 1
+    n_plain = len(ns) - len(caches)
+    outs = iter(
         pl.pallas_call(
             kernel,
             grid=(starts[-1],),
-            out_shape=[jax.ShapeDtypeStruct((R, n), x_RK.dtype) for n in ns],
+            out_shape=out_shape,
+            input_output_aliases={first_cache + c: n_plain + c for c in range(len(caches))},
             compiler_params=plgpu.CompilerParams(num_warps=tuning.warps, num_stages=tuning.stages),
             interpret=interpret,
             name="decode_matmul",
-        )(x_RK, *weights, *biases)
+        )(x_RK, *weights, *biases, slots_R, *caches)
     )
+    plain = [next(outs) for _ in range(n_plain)]
+    cached = list(outs)
+    return tuple(cached.pop(0) if c else plain.pop(0) for c in has_cache)
 
 
-def _kernel(x_ref, *refs, n_weights, has_bias, starts, activation, blocks):
+def _kernel(x_ref, *refs, n_weights, has_bias, has_cache, starts, activation, blocks):
     """Program p: columns [j * block_n, (j + 1) * block_n) of the weight i it falls in."""
     w_refs = refs[:n_weights]
     bias_refs = iter(refs[n_weights : n_weights + sum(has_bias)])
-    out_refs = refs[n_weights + sum(has_bias) :]
+    slots_ref = refs[n_weights + sum(has_bias)]
+    n_caches = sum(has_cache)
+    outs = refs[n_weights + sum(has_bias) + 1 + n_caches :]  # (cache inputs are aliased)
+    plain_refs, cache_refs = iter(outs[: n_weights - n_caches]), iter(outs[n_weights - n_caches :])
     p = pl.program_id(0)
     for i in range(n_weights):
         bias_ref = next(bias_refs) if has_bias[i] else None
+        out_ref = next(cache_refs) if has_cache[i] else next(plain_refs)
 
         @pl.when((p >= starts[i]) & (p < starts[i + 1]))
-        def _(i=i, bias_ref=bias_ref):
+        def _(i=i, bias_ref=bias_ref, out_ref=out_ref):
             _columns(
                 x_ref,
                 w_refs[i],
                 bias_ref,
-                out_refs[i],
+                out_ref,
+                slots_ref if has_cache[i] else None,
                 p - starts[i],
                 activation,
                 blocks,
             )
 
 
-def _columns(x_ref, w_ref, bias_ref, out_ref, j, activation, blocks):
+def _columns(x_ref, w_ref, bias_ref, out_ref, slots_ref, j, activation, blocks):
+    """`slots_ref` given: out_ref is a cache [R * S, N], row r written at r * S + slot."""
     BK, BN = blocks
     R, K = x_ref.shape
     cols = pl.ds(pl.multiple_of(j * BN, BN), BN)
@@ -182,7 +223,12 @@ def _columns(x_ref, w_ref, bias_ref, out_ref, j, activation, blocks):
         y_RN = y_RN + bias_ref[cols][None, :]
     if activation == "gelu":
         y_RN = jax.nn.gelu(y_RN, approximate=True)
-    out_ref[:, cols] = y_RN.astype(out_ref.dtype)
+    if slots_ref is None:
+        out_ref[:, cols] = y_RN.astype(out_ref.dtype)
+        return
+    S = out_ref.shape[0] // R
+    rows_R = jnp.arange(R, dtype=jnp.int32) * S + jnp.clip(slots_ref[...], 0, S - 1)
+    out_ref[rows_R, cols] = y_RN.astype(out_ref.dtype)
 
 
 def _repeat_rows(x_RK: jax.Array, R: int) -> jax.Array:
