@@ -50,8 +50,8 @@ def choose_norm_impl(cfg: ModelConfig, decoding: bool = False) -> str:
     rows that fit the kernel (d_model <= layer_norm.MAX_D): gpt2-124m's training step
     1.05x faster on an H200 (BENCHMARKS.md, flash attention table), gpt-1.3b's too on
     H100s (Training step, Targets); XLA's norms elsewhere, and in one-token decoding
-    steps (`decoding`), where XLA folds each norm into the kernel of the residual add
-    before it (BENCHMARKS.md, "Speed round nine")."""
+    steps (`decoding`), where XLA's norm fusions were measured faster than the kernel
+    (BENCHMARKS.md, "Speed round nine", change 45)."""
     if cfg.norm_impl != "auto":
         return cfg.norm_impl
     return "pallas" if on_gpu() and cfg.d_model <= layer_norm.MAX_D and not decoding else "xla"

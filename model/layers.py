@@ -220,8 +220,9 @@ class MLP(nn.Module):
             gate_BLF, up_BLF = dense_group(cfg, x_BLD, [up("gate"), up("up")], 1, decoding)
             h_BLF = nn.silu(act(gate_BLF)) * act(up_BLF)
         elif decoding or choose_activation_impl(cfg) != "pallas":
-            # (decoding: XLA folds bias and GELU into its product, the Pallas pair would
-            # be a kernel of its own)
+            # (decoding: no backward pass, where the Pallas pair saves its passes; XLA
+            # applies bias and GELU in one small fusion, or the decoding kernel in its
+            # product)
             (h_BLF,) = dense_group(cfg, x_BLD, [up("up")], 1, decoding, activation="gelu")
             h_BLF = act(h_BLF)
         else:  # the training kernels: one each way, the bias gradient included

@@ -111,6 +111,24 @@ def test_profile_names_each_kernel_by_the_jax_op_it_came_from():
     assert any("jit(_where)" in op for op in real.values()) and not any("." in k for k in real)
 
 
+def test_idle_gaps_count_the_time_no_kernel_runs():
+    """Overlapping kernels (two streams) leave no gap; the gaps between a kernel's end and
+    the next start are summed and listed widest first, named by the kernels around them."""
+    from experiments.bench.profile import idle_gaps
+
+    kernels = [  # (start us, end us, name), unsorted, two steps
+        (30.0, 40.0, "c"),
+        (0.0, 10.0, "a"),
+        (5.0, 20.0, "b"),  # overlaps a: no gap between them
+        (100.0, 110.0, "d"),
+    ]
+    got = idle_gaps(kernels, steps=2, top=1)
+    assert got["kernels_per_step"] == 2
+    assert got["span_ms_per_step"] == pytest.approx(110.0 / 1e3 / 2)
+    assert got["idle_ms_per_step"] == pytest.approx((10.0 + 60.0) / 1e3 / 2)  # b->c, c->d
+    assert got["widest_gaps_us"] == [(60.0, "c", "d")]
+
+
 def test_optimizer_bench_counts_the_presets_parameters_and_its_floor():
     from experiments.bench import optimizer_step
     from model.config import get_preset
