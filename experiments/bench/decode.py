@@ -188,7 +188,7 @@ def run(
         compile_s=compile_s + prefill_compile_s,
         iters=iters,
     )
-    if profile_dir:  # prefill + decode under the profiler (op by op: no CUDA graphs there)
+    if profile_dir:  # prefill + decode under the profiler
 
         def prefill_and_decode():
             holder["prefilled"] = prefill_c(params, prompt)

@@ -125,8 +125,8 @@ def idle_gaps(kernels: list, steps: int, top: int = 12) -> dict:
     """Where the GPU waits: the gaps between one kernel's end and the next kernel's start
     (all streams merged), those between calls (the host starting the next one) included.
     Under the profiler XLA launches kernel by kernel unless
-    `--xla_enable_command_buffers_during_profiling=true`, which keeps the CUDA-graph
-    launches of the timed calls."""
+    `--xla_enable_command_buffers_during_profiling=true` (which `python -m
+    experiments.bench` sets) keeps the CUDA-graph launches of the timed calls."""
     idle, widest = 0.0, []
     reach, before = None, ""
     for start, end, name in sorted(kernels):
