@@ -17,6 +17,7 @@ from model import attention as attention_module
 from model.attention import choose_backend, reference_attention
 from model.config import get_preset
 from model.kernels import flash_attention as fa
+from model.kernels.block_visibility import block_visibility, loop_bounds
 from model.masking import attention_mask
 from model.transformer import LanguageModel
 from tests.helpers import random_lm_batch, triton_kernels, verify_triton_ir
@@ -147,12 +148,12 @@ def test_block_skipping_is_exact_on_packed_rows_and_safe_on_any():
         jnp.asarray(rng.integers(0, 200, (6, 128)), jnp.int32),
     )
     for bq, bk in [(16, 16), (32, 16), (16, 64)]:
-        visibility = jax.jit(functools.partial(fa._block_visibility, block_q=bq, block_k=bk))
+        visibility = jax.jit(functools.partial(block_visibility, block_q=bq, block_k=bk))
         exact = jax.jit(functools.partial(_exact_block_visibility, bq=bq, bk=bk))
         for rows in (packed, unstructured):
             (may_see, sees_all), (some, every) = visibility(*rows), exact(*rows)
             assert bool(jnp.all(may_see | ~some)) and bool(jnp.all(sees_all == every))
-            bounds = np.asarray(fa._loop_bounds(may_see, sees_all))
+            bounds = np.asarray(loop_bounds(may_see, sees_all))
             lo, full_lo, full_hi, hi = np.moveaxis(bounds, -1, 0)
             assert (lo <= full_lo).all() and (full_lo <= full_hi).all() and (full_hi <= hi).all()
             idx = np.arange(may_see.shape[-1])
