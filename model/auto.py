@@ -96,15 +96,16 @@ def use_decode_matmul(cfg: ModelConfig, rows: int, k: int, ns: Sequence[int]) ->
     """Whether a one-token decoding step's products of the same `rows` rows, `k` inputs
     and outputs `ns` run as one `decode_matmul` kernel ("auto" resolved).
 
-    "auto", measured on an H200 (BENCHMARKS.md, "Speed round nine"): on a GPU, for a
-    group of several products whose columns give the kernel at least one program per SM
-    (gpt-1.3b's q, k and v: 1.30 -> 1.27 ms/token); XLA's products otherwise, which are
-    as fast alone and faster for small weights (gpt2-124m's q, k and v as one kernel:
-    0.389 -> 0.407 ms/token). "pallas": the kernel wherever it takes the shapes. Never
-    on a mesh of several devices, which the kernel does not split."""
+    "auto", measured on an H200 (BENCHMARKS.md, "Speed round nine" and "eleven"): on a
+    GPU, for products with at least 32 output columns per SM in all: gpt-1.3b's q, k and
+    v (6,144 columns; 1.30 -> 1.27 ms/token) and its up-projection with GELU (8,192;
+    1.22 -> 1.19); XLA's products for narrower ones, which are faster there (gpt2-124m's
+    q, k and v, 2,304 columns, as one kernel: 0.389 -> 0.407 ms/token; gpt-1.3b's
+    2,048-column attention output and down-projection: 1.19 -> 1.20 and -> 1.38).
+    "pallas": the kernel wherever it takes the shapes. Never on a mesh of several
+    devices, which the kernel does not split."""
     if active_mesh() is not None or not decode_matmul.supported(rows, k, ns):
         return False
     if cfg.decode_matmul != "auto":
         return cfg.decode_matmul == "pallas"
-    programs = decode_matmul.grid_size(k, ns)
-    return on_gpu() and len(ns) > 1 and programs >= num_sms()
+    return on_gpu() and sum(ns) >= 32 * num_sms()

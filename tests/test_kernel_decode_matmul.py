@@ -174,9 +174,10 @@ def test_sampler_with_kernel_equals_xla(batch):
 
 
 def test_when_the_kernel_is_used(monkeypatch):
-    """ "pallas": wherever the kernel takes the shapes. "auto": on a GPU, for groups of
-    products with a program per SM (gpt-1.3b's q/k/v, not gpt2-124m's, nor one product
-    alone). Never on a mesh of several devices, which the kernel does not split."""
+    """ "pallas": wherever the kernel takes the shapes. "auto": on a GPU, for products
+    with 32 columns per SM (gpt-1.3b's q/k/v and up-projection, not gpt2-124m's, nor
+    gpt-1.3b's 2048-column products). Never on a mesh of several devices, which the
+    kernel does not split."""
     cfg = get_preset("tiny", decode_matmul="pallas")
     assert auto.use_decode_matmul(cfg, 2, 64, [64])
     assert not auto.use_decode_matmul(cfg, 3, 64, [64])  # 3 rows: not a power of two
@@ -185,9 +186,11 @@ def test_when_the_kernel_is_used(monkeypatch):
     assert not auto.use_decode_matmul(default, 2, 2048, [2048] * 3)  # not on a GPU
     monkeypatch.setattr(auto, "on_gpu", lambda: True)
     monkeypatch.setattr(auto, "num_sms", lambda: 132)
-    assert auto.use_decode_matmul(default, 2, 2048, [2048] * 3)  # gpt-1.3b: 192 programs
-    assert not auto.use_decode_matmul(default, 2, 768, [768] * 3)  # gpt2-124m: 72
-    assert not auto.use_decode_matmul(default, 2, 2048, [8192])  # one product
+    assert auto.use_decode_matmul(default, 2, 2048, [2048] * 3)  # gpt-1.3b's q/k/v: 6,144 columns
+    assert not auto.use_decode_matmul(default, 2, 768, [768] * 3)  # gpt2-124m: 2,304
+    assert auto.use_decode_matmul(default, 2, 2048, [8192])  # gpt-1.3b's up: 8,192 columns
+    assert not auto.use_decode_matmul(default, 2, 2048, [2048])  # attention output: 2,048
+    assert not auto.use_decode_matmul(default, 2, 768, [3072])  # gpt2-124m's up: 3,072
     mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
     with sharding.mesh_context(mesh):
         assert not auto.use_decode_matmul(cfg, 2, 64, [64])

@@ -10,11 +10,12 @@ store. The rows are repeated to 16 inside the kernel, the smallest tensor-core t
 that Triton pipelines the weight loads of its `dot` (`stages` blocks in flight) as it
 does for any matrix product.
 
-Measured on an H200 (BENCHMARKS.md, "Speed round nine"), gpt-1.3b at two rows: q, k and
-v (24 MB) take 9.4 us as one kernel against XLA's three; alone, a product is no faster
-than XLA's (whose split-K GEMMs win where the weight has few columns, 10.0 against
-15.5 us for the 8192 x 2048 down-projection), and small groups lose (gpt2-124m's q, k
-and v, 72 programs). So "auto" uses it for large groups only (`model.auto`).
+Measured on an H200 (BENCHMARKS.md, "Speed rounds" nine and eleven), gpt-1.3b: q, k and
+v (24 MB) take 9.4 us as one kernel against XLA's three, and in the decoding loop the
+up-projection with its GELU is faster as this kernel than as XLA's product and GELU;
+where a weight has few columns XLA's split-K GEMMs win (10.0 against 15.5 us for the
+8192 x 2048 down-projection), as they do for gpt2-124m's narrower products. So "auto"
+uses it for wide products only (`model.auto`).
 
 Shape letters: R rows, K input features, N output features (of one weight).
 """
@@ -40,11 +41,14 @@ ACTIVATIONS = (None, "gelu")
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """Block shapes (powers of two) and Triton settings."""
+    """Block shapes (powers of two) and Triton settings. The defaults were the fastest
+    in the decoding loop of gpt-1.3b on an H200 (BENCHMARKS.md, "Speed round eleven":
+    its up-projection 64 columns and 8 warps a program, 1.183 -> 1.154 ms/token, against
+    16 or 32 columns, 4 warps, 3 or 6 stages, 128 or 512 inputs a step)."""
 
-    block_n: int = 32  # output columns per program
+    block_n: int = 64  # output columns per program
     block_k: int = 256  # input features per loop step
-    warps: int = 4
+    warps: int = 8
     stages: int = 4  # loop steps whose weight blocks are loaded ahead
 
 
