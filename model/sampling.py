@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model.transformer import init_cache
+from model.transformer import default_positions, init_cache
 
 NEG_INF = -1e30
 
@@ -111,7 +111,7 @@ def sample(
         {"params": params}, tokens, positions, segments, cache=cache
     )
 
-    positions_BP = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
+    positions_BP = default_positions(prompts_BP)
     segments_BP = (positions_BP < prompt_lengths_B[:, None]).astype(jnp.int32)
     logits_BPV, cache = apply(
         prompts_BP, positions_BP, segments_BP, init_cache(model_cfg, B, P + T)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from model.sampling import SamplingConfig
 from rlhf.grpo import GRPOConfig, make_grpo_prepare, make_grpo_step
-from rlhf.rollout import make_rollout, response_ids
+from rlhf.rollout import check_on_policy_sampling, make_rollout, response_ids
 from rlhf.verifier import Reference, RewardWeights, check_answer, reward_from_checks
 from train import sharding
 from train.state import TrainState
@@ -81,12 +81,7 @@ def make_grpo_iteration(
 ) -> GRPOIteration:
     """Compiles sampler, prepare and step for `mesh`; `decode(ids) -> text` is the
     tokenizer's, `references[i]` the held-out function prompt i asks for."""
-    s = sampling_cfg
-    if s.temperature != cfg.temperature or s.top_k or s.top_p < 1:
-        raise ValueError(
-            "GRPO samples at its algorithm.temperature without top-k/top-p, so that the "
-            f"recomputed log-probs are those of the sampling distribution; got {sampling_cfg}"
-        )
+    check_on_policy_sampling("GRPO", cfg.temperature, sampling_cfg)
     replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     params_sh = state_shardings.params
     prepare = sharding.jit_sharded(

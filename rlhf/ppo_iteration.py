@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from model.sampling import SamplingConfig
 from rlhf.ppo import KLController, PPOConfig, RewardFn, make_ppo_step, make_prepare
 from rlhf.reward_model import RewardModel
-from rlhf.rollout import make_rollout
+from rlhf.rollout import check_on_policy_sampling, make_rollout
 from train import sharding
 from train.state import TrainState
 
@@ -87,12 +87,7 @@ def make_ppo_iteration(
 ) -> PPOIteration:
     """Compiles the three phases for `mesh`. The frozen reference shares the policy's
     shardings; `reward_shardings` (default: replicated) places the reward function's params."""
-    s = sampling_cfg
-    if s.temperature != ppo_cfg.temperature or s.top_k or s.top_p < 1:
-        raise ValueError(
-            "PPO samples at its algorithm.temperature without top-k/top-p, so that the "
-            f"recomputed log-probs are those of the sampling distribution; got {sampling_cfg}"
-        )
+    check_on_policy_sampling("PPO", ppo_cfg.temperature, sampling_cfg)
     replicated, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     params_sh = state_shardings.params
     prepare = sharding.jit_sharded(

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.layers import Embed, dense_param
-from model.transformer import Decoder
+from model.transformer import Decoder, default_positions
 from rlhf.sequences import gather_at, last_token_index, positions_and_segments
 
 
@@ -35,7 +35,7 @@ class RewardModel(nn.Module):
         """scores_BL in float32: the head applied to every token's final hidden state."""
         cfg = self.cfg
         if positions_BL is None:
-            positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+            positions_BL = default_positions(tokens_BL)
         hidden_BLD, _ = Decoder(cfg, name="decoder")(
             Embed(cfg, name="embed")(tokens_BL), positions_BL, segment_ids_BL, None, deterministic
         )

@@ -46,6 +46,17 @@ def join_prompt_and_response(
     }
 
 
+def check_on_policy_sampling(algorithm: str, temperature: float, cfg: SamplingConfig) -> None:
+    """Raises unless `cfg` samples at the algorithm's `temperature` without top-k/top-p:
+    PPO and GRPO recompute the responses' log-probs at that temperature over the whole
+    vocabulary, which must be the distribution the tokens were drawn from."""
+    if cfg.temperature != temperature or cfg.top_k or cfg.top_p < 1:
+        raise ValueError(
+            f"{algorithm} samples at its algorithm.temperature without top-k/top-p, so that "
+            f"the recomputed log-probs are those of the sampling distribution; got {cfg}"
+        )
+
+
 def make_rollout(model: nn.Module, cfg: SamplingConfig) -> Callable[..., dict]:
     """`rollout(params, prompts_BP, prompt_lengths_B, rng) -> dict` (jitted, pure).
 

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from model.sampling import SamplingConfig
 from rlhf import ppo
 from rlhf.dpo import dpo_sums
 from rlhf.reward_model import fold_normalization, normalization, sequence_reward
 from rlhf.reward_step import bradley_terry_sums
-from rlhf.rollout import join_prompt_and_response
+from rlhf.rollout import check_on_policy_sampling, join_prompt_and_response
 from rlhf.sequences import last_token_index, lm_logits, log_probs_and_entropy, sequence_log_probs
 from tests.rlhf_helpers import TINY, init_lm, init_rm
 
@@ -226,3 +227,16 @@ def test_join_prompt_and_response_is_contiguous():
     np.testing.assert_array_equal(
         out["response_mask"], [[0, 0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0, 0]]
     )
+
+
+def test_on_policy_sampling_is_checked():
+    """PPO and GRPO recompute log-probs at their temperature over the whole vocabulary:
+    a sampler at another temperature, or truncated by top-k/top-p, is refused."""
+    check_on_policy_sampling("PPO", 0.7, SamplingConfig(temperature=0.7))
+    for cfg in (
+        SamplingConfig(temperature=1.0),
+        SamplingConfig(temperature=0.7, top_k=50),
+        SamplingConfig(temperature=0.7, top_p=0.9),
+    ):
+        with pytest.raises(ValueError, match="GRPO samples at its algorithm.temperature"):
+            check_on_policy_sampling("GRPO", 0.7, cfg)
