@@ -48,6 +48,21 @@ class _Fallbacks(logging.Handler):
 
 
 @pytest.fixture(autouse=True)
+def strict_ranks(request):
+    """Tests marked `strict_ranks` run with implicit rank promotion as an error, so a
+    missing `[:, None]` in mask, advantage or loss code fails instead of broadcasting
+    silently into a wrong shape (the model's own code broadcasts its norm scales and
+    one-hot comparisons on purpose, so this is not global)."""
+    if "strict_ranks" not in request.keywords:
+        yield
+        return
+    import jax  # here: importing it above would read JAX_PLATFORMS before it is set
+
+    with jax.numpy_rank_promotion("raise"):
+        yield
+
+
+@pytest.fixture(autouse=True)
 def no_compile_ahead_fallback(request):
     handler = _Fallbacks()
     logger = logging.getLogger("train.launch")

@@ -93,6 +93,7 @@ def test_packed_document_equals_document_alone(model_and_params):
     np.testing.assert_allclose(packed[0, 7:10], alone[0], atol=2e-5)
 
 
+@pytest.mark.strict_ranks
 def test_mask_rules():
     positions = jnp.asarray([[0, 1, 2, 0, 1, 0]])
     segments = jnp.asarray([[1, 1, 1, 2, 2, 0]])
@@ -111,6 +112,7 @@ def _qkv(seed, heads, kv_heads, dtype=jnp.float32, length=L, dim=16):
     return q, k, v
 
 
+@pytest.mark.strict_ranks
 def test_grouped_query_equals_multi_head_with_repeated_kv():
     q, k, v = _qkv(0, heads=8, kv_heads=2)
     _, positions, segments = _batch()

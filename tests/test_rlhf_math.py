@@ -25,6 +25,7 @@ def _response_mask(rng, B, T):
     return ((t >= start[:, None]) & (t < end[:, None])).astype(np.float32)
 
 
+@pytest.mark.strict_ranks
 def test_gae_matches_direct_backward_recursion():
     rng = np.random.default_rng(0)
     B, T, gamma, lam = 5, 12, 0.9, 0.8
@@ -44,6 +45,7 @@ def test_gae_matches_direct_backward_recursion():
     np.testing.assert_allclose(ret, (expected + values) * mask, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.strict_ranks
 def test_gae_with_gamma_lambda_one_is_reward_to_go_minus_value():
     rng = np.random.default_rng(1)
     rewards, values = rng.normal(size=(2, 3, 6)).astype(np.float32)
@@ -53,6 +55,7 @@ def test_gae_with_gamma_lambda_one_is_reward_to_go_minus_value():
     np.testing.assert_allclose(adv, to_go - values, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.strict_ranks
 def test_whiten_over_mask():
     rng = np.random.default_rng(2)
     x = rng.normal(3.0, 5.0, (4, 10)).astype(np.float32)
@@ -62,6 +65,7 @@ def test_whiten_over_mask():
     assert not w[mask == 0].any()
 
 
+@pytest.mark.strict_ranks
 def test_kl_penalty_sign_and_score_at_last_response_token():
     mask = jnp.asarray([[0, 1, 1, 1, 0], [0, 0, 1, 0, 0]], jnp.float32)
     logp = jnp.full((2, 5), -1.0)
@@ -74,6 +78,7 @@ def test_kl_penalty_sign_and_score_at_last_response_token():
     np.testing.assert_allclose(rewards, expected)
 
 
+@pytest.mark.strict_ranks
 def test_kl_controller():
     adaptive = ppo.KLController(beta=0.1, target=1.0, horizon=100)
     assert adaptive.update(kl=5.0, n_steps=10) == pytest.approx(0.1 * 1.02)  # clipped at +20%
@@ -136,6 +141,7 @@ def test_ppo_loss_ignores_tokens_outside_the_response():
     assert float(a[1]["weight_sum"]) == float(mb["response_mask"].sum())
 
 
+@pytest.mark.strict_ranks
 def test_clipped_objective_has_no_gradient_beyond_the_clip():
     def loss(logp, adv):
         terms = ppo.ppo_token_losses(logp, jnp.zeros(()), adv, 0.0, 0.0, 0.0, 0.2, 0.2)
@@ -189,6 +195,7 @@ def test_sequence_log_probs_count_only_answer_tokens():
     np.testing.assert_allclose(logp[0], direct, rtol=1e-5)
 
 
+@pytest.mark.strict_ranks
 def test_bradley_terry_and_dpo_losses():
     ones = jnp.ones((2,))
     bt = bradley_terry_sums(jnp.asarray([2.0, 0.0]), jnp.asarray([1.0, 1.0]), 0.5 * ones, ones)
@@ -218,6 +225,7 @@ def test_dpo_nll_term_is_the_chosen_answers_mean_token_nll():
     assert float(plain["nll_sum"]) == 0.0
 
 
+@pytest.mark.strict_ranks
 def test_join_prompt_and_response_is_contiguous():
     prompts = jnp.asarray([[1, 2, 3, 0], [1, 2, 0, 0]], jnp.int32)
     response = jnp.asarray([[7, 8, 0], [9, 6, 0]], jnp.int32)
@@ -240,3 +248,12 @@ def test_on_policy_sampling_is_checked():
     ):
         with pytest.raises(ValueError, match="GRPO samples at its algorithm.temperature"):
             check_on_policy_sampling("GRPO", 0.7, cfg)
+
+
+@pytest.mark.strict_ranks
+def test_strict_ranks_mark_makes_rank_promotion_an_error():
+    """The mark the tests above carry (tests/conftest.py) really refuses broadcasting
+    that adds dimensions ([3] against [2, 3]), and only that."""
+    with pytest.raises(ValueError, match="rank_promotion"):
+        jnp.ones(3) * jnp.ones((2, 3))
+    assert (jnp.ones((1, 3)) * jnp.ones((2, 3))).shape == (2, 3)  # same rank: allowed
