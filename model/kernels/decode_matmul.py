@@ -62,12 +62,6 @@ def supported(rows: int, k: int, ns: Sequence[int], tuning: Tuning = DEFAULT_TUN
     return rows in (1, 2, 4, 8, 16) and min(_blocks(k, ns, tuning)) >= _TILE_ROWS
 
 
-def grid_size(k: int, ns: Sequence[int], tuning: Tuning = DEFAULT_TUNING) -> int:
-    """Programs of one call: one per `block_n` columns of each weight."""
-    block_n = _blocks(k, ns, tuning)[1]
-    return sum(n // block_n for n in ns)
-
-
 def _blocks(k: int, ns: Sequence[int], tuning: Tuning) -> tuple[int, int]:
     """(block_k, block_n): the tuning's, or the largest power of two dividing the shapes
     where they are smaller or not multiples of the tuning's."""
