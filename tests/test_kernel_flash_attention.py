@@ -118,6 +118,16 @@ def test_values_and_gradients_equal_reference(B, T, H, G, D, dtype, packed):
     np.testing.assert_array_equal(got[0][np.asarray(seg == 0)], 0.0)  # padding queries: 0
 
 
+def test_default_blocks_at_head_dim_128_equal_reference():
+    """The default launch settings at head_dim 128 (128-row forward blocks, rows padded to
+    a multiple of 128: 150 -> 256) against the reference, values and gradients."""
+    q, k, v, seg, pos, w = _case(2, 150, 2, 1, 128, "float32", seed=5)
+    kernel = functools.partial(fa.flash_attention, segment_ids_BT=seg, positions_BT=pos)
+    got = _value_and_grads(kernel, q, k, v, w, seg)
+    want = _value_and_grads(_reference(seg, pos), q, k, v, w, seg)
+    _assert_equal_on_real_queries(got, want, seg, rtol=1e-5, atol=1e-5)
+
+
 def test_unstructured_ids_and_positions_equal_reference():
     """The mask rule decides, not the order along the row: random segment ids (0 too)
     and positions, which packing never makes."""
@@ -264,8 +274,12 @@ def test_lowers_to_verified_triton_ir(shape):
     verify_triton_ir(kernels)
 
 
-def test_pipeline_stages_follow_the_head_dim():
-    """Three stages of key/value loads for head_dim <= 64, two above (both measured on an
-    H200); an explicit setting wins."""
+def test_launch_settings_follow_the_head_dim():
+    """Three stages of key/value loads for head_dim <= 64, two above; 64 query rows a
+    forward program below head_dim 128, 128 from there (all measured on an H200); rows
+    padded to the largest block; an explicit setting wins."""
     assert (fa.DEFAULT_TUNING.stages(64), fa.DEFAULT_TUNING.stages(128)) == (3, 2)
     assert fa.Tuning(num_stages=2).stages(64) == 2
+    assert (fa.DEFAULT_TUNING.fwd_q(64), fa.DEFAULT_TUNING.fwd_q(128)) == (64, 128)
+    assert (fa.DEFAULT_TUNING.row_multiple(64), fa.DEFAULT_TUNING.row_multiple(128)) == (64, 128)
+    assert fa.Tuning(fwd_block_q=32).fwd_q(128) == 32

@@ -44,11 +44,13 @@ _LOG2_E = math.log2(math.e)  # exp(x) = exp2(x * log2(e)): exp2 is the cheaper i
 @dataclasses.dataclass(frozen=True)
 class Tuning:
     """Block sizes and launch settings, chosen by measurement on an H200 (BENCHMARKS.md,
-    flash attention: of five settings, 64 x 64 forward blocks gave the fastest forward
-    pass at gpt2-124m and gpt-1.3b size, and forward + backward within 4% of the best);
-    tests pass small blocks."""
+    flash attention and speed rounds seven and twelve); tests pass small blocks."""
 
-    fwd_block_q: int = 64
+    # query rows a forward program: None = 64 for head_dim < 128, 128 from 128 up. At
+    # gpt2-124m's batch 64 (head_dim 64) 64 x 64 blocks gave the fastest forward of nine
+    # settings; at gpt-1.3b's batch 16 (head_dim 128) 128 x 64 took 1.026, 0.972 ms
+    # against 1.220, 1.135 ("Speed round twelve", change 61).
+    fwd_block_q: int | None = None
     fwd_block_k: int = 64
     fwd_warps: int = 4
     dq_block_q: int = 64
@@ -67,11 +69,15 @@ class Tuning:
             return self.num_stages
         return 3 if head_dim <= 64 else 2
 
-    @property
-    def row_multiple(self) -> int:
+    def fwd_q(self, head_dim: int) -> int:
+        if self.fwd_block_q is not None:
+            return self.fwd_block_q
+        return 128 if head_dim >= 128 else 64
+
+    def row_multiple(self, head_dim: int) -> int:
         """Rows are padded to a multiple of every block size (all powers of two)."""
         return max(
-            self.fwd_block_q,
+            self.fwd_q(head_dim),
             self.fwd_block_k,
             self.dq_block_q,
             self.dq_block_k,
@@ -307,9 +313,9 @@ def _dkv_kernel(
 # Per-device launches.
 
 
-def _pad_rows(T: int, tuning: Tuning, *arrays):
-    """Pads dimension 1 of each array to whole blocks (padding tokens: segment 0)."""
-    Tp = -(-T // tuning.row_multiple) * tuning.row_multiple
+def _pad_rows(T: int, multiple: int, *arrays):
+    """Pads dimension 1 of each array to a multiple of `multiple` (padding tokens: segment 0)."""
+    Tp = -(-T // multiple) * multiple
     if Tp == T:
         return arrays
     return tuple(jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2)) for x in arrays)
@@ -325,9 +331,9 @@ def _forward(q, k, v, seg, pos, *, tuning: Tuning, interpret: bool):
     B, T, H, D = q.shape
     G = k.shape[2]
     R = H // G
-    q, k, v, seg, pos = _pad_rows(T, tuning, q, k, v, seg, pos)
+    q, k, v, seg, pos = _pad_rows(T, tuning.row_multiple(D), q, k, v, seg, pos)
     Tp = q.shape[1]
-    BQ, BK = tuning.fwd_block_q, tuning.fwd_block_k
+    BQ, BK = tuning.fwd_q(D), tuning.fwd_block_k
     NQ = Tp // BQ
     bounds = loop_bounds(*block_visibility(seg, pos, BQ, BK))
     # Query blocks in reverse: the late blocks see the most keys, so they start first.
@@ -370,7 +376,9 @@ def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: 
     B, T, H, D = q.shape
     G = k.shape[2]
     R = H // G
-    q, k, v, seg, pos, out, d_out = _pad_rows(T, tuning, q, k, v, seg, pos, out, d_out)
+    q, k, v, seg, pos, out, d_out = _pad_rows(
+        T, tuning.row_multiple(D), q, k, v, seg, pos, out, d_out
+    )
     Tp = q.shape[1]
     params = plgpu.CompilerParams(num_warps=tuning.bwd_warps, num_stages=tuning.stages(D))
     scales = dict(scale2=D**-0.5 * _LOG2_E, scale=D**-0.5)
