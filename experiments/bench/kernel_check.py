@@ -256,8 +256,8 @@ FLASH_SHAPES = {
 # Launch settings tried besides the default (model/kernels/flash_attention.py: Tuning); an
 # H200 run of five settings is in BENCHMARKS.md.
 FLASH_TUNINGS = {
-    "q64k64": flash_attention.Tuning(fwd_block_q=64),  # the default below head_dim 128
-    "q128k64": flash_attention.Tuning(fwd_block_q=128),  # the default from head_dim 128
+    "q64k64": flash_attention.Tuning(fwd_block_q=64),  # the default but at head_dim 128
+    "q128k64": flash_attention.Tuning(fwd_block_q=128),  # the default at head_dim 128
     "q128k128-w8": flash_attention.Tuning(fwd_block_q=128, fwd_block_k=128, fwd_warps=8),
     "stages2": flash_attention.Tuning(num_stages=2),
     "stages3": flash_attention.Tuning(num_stages=3),

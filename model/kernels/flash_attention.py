@@ -46,7 +46,8 @@ class Tuning:
     """Block sizes and launch settings, chosen by measurement on an H200 (BENCHMARKS.md,
     flash attention and speed rounds seven and twelve); tests pass small blocks."""
 
-    # query rows a forward program: None = 64 for head_dim < 128, 128 from 128 up. At
+    # query rows a forward program: None = 128 at head_dim 128 (the one size measured
+    # to gain; above it the larger query block may not fit shared memory), else 64. At
     # gpt2-124m's batch 64 (head_dim 64) 64 x 64 blocks gave the fastest forward of nine
     # settings; at gpt-1.3b's batch 16 (head_dim 128) 128 x 64 took 1.026, 0.972 ms
     # against 1.220, 1.135 ("Speed round twelve", change 61).
@@ -72,7 +73,7 @@ class Tuning:
     def fwd_q(self, head_dim: int) -> int:
         if self.fwd_block_q is not None:
             return self.fwd_block_q
-        return 128 if head_dim >= 128 else 64
+        return 128 if head_dim == 128 else 64
 
     def row_multiple(self, head_dim: int) -> int:
         """Rows are padded to a multiple of every block size (all powers of two)."""
