@@ -21,6 +21,7 @@ ActivationImpl = Literal["auto", "xla", "pallas"]
 CrossEntropyImpl = Literal["auto", "xla", "pallas"]
 DecodeAttention = Literal["auto", "reference", "pallas"]
 DecodeMatmul = Literal["auto", "xla", "pallas"]
+HeadMatmul = Literal["compute", "fp8"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
 _CHOICES = {
@@ -34,6 +35,7 @@ _CHOICES = {
     "cross_entropy_impl": ("auto", "xla", "pallas"),
     "decode_attention": ("auto", "reference", "pallas"),
     "decode_matmul": ("auto", "xla", "pallas"),
+    "head_matmul": ("compute", "fp8"),
     "remat": ("none", "full", "dots", "dots_no_batch"),
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
@@ -67,6 +69,13 @@ class ModelConfig:
     step on an H200, BENCHMARKS.md); the extra rows are internal: their logits
     are masked, so they are never sampled and carry no probability, and HF
     export drops them.
+
+    `head_matmul="fp8"` computes the pretraining loss's output-head products (forward and
+    both gradients) in float8 with per-tensor scales, fused with the cross-entropy kernels
+    (`model/kernels/fp8_head.py`): about twice bf16's rate on Hopper GPUs, at about a
+    percent of precision in the loss and its gradients (BENCHMARKS.md, round thirteen).
+    Opt-in, since it changes the numbers; evaluation, fine-tuning and sampling keep the
+    compute dtype ("compute", the default).
 
     `d_head` is the width of one attention head; None means d_model // n_heads
     (`head_dim` is the effective value). `rope_scaling` stretches RoPE's
@@ -116,6 +125,7 @@ class ModelConfig:
     cross_entropy_impl: CrossEntropyImpl = "auto"  # the training loss on this model's logits
     decode_attention: DecodeAttention = "auto"
     decode_matmul: DecodeMatmul = "auto"
+    head_matmul: HeadMatmul = "compute"  # "fp8": the pretraining loss's head in float8
 
     def __post_init__(self):
         for field, allowed in _CHOICES.items():

@@ -195,6 +195,12 @@ def mask_padded_vocab(logits_BLV: jax.Array, vocab_size: int) -> jax.Array:
     return jnp.where(is_real_V, logits_BLV, jnp.asarray(floor, logits_BLV.dtype))
 
 
+def output_head_VD(params: dict, cfg: ModelConfig) -> jax.Array:
+    """The output head's weight [padded_vocab, d_model] (the embedding table when tied):
+    logits = hidden . output_head_VD^T."""
+    return params["embed"]["embedding"] if cfg.tie_embeddings else params["lm_head"].T
+
+
 def unstack_layers(params: dict, n_layers: int) -> dict:
     """Scanned layers' parameters (`decoder/blocks`, a leading layer axis) as separate
     layers' (`decoder/block_{i}`): the same model with `scan_layers=False`."""
@@ -219,6 +225,7 @@ class LanguageModel(nn.Module):
         cache: DecodeCache | None = None,
         deterministic: bool = True,
         mask_vocab_padding: bool = True,
+        return_hidden: bool = False,
     ):
         """Returns logits_BLV (compute dtype), or (logits_BLV, cache) when a cache is given.
 
@@ -226,7 +233,9 @@ class LanguageModel(nn.Module):
         row is one whole document with no padding (the fastest attention path).
         `mask_vocab_padding=False` leaves the padding columns of the vocabulary as
         computed, for a loss that leaves them out itself (`train/losses.py`) and so
-        spares a pass over the logits.
+        spares a pass over the logits. `return_hidden=True` returns the final norm's output
+        hidden_BLD instead of logits, for a loss that applies the head itself
+        (`output_head_VD`; the float8 head, `model/kernels/fp8_head.py`).
         """
         cfg = self.cfg
         if positions_BL is None:
@@ -235,6 +244,10 @@ class LanguageModel(nn.Module):
         hidden_BLD, new_cache = Decoder(cfg, name="decoder")(
             embed(tokens_BL), positions_BL, segment_ids_BL, cache, deterministic
         )
+        if return_hidden:
+            if cache is not None:
+                raise ValueError("LanguageModel: return_hidden is for training, without a cache")
+            return hidden_BLD
         decoding = is_decoding_step(cache, tokens_BL)
         if cfg.tie_embeddings:
             logits_BLV = embed.attend(hidden_BLD)

@@ -49,6 +49,22 @@ def build_training(
     return step, state, shardings
 
 
+def mesh_of(axes: dict):
+    """A mesh with these axis sizes over the first devices it needs."""
+    devices = jax.devices()[: int(np.prod(list(axes.values())))]
+    return sharding.make_mesh(sharding.MeshConfig(**axes), devices=devices)
+
+
+def one_pretraining_step(cfg, mesh, batch: dict) -> tuple[float, dict, dict]:
+    """(loss, parameters before, parameters after) of one pretraining step of a fresh
+    state (key 0) on `mesh`, the parameters copied to the host as float32."""
+    with sharding.mesh_context(mesh):
+        step, state, _ = build_training(cfg, mesh)
+        before = jax.tree.map(np.float32, state.params)  # the step donates the state
+        state, metrics = step(state, batch, jax.random.key(1))
+    return float(metrics["loss"]), before, jax.tree.map(np.float32, state.params)
+
+
 def single_device_mesh():
     return sharding.make_mesh(sharding.MeshConfig(data=1), devices=jax.devices()[:1])
 

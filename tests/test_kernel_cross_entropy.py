@@ -12,7 +12,8 @@ from model.kernels import cross_entropy as ce
 from model.transformer import LanguageModel
 from tests.helpers import (
     assert_trees_close,
-    build_training,
+    mesh_of,
+    one_pretraining_step,
     random_lm_batch,
     triton_kernels,
     verify_triton_ir,
@@ -105,16 +106,9 @@ def _tiny(impl: str):
 @pytest.mark.parametrize("mesh_shape", [dict(data=1), dict(data=2, fsdp=2, tensor=2)])
 def test_training_step_with_the_kernel_equals_xla(mesh_shape):
     """One sharded pretraining step from the same state: same loss, same parameters after."""
-    devices = jax.devices()[: int(np.prod(list(mesh_shape.values())))]
-    mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_shape), devices=devices)
-    batch = random_lm_batch(0, batch=4, length=12, vocab=250)
-    results = []
-    for impl in ("xla", "pallas"):
-        with sharding.mesh_context(mesh):
-            step, state, _ = build_training(_tiny(impl), mesh)
-            state, metrics = step(state, batch, jax.random.key(1))
-        results.append((metrics["loss"], state.params))
-    (xla_loss, xla_params), (kernel_loss, kernel_params) = results
+    mesh, batch = mesh_of(mesh_shape), random_lm_batch(0, batch=4, length=12, vocab=250)
+    xla_loss, _, xla_params = one_pretraining_step(_tiny("xla"), mesh, batch)
+    kernel_loss, _, kernel_params = one_pretraining_step(_tiny("pallas"), mesh, batch)
     np.testing.assert_allclose(kernel_loss, xla_loss, rtol=1e-6)
     assert_trees_close(kernel_params, xla_params, rtol=1e-5, atol=1e-6)
 

@@ -111,6 +111,13 @@ def cross_entropy_sums(
     `target_logit_and_log_z`.
     """
     target_logit_BL, log_z_BL = target_logit_and_log_z(logits_BLV, targets_BL, vocab_size, impl)
+    return statistics_sums(target_logit_BL, log_z_BL, weights_BL, z_loss)
+
+
+def statistics_sums(
+    target_logit_BL: jax.Array, log_z_BL: jax.Array, weights_BL: jax.Array, z_loss: float = 0.0
+) -> dict[str, jax.Array]:
+    """`cross_entropy_sums` from the per-token statistics (target logit, log Z)."""
     weights_BL = weights_BL.astype(jnp.float32)
     ce_sum = jnp.sum(weights_BL * (log_z_BL - target_logit_BL))
     loss_sum = ce_sum + z_loss * jnp.sum(weights_BL * jnp.square(log_z_BL)) if z_loss else ce_sum

@@ -12,14 +12,17 @@ Batches are dicts of [B, L] arrays:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import optax
 
+from model.kernels import fp8_head
+from model.transformer import output_head_VD
 from train.gradients import accumulate_gradients, apply_gradients
-from train.losses import cross_entropy_sums, loss_options
+from train.losses import cross_entropy_sums, loss_options, statistics_sums
 from train.state import TrainState
 
 
@@ -37,19 +40,32 @@ class StepConfig:
 
 def lm_loss_sums(model: nn.Module, z_loss: float, deterministic: bool) -> Callable:
     """loss_sums(params, batch, rng) for next-token prediction on `batch`."""
-    options = loss_options(model.cfg)
+    cfg = model.cfg
+    options = loss_options(cfg)
 
     def loss_sums(params, batch, rng):
-        logits_BLV = model.apply(
+        apply = functools.partial(
+            model.apply,
             {"params": params},
             batch["inputs"],
             batch.get("positions"),
             batch.get("segment_ids"),
             deterministic=deterministic,
             rngs={"dropout": rng},
-            mask_vocab_padding=False,  # the loss leaves the padding out itself
         )
-        sums = cross_entropy_sums(logits_BLV, batch["targets"], batch["weights"], z_loss, **options)
+        if cfg.head_matmul == "fp8":  # the head's products fused with the loss' kernels
+            statistics = fp8_head.target_logit_and_log_z(
+                apply(return_hidden=True),
+                output_head_VD(params, cfg),
+                batch["targets"],
+                cfg.vocab_size,
+            )
+            sums = statistics_sums(*statistics, batch["weights"], z_loss)
+        else:  # the model's logits; the loss leaves the vocabulary's padding out itself
+            logits_BLV = apply(mask_vocab_padding=False)
+            sums = cross_entropy_sums(
+                logits_BLV, batch["targets"], batch["weights"], z_loss, **options
+            )
         return sums["loss_sum"], sums
 
     return loss_sums

@@ -31,6 +31,7 @@ XLA_GELU = ("activation_impl", "xla")  # the GELU's default is "auto": Pallas on
 XLA_CE = ("cross_entropy_impl", "xla")  # the loss's default is "auto": Pallas on a GPU
 PALLAS_ATTENTION = ("attention_backend", "pallas")
 AUTO = ("attention_backend", "auto")
+FP8_HEAD = ("head_matmul", "fp8")  # opt-in: the loss's head products in float8
 
 GPU_TRAIN = [
     _gpt2(12, REF),
@@ -68,6 +69,9 @@ GPU_TRAIN = [
     _gpt2(64, AUTO, XLA_CE, rows="packed"),
     _gpt2(64, AUTO, SCAN, UNROLL, XLA_CE, rows="packed"),
     _xl(16, *CUDNN, XLA_CE),
+    # the output head's products in float8 (model/kernels/fp8_head.py)
+    _gpt2(64, AUTO, FP8_HEAD, rows="packed"),
+    _xl(16, *CUDNN, FP8_HEAD),
 ]
 GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 1),

@@ -8,6 +8,9 @@ def get_config():
     # The blocks' parameters stacked, run as straight-line code (a fully unrolled scan):
     # as fast a step as separate layers, half the operations to compile, so the first
     # step comes seconds sooner (BENCHMARKS.md, "Speed round six").
+    # `--config.model.head_matmul=fp8` runs the output head's forward and input-gradient
+    # products in float8 on Hopper GPUs: a 1.08x faster step at 0.01-0.04 nats more loss
+    # after 600 steps (BENCHMARKS.md, "Speed round thirteen"); off by default.
     c.model = model_fields("gpt2-124m", scan_layers=True, scan_unroll=0)
     c.data.vocab_size = 50257 - 257  # a 50k sentencepiece vocabulary fits the padded table
     c.data.seq_len = 1024

@@ -16,7 +16,8 @@ write them once:
             (the padding that rounds the vocabulary up to a multiple of 128) are left out
             inside the kernel, so the model hands over its logits unmasked;
   backward: one read and one write: dx = g_logz * softmax(x) + g_target * onehot(target),
-            0 on the padding columns.
+            0 on the padding columns (and, for the float8 head of `fp8_head.py`, a second
+            write of dx / s as e5m2 from the same pass).
 
 Why the loads are written as they are: Triton turns a block load into 16-byte vector loads
 only where it can prove the load's mask constant over 8 adjacent columns. Masks here
@@ -120,8 +121,10 @@ def _fwd_kernel(x_ref, t_ref, lim_ref, m_ref, s_ref, tl_ref, *, n, v, tuning):
         plgpu.store(ref.at[row_R], value, mask=row_ok_R)
 
 
-def _bwd_kernel(x_ref, t_ref, lim_ref, lz_ref, glz_ref, gt_ref, dx_ref, *, n, v, tuning):
-    """dx = g_logz * 2^(x log2 e - log2 Z) + g_target * onehot, 0 past each row's limit."""
+def _bwd_kernel(x_ref, t_ref, lim_ref, lz_ref, glz_ref, gt_ref, *refs, n, v, tuning):
+    """dx = g_logz * 2^(x log2 e - log2 Z) + g_target * onehot, 0 past each row's limit;
+    given a per-row 1/s (`refs`: inv_ref, dx_ref, dx8_ref), dx / s in float8 as well."""
+    inv_ref, dx_ref, dx8_ref = refs if len(refs) == 3 else (None, *refs, None)
     R, C = tuning.bwd_rows, tuning.bwd_cols
     row_R = pl.program_id(0) * R + jnp.arange(R)
     col_C = pl.program_id(1) * C + jnp.arange(C)
@@ -136,6 +139,10 @@ def _bwd_kernel(x_ref, t_ref, lim_ref, lz_ref, glz_ref, gt_ref, dx_ref, *, n, v,
     onehot_RC = jnp.where(col_C[None, :] == t_R[:, None], gt_R[:, None], 0.0)
     dx_RC = glz_R[:, None] * probs_RC + onehot_RC
     plgpu.store(dx_ref.at[idx], dx_RC.astype(dx_ref.dtype), mask=in_bounds_RC)
+    if inv_ref is not None:
+        inv_R = _rows(inv_ref, row_R, row_ok_R, 0.0)
+        dx8_RC = (dx_RC * inv_R[:, None]).astype(dx8_ref.dtype)
+        plgpu.store(dx8_ref.at[idx], dx8_RC, mask=in_bounds_RC)
 
 
 # jitted so that each kernel is traced and lowered once per shape
@@ -157,17 +164,21 @@ def _forward_rows(x_NV, t_N, lim_N, *, tuning, interpret):
     )(x_NV, t_N, lim_N)
 
 
-@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
-def _backward_rows(x_NV, t_N, lim_N, lz_N, glz_N, gt_N, *, tuning, interpret):
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret", "fp8_dtype"))
+def _backward_rows(x_NV, t_N, lim_N, lz_N, glz_N, gt_N, inv_N, *, tuning, interpret, fp8_dtype):
+    """dx [N, V] in the logits' dtype; with `fp8_dtype`, also dx * inv_N[:, None] as it."""
     n, v = x_NV.shape
+    out_shape = [jax.ShapeDtypeStruct((n, v), x_NV.dtype)]
+    if fp8_dtype is not None:
+        out_shape.append(jax.ShapeDtypeStruct((n, v), fp8_dtype))
     return pl.pallas_call(
         functools.partial(_bwd_kernel, n=n, v=v, tuning=tuning),
         grid=(pl.cdiv(n, tuning.bwd_rows), pl.cdiv(v, tuning.bwd_cols)),
-        out_shape=jax.ShapeDtypeStruct((n, v), x_NV.dtype),
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=tuning.bwd_warps, num_stages=1),
         interpret=interpret,
         name="cross_entropy_bwd",
-    )(x_NV, t_N, lim_N, lz_N, glz_N, gt_N)
+    )(x_NV, t_N, lim_N, lz_N, glz_N, gt_N, *([] if inv_N is None else [inv_N]))
 
 
 def _layout(x):
@@ -186,7 +197,8 @@ def _local_columns(targets, x_local, vocab_size, vocab_axes):
     return (targets - first).astype(jnp.int32), jnp.broadcast_to(limit, targets.shape)
 
 
-def _forward(x, targets, vocab_size, tuning, interpret):
+def forward_statistics(x, targets, vocab_size, tuning, interpret):
+    """(target logit, log Z), float32, of logits x [..., V] (no checks, no gradient)."""
     x_spec, row_spec, vocab_axes = _layout(x)
     split_spec = (x_spec[-1], *row_spec)  # partial statistics stacked over the vocab shards
 
@@ -207,38 +219,50 @@ def _forward(x, targets, vocab_size, tuning, interpret):
     return jnp.sum(tl_S, axis=0), log2_z / LOG2_E
 
 
-def _backward(x, targets, log_z, g_log_z, g_target, vocab_size, tuning, interpret):
+def backward_logits(
+    x, targets, log_z, g_log_z, g_target, vocab_size, tuning, interpret, fp8_scale=None
+):
+    """d loss / d logits [..., V] for the statistics' cotangents, in the logits' dtype; given
+    a float32 scalar `fp8_scale` s, the pair (that, d logits / s as e5m2): the fused float8
+    head (`fp8_head.py`) takes both from the one pass."""
     x_spec, row_spec, vocab_axes = _layout(x)
+    fp8 = fp8_scale is not None
 
-    def local(x, targets, log_z, g_log_z, g_target):
+    def local(x, targets, log_z, g_log_z, g_target, *inv):
         t, lim = _local_columns(targets, x, vocab_size, vocab_axes)
         rows = lambda a: a.reshape(-1)  # noqa: E731
-        dx = _backward_rows(
+        grads = _backward_rows(
             x.reshape(-1, x.shape[-1]),
             *map(rows, (t, lim, log_z, g_log_z, g_target)),
+            rows(inv[0]) if fp8 else None,
             tuning=tuning,
             interpret=interpret,
+            fp8_dtype=jnp.float8_e5m2 if fp8 else None,
         )
-        return dx.reshape(x.shape)
+        return tuple(g.reshape(x.shape) for g in grads) if fp8 else grads[0].reshape(x.shape)
 
     args = [x, targets, log_z, g_log_z.astype(jnp.float32), g_target.astype(jnp.float32)]
-    return run_sharded(local, args, [x_spec] + [row_spec] * 4, x_spec)
+    if fp8:  # 1/s per row: a row array shards like the cotangents
+        args.append(jnp.broadcast_to(1.0 / fp8_scale.astype(jnp.float32), targets.shape))
+    out_spec = [x_spec, x_spec] if fp8 else x_spec
+    return run_sharded(local, args, [x_spec] + [row_spec] * (len(args) - 1), out_spec)
 
 
 @functools.cache
 def _make(vocab_size: int, tuning: Tuning, interpret: bool):
     @jax.custom_vjp
     def stats_fn(x, targets):
-        return _forward(x, targets, vocab_size, tuning, interpret)
+        return forward_statistics(x, targets, vocab_size, tuning, interpret)
 
     def fwd(x, targets):
-        target_logit, log_z = _forward(x, targets, vocab_size, tuning, interpret)
+        target_logit, log_z = forward_statistics(x, targets, vocab_size, tuning, interpret)
         return (target_logit, log_z), (x, targets, log_z)
 
     def bwd(res, cotangents):
         x, targets, log_z = res
         g_target, g_log_z = cotangents
-        return _backward(x, targets, log_z, g_log_z, g_target, vocab_size, tuning, interpret), None
+        dx = backward_logits(x, targets, log_z, g_log_z, g_target, vocab_size, tuning, interpret)
+        return dx, None
 
     stats_fn.defvjp(fwd, bwd)
     return stats_fn
