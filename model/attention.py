@@ -25,7 +25,7 @@ from model.auto import choose_backend, choose_decode_attention
 from model.config import ModelConfig
 from model.kernels import flash_attention as flash
 from model.kernels.decode_attention import decode_attention, supported
-from model.layers import dense_group, dense_param, group_kernel, is_decoding_step
+from model.layers import dense, dense_group, dense_param, group_kernel, is_decoding_step
 from model.masking import MASK_VALUE, attention_mask
 
 
@@ -155,17 +155,31 @@ class Attention(nn.Module):
                 bias = dense_param(self, name + "_bias", (heads, D), (axes, "head_dim"), zeros=True)
             return w, bias
 
-        # Three products, never one of stacked weights: XLA would re-stack them every
-        # decoding step (gpt-1.3b 1.61 -> 2.25 ms/token on an H100, BENCHMARKS.md, change
-        # 12); in a decoding step `dense_group` may run all three as one kernel instead,
-        # which also writes the new key and value into the cache where no rotation (RoPE)
-        # comes between (two kernels a layer fewer: BENCHMARKS.md, "Speed round ten").
         x_BLD = x_BLD.astype(dtype)
         qkv = [
             weights("query", H, "heads"),
             weights("key", G, "kv_heads"),
             weights("value", G, "kv_heads"),
         ]
+        plain_causal = cache is None and segment_ids_BL is None
+        attention_dropout = not self.deterministic and cfg.attention_dropout > 0
+        backend = (
+            "reference"
+            if cache is not None
+            else choose_backend(cfg, not plain_causal, attention_dropout)
+        )
+        if backend == "pallas" and cfg.positional != "rope":
+            # Training or evaluation with the flash kernel: one product of stacked weights,
+            # whose output the kernel reads in place (`_packed_qkv`).
+            out_BLHD = flash.flash_attention_packed(
+                _packed_qkv(x_BLD, qkv, G), segment_ids_BL, positions_BL
+            )
+            return self._output(out_BLHD, one_token_step), None
+        # Otherwise three products, never one of stacked weights: in decoding steps XLA
+        # would re-stack them every step (gpt-1.3b 1.61 -> 2.25 ms/token on an H100,
+        # BENCHMARKS.md, change 12); in a decoding step `dense_group` may run all three as
+        # one kernel instead, which also writes the new key and value into the cache where
+        # no rotation (RoPE) comes between (two kernels a layer fewer: "Speed round ten").
         if one_token_step and cfg.positional != "rope" and group_kernel(cfg, x_BLD, qkv, 1, True):
             layer_cache, kv_positions_BK, kv_segments_BK = cache
             q_BLHD, k_BKGD, v_BKGD = dense_group(
@@ -196,13 +210,6 @@ class Attention(nn.Module):
                 k_BKGD, v_BKGD = new_cache
         q_BLHD = nn.with_logical_constraint(q_BLHD, ("batch", "length", "act_heads", "head_dim"))
 
-        plain_causal = cache is None and segment_ids_BL is None
-        attention_dropout = not self.deterministic and cfg.attention_dropout > 0
-        backend = (
-            "reference"
-            if cache is not None
-            else choose_backend(cfg, not plain_causal, attention_dropout)
-        )
         # With a cache, the hand-written attention whatever the backend: a decoding step's
         # one query per row is a matrix-vector product over the cache, where a flash
         # kernel saves nothing, and cuDNN's kernels are built for long query blocks;
@@ -237,6 +244,12 @@ class Attention(nn.Module):
             )
             out_BLHD = fused_attention(q_BLHD, k_BKGD, v_BKGD, mask, backend)
 
+        return self._output(out_BLHD, one_token_step), new_cache
+
+    def _output(self, out_BLHD: jax.Array, one_token_step: bool) -> jax.Array:
+        """The output projection, heads and head dim contracted."""
+        cfg = self.cfg
+        H, D = cfg.n_heads, cfg.head_dim
         # fan-in H * D, the inputs each output sums over (the first dimension alone, H,
         # gave an init std sqrt(D) times too large: 0.41 instead of 0.05 at H=6, D=64)
         w_out = dense_param(
@@ -245,8 +258,29 @@ class Attention(nn.Module):
         b_out = None
         if cfg.use_bias:
             b_out = dense_param(self, "out_bias", (cfg.d_model,), ("embed",), zeros=True)
-        (y_BLD,) = dense_group(cfg, out_BLHD.astype(dtype), [(w_out, b_out)], 2, one_token_step)
-        return y_BLD, new_cache
+        out_BLHD = out_BLHD.astype(cfg.compute_dtype)
+        (y_BLD,) = dense_group(cfg, out_BLHD, [(w_out, b_out)], 2, one_token_step)
+        return y_BLD
+
+
+def _packed_qkv(
+    x_BLD: jax.Array, qkv: list[tuple[jax.Array, jax.Array | None]], G: int
+) -> jax.Array:
+    """qkv_BLGSD = x @ [w_key, w_value, w_query] for the flash kernel's packed layout
+    (`flash_attention_packed`: per key/value head its key, value and R query heads).
+
+    One product instead of three: its backward is one input-gradient product (no sum of
+    three) and one weight-gradient product, with dq, dk and dv written into one array by
+    the kernels. Stacking the weights costs a copy of them per step, which in a decoding
+    step is not worth it (change 12) but in a training step is ~1% of reading x once."""
+    (w_q, b_q), (w_k, b_k), (w_v, b_v) = qkv
+    Dm, H, D = w_q.shape
+    w_DGSD = jnp.concatenate([w_k[:, :, None], w_v[:, :, None], w_q.reshape(Dm, G, H // G, D)], 2)
+    b_GSD = None
+    if b_q is not None:
+        b_GSD = jnp.concatenate([b_k[:, None], b_v[:, None], b_q.reshape(G, H // G, D)], 1)
+    qkv_BLGSD = dense(x_BLD, w_DGSD, b_GSD)
+    return nn.with_logical_constraint(qkv_BLGSD, ("batch", "length", "act_heads", None, "head_dim"))
 
 
 def _write_slots(cache_BSGD: jax.Array, new_BLGD: jax.Array, start_B: jax.Array) -> jax.Array:

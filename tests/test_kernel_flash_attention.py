@@ -118,6 +118,43 @@ def test_values_and_gradients_equal_reference(B, T, H, G, D, dtype, packed):
     np.testing.assert_array_equal(got[0][np.asarray(seg == 0)], 0.0)  # padding queries: 0
 
 
+def pack_qkv(q, k, v):
+    """[B, T, G, R + 2, D]: per key/value head its key, its value, then its query heads."""
+    B, T, H, D = q.shape
+    G = k.shape[2]
+    return jnp.concatenate([k[:, :, :, None], v[:, :, :, None], q.reshape(B, T, G, H // G, D)], 3)
+
+
+def packed_attention(**kw):
+    """The packed kernel behind the (q, k, v) interface, packing inside the differentiated
+    function, so that its gradients are the packed gradient's slots."""
+    return lambda q, k, v: fa.flash_attention_packed(pack_qkv(q, k, v), **kw)
+
+
+@pytest.mark.parametrize("B, T, H, G, D, dtype, packed", CASES.values(), ids=CASES.keys())
+def test_packed_qkv_equals_reference(B, T, H, G, D, dtype, packed):
+    """The same cases through `flash_attention_packed`: q, k and v read from one array and
+    dq, dk, dv written into one (the dk/dv kernel filling the dq kernel's array)."""
+    q, k, v, seg, pos, w = _case(B, T, H, G, D, dtype, seed=1)
+    if not packed:
+        seg, pos = jnp.ones((B, T), jnp.int32), jnp.broadcast_to(jnp.arange(T), (B, T))
+    kernel = packed_attention(
+        segment_ids_BT=seg if packed else None, positions_BT=pos, tuning=SMALL
+    )
+    got = _value_and_grads(kernel, q, k, v, w, seg)
+    want = _value_and_grads(
+        _reference(seg, pos), *(x.astype(jnp.float32) for x in (q, k, v)), w, seg
+    )
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=3e-2, atol=3e-2)
+    _assert_equal_on_real_queries(got, want, seg, **tol)
+    # the separate kernels' results, bit for bit: the same kernels, other index maps
+    separate = functools.partial(
+        fa.flash_attention, segment_ids_BT=seg if packed else None, positions_BT=pos, tuning=SMALL
+    )
+    for a, b in zip(got, _value_and_grads(separate, q, k, v, w, seg), strict=True):
+        np.testing.assert_array_equal(np.float32(a), np.float32(b))
+
+
 def test_default_blocks_at_head_dim_128_equal_reference():
     """The default launch settings at head_dim 128 (128-row forward blocks, rows padded to
     a multiple of 128: 150 -> 256) against the reference, values and gradients."""
@@ -189,14 +226,40 @@ def test_sharded_equals_reference():
     _assert_equal_on_real_queries(got, want, seg, rtol=1e-5, atol=1e-5)
 
 
+def test_packed_sharded_equals_reference():
+    q, k, v, seg, pos, w = _case(4, 40, 4, 2, 16, "float32", seed=4)
+    want = _value_and_grads(_reference(seg, pos), q, k, v, w, seg)
+    kernel = packed_attention(segment_ids_BT=seg, positions_BT=pos, tuning=SMALL)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    with sharding.mesh_context(mesh):
+        got = _value_and_grads(kernel, q, k, v, w, seg)
+    _assert_equal_on_real_queries(got, want, seg, rtol=1e-5, atol=1e-5)
+
+
 def _random_params(shapes):
     rng = np.random.default_rng(0)
     return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
 
 
-def test_language_model_pallas_equals_reference_on_packed_batch():
-    """tiny-llama (grouped-query heads, RoPE): loss and every parameter's gradient."""
-    cfg = get_preset("tiny-llama", n_layers=1)
+LM_CASES = {
+    "tiny-llama (grouped-query heads, RoPE: separate q, k, v)": ("tiny-llama", {}),
+    "gpt2-like (learned positions, biases: packed q/k/v)": ("tiny", {"use_bias": True}),
+    "gpt2-like, grouped-query heads (packed, two query heads a group)": (
+        "tiny",
+        {"use_bias": True, "n_kv_heads": 2},
+    ),
+}
+
+
+@pytest.mark.parametrize("preset, overrides", LM_CASES.values(), ids=LM_CASES.keys())
+def test_language_model_pallas_equals_reference_on_packed_batch(preset, overrides, monkeypatch):
+    """Loss and every parameter's gradient (the stacked q/k/v weights' included)."""
+    packed_calls = []
+    packed = fa.flash_attention_packed
+    monkeypatch.setattr(
+        fa, "flash_attention_packed", lambda *a, **k: packed_calls.append(1) or packed(*a, **k)
+    )
+    cfg = get_preset(preset, n_layers=1, **overrides)
     batch = {k: jnp.asarray(v) for k, v in random_lm_batch(0, 2, 40, cfg.vocab_size).items()}
     reference = LanguageModel(cfg.replace(attention_backend="reference"))
     shapes = jax.eval_shape(reference.init, jax.random.key(0), batch["inputs"])["params"]
@@ -216,6 +279,7 @@ def test_language_model_pallas_equals_reference_on_packed_batch():
         return _run(jax.value_and_grad(loss), params)
 
     loss_p, grads_p = loss_and_grads("pallas")
+    assert len(packed_calls) == (cfg.positional != "rope")  # RoPE rotates q and k apart
     loss_r, grads_r = loss_and_grads("reference")
     np.testing.assert_allclose(loss_p, loss_r, rtol=1e-6)
     for (path, a), b in zip(
@@ -246,6 +310,8 @@ def test_bad_shapes_fail_clearly():
         fa.flash_attention(q, q, q, None, jnp.zeros((1, 8), jnp.int32))
     with pytest.raises(ValueError, match="share one dtype"):
         fa.flash_attention(q, q.astype(jnp.bfloat16), q, None, jnp.zeros((1, 16), jnp.int32))
+    with pytest.raises(ValueError, match=r"\[B, T, G, R \+ 2, D\] with R >= 1"):
+        fa.flash_attention_packed(jnp.zeros((1, 16, 2, 2, 16)), None, jnp.zeros((1, 16), jnp.int32))
 
 
 # ----------------------------------------------------------------------------
@@ -253,9 +319,12 @@ def test_bad_shapes_fail_clearly():
 # accepts but Triton does not (tensor shapes, dtypes) fails here rather than on the H200.
 
 
-def _triton_kernels(B, T, H, G, D):
+def _triton_kernels(B, T, H, G, D, packed=False):
     def loss(q, k, v, seg, pos):
-        out = fa.flash_attention(q, k, v, seg, pos, interpret=False)
+        if packed:
+            out = fa.flash_attention_packed(pack_qkv(q, k, v), seg, pos, interpret=False)
+        else:
+            out = fa.flash_attention(q, k, v, seg, pos, interpret=False)
         return jnp.sum(out.astype(jnp.float32))
 
     spec = jax.ShapeDtypeStruct
@@ -265,10 +334,17 @@ def _triton_kernels(B, T, H, G, D):
 
 
 @pytest.mark.parametrize(
-    "shape", [(8, 1024, 12, 12, 64), (2, 2048, 32, 8, 64), (2, 512, 16, 16, 128)]
+    "shape, packed",
+    [
+        ((8, 1024, 12, 12, 64), False),
+        ((8, 1024, 12, 12, 64), True),
+        ((2, 2048, 32, 8, 64), False),
+        ((2, 2048, 32, 8, 64), True),
+        ((2, 512, 16, 16, 128), False),
+    ],
 )
-def test_lowers_to_verified_triton_ir(shape):
-    kernels = _triton_kernels(*shape)
+def test_lowers_to_verified_triton_ir(shape, packed):
+    kernels = _triton_kernels(*shape, packed=packed)
     names = sorted(k.name for k in kernels)
     assert names == ["flash_attention_dkv", "flash_attention_dq", "flash_attention_fwd"]
     verify_triton_ir(kernels)

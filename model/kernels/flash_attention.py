@@ -19,8 +19,15 @@ Padding queries (segment 0) see nothing. The reference gives them the uniform av
 of all values (its finite MASK_VALUE); here their output is 0 and they pass no
 gradient. Nothing reads those rows: their loss weight is 0.
 
+Packed q/k/v (`flash_attention_packed`): one [B, T, G, R + 2, D] array holding, per
+key/value head g, its key, its value and its R query heads, the output of one projection
+with stacked weights. The kernels read q, k and v from it in place, and the backward pass
+writes dq, dk and dv into one array of the same layout, so the projection's backward is
+one input-gradient product and one weight-gradient product instead of three each and a sum.
+
 Shape letters: B batch, T length (Tp: padded to whole blocks), H query heads, G key/value
-heads, R = H // G query heads per group, D head dim, N blocks along T.
+heads, R = H // G query heads per group, S slots per group (R + 2 when packed), D head
+dim, N blocks along T.
 """
 
 from __future__ import annotations
@@ -128,38 +135,78 @@ def flash_attention(
             f"flash_attention: q, k and v must share one dtype, got "
             f"{q_BTHD.dtype}, {k_BTGD.dtype}, {v_BTGD.dtype}"
         )
+    interpret = interpret_mode() if interpret is None else interpret
+    R = H // G
+    out_BTGRD = _make_attention(tuning, bool(interpret), packed=False)(
+        (q_BTHD.reshape(B, T, G, R, D), k_BTGD[:, :, :, None], v_BTGD[:, :, :, None]),
+        *_ids(segment_ids_BT, positions_BT, B, T),
+    )
+    return out_BTGRD.reshape(B, T, H, D)
+
+
+def flash_attention_packed(
+    qkv_BTGSD: jax.Array,
+    segment_ids_BT: jax.Array | None,
+    positions_BT: jax.Array,
+    *,
+    tuning: Tuning = DEFAULT_TUNING,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """`flash_attention` of q, k and v packed in one array (module docstring):
+    qkv_BTGSD[:, :, g] holds key/value head g's key (slot 0), value (slot 1) and its R
+    query heads (slots 2 .. R + 1; query head h = g * R + r). Returns out_BTHD; the
+    gradient comes back in the same packed layout."""
+    B, T, G, S, D = qkv_BTGSD.shape
+    R = S - 2
+    if R < 1 or not supported(G * R, G, D):
+        raise ValueError(
+            f"flash_attention_packed: qkv must be [B, T, G, R + 2, D] with R >= 1 and a "
+            f"power-of-two D >= 16, got {qkv_BTGSD.shape}"
+        )
+    interpret = interpret_mode() if interpret is None else interpret
+    out_BTGRD = _make_attention(tuning, bool(interpret), packed=True)(
+        qkv_BTGSD, *_ids(segment_ids_BT, positions_BT, B, T)
+    )
+    return out_BTGRD.reshape(B, T, G * R, D)
+
+
+def _ids(segment_ids_BT, positions_BT, B, T):
+    """(segment ids, positions) as int32 [B, T]; no ids: one document per row."""
     if segment_ids_BT is None:
         segment_ids_BT = jnp.ones((B, T), jnp.int32)
     for name, x in (("segment_ids", segment_ids_BT), ("positions", positions_BT)):
         if x.shape != (B, T):
             raise ValueError(f"flash_attention: {name} must be [B, T] = [{B}, {T}], got {x.shape}")
-    interpret = interpret_mode() if interpret is None else interpret
-    return _make_attention(tuning, bool(interpret))(
-        q_BTHD,
-        k_BTGD,
-        v_BTGD,
-        segment_ids_BT.astype(jnp.int32),
-        positions_BT.astype(jnp.int32),
-    )
+    return segment_ids_BT.astype(jnp.int32), positions_BT.astype(jnp.int32)
+
+
+# Where q, k and v sit along the slot axis of the 5-D arrays the kernels read: packed,
+# all three in one array (key, value, then the query heads); separate, q [B, T, G, R, D]
+# and k, v [B, T, G, 1, D].
+_PACKED_SLOTS = (2, 0, 1)
+_SEPARATE_SLOTS = (0, 0, 0)
 
 
 @functools.cache
-def _make_attention(tuning: Tuning, interpret: bool):
-    """The custom_vjp (q, k, v, segment_ids, positions) -> out for one static setting."""
-    settings = dict(tuning=tuning, interpret=interpret)
+def _make_attention(tuning: Tuning, interpret: bool, packed: bool):
+    """The custom_vjp (qkv, segment_ids, positions) -> out_BTGRD for one static setting;
+    qkv is the packed array, or the tuple (q, k, v) of 5-D views."""
+    settings = dict(tuning=tuning, interpret=interpret, packed=packed)
+    split = (lambda qkv: (qkv, qkv, qkv)) if packed else (lambda qkv: qkv)  # noqa: E731
 
     @jax.custom_vjp
-    def attention(q, k, v, seg, pos):
-        return _sharded_forward(q, k, v, seg, pos, **settings)[0]
+    def attention(qkv, seg, pos):
+        return _sharded_forward(*split(qkv), seg, pos, **settings)[0]
 
-    def fwd(q, k, v, seg, pos):
-        out, lse = _sharded_forward(q, k, v, seg, pos, **settings)
-        return out, (q, k, v, seg, pos, out, lse)
+    def fwd(qkv, seg, pos):
+        out, lse = _sharded_forward(*split(qkv), seg, pos, **settings)
+        return out, (qkv, seg, pos, out, lse)
 
     def bwd(residuals, d_out):
-        q, k, v, seg, pos, out, lse = residuals
-        dq, dk, dv = _sharded_backward(q, k, v, seg, pos, out, lse, d_out, **settings)
-        return dq, dk, dv, None, None  # no gradient for the integer ids and positions
+        qkv, seg, pos, out, lse = residuals
+        grads = _sharded_backward(*split(qkv), seg, pos, out, lse, d_out, **settings)
+        # no gradient for the integer ids and positions
+        return (grads[0] if packed else tuple(grads)), None, None
 
     attention.defvjp(fwd, bwd)
     return attention
@@ -170,25 +217,25 @@ def _make_attention(tuning: Tuning, interpret: bool):
 # heads split alike, so each device keeps whole groups).
 
 
-def _logical(q_BTHD, k_BTGD):
-    batch, heads = fit_logical((q_BTHD.shape[0], k_BTGD.shape[2]), ("batch", "act_heads"))
-    return (batch, None, heads, None), (batch, None), (batch, heads, None)
+def _logical(x_BTGSD):
+    batch, heads = fit_logical((x_BTGSD.shape[0], x_BTGSD.shape[2]), ("batch", "act_heads"))
+    return (batch, None, heads, None, None), (batch, None), (batch, heads, None)
 
 
-def _sharded_forward(q, k, v, seg, pos, *, tuning, interpret):
-    qkv, rows, lse = _logical(q, k)
-    local = functools.partial(_forward, tuning=tuning, interpret=interpret)
-    return run_sharded(local, (q, k, v, seg, pos), (qkv, qkv, qkv, rows, rows), (qkv, lse))
+def _sharded_forward(q, k, v, seg, pos, *, tuning, interpret, packed):
+    five, rows, lse = _logical(k)
+    local = functools.partial(_forward, tuning=tuning, interpret=interpret, packed=packed)
+    return run_sharded(local, (q, k, v, seg, pos), (five, five, five, rows, rows), (five, lse))
 
 
-def _sharded_backward(q, k, v, seg, pos, out, lse, d_out, *, tuning, interpret):
-    qkv, rows, lse_axes = _logical(q, k)
-    local = functools.partial(_backward, tuning=tuning, interpret=interpret)
+def _sharded_backward(q, k, v, seg, pos, out, lse, d_out, *, tuning, interpret, packed):
+    five, rows, lse_axes = _logical(k)
+    local = functools.partial(_backward, tuning=tuning, interpret=interpret, packed=packed)
     return run_sharded(
         local,
         (q, k, v, seg, pos, out, lse, d_out),
-        (qkv, qkv, qkv, rows, rows, qkv, lse_axes, qkv),
-        (qkv, qkv, qkv),
+        (five, five, five, rows, rows, five, lse_axes, five),
+        (five,) if packed else (five, five, five),
     )
 
 
@@ -282,10 +329,13 @@ def _dq_kernel(
 
 def _dkv_kernel(
     bounds_ref, k_ref, v_ref, k_seg_ref, k_pos_ref, q_ref, do_ref, lse_ref, delta_ref,
-    q_seg_ref, q_pos_ref, dk_ref, dv_ref, *, block_q, heads_per_group, scale2, scale,
+    q_seg_ref, q_pos_ref, *out_refs, block_q, heads_per_group, q_slot, kv_slots, scale2, scale,
 ):  # fmt: skip
     """One (key block, row, key/value head): dk and dv summed over the group's query
-    heads; q_ref/do_ref [Tp, R, D], lse_ref/delta_ref [R, Tp]. Tiles are [keys, queries]."""
+    heads; q_ref [Tp, S, D] (query head r at slot q_slot + r), do_ref [Tp, R, D],
+    lse_ref/delta_ref [R, Tp]. Tiles are [keys, queries]. `out_refs`: (dk [BK, D], dv
+    [BK, D]); packed (`kv_slots` given), (dq's array as aliased input, its [BK, S, D]
+    block), written at `kv_slots`."""
     k, v = k_ref[...], v_ref[...]
     k_seg, k_pos = k_seg_ref[...], k_pos_ref[...]
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
@@ -294,7 +344,7 @@ def _dkv_kernel(
         def step(i, carry, masked, r=r):
             dk, dv = carry
             window = pl.ds(i * block_q, block_q)
-            q, do = q_ref[window, r, :], do_ref[window, r, :]
+            q, do = q_ref[window, q_slot + r, :], do_ref[window, r, :]
             lse, delta = lse_ref[r, window], delta_ref[r, window]
             p_t = jnp.exp2(dot(k, q, trans_b=True) * scale2 - lse[None, :])
             if masked:
@@ -306,8 +356,14 @@ def _dkv_kernel(
 
         carry = _three_runs(bounds_ref, step, carry)
     dk, dv = carry
-    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    if kv_slots is None:
+        dk_ref, dv_ref = out_refs
+        dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv.astype(dv_ref.dtype)
+    else:  # packed: the array also holds dq, written by the dq kernel (aliased input first)
+        _, dqkv_ref = out_refs
+        dqkv_ref[:, kv_slots[0], :] = (dk * scale).astype(dqkv_ref.dtype)
+        dqkv_ref[:, kv_slots[1], :] = dv.astype(dqkv_ref.dtype)
 
 
 # ----------------------------------------------------------------------------
@@ -326,13 +382,20 @@ def _pad_rows(T: int, multiple: int, *arrays):
 # model's identical calls then share one lowered function (gpt2-124m's training step took
 # 9.0 s to trace and 10.6 s to lower for CUDA on a CPU, 9.2 s of it in 86 pallas_call
 # lowerings; 4.1 + 2.0 s with this; BENCHMARKS.md, "Speed round two").
-@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
-def _forward(q, k, v, seg, pos, *, tuning: Tuning, interpret: bool):
-    """(out_BTHD, lse_BHTp) on one device; lse in base 2, padded rows included."""
-    B, T, H, D = q.shape
-    G = k.shape[2]
-    R = H // G
-    q, k, v, seg, pos = _pad_rows(T, tuning.row_multiple(D), q, k, v, seg, pos)
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret", "packed"))
+def _forward(q, k, v, seg, pos, *, tuning: Tuning, interpret: bool, packed: bool):
+    """(out_BTGRD, lse_BHTp) on one device; lse in base 2, padded rows included. q, k, v
+    5-D: the packed array thrice, or [B, T, G, R, D] and [B, T, G, 1, D] twice."""
+    B, T, G, _, D = k.shape
+    R = q.shape[3] - 2 if packed else q.shape[3]
+    H = G * R
+    q_slot, k_slot, v_slot = _PACKED_SLOTS if packed else _SEPARATE_SLOTS
+    if packed:  # one array: pad it once
+        (q,) = _pad_rows(T, tuning.row_multiple(D), q)
+        k = v = q
+        seg, pos = _pad_rows(T, tuning.row_multiple(D), seg, pos)
+    else:
+        q, k, v, seg, pos = _pad_rows(T, tuning.row_multiple(D), q, k, v, seg, pos)
     Tp = q.shape[1]
     BQ, BK = tuning.fwd_q(D), tuning.fwd_block_k
     NQ = Tp // BQ
@@ -342,8 +405,9 @@ def _forward(q, k, v, seg, pos, *, tuning: Tuning, interpret: bool):
     row_block = pl.BlockSpec((None, BQ), lambda n, b, h: (b, rev(n)))
     whole_row = pl.BlockSpec((None, Tp), lambda n, b, h: (b, 0))
     bounds_spec = pl.BlockSpec((None, None, 4), lambda n, b, h: (b, rev(n), 0))
-    q_block = pl.BlockSpec((None, BQ, None, D), lambda n, b, h: (b, rev(n), h, 0))
-    kv_row = pl.BlockSpec((None, Tp, None, D), lambda n, b, h: (b, 0, h // R, 0))
+    q_block = _head_block(BQ, D, R, q_slot, lambda n: rev(n))
+    out_block = _head_block(BQ, D, R, 0, lambda n: rev(n))
+    k_row, v_row = (_group_row(Tp, D, R, slot) for slot in (k_slot, v_slot))
     out, lse = pl.pallas_call(
         functools.partial(_fwd_kernel, block_k=BK, scale2=D**-0.5 * _LOG2_E),
         grid=(NQ, B, H),
@@ -352,14 +416,14 @@ def _forward(q, k, v, seg, pos, *, tuning: Tuning, interpret: bool):
             q_block,
             row_block,
             row_block,
-            kv_row,
-            kv_row,
+            k_row,
+            v_row,
             whole_row,
             whole_row,
         ],
-        out_specs=[q_block, pl.BlockSpec((None, None, BQ), lambda n, b, h: (b, h, rev(n)))],
+        out_specs=[out_block, pl.BlockSpec((None, None, BQ), lambda n, b, h: (b, h, rev(n)))],
         out_shape=[
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct((B, Tp, G, R, D), q.dtype),
             jax.ShapeDtypeStruct((B, H, Tp), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(
@@ -371,15 +435,21 @@ def _forward(q, k, v, seg, pos, *, tuning: Tuning, interpret: bool):
     return out[:, :T], lse
 
 
-@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))  # as _forward
-def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: bool):
-    """(dq, dk, dv) on one device, from the forward's output and base-2 log-sum-exp."""
-    B, T, H, D = q.shape
-    G = k.shape[2]
-    R = H // G
-    q, k, v, seg, pos, out, d_out = _pad_rows(
-        T, tuning.row_multiple(D), q, k, v, seg, pos, out, d_out
-    )
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret", "packed"))  # as _forward
+def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: bool, packed):
+    """On one device, from the forward's output and base-2 log-sum-exp: (dq, dk, dv) as
+    [B, T, G, R, D], [B, T, G, 1, D] twice; packed, (dqkv,) in q's packed layout."""
+    B, T, G, _, D = k.shape
+    R = out.shape[3]
+    H = G * R
+    q_slot, k_slot, v_slot = _PACKED_SLOTS if packed else _SEPARATE_SLOTS
+    multiple = tuning.row_multiple(D)
+    if packed:
+        (q,) = _pad_rows(T, multiple, q)
+        k = v = q
+        seg, pos, out, d_out = _pad_rows(T, multiple, seg, pos, out, d_out)
+    else:
+        q, k, v, seg, pos, out, d_out = _pad_rows(T, multiple, q, k, v, seg, pos, out, d_out)
     Tp = q.shape[1]
     params = plgpu.CompilerParams(num_warps=tuning.bwd_warps, num_stages=tuning.stages(D))
     scales = dict(scale2=D**-0.5 * _LOG2_E, scale=D**-0.5)
@@ -392,9 +462,12 @@ def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: 
     bounds_spec = pl.BlockSpec((None, None, 4), lambda n, b, h: (b, rev(n), 0))
     row_block = pl.BlockSpec((None, BQ), lambda n, b, h: (b, rev(n)))
     whole_row = pl.BlockSpec((None, Tp), lambda n, b, h: (b, 0))
-    q_block = pl.BlockSpec((None, BQ, None, D), lambda n, b, h: (b, rev(n), h, 0))
+    q_block = _head_block(BQ, D, R, q_slot, lambda n: rev(n))
+    out_block = _head_block(BQ, D, R, 0, lambda n: rev(n))
     stat_block = pl.BlockSpec((None, None, BQ), lambda n, b, h: (b, h, rev(n)))
-    kv_row = pl.BlockSpec((None, Tp, None, D), lambda n, b, h: (b, 0, h // R, 0))
+    k_row, v_row = (_group_row(Tp, D, R, slot) for slot in (k_slot, v_slot))
+    # packed: dq lands in an array of q's layout, whose k and v slots the dk/dv kernel fills
+    dq_shape = q.shape if packed else (B, Tp, G, R, D)
     dq, delta = pl.pallas_call(
         functools.partial(_dq_kernel, block_k=BK, **scales),
         grid=(NQ, B, H),
@@ -403,17 +476,17 @@ def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: 
             q_block,
             row_block,
             row_block,
-            q_block,
-            q_block,
+            out_block,
+            out_block,
             stat_block,
-            kv_row,
-            kv_row,
+            k_row,
+            v_row,
             whole_row,
             whole_row,
         ],  # fmt: skip
         out_specs=[q_block, stat_block],
         out_shape=[
-            jax.ShapeDtypeStruct(q.shape, q.dtype),
+            jax.ShapeDtypeStruct(dq_shape, q.dtype),
             jax.ShapeDtypeStruct((B, H, Tp), jnp.float32),
         ],
         compiler_params=params,
@@ -428,29 +501,73 @@ def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: 
     bounds_spec = pl.BlockSpec((None, None, 4), lambda m, b, g: (b, m, 0))
     key_block = pl.BlockSpec((None, BK), lambda m, b, g: (b, m))
     whole_row = pl.BlockSpec((None, Tp), lambda m, b, g: (b, 0))
-    kv_block = pl.BlockSpec((None, BK, None, D), lambda m, b, g: (b, m, g, 0))
-    group_rows = pl.BlockSpec((None, Tp, R, D), lambda m, b, g: (b, 0, g, 0))
+    k_block, v_block = (
+        pl.BlockSpec((None, BK, None, None, D), lambda m, b, g, s=slot: (b, m, g, s, 0))
+        for slot in (k_slot, v_slot)
+    )
+    # every slot of group g: the whole row of q (its query heads), and this program's key
+    # block of the packed gradient (whose k and v slots it writes)
+    S = q.shape[3]
+    q_rows = pl.BlockSpec((None, Tp, None, S, D), lambda m, b, g: (b, 0, g, 0, 0))
+    packed_block = pl.BlockSpec((None, BK, None, S, D), lambda m, b, g: (b, m, g, 0, 0))
     group_stats = pl.BlockSpec((None, R, Tp), lambda m, b, g: (b, g, 0))
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, block_q=BQ, heads_per_group=R, **scales),
+    kernel = functools.partial(
+        _dkv_kernel,
+        block_q=BQ,
+        heads_per_group=R,
+        q_slot=q_slot,
+        kv_slots=(k_slot, v_slot) if packed else None,
+        **scales,
+    )
+    in_specs = [
+        bounds_spec,
+        k_block,
+        v_block,
+        key_block,
+        key_block,
+        q_rows,
+        pl.BlockSpec((None, Tp, None, R, D), lambda m, b, g: (b, 0, g, 0, 0)),
+        group_stats,
+        group_stats,
+        whole_row,
+        whole_row,
+    ]
+    args = [bounds, k, v, seg, pos, q, d_out, lse, delta, seg, pos]
+    if packed:  # written into dq's array, in place
+        in_specs.append(pl.BlockSpec(memory_space=pl.ANY))
+        args.append(dq)
+        out_specs, out_shape = [packed_block], [jax.ShapeDtypeStruct(dq.shape, dq.dtype)]
+        aliases = {len(args) - 1: 0}
+    else:
+        out_specs = [k_block, v_block]
+        out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2
+        aliases = {}
+    grads = pl.pallas_call(
+        kernel,
         grid=(Tp // BK, B, G),
-        in_specs=[
-            bounds_spec,
-            kv_block,
-            kv_block,
-            key_block,
-            key_block,
-            group_rows,
-            group_rows,
-            group_stats,
-            group_stats,
-            whole_row,
-            whole_row,
-        ],  # fmt: skip
-        out_specs=[kv_block, kv_block],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases=aliases,
         compiler_params=params,
         interpret=interpret,
         name="flash_attention_dkv",
-    )(bounds, k, v, seg, pos, q, d_out, lse, delta, seg, pos)
-    return dq[:, :T], dk[:, :T], dv[:, :T]
+    )(*args)
+    if packed:
+        return (grads[0][:, :T],)
+    return dq[:, :T], grads[0][:, :T], grads[1][:, :T]
+
+
+def _head_block(rows: int, D: int, R: int, first_slot: int, block_of) -> pl.BlockSpec:
+    """[rows, D] of query head h (grid axis 2) from a [B, Tp, G, S, D] array whose query
+    heads of group g sit at slots first_slot .. first_slot + R - 1; `block_of(n)` the block
+    index along T for grid axis 0."""
+    return pl.BlockSpec(
+        (None, rows, None, None, D),
+        lambda n, b, h: (b, block_of(n), h // R, first_slot + h % R, 0),
+    )
+
+
+def _group_row(Tp: int, D: int, R: int, slot: int) -> pl.BlockSpec:
+    """The whole row [Tp, D] at `slot` of query head h's group (grid axis 2)."""
+    return pl.BlockSpec((None, Tp, None, None, D), lambda n, b, h: (b, 0, h // R, slot, 0))
