@@ -3,9 +3,9 @@
 The CPU tests run the kernels in Pallas' interpreter, which clamps a block that starts past
 the end of its array back inside it (as `dynamic_slice` does): an index map that points at
 the wrong rows still reads valid ones there, and only the GPU shows the error. A key/value
-block's index used for a whole-row block of the queries did exactly that (the packed q/k/v
-kernel, caught on an H200: right values on the CPU, wrong dk on the GPU). These tests
-evaluate every index map at every grid point of small launches instead.
+block's index used for a whole-row block of the queries did exactly that (a packed q/k/v
+variant of the flash kernels, branch `packed-qkv`: right values on the CPU, wrong dk on an
+H200). These tests evaluate every index map at every grid point of small launches instead.
 """
 
 import functools
@@ -13,6 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental import pallas as pl
 
 from model.kernels import bias_gelu, cross_entropy, decode_attention, layer_norm
 from model.kernels import flash_attention as fa
@@ -31,13 +32,36 @@ def _ids(B, T):
 def test_flash_attention(B, T, H, G, D):
     """Separate q, k, v and packed; multi-head and grouped; rows padded (70 -> 96)."""
     seg, pos = _ids(B, T)
-    separate = functools.partial(fa.flash_attention, tuning=SMALL)
-    loss = lambda q, k, v: jnp.sum(separate(q, k, v, seg, pos))  # noqa: E731
+    attend = functools.partial(fa.flash_attention, tuning=SMALL)
+    loss = lambda q, k, v: jnp.sum(attend(q, k, v, seg, pos))  # noqa: E731
     q, kv = jnp.zeros((B, T, H, D)), jnp.zeros((B, T, G, D))
     assert pallas_blocks_out_of_bounds(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv) == []
     packed = lambda qkv: jnp.sum(fa.flash_attention_packed(qkv, seg, pos, tuning=SMALL))  # noqa: E731
     qkv = jnp.zeros((B, T, G, H // G + 2, D))
     assert pallas_blocks_out_of_bounds(jax.grad(packed), qkv) == []
+
+
+def test_a_block_past_the_end_is_found():
+    """The check itself: a whole-row block indexed by the grid's block counter, the bug the
+    interpreter hides (block 1 of a [64]-row block starts at row 64 of 64)."""
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = x_ref[:32]
+
+    def copy(x):
+        return pl.pallas_call(
+            kernel,
+            grid=(2,),
+            in_specs=[pl.BlockSpec((64, 16), lambda m: (m, 0))],
+            out_specs=pl.BlockSpec((32, 16), lambda m: (m, 0)),
+            out_shape=jax.ShapeDtypeStruct((64, 16), x.dtype),
+            interpret=True,
+            name="copy",
+        )(x)
+
+    assert pallas_blocks_out_of_bounds(copy, jnp.zeros((64, 16))) == [
+        "copy: operand 0 at grid point (1,)"
+    ]
 
 
 def test_norm_and_bias_gelu():
