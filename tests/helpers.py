@@ -132,3 +132,41 @@ def verify_triton_ir(kernels: list[TritonKernel]) -> None:
     ctx.load_all_available_dialects()
     for kernel in kernels:
         assert ir.Module.parse(kernel.ttir, context=ctx).operation.verify(), kernel.name
+
+
+def pallas_blocks_out_of_bounds(fn, *args) -> list[str]:
+    """Every block that a Pallas call in `fn(*args)` (gradients included, if `fn` takes
+    them) reads or writes outside its array, as 'kernel: operand i at grid point g'.
+
+    The interpreter the CPU tests run kernels in clamps a block's start into its array, as
+    `dynamic_slice` does, so an index map that points past the end reads the wrong rows on
+    the GPU yet passes every CPU test; this finds such maps by evaluating each one at every
+    grid point (keep the test's grids small)."""
+    import itertools
+
+    from jax.extend.core import jaxpr_as_fun
+
+    def pallas_calls(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                yield eqn
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, list | tuple) else [param]:
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        yield from pallas_calls(inner)
+
+    problems = []
+    calls = list(pallas_calls(jax.make_jaxpr(fn)(*args).jaxpr))
+    assert calls, "no Pallas call to check"
+    for eqn in calls:
+        mapping = eqn.params["grid_mapping"]
+        for i, block in enumerate(mapping.block_mappings):
+            sizes = [getattr(b, "block_size", 1) for b in block.block_shape]
+            index_map = jaxpr_as_fun(block.index_map_jaxpr)
+            for point in itertools.product(*(range(n) for n in mapping.grid)):
+                starts = [int(x) * s for x, s in zip(index_map(*point), sizes)]
+                dims = block.array_aval.shape
+                if any(a < 0 or a + s > d for a, s, d in zip(starts, sizes, dims)):
+                    problems.append(f"{eqn.params['name']}: operand {i} at grid point {point}")
+    return problems
