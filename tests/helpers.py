@@ -1,10 +1,12 @@
 """Small builders shared by the tests."""
 
+import itertools
 from typing import NamedTuple
 
 import jax
 import numpy as np
 import pytest
+from jax.extend.core import jaxpr_as_fun
 
 from model.transformer import LanguageModel
 from train import sharding
@@ -135,16 +137,13 @@ def verify_triton_ir(kernels: list[TritonKernel]) -> None:
 
 
 def pallas_blocks_out_of_bounds(fn, *args) -> list[str]:
-    """Every block that a Pallas call in `fn(*args)` (gradients included, if `fn` takes
-    them) reads or writes outside its array, as 'kernel: operand i at grid point g'.
+    """Every block that a Pallas call in `fn(*args)` (the backward pass's too, if `fn`
+    differentiates) reads or writes outside its array, as 'kernel: operand i at grid point g'.
 
     The interpreter the CPU tests run kernels in clamps a block's start into its array, as
     `dynamic_slice` does, so an index map that points past the end reads the wrong rows on
     the GPU yet passes every CPU test; this finds such maps by evaluating each one at every
     grid point (keep the test's grids small)."""
-    import itertools
-
-    from jax.extend.core import jaxpr_as_fun
 
     def pallas_calls(jaxpr):
         for eqn in jaxpr.eqns:
