@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 from jax.extend.core import jaxpr_as_fun
 
+from model.kernels import flash_attention as fa
 from model.transformer import LanguageModel
 from train import sharding
 from train.optim import OptimConfig, make_optimizer
 from train.pretrain_step import StepConfig, make_pretrain_step
 from train.state import create_train_state, init_fn
+
+# Flash-attention blocks of 16 (Triton's smallest product) and 32, so that short test rows
+# span several blocks of each kernel and get padded to whole blocks.
+SMALL_FLASH_BLOCKS = fa.Tuning(
+    fwd_block_q=32, fwd_block_k=16, dq_block_q=16, dq_block_k=32, dkv_block_q=16, dkv_block_k=16
+)
 
 
 def random_lm_batch(seed: int, batch: int, length: int, vocab: int, packed: bool = True) -> dict:

@@ -17,11 +17,9 @@ from jax.experimental import pallas as pl
 
 from model.kernels import bias_gelu, cross_entropy, decode_attention, layer_norm
 from model.kernels import flash_attention as fa
-from tests.helpers import pallas_blocks_out_of_bounds
+from tests.helpers import SMALL_FLASH_BLOCKS, pallas_blocks_out_of_bounds
 
-SMALL = fa.Tuning(
-    fwd_block_q=32, fwd_block_k=16, dq_block_q=16, dq_block_k=32, dkv_block_q=16, dkv_block_k=16
-)
+SMALL = SMALL_FLASH_BLOCKS
 
 
 def _ids(B, T):

@@ -20,19 +20,10 @@ from model.kernels import flash_attention as fa
 from model.kernels.block_visibility import block_visibility, loop_bounds
 from model.masking import attention_mask
 from model.transformer import LanguageModel
-from tests.helpers import random_lm_batch, triton_kernels, verify_triton_ir
+from tests.helpers import SMALL_FLASH_BLOCKS, random_lm_batch, triton_kernels, verify_triton_ir
 from train import sharding
 
-# Blocks of 16 (Triton's smallest product) and 32, so that short rows span several
-# blocks of each kernel and the row is padded to whole blocks.
-SMALL = fa.Tuning(
-    fwd_block_q=32,
-    fwd_block_k=16,
-    dq_block_q=16,
-    dq_block_k=32,
-    dkv_block_q=16,
-    dkv_block_k=16,
-)
+SMALL = SMALL_FLASH_BLOCKS
 
 
 def _packed_rows(rng, batch: int, length: int, max_doc: int = 30):
