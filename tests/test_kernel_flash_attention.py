@@ -282,6 +282,7 @@ def test_language_model_pallas_equals_reference_on_packed_batch(preset, override
 def test_auto_backend_choice(monkeypatch):
     cfg = get_preset("gpt2-124m")
     assert cfg.attention_backend == "auto"
+    monkeypatch.setattr(attention_module.jax, "default_backend", lambda: "cpu")
     assert choose_backend(cfg, packed=True) == "reference"  # off the GPU
     monkeypatch.setattr(attention_module.jax, "default_backend", lambda: "gpu")
     assert choose_backend(cfg, packed=True) == "pallas"
