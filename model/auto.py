@@ -69,14 +69,16 @@ def choose_activation_impl(cfg: ModelConfig) -> str:
 
 
 def choose_cross_entropy_impl(cfg: ModelConfig) -> str:
-    """ "xla" or "pallas" ("auto" resolved), for the cross-entropy of pretraining and
-    evaluation (`train/losses.py`). "auto": the Pallas kernels (`model/kernels/
-    cross_entropy.py`) on a GPU, which read the logits once forward and once backward and
-    leave the vocabulary's padding columns out themselves (BENCHMARKS.md, "Speed round
-    eight"); XLA's fused passes elsewhere."""
+    """ "xla", "pallas" or "fused" ("auto" resolved), for the cross-entropy of pretraining
+    and evaluation (`train/losses.py`; "fused" concerns the pretraining loss, whose
+    evaluation takes "pallas"). "auto" on a GPU: "fused", the output head applied by the
+    loss with the single-pass kernel (`model/kernels/fused_head.py`): on an H200 gpt2-124m's
+    packed step 114.1 -> 110.9-112.7 ms and gpt-1.3b's 480.1-481.9 -> 477.6-479.1 ms against
+    "pallas" (BENCHMARKS.md, "Speed round sixteen"), the kernel pair that reads the logits
+    once forward and once backward (round eight); XLA's fused passes elsewhere."""
     if cfg.cross_entropy_impl != "auto":
         return cfg.cross_entropy_impl
-    return "pallas" if on_gpu() else "xla"
+    return "fused" if on_gpu() else "xla"
 
 
 def choose_decode_attention(cfg: ModelConfig) -> str:

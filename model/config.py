@@ -18,7 +18,7 @@ RopeScaling = Literal["none", "linear", "llama3"]
 AttentionBackend = Literal["auto", "reference", "xla", "cudnn", "pallas"]
 NormImpl = Literal["auto", "xla", "pallas"]
 ActivationImpl = Literal["auto", "xla", "pallas"]
-CrossEntropyImpl = Literal["auto", "xla", "pallas"]
+CrossEntropyImpl = Literal["auto", "xla", "pallas", "fused"]
 DecodeAttention = Literal["auto", "reference", "pallas"]
 DecodeMatmul = Literal["auto", "xla", "pallas"]
 HeadMatmul = Literal["compute", "fp8"]
@@ -32,7 +32,7 @@ _CHOICES = {
     "attention_backend": ("auto", "reference", "xla", "cudnn", "pallas"),
     "norm_impl": ("auto", "xla", "pallas"),
     "activation_impl": ("auto", "xla", "pallas"),
-    "cross_entropy_impl": ("auto", "xla", "pallas"),
+    "cross_entropy_impl": ("auto", "xla", "pallas", "fused"),
     "decode_attention": ("auto", "reference", "pallas"),
     "decode_matmul": ("auto", "xla", "pallas"),
     "head_matmul": ("compute", "fp8"),
@@ -58,8 +58,11 @@ class ModelConfig:
     `decode_matmul` set to "pallas" use the hand-written GPU kernels in `model/kernels/`
     for the norms, the GELU MLP's bias + activation, the cross-entropy of pretraining and
     evaluation, and one-token decoding steps' attention and matrix products
-    (BENCHMARKS.md measures them against the XLA/reference paths); "auto", the default
-    for all five,
+    (BENCHMARKS.md measures them against the XLA/reference paths);
+    `cross_entropy_impl="fused"` has the pretraining loss apply the output head itself,
+    fused with a single-pass cross-entropy kernel whose backward pass never reads the
+    logits (`model/kernels/fused_head.py`; evaluation uses "pallas" there). "auto", the
+    default for all five,
     picks them on a GPU where they were measured faster and the XLA/reference
     code elsewhere (`model/auto.py`, the one place every "auto" is resolved).
 

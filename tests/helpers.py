@@ -64,11 +64,11 @@ def mesh_of(axes: dict):
     return sharding.make_mesh(sharding.MeshConfig(**axes), devices=devices)
 
 
-def one_pretraining_step(cfg, mesh, batch: dict) -> tuple[float, dict, dict]:
+def one_pretraining_step(cfg, mesh, batch: dict, z_loss: float = 0.0) -> tuple[float, dict, dict]:
     """(loss, parameters before, parameters after) of one pretraining step of a fresh
     state (key 0) on `mesh`, the parameters copied to the host as float32."""
     with sharding.mesh_context(mesh):
-        step, state, _ = build_training(cfg, mesh)
+        step, state, _ = build_training(cfg, mesh, step_cfg=StepConfig(z_loss=z_loss))
         before = jax.tree.map(np.float32, state.params)  # the step donates the state
         state, metrics = step(state, batch, jax.random.key(1))
     return float(metrics["loss"]), before, jax.tree.map(np.float32, state.params)

@@ -10,6 +10,7 @@ from model import auto
 from model.attention import Attention
 from model.config import ModelConfig, get_preset
 from model.transformer import LanguageModel
+from train import losses
 
 
 def test_defaults_are_auto_and_resolve_to_the_reference_on_cpu():
@@ -45,7 +46,11 @@ def test_auto_picks_the_kernels_on_a_gpu(monkeypatch):
     # no biases (gpt-1.3b) or SwiGLU (Llama): XLA's fusions already make the fewest passes
     assert auto.choose_activation_impl(get_preset("gpt-1.3b")) == "xla"
     assert auto.choose_activation_impl(get_preset("llama-1b")) == "xla"
-    assert auto.choose_cross_entropy_impl(get_preset("llama-1b")) == "pallas"
+    # the pretraining loss applies the head with the single-pass kernel; evaluation's
+    # loss, on the model's logits, takes the kernel pair
+    llama = get_preset("llama-1b")
+    assert auto.choose_cross_entropy_impl(llama) == "fused"
+    assert losses.loss_options(llama)["impl"] == "pallas"
     # rows wider than the norm kernel holds; heads per group not a power of two
     assert auto.choose_norm_impl(cfg.replace(d_model=8448, n_heads=8)) == "xla"
     assert auto.choose_decode_attention(cfg.replace(n_heads=6, d_model=384)) == "pallas"

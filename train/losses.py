@@ -90,8 +90,10 @@ def token_log_probs(logits_BLV: jax.Array, targets_BL: jax.Array) -> jax.Array:
 
 def loss_options(cfg: ModelConfig) -> dict:
     """`cross_entropy_sums`' vocab_size and impl for logits of a model with config `cfg`
-    applied with `mask_vocab_padding=False`."""
-    return dict(vocab_size=cfg.vocab_size, impl=choose_cross_entropy_impl(cfg))
+    applied with `mask_vocab_padding=False` (the kernels where the pretraining loss fuses
+    them with the head: `cross_entropy_impl="fused"` concerns the head, not logits)."""
+    impl = choose_cross_entropy_impl(cfg)
+    return dict(vocab_size=cfg.vocab_size, impl="pallas" if impl == "fused" else impl)
 
 
 def cross_entropy_sums(
@@ -118,7 +120,15 @@ def statistics_sums(
     target_logit_BL: jax.Array, log_z_BL: jax.Array, weights_BL: jax.Array, z_loss: float = 0.0
 ) -> dict[str, jax.Array]:
     """`cross_entropy_sums` from the per-token statistics (target logit, log Z)."""
+    return token_ce_sums(log_z_BL - target_logit_BL, log_z_BL, weights_BL, z_loss)
+
+
+def token_ce_sums(
+    ce_BL: jax.Array, log_z_BL: jax.Array, weights_BL: jax.Array, z_loss: float = 0.0
+) -> dict[str, jax.Array]:
+    """`cross_entropy_sums` from the per-token cross-entropy and log Z (read only with a
+    z-loss)."""
     weights_BL = weights_BL.astype(jnp.float32)
-    ce_sum = jnp.sum(weights_BL * (log_z_BL - target_logit_BL))
+    ce_sum = jnp.sum(weights_BL * ce_BL)
     loss_sum = ce_sum + z_loss * jnp.sum(weights_BL * jnp.square(log_z_BL)) if z_loss else ce_sum
     return {"loss_sum": loss_sum, "ce_sum": ce_sum, "weight_sum": jnp.sum(weights_BL)}

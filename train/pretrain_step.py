@@ -19,10 +19,11 @@ import flax.linen as nn
 import jax
 import optax
 
-from model.kernels import fp8_head
+from model.auto import choose_cross_entropy_impl
+from model.kernels import fp8_head, fused_head
 from model.transformer import output_head_VD
 from train.gradients import accumulate_gradients, apply_gradients
-from train.losses import cross_entropy_sums, loss_options, statistics_sums
+from train.losses import cross_entropy_sums, loss_options, statistics_sums, token_ce_sums
 from train.state import TrainState
 
 
@@ -42,6 +43,7 @@ def lm_loss_sums(model: nn.Module, z_loss: float, deterministic: bool) -> Callab
     """loss_sums(params, batch, rng) for next-token prediction on `batch`."""
     cfg = model.cfg
     options = loss_options(cfg)
+    fused = choose_cross_entropy_impl(cfg) == "fused"
 
     def loss_sums(params, batch, rng):
         apply = functools.partial(
@@ -53,14 +55,14 @@ def lm_loss_sums(model: nn.Module, z_loss: float, deterministic: bool) -> Callab
             deterministic=deterministic,
             rngs={"dropout": rng},
         )
-        if cfg.head_matmul == "fp8":  # the head's products fused with the loss' kernels
-            statistics = fp8_head.target_logit_and_log_z(
-                apply(return_hidden=True),
-                output_head_VD(params, cfg),
-                batch["targets"],
-                cfg.vocab_size,
-            )
-            sums = statistics_sums(*statistics, batch["weights"], z_loss)
+        if cfg.head_matmul == "fp8" or fused:  # the loss applies the head itself
+            head = (apply(return_hidden=True), output_head_VD(params, cfg), batch["targets"])
+            if cfg.head_matmul == "fp8":  # in float8, around the kernel pair
+                statistics = fp8_head.target_logit_and_log_z(*head, cfg.vocab_size)
+                sums = statistics_sums(*statistics, batch["weights"], z_loss)
+            else:  # with the single-pass kernel
+                ce_and_log_z = fused_head.cross_entropy_and_log_z(*head, cfg.vocab_size)
+                sums = token_ce_sums(*ce_and_log_z, batch["weights"], z_loss)
         else:  # the model's logits; the loss leaves the vocabulary's padding out itself
             logits_BLV = apply(mask_vocab_padding=False)
             sums = cross_entropy_sums(

@@ -28,10 +28,11 @@ XLA_MATMUL = (("decode_matmul", "xla"),)  # the default "auto" is the Pallas ker
 PALLAS_NORM = ("norm_impl", "pallas")
 XLA_NORM = ("norm_impl", "xla")  # the norms' default is "auto": Pallas on a GPU
 XLA_GELU = ("activation_impl", "xla")  # the GELU's default is "auto": Pallas on a GPU with biases
-XLA_CE = ("cross_entropy_impl", "xla")  # the loss's default is "auto": Pallas on a GPU
+XLA_CE = ("cross_entropy_impl", "xla")  # the loss's default is "auto": kernels on a GPU
 PALLAS_ATTENTION = ("attention_backend", "pallas")
 AUTO = ("attention_backend", "auto")
 FP8_HEAD = ("head_matmul", "fp8")  # opt-in: the loss's head products in float8
+PALLAS_CE = ("cross_entropy_impl", "pallas")  # the default "auto" is "fused" on a GPU
 
 GPU_TRAIN = [
     _gpt2(12, REF),
@@ -72,6 +73,10 @@ GPU_TRAIN = [
     # the output head's products in float8 (model/kernels/fp8_head.py)
     _gpt2(64, AUTO, FP8_HEAD, rows="packed"),
     _xl(16, *CUDNN, FP8_HEAD),
+    # the kernel pair on the model's logits, against the head fused with the single-pass
+    # kernel (model/kernels/fused_head.py) that "auto" picks
+    _gpt2(64, AUTO, PALLAS_CE, rows="packed"),
+    _xl(16, *CUDNN, PALLAS_CE),
 ]
 GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 1),

@@ -17,7 +17,16 @@ write them once:
             inside the kernel, so the model hands over its logits unmasked;
   backward: one read and one write: dx = g_logz * softmax(x) + g_target * onehot(target),
             0 on the padding columns (and, for the float8 head of `fp8_head.py`, a second
-            write of dx / s as e5m2 from the same pass).
+            write of dx / s as e5m2 from the same pass);
+  single pass (`exponentials`, for `fused_head.py`, which applies the output head
+            itself): one read and one write. The kernel writes e = exp(x - r) minus
+            s = sum(e) at the target, which is s (softmax(x) - onehot(target)), with r the
+            row's largest logit among its first `fwd_cols` columns: the forward pass needs
+            no maximum of the whole row first, and the backward pass needs no pass over
+            the logits at all, since dx is e scaled per row and the head's products take
+            that scale on their small side. A row whose largest logit exceeds r by more
+            than `_HEADROOM` (e would approach float32's range) is swept again with its
+            true maximum.
 
 Why the loads are written as they are: Triton turns a block load into 16-byte vector loads
 only where it can prove the load's mask constant over 8 adjacent columns. Masks here
@@ -57,6 +66,9 @@ LOG2_E = math.log2(math.e)
 # Running maximum's start: finite, so that a group whose columns are all left out (-inf)
 # gives exp2(start - start) = 1 times a zero sum rather than inf - inf = NaN.
 _START = -1e30
+# How far (log2 units) a row's largest logit may exceed the single-pass kernel's reference r
+# before the row is swept again: e <= 2^64 and s <= 2^80 stay far inside float32 and bf16.
+_HEADROOM = 64.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,25 +97,36 @@ def _rows(ref, row_R, row_ok_R, other):
     return plgpu.load(ref.at[row_R], mask=row_ok_R, other=other)
 
 
-def _fwd_kernel(x_ref, t_ref, lim_ref, m_ref, s_ref, tl_ref, *, n, v, tuning):
-    """Rows r..r+R: max and sum of 2^(x log2 e - max) over the columns below each row's
-    limit (log2 units), and the target's logit. Shapes: R rows, G groups of K lanes."""
+def _row_blocks(x_ref, t_ref, lim_ref, n, v, tuning):
+    """The forward kernels' rows r..r+R: (row_R, row_ok_R, targets, column limits,
+    block), block(j) = (indices, in-bounds mask, x_RGK) of column block j, x_RGK the real
+    logits in log2 units (-inf elsewhere), in G groups of K adjacent lanes."""
     R, C, K = tuning.fwd_rows, tuning.fwd_cols, tuning.fwd_lanes
-    G = C // K
     row_R = pl.program_id(0) * R + jnp.arange(R)
     row_ok_R = row_R < n
     t_R, lim_R = _rows(t_ref, row_R, row_ok_R, -1), _rows(lim_ref, row_R, row_ok_R, 0)
-    col_GK = K * jnp.arange(G)[:, None] + jnp.arange(K)[None, :]
+    col_GK = K * jnp.arange(C // K)[:, None] + jnp.arange(K)[None, :]
+
+    def block(j):
+        col_GK_j = j * C + col_GK
+        idx = (row_R[:, None, None], col_GK_j[None])
+        in_bounds = row_ok_R[:, None, None] & (col_GK_j < v)[None]  # static bounds: vectors
+        x_RGK = plgpu.load(x_ref.at[idx], mask=in_bounds, other=-jnp.inf).astype(jnp.float32)
+        real = col_GK_j[None] < lim_R[:, None, None]
+        return idx, in_bounds, jnp.where(real, x_RGK * LOG2_E, -jnp.inf)
+
+    return row_R, row_ok_R, t_R, lim_R, block
+
+
+def _fwd_kernel(x_ref, t_ref, lim_ref, m_ref, s_ref, tl_ref, *, n, v, tuning):
+    """Rows r..r+R: max and sum of 2^(x log2 e - max) over the columns below each row's
+    limit (log2 units), and the target's logit. Shapes: R rows, G groups of K lanes."""
+    R, G = tuning.fwd_rows, tuning.fwd_cols // tuning.fwd_lanes
+    row_R, row_ok_R, t_R, lim_R, block = _row_blocks(x_ref, t_ref, lim_ref, n, v, tuning)
 
     def body(j, carry):
         m_RG, s_RG = carry
-        col_GK_j = j * C + col_GK
-        in_bounds = row_ok_R[:, None, None] & (col_GK_j < v)[None]  # static bounds: vector loads
-        x_RGK = plgpu.load(
-            x_ref.at[row_R[:, None, None], col_GK_j[None]], mask=in_bounds, other=-jnp.inf
-        ).astype(jnp.float32)
-        real = col_GK_j[None] < lim_R[:, None, None]
-        x_RGK = jnp.where(real, x_RGK * LOG2_E, -jnp.inf)
+        _, _, x_RGK = block(j)
         new_m_RG = jnp.maximum(m_RG, jnp.max(x_RGK, axis=2))
         s_RG = s_RG * jnp.exp2(m_RG - new_m_RG) + jnp.sum(
             jnp.exp2(x_RGK - new_m_RG[:, :, None]), axis=2
@@ -111,7 +134,7 @@ def _fwd_kernel(x_ref, t_ref, lim_ref, m_ref, s_ref, tl_ref, *, n, v, tuning):
         return new_m_RG, s_RG
 
     start = (jnp.full((R, G), _START, jnp.float32), jnp.zeros((R, G), jnp.float32))
-    m_RG, s_RG = jax.lax.fori_loop(0, pl.cdiv(v, C), body, start)
+    m_RG, s_RG = jax.lax.fori_loop(0, pl.cdiv(v, tuning.fwd_cols), body, start)
     m_R = jnp.max(m_RG, axis=1)
     s_R = jnp.sum(s_RG * jnp.exp2(m_RG - m_R[:, None]), axis=1)
     # the target's logit, if it is one of this device's real columns (else 0, summed away)
@@ -143,6 +166,49 @@ def _bwd_kernel(x_ref, t_ref, lim_ref, lz_ref, glz_ref, gt_ref, *refs, n, v, tun
         inv_R = _rows(inv_ref, row_R, row_ok_R, 0.0)
         dx8_RC = (dx_RC * inv_R[:, None]).astype(dx8_ref.dtype)
         plgpu.store(dx8_ref.at[idx], dx8_RC, mask=in_bounds_RC)
+
+
+def _single_pass_kernel(
+    x_ref, t_ref, lim_ref, e_ref, r_ref, s_ref, tl_ref, *, n, v, tuning, interpret
+):
+    """Rows r..r+R: e = 2^(x log2 e - ref) at every column (0 past each row's limit),
+    s = sum(e), e - s written at the target; out (ref, s, target logit). ref (log2 units)
+    is the largest real logit among the first C columns, or the row's own largest where
+    that one exceeds it by more than _HEADROOM (then the row block is swept again)."""
+    R, G = tuning.fwd_rows, tuning.fwd_cols // tuning.fwd_lanes
+    row_R, row_ok_R, t_R, lim_R, block = _row_blocks(x_ref, t_ref, lim_ref, n, v, tuning)
+
+    def sweep(ref_R):
+        def body(j, carry):
+            m_RG, s_RG = carry
+            idx, in_bounds, x_RGK = block(j)
+            e_RGK = jnp.exp2(x_RGK - ref_R[:, None, None])
+            plgpu.store(e_ref.at[idx], e_RGK.astype(e_ref.dtype), mask=in_bounds)
+            return jnp.maximum(m_RG, jnp.max(x_RGK, axis=2)), s_RG + jnp.sum(e_RGK, axis=2)
+
+        return body
+
+    ref_R = jnp.max(block(0)[2], axis=(1, 2))
+    ref_R = jnp.where(ref_R > _START, ref_R, 0.0)  # no real column in the first block
+    start = (jnp.full((R, G), _START, jnp.float32), jnp.zeros((R, G), jnp.float32))
+    n_blocks = pl.cdiv(v, tuning.fwd_cols)
+    m_RG, s_RG = jax.lax.fori_loop(0, n_blocks, sweep(ref_R), start)
+    m_R = jnp.max(m_RG, axis=1)
+    again_R = m_R - ref_R > _HEADROOM
+    ref_R = jnp.where(again_R, m_R, ref_R)
+    again = jnp.max(again_R.astype(jnp.int32)) > 0
+    m_RG, s_RG = jax.lax.cond(
+        again, lambda: jax.lax.fori_loop(0, n_blocks, sweep(ref_R), start), lambda: (m_RG, s_RG)
+    )
+    s_R = jnp.sum(s_RG, axis=1)
+    has_target_R = row_ok_R & (t_R >= 0) & (t_R < lim_R)
+    tl_R = plgpu.load(x_ref.at[row_R, t_R], mask=has_target_R, other=0.0).astype(jnp.float32)
+    e_target_R = jnp.exp2(tl_R * LOG2_E - ref_R)
+    if not interpret:  # every thread's stores of e land before the target's is replaced
+        plgpu.debug_barrier()
+    plgpu.store(e_ref.at[row_R, t_R], (e_target_R - s_R).astype(e_ref.dtype), mask=has_target_R)
+    for ref, value in ((r_ref, ref_R), (s_ref, s_R), (tl_ref, tl_R)):
+        plgpu.store(ref.at[row_R], value, mask=row_ok_R)
 
 
 # jitted so that each kernel is traced and lowered once per shape
@@ -179,6 +245,23 @@ def _backward_rows(x_NV, t_N, lim_N, lz_N, glz_N, gt_N, inv_N, *, tuning, interp
         interpret=interpret,
         name="cross_entropy_bwd",
     )(x_NV, t_N, lim_N, lz_N, glz_N, gt_N, *([] if inv_N is None else [inv_N]))
+
+
+@functools.partial(jax.jit, static_argnames=("tuning", "interpret"))
+def _single_pass_rows(x_NV, t_N, lim_N, *, tuning, interpret):
+    """(e - s onehot [N, V] in the logits' dtype, ref in log2 units, s, target logit)."""
+    n, v = x_NV.shape
+    stat = jax.ShapeDtypeStruct((n,), jnp.float32)
+    return pl.pallas_call(
+        functools.partial(_single_pass_kernel, n=n, v=v, tuning=tuning, interpret=interpret),
+        grid=(pl.cdiv(n, tuning.fwd_rows),),
+        out_shape=[jax.ShapeDtypeStruct((n, v), x_NV.dtype), stat, stat, stat],
+        compiler_params=plgpu.CompilerParams(
+            num_warps=tuning.fwd_warps, num_stages=tuning.fwd_stages
+        ),
+        interpret=interpret,
+        name="cross_entropy_single_pass",
+    )(x_NV, t_N, lim_N)
 
 
 def _layout(x):
@@ -246,6 +329,49 @@ def backward_logits(
         args.append(jnp.broadcast_to(1.0 / fp8_scale.astype(jnp.float32), targets.shape))
     out_spec = [x_spec, x_spec] if fp8 else x_spec
     return run_sharded(local, args, [x_spec] + [row_spec] * (len(args) - 1), out_spec)
+
+
+def check_head_inputs(module: str, x, w_VD, targets, vocab_size: int | None) -> int:
+    """The output-head modules' argument checks (x [..., D], w_VD [V, D], targets [...]);
+    returns vocab_size (default V)."""
+    V, D = w_VD.shape
+    if x.shape[-1] != D:
+        raise ValueError(f"{module}: x has width {x.shape[-1]}, the head's weight {D}")
+    if targets.shape != x.shape[:-1]:
+        raise ValueError(f"{module}: targets have shape {targets.shape}, expected {x.shape[:-1]}")
+    vocab_size = V if vocab_size is None else vocab_size
+    if not 0 < vocab_size <= V:
+        raise ValueError(f"{module}: vocab_size={vocab_size} must be in 1..{V}")
+    return int(vocab_size)
+
+
+def vocab_is_split(x) -> bool:
+    """Whether the active mesh splits the last (vocabulary) dimension of logits x."""
+    return _layout(x)[2] is not None
+
+
+def exponentials(x, targets, vocab_size, tuning, interpret):
+    """(e', s, log Z, target logit) of logits x [..., V] whose vocabulary the mesh does not
+    split: e' = s (softmax(x) - onehot(target)) in x's dtype, 0 on the padding columns,
+    and s [...] float32 its per-row scale, from the single-pass kernel (module docstring);
+    log Z and the target's logit float32, as `forward_statistics` gives them."""
+    if vocab_is_split(x):
+        raise ValueError("cross_entropy.exponentials: the vocabulary is split over devices")
+    x_spec, row_spec, _ = _layout(x)
+
+    def local(x, targets):
+        t, lim = _local_columns(targets, x, vocab_size, None)
+        e, ref, s, tl = _single_pass_rows(
+            x.reshape(-1, x.shape[-1]),
+            t.reshape(-1),
+            lim.reshape(-1),
+            tuning=tuning,
+            interpret=interpret,
+        )
+        return e.reshape(x.shape), *(a.reshape(targets.shape) for a in (ref, s, tl))
+
+    e, ref, s, tl = run_sharded(local, [x, targets], [x_spec, row_spec], [x_spec] + [row_spec] * 3)
+    return e, s, (ref + jnp.log2(s)) / LOG2_E, tl
 
 
 @functools.cache

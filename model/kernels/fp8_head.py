@@ -102,14 +102,7 @@ def target_logit_and_log_z(
     """(logit of the target, log Z over the first `vocab_size` columns), float32, of the
     logits x . w_VD^T computed in float8 (module docstring); differentiable in x and w_VD.
     x [..., D] in the compute dtype, w_VD [V, D], targets [...] below `vocab_size`."""
-    V, D = w_VD.shape
-    if x.shape[-1] != D:
-        raise ValueError(f"fp8_head: x has width {x.shape[-1]}, the head's weight {D}")
-    if targets.shape != x.shape[:-1]:
-        raise ValueError(f"fp8_head: targets have shape {targets.shape}, expected {x.shape[:-1]}")
-    vocab_size = V if vocab_size is None else vocab_size
-    if not 0 < vocab_size <= V:
-        raise ValueError(f"fp8_head: vocab_size={vocab_size} must be in 1..{V}")
+    vocab_size = cross_entropy.check_head_inputs("fp8_head", x, w_VD, targets, vocab_size)
     interpret = interpret_mode() if interpret is None else interpret
-    fn = _make(int(vocab_size), tuning, bool(interpret), x.dtype, w_VD.dtype)
+    fn = _make(vocab_size, tuning, bool(interpret), x.dtype, w_VD.dtype)
     return fn(x, w_VD, targets.astype(jnp.int32))
