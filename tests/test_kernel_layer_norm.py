@@ -117,6 +117,26 @@ def test_keep_input_gradient_adds_the_residual_cotangent():
     _assert_close(got, want, **_tol(dtype))
 
 
+def test_differentiated_keep_input_returns_the_kernels_copy_of_x():
+    """Under differentiation the passed-through x is a copy the forward kernel writes (so
+    that a residual add may take its buffer in place while the backward pass keeps x),
+    equal to x bit for bit; the final norm's form (`norm`) writes none."""
+    cfg = _cfg("layernorm", True, "bfloat16")
+    x, params, *_ = _inputs(dtype="bfloat16", seed=2)
+    params = _params_for(cfg, params)
+    (x_out, _), _ = jax.vjp(lambda x: _kernel(cfg)(x, params), x)
+    np.testing.assert_array_equal(np.float32(x_out), np.float32(x))
+
+    def fwd_outputs(fn):
+        jaxpr = str(jax.make_jaxpr(lambda x: jax.vjp(fn, x)[0])(x))
+        return jaxpr.count(f"bf16{list(x.shape)}".replace(" ", "")), jaxpr
+
+    kw = dict(eps=cfg.norm_eps, rms=False, out_dtype=cfg.compute_dtype)
+    with_copy, _ = fwd_outputs(lambda x: ln.norm_keep_input(x, params["scale"], None, **kw))
+    without, _ = fwd_outputs(lambda x: ln.norm(x, params["scale"], None, **kw))
+    assert with_copy > without
+
+
 @pytest.mark.parametrize(
     "mesh_shape, batch",
     [(dict(data=2, fsdp=2, tensor=2), 4), (dict(data=8), 3)],

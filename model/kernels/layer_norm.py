@@ -103,14 +103,16 @@ def _load_f32(ref, idx, mask):
     return plgpu.load(ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
 
 
-def _fwd_kernel(*refs, n_rows, d, d_pad, rows, eps, rms, has_bias, with_stats):
-    """One block of `rows` rows: y = xhat * scale + bias, and the row statistics."""
+def _fwd_kernel(*refs, n_rows, d, d_pad, rows, eps, rms, has_bias, with_stats, with_copy):
+    """One block of `rows` rows: y = xhat * scale + bias, the row statistics, and a copy
+    of x (`with_copy`)."""
     refs = list(refs)
     x_ref, scale_ref = refs.pop(0), refs.pop(0)
     bias_ref = refs.pop(0) if has_bias else None
     y_ref = refs.pop(0)
     mean_ref = refs.pop(0) if with_stats and not rms else None
     rstd_ref = refs.pop(0) if with_stats else None
+    copy_ref = refs.pop(0) if with_copy else None
 
     idx, row_R, row_ok_R, col_ok_C, ok_RC = _row_block(
         pl.program_id(0) * rows, rows, n_rows, d, d_pad
@@ -131,6 +133,8 @@ def _fwd_kernel(*refs, n_rows, d, d_pad, rows, eps, rms, has_bias, with_stats):
         plgpu.store(mean_ref.at[row_R], mean_R, mask=row_ok_R)
     if rstd_ref is not None:
         plgpu.store(rstd_ref.at[row_R], rstd_R, mask=row_ok_R)
+    if copy_ref is not None:
+        plgpu.store(copy_ref.at[idx], x_RC.astype(copy_ref.dtype), mask=ok_RC)
 
 
 def _bwd_kernel(*refs, n_rows, d, d_pad, rows, programs, trips, rms, has_bias, has_res):
@@ -188,10 +192,14 @@ def _bwd_kernel(*refs, n_rows, d, d_pad, rows, programs, trips, rms, has_bias, h
 # jitted so that each kernel is traced and lowered once per shape, not once per norm of the
 # model (flash_attention._forward says why).
 @functools.partial(
-    jax.jit, static_argnames=("eps", "rms", "out_dtype", "with_stats", "tuning", "interpret")
+    jax.jit,
+    static_argnames=("eps", "rms", "out_dtype", "with_stats", "with_copy", "tuning", "interpret"),
 )
-def _forward_rows(x_ND, scale_D, bias_D, *, eps, rms, out_dtype, with_stats, tuning, interpret):
-    """The forward kernel on [N, D] rows: y_ND, and (mean_N or None, rstd_N) if with_stats."""
+def _forward_rows(
+    x_ND, scale_D, bias_D, *, eps, rms, out_dtype, with_stats, with_copy, tuning, interpret
+):
+    """The forward kernel on [N, D] rows: (y_ND, mean_N or None, rstd_N or None, a copy
+    of x_ND or None); the statistics if with_stats, the copy if with_copy."""
     n, d = x_ND.shape
     _check_offsets(n, d)
     d_pad = pl.next_power_of_2(d)
@@ -207,11 +215,14 @@ def _forward_rows(x_ND, scale_D, bias_D, *, eps, rms, out_dtype, with_stats, tun
         rms=rms,
         has_bias=has_bias,
         with_stats=with_stats,
+        with_copy=with_copy,
     )
     out_shape = [jax.ShapeDtypeStruct((n, d), out_dtype)]
     if with_stats:
         stat = jax.ShapeDtypeStruct((n,), jnp.float32)
         out_shape += [stat, stat] if not rms else [stat]
+    if with_copy:
+        out_shape.append(jax.ShapeDtypeStruct((n, d), x_ND.dtype))
     outs = pl.pallas_call(
         kernel,
         grid=(pl.cdiv(n, rows),),
@@ -220,11 +231,11 @@ def _forward_rows(x_ND, scale_D, bias_D, *, eps, rms, out_dtype, with_stats, tun
         interpret=interpret,
         name="norm_fwd",
     )(x_ND, scale_D, *([bias_D] if has_bias else []))
-    if not with_stats:
-        return outs[0], None, None
-    if rms:
-        return outs[0], None, outs[1]
-    return tuple(outs)
+    outs = list(outs)
+    y = outs.pop(0)
+    mean = outs.pop(0) if with_stats and not rms else None
+    rstd = outs.pop(0) if with_stats else None
+    return y, mean, rstd, outs.pop(0) if with_copy else None
 
 
 @functools.partial(jax.jit, static_argnames=("has_bias", "tuning", "interpret"))
@@ -273,34 +284,38 @@ def _backward_rows(x_ND, dy_ND, dres_ND, scale_D, mean_N, rstd_N, *, has_bias, t
 # Per-device wrappers: [..., D] arrays, run under shard_map over the rows.
 
 
-def _forward(x, scale_D, bias_D, *, with_stats, interpret, **kw):
+def _forward(x, scale_D, bias_D, *, with_stats, with_copy=False, interpret, **kw):
+    """(y, mean or None, rstd or None, copy of x or None), as `_forward_rows`."""
     lead = row_logical(x.shape)
     d = x.shape[-1]
 
     def local(x, scale_D, *bias):
-        y_ND, mean_N, rstd_N = _forward_rows(
+        outs = _forward_rows(
             x.reshape(-1, d),
             scale_D,
             bias[0] if bias else None,
             with_stats=with_stats,
+            with_copy=with_copy,
             interpret=interpret,
             **kw,
         )
-        stats = tuple(s.reshape(x.shape[:-1]) for s in (mean_N, rstd_N) if s is not None)
-        return (y_ND.reshape(x.shape), *stats)
+        rows = lambda a: a.reshape(x.shape if a.ndim == 2 else x.shape[:-1])  # noqa: E731
+        return tuple(rows(a) for a in outs if a is not None)
 
     n_stats = 0 if not with_stats else 1 if kw["rms"] else 2
     args = [x, scale_D] + ([bias_D] if bias_D is not None else [])
-    outs = run_sharded(
-        local,
-        args,
-        [(*lead, None), ("norm",)] + ([("norm",)] if bias_D is not None else []),
-        [(*lead, None)] + [lead] * n_stats,
+    outs = list(
+        run_sharded(
+            local,
+            args,
+            [(*lead, None), ("norm",)] + ([("norm",)] if bias_D is not None else []),
+            [(*lead, None)] + [lead] * n_stats + [(*lead, None)] * with_copy,
+        )
     )
-    y = outs[0]
-    if not with_stats:
-        return y, None, None
-    return (y, None, outs[1]) if kw["rms"] else (y, outs[1], outs[2])
+    y = outs.pop(0)
+    mean = outs.pop(0) if with_stats and not kw["rms"] else None
+    rstd = outs.pop(0) if with_stats else None
+    return y, mean, rstd, outs.pop(0) if with_copy else None
 
 
 def _backward(x, dy, dres, scale_D, mean, rstd, *, has_bias, tuning, interpret):
@@ -368,8 +383,13 @@ def _check(x, scale, bias, out_dtype):
 
 
 @functools.cache
-def _make_norm(eps: float, rms: bool, out_dtype, tuning: Tuning, interpret: bool):
-    """The custom_vjp (x, scale, bias) -> (x, y) for one static configuration."""
+def _make_norm(eps: float, rms: bool, out_dtype, tuning: Tuning, interpret: bool, copy: bool):
+    """The custom_vjp (x, scale, bias) -> (x, y) for one static configuration. With `copy`,
+    the differentiated forward pass returns a copy of x that its kernel writes: the
+    residual add that consumes it can then take its buffer in place (cuBLASLt adds the
+    residual stream as the next product's C operand, its output aliased to C), while
+    the original, which the backward pass needs, stays; XLA would copy it first
+    (BENCHMARKS.md, "Speed round sixteen")."""
     kw = dict(eps=eps, rms=rms, out_dtype=out_dtype, tuning=tuning, interpret=interpret)
 
     @jax.custom_vjp
@@ -380,8 +400,8 @@ def _make_norm(eps: float, rms: bool, out_dtype, tuning: Tuning, interpret: bool
         # symbolic_zeros: arguments arrive as CustomVJPPrimal(value, perturbed)
         x, scale = x.value, scale.value
         bias = None if bias is None else bias.value
-        y, mean, rstd = _forward(x, scale, bias, with_stats=True, **kw)
-        return (x, y), (x, scale, bias, mean, rstd)
+        y, mean, rstd, x_copy = _forward(x, scale, bias, with_stats=True, with_copy=copy, **kw)
+        return (x if x_copy is None else x_copy, y), (x, scale, bias, mean, rstd)
 
     def bwd(res, cotangents):
         x, scale, bias, mean, rstd = res
@@ -418,17 +438,20 @@ def norm_keep_input(
     out_dtype,
     tuning: Tuning = DEFAULT_TUNING,
     interpret: bool | None = None,
+    copy: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """(x, norm(x)) for x [..., D]: LayerNorm (rms=False) or RMSNorm (rms=True).
 
     Returns x itself so that, in a pre-norm block, the cotangents of the
-    residual stream and of the norm meet in one backward kernel. `out_dtype`
-    is y's dtype; `interpret` defaults to True off the GPU.
+    residual stream and of the norm meet in one backward kernel; under
+    differentiation, with `copy`, as a copy its forward kernel writes (`_make_norm`).
+    `out_dtype` is y's dtype; `interpret` defaults to True off the GPU.
     """
     out_dtype = jnp.dtype(out_dtype)
     _check(x, scale, bias, out_dtype)
     interpret = interpret_mode() if interpret is None else interpret
-    return _make_norm(float(eps), bool(rms), out_dtype, tuning, bool(interpret))(x, scale, bias)
+    fn = _make_norm(float(eps), bool(rms), out_dtype, tuning, bool(interpret), copy)
+    return fn(x, scale, bias)
 
 
 def norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None = None, **kwargs) -> jax.Array:
@@ -437,4 +460,4 @@ def norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None = None, **kwargs
     The unused pass-through output's cotangent is a symbolic zero, so the
     backward pass runs the kernel variant without the residual cotangent.
     """
-    return norm_keep_input(x, scale, bias, **kwargs)[1]
+    return norm_keep_input(x, scale, bias, copy=False, **kwargs)[1]
