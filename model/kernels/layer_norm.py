@@ -23,7 +23,10 @@ and, with g = dy * scale, dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
 residual stream x feeds both the norm and the residual add, so autodiff would
 add the two cotangents of x in a separate pass over the activations. Returning
 x from the custom_vjp hands both cotangents to one backward kernel, which
-writes dx = dx_residual + dx_norm once.
+writes dx = dx_residual + dx_norm once. Under differentiation the x returned is a
+copy the forward kernel writes as it reads x: the residual add after the block's
+next product can then take that buffer in place, where XLA would otherwise copy x
+(which the backward pass keeps) before each such product (BENCHMARKS.md, change 70).
 
 Each row needs all of its D columns, so the kernels run per device under
 `shard_map` on the rows (`run_sharded`); scale and bias are replicated and
