@@ -51,6 +51,10 @@ class Tuning:
     warps: int = 8
     programs_per_sm: int = 2
     bwd_programs: int | None = None  # overrides the per-SM count (tests use it)
+    # tanh as the GPU's one-instruction approximation (relative error about 2^-11) where
+    # the output is 16-bit and rounds away more; libdevice's accurate tanh otherwise. The
+    # backward kernel at gpt2-124m's batch 64: 0.362 -> 0.322 ms on an H200 (change 73)
+    approx_tanh: bool = True
 
 
 DEFAULT_TUNING = Tuning()
@@ -63,22 +67,28 @@ def _block(row0, col0, tuning: Tuning, n: int, f: int):
     return (row_R[:, None], col_C[None, :]), col_C, ok_RC
 
 
-def _tanh_term(z):
+def _tanh_term(z, approx: bool):
     """t = tanh(sqrt(2/pi) (z + 0.044715 z^3)), float32."""
-    return jnp.tanh(SQRT_2_OVER_PI * (z + CUBIC * z * z * z))
+    u = SQRT_2_OVER_PI * (z + CUBIC * z * z * z)
+    return plgpu.approx_tanh(u) if approx else jnp.tanh(u)
 
 
-def _fwd_kernel(h_ref, b_ref, y_ref, *, n, f, tuning):
+def _approx(tuning: Tuning, dtype, interpret: bool) -> bool:
+    """Whether the kernels use the approximate tanh (a PTX instruction: not interpreted)."""
+    return tuning.approx_tanh and jnp.dtype(dtype).itemsize <= 2 and not interpret
+
+
+def _fwd_kernel(h_ref, b_ref, y_ref, *, n, f, tuning, approx):
     idx, col_C, ok_RC = _block(
         pl.program_id(0) * tuning.rows, pl.program_id(1) * tuning.cols, tuning, n, f
     )
     b_C = plgpu.load(b_ref.at[col_C], mask=col_C < f, other=0.0).astype(jnp.float32)
     z = plgpu.load(h_ref.at[idx], mask=ok_RC, other=0.0).astype(jnp.float32) + b_C[None, :]
-    y = 0.5 * z * (1.0 + _tanh_term(z))
+    y = 0.5 * z * (1.0 + _tanh_term(z, approx))
     plgpu.store(y_ref.at[idx], y.astype(y_ref.dtype), mask=ok_RC)
 
 
-def _bwd_kernel(h_ref, b_ref, dy_ref, dh_ref, db_ref, *, n, f, tuning, programs, trips):
+def _bwd_kernel(h_ref, b_ref, dy_ref, dh_ref, db_ref, *, n, f, tuning, approx, programs, trips):
     """Row blocks p, p + programs, ... of column block j: dh for each, and the partial
     sum of dh over all of them (masked rows load dy = 0, so they add nothing)."""
     p, j = pl.program_id(0), pl.program_id(1)
@@ -90,7 +100,7 @@ def _bwd_kernel(h_ref, b_ref, dy_ref, dh_ref, db_ref, *, n, f, tuning, programs,
         idx, _, ok_RC = _block((p + i * programs) * tuning.rows, col0, tuning, n, f)
         z = plgpu.load(h_ref.at[idx], mask=ok_RC, other=0.0).astype(jnp.float32) + b_C[None, :]
         dy = plgpu.load(dy_ref.at[idx], mask=ok_RC, other=0.0).astype(jnp.float32)
-        t = _tanh_term(z)
+        t = _tanh_term(z, approx)
         slope = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * SQRT_2_OVER_PI * (
             1.0 + 3.0 * CUBIC * z * z
         )
@@ -108,7 +118,9 @@ def _bwd_kernel(h_ref, b_ref, dy_ref, dh_ref, db_ref, *, n, f, tuning, programs,
 def _forward_rows(h_NF, b_F, *, tuning, interpret):
     n, f = h_NF.shape
     return pl.pallas_call(
-        functools.partial(_fwd_kernel, n=n, f=f, tuning=tuning),
+        functools.partial(
+            _fwd_kernel, n=n, f=f, tuning=tuning, approx=_approx(tuning, h_NF.dtype, interpret)
+        ),
         grid=(pl.cdiv(n, tuning.rows), pl.cdiv(f, tuning.cols)),
         out_shape=jax.ShapeDtypeStruct((n, f), h_NF.dtype),
         compiler_params=plgpu.CompilerParams(num_warps=tuning.warps, num_stages=1),
@@ -125,7 +137,13 @@ def _backward_rows(h_NF, b_F, dy_NF, *, tuning, interpret):
     programs = tuning.bwd_programs or max(1, tuning.programs_per_sm * num_sms() // col_blocks)
     programs = min(blocks, programs)
     kernel = functools.partial(
-        _bwd_kernel, n=n, f=f, tuning=tuning, programs=programs, trips=pl.cdiv(blocks, programs)
+        _bwd_kernel,
+        n=n,
+        f=f,
+        tuning=tuning,
+        approx=_approx(tuning, h_NF.dtype, interpret),
+        programs=programs,
+        trips=pl.cdiv(blocks, programs),
     )
     return pl.pallas_call(
         kernel,
