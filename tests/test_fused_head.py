@@ -114,7 +114,7 @@ def test_sharded_matches_the_definition(mesh_shape, batch):
     x, w, targets, g_ce, g_log_z = _inputs(shape=(batch, 5), seed=3)
     want = _value_and_grads(_definition, x, w, targets, g_ce, g_log_z)
     run = jax.jit(lambda *a: _value_and_grads(_fused, *a))
-    mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_shape))
+    mesh = mesh_of(mesh_shape)
     with sharding.mesh_context(mesh):
         got = run(x, w, targets, g_ce, g_log_z)
     assert_trees_close(got, want, check_dtype=False, rtol=2e-5, atol=2e-5)

@@ -14,6 +14,7 @@ from model.transformer import LanguageModel
 from tests.helpers import (
     assert_trees_close,
     lm_value_and_grad,
+    mesh_of,
     random_lm_batch,
     triton_kernels,
     verify_triton_ir,
@@ -87,7 +88,7 @@ def test_sharded_matches_the_definition(mesh_shape, batch):
     h, b, w = _inputs(shape=(batch, 5, 64), seed=3)
     want = _value_and_grad(_definition, w)(h, b)
     step = _value_and_grad(lambda h, b: bg.bias_gelu(h, b, tuning=SMALL_BLOCKS), w)
-    mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_shape))
+    mesh = mesh_of(mesh_shape)
     with sharding.mesh_context(mesh):
         if batch % 4 == 0:
             h = jax.device_put(h, sharding.batch_sharding(mesh))
@@ -115,7 +116,7 @@ def test_language_model_kernel_equals_xla(mesh_shape):
     if mesh_shape is None:
         got = lm_value_and_grad(kernel, tokens)(params)
     else:
-        with sharding.mesh_context(sharding.make_mesh(sharding.MeshConfig(**mesh_shape))):
+        with sharding.mesh_context(mesh_of(mesh_shape)):
             got = lm_value_and_grad(kernel, tokens)(params)
     # float32 throughout: XLA's bias add and the kernel's differ only in rounding
     assert_trees_close(got, want, rtol=1e-4, atol=1e-5)

@@ -91,7 +91,7 @@ def test_sharded_matches_the_definition(mesh_shape, batch):
     want = _value_and_grad(_definition, logits, *rest)
     kernel = lambda x, t: ce.target_logit_and_log_z(x, t, VOCAB, tuning=SMALL_BLOCKS)  # noqa: E731
     run = jax.jit(lambda x, *r: _value_and_grad(kernel, x, *r))
-    mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_shape))
+    mesh = mesh_of(mesh_shape)
     with sharding.mesh_context(mesh):
         got = run(logits, *rest)
         assert "shard_map" in str(run.trace(logits, *rest).jaxpr)

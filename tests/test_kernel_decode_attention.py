@@ -18,6 +18,7 @@ from model.kernels.decode_attention import decode_attention
 from model.masking import attention_mask
 from model.sampling import SamplingConfig, make_sampler
 from model.transformer import LanguageModel
+from tests.helpers import mesh_of
 from train import sharding
 from train.state import param_shardings, strip_axis_names
 
@@ -99,7 +100,7 @@ def test_sampler_with_kernel_matches_reference_sharded(preset):
     expected = make_sampler(model, sampling)(params, prompts, lengths, jax.random.key(0))
 
     kernel_model = LanguageModel(reference_cfg.replace(decode_attention="pallas"))
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = mesh_of(dict(data=2, fsdp=2, tensor=2))
     shardings = param_shardings(lambda r: kernel_model.init(r, prompts)["params"], mesh)
     with sharding.mesh_context(mesh):
         out = make_sampler(kernel_model, sampling)(

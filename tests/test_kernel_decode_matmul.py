@@ -15,7 +15,7 @@ from model.config import get_preset
 from model.kernels import decode_matmul as dm
 from model.sampling import SamplingConfig, make_sampler
 from model.transformer import LanguageModel, init_cache
-from tests.helpers import triton_kernels, verify_triton_ir
+from tests.helpers import mesh_of, triton_kernels, verify_triton_ir
 from train import sharding
 from train.state import strip_axis_names
 
@@ -190,7 +190,7 @@ def test_when_the_kernel_is_used(monkeypatch):
     assert auto.use_decode_matmul(default, 2, 2048, [8192])  # gpt-1.3b's up: 8,192 columns
     assert not auto.use_decode_matmul(default, 2, 2048, [2048])  # attention output: 2,048
     assert not auto.use_decode_matmul(default, 2, 768, [3072])  # gpt2-124m's up: 3,072
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = mesh_of(dict(data=2, fsdp=2, tensor=2))
     with sharding.mesh_context(mesh):
         assert not auto.use_decode_matmul(cfg, 2, 64, [64])
         assert not auto.use_decode_matmul(default, 2, 2048, [2048] * 3)

@@ -20,7 +20,13 @@ from model.kernels import flash_attention as fa
 from model.kernels.block_visibility import block_visibility, loop_bounds
 from model.masking import attention_mask
 from model.transformer import LanguageModel
-from tests.helpers import SMALL_FLASH_BLOCKS, random_lm_batch, triton_kernels, verify_triton_ir
+from tests.helpers import (
+    SMALL_FLASH_BLOCKS,
+    mesh_of,
+    random_lm_batch,
+    triton_kernels,
+    verify_triton_ir,
+)
 from train import sharding
 
 SMALL = SMALL_FLASH_BLOCKS
@@ -210,7 +216,7 @@ def test_sharded_equals_reference():
     kernel = functools.partial(
         fa.flash_attention, segment_ids_BT=seg, positions_BT=pos, tuning=SMALL
     )
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = mesh_of(dict(data=2, fsdp=2, tensor=2))
     with sharding.mesh_context(mesh):
         got = _value_and_grads(kernel, q, k, v, w, seg)
         assert "shard_map" in str(jax.make_jaxpr(kernel)(q, k, v))
@@ -221,7 +227,7 @@ def test_packed_sharded_equals_reference():
     q, k, v, seg, pos, w = _case(4, 40, 4, 2, 16, "float32", seed=4)
     want = _value_and_grads(_reference(seg, pos), q, k, v, w, seg)
     kernel = packed_attention(segment_ids_BT=seg, positions_BT=pos, tuning=SMALL)
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = mesh_of(dict(data=2, fsdp=2, tensor=2))
     with sharding.mesh_context(mesh):
         got = _value_and_grads(kernel, q, k, v, w, seg)
     _assert_equal_on_real_queries(got, want, seg, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,13 @@ from model.config import ModelConfig, get_preset
 from model.kernels import layer_norm as ln
 from model.layers import Norm
 from model.transformer import LanguageModel
-from tests.helpers import lm_value_and_grad, random_lm_batch, triton_kernels, verify_triton_ir
+from tests.helpers import (
+    lm_value_and_grad,
+    mesh_of,
+    random_lm_batch,
+    triton_kernels,
+    verify_triton_ir,
+)
 from train import sharding
 
 # A row block count that leaves the last block part full, and in the backward
@@ -149,7 +155,7 @@ def test_sharded_matches_xla_norm(mesh_shape, batch):
     x, params, w_y, w_x = _inputs(d=48, shape=(batch, 5), seed=3)
     want = _value_and_grad(_xla(cfg), w_y, w_x)(x, params)
     step = _value_and_grad(_kernel(cfg, SMALL_BLOCKS), w_y, w_x)
-    mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_shape))
+    mesh = mesh_of(mesh_shape)
     with sharding.mesh_context(mesh):
         if batch % 4 == 0:
             x = jax.device_put(x, sharding.batch_sharding(mesh))
@@ -194,7 +200,7 @@ def test_language_model_pallas_equals_xla(cfg, mesh_shape):
     if mesh_shape is None:
         got = lm_value_and_grad(pallas, tokens)(params)
     else:
-        mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_shape))
+        mesh = mesh_of(mesh_shape)
         with sharding.mesh_context(mesh):
             tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
             got = lm_value_and_grad(pallas, tokens)(params)
