@@ -90,8 +90,8 @@ def check_decode_attention(iters: int) -> Iterator[dict]:
 NORM_SHAPE = (64, 1024, 768)
 NORM_TUNINGS = {
     "default": layer_norm.DEFAULT_TUNING,
-    "small-blocks": layer_norm.Tuning(fwd_elems=4096, bwd_elems=2048),
-    "large-blocks": layer_norm.Tuning(fwd_elems=16384, bwd_elems=8192),
+    "small-blocks": layer_norm.Tuning(fwd_elems=1024, bwd_elems=1024),
+    "large-blocks": layer_norm.Tuning(fwd_elems=8192, bwd_elems=4096, bwd_programs_per_sm=6),
 }
 
 

@@ -52,25 +52,25 @@ MAX_D = 8192  # whole padded rows live in registers; wider rows would need a col
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """Launch shapes. Defaults are reasoned for an H100 (132 SMs, 64K registers
-    per SM), not measured; benchmarks may pass their own.
+    """Launch shapes, measured on an H200 (BENCHMARKS.md, "Speed round eighteen", change
+    75); benchmarks may pass their own.
 
-    A program holds `rows x next_pow2(D)` float32 values spread over its
-    threads: forward 8192 (x and y, ~32 values a thread at 8 warps), backward
-    4096 (x, dy, the residual cotangent, g, xhat, dx and the two gradient
-    accumulators are live together: half as many rows keeps that near 100
-    registers a thread, so 2 programs of 8 warps fit on an SM and keep
-    ~36 KB of loads in flight there).
+    A program holds `rows x next_pow2(D)` float32 values spread over its threads, with 8
+    warps from 4096 values on and 4 below. Small programs won: 2048 values (two rows of
+    gpt2-124m's D = 768, one of gpt-1.3b's 2048) and 4 programs per SM took the backward
+    kernel from 0.147 to 0.137 ms at gpt2-124m's batch 64 and from 0.172 to 0.163 ms at
+    gpt-1.3b's batch 16 (at gpt2-124m's size 3, 5, 6 or 10 programs per SM were 11-33%
+    slower, 8 or 16 3-4%: how evenly the waves come out), the forward from 0.095 to 0.091
+    and from 0.114 to 0.111 ms. Whether the backward loop was software-pipelined (Triton's
+    stages) changed nothing.
     """
 
-    fwd_elems: int = 8192
-    bwd_elems: int = 4096
+    fwd_elems: int = 2048
+    bwd_elems: int = 2048
     max_rows: int = 16
-    # The backward kernel loops over row blocks so that there are few partial
-    # sums (792 x D floats at 132 SMs: ~1% of the traffic at GPT-2 size): this
-    # many programs per SM, 6 so that waves come out full whether 1, 2 or 3
-    # programs fit on an SM at once.
-    bwd_programs_per_sm: int = 6
+    # The backward kernel loops over row blocks so that there are few partial sums
+    # (528 x D floats at 132 SMs: ~1% of the traffic at GPT-2 size).
+    bwd_programs_per_sm: int = 4
     bwd_programs: int | None = None  # overrides the per-SM count (tests use it)
 
 
