@@ -10,6 +10,7 @@ from model.config import get_preset
 from tests.helpers import build_training, random_lm_batch, single_device_mesh
 from tests.run_helpers import char_config
 from train import data_source, loop
+from train.gradients import keep_if, select_branch, select_leaves
 from train.metrics_writer import read_metrics
 from train.pretrain import train
 
@@ -25,6 +26,18 @@ def test_step_skips_a_nonfinite_update():
     assert int(state.step) == 1
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("select", [select_leaves, select_branch, keep_if])
+def test_each_selection_keeps_the_old_tree_unless_ok(select):
+    """Both forms of the skip (and the one this platform uses) pick whole trees alike."""
+    new = {"w": np.arange(6.0, dtype=np.float32).reshape(2, 3), "b": (np.float32(7.0),)}
+    old = jax.tree.map(lambda x: np.full_like(x, -1.0), new)
+    for ok, want in ((True, new), (False, old)):
+        got = jax.jit(select)(np.bool_(ok), new, old)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.fixture

@@ -79,6 +79,30 @@ def accumulate_gradients(
     return grads, sums
 
 
+def select_leaves(ok: jax.Array, new: Any, old: Any) -> Any:
+    """`new` if `ok` else `old`, leaf by leaf: each select fuses into the pass that computes
+    its new leaf, with no wait on the device."""
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def select_branch(ok: jax.Array, new: Any, old: Any) -> Any:
+    """`new` if `ok` else `old` as one conditional."""
+    return jax.lax.cond(ok, lambda: new, lambda: old)
+
+
+def keep_if(ok: jax.Array, new: Any, old: Any) -> Any:
+    """`new` if the scalar `ok` else `old`, for whole trees (the params and optimizer state).
+
+    On a GPU or TPU the selection is made leaf by leaf (`select_leaves`): a conditional
+    would make the host wait for `ok` in every step. XLA's CPU compiler, though, copies
+    the scalar `ok` and everything it is computed from (a sum per parameter) into every
+    leaf's select, so compile time grew with the square of the parameter count (the update
+    of gpt2-124m's 196 arrays: 42 s against 2 s without the check); there the selection
+    is one conditional (`select_branch`), and the update compiles in 3 s.
+    """
+    return jax.lax.platform_dependent(ok, new, old, cpu=select_branch, default=select_leaves)
+
+
 def apply_gradients(
     state: TrainState, grads: Any, tx: optax.GradientTransformation, loss: jax.Array | None = None
 ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -98,11 +122,9 @@ def apply_gradients(
     update_ok = all_finite(updates)
     params = optax.apply_updates(trainable, updates)
     ok = loss_ok & grad_ok & update_ok
-    keep_new = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    params, opt_state = keep_if(ok, (params, opt_state), (trainable, state.opt_state))
     new_state = state.replace(
-        step=state.step + 1,
-        params=with_frozen(frozen, jax.tree.map(keep_new, params, trainable)),
-        opt_state=jax.tree.map(keep_new, opt_state, state.opt_state),
+        step=state.step + 1, params=with_frozen(frozen, params), opt_state=opt_state
     )
     return new_state, {
         "grad_norm": grad_norm,
