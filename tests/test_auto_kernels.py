@@ -136,14 +136,19 @@ def test_a_run_resumes_under_another_kernel_choice():
 
 def test_training_steps_use_cublas_on_a_gpu_only_and_compute_the_same(monkeypatch):
     """jit_step compiles every stage's step with step_compiler_options(): cuBLAS GEMMs on a
-    GPU (train/sharding.py); the option changes kernels, never values."""
+    GPU, no dynamic-slice fusions (train/sharding.py); the options change kernels, never
+    values."""
     from tests.helpers import single_device_mesh
     from train import sharding
 
     assert sharding.step_compiler_options() == {}
     with monkeypatch.context() as m:
         m.setattr(sharding.jax, "default_backend", lambda: "gpu")
-        assert sharding.step_compiler_options() == {"xla_gpu_enable_triton_gemm": False}
+        gpu_options = sharding.step_compiler_options()
+    assert gpu_options == {
+        "xla_gpu_enable_triton_gemm": False,
+        "xla_gpu_enable_dynamic_slice_fusion": False,
+    }
 
     mesh = single_device_mesh()
     batch = {"x": jnp.ones((2, 4))}
@@ -158,7 +163,7 @@ def test_training_steps_use_cublas_on_a_gpu_only_and_compute_the_same(monkeypatc
         return sharding.jit_step(step, shardings, mesh)(state, batch, jax.random.key(0))
 
     plain = run({})[1]["y"]
-    np.testing.assert_array_equal(run({"xla_gpu_enable_triton_gemm": False})[1]["y"], plain)
+    np.testing.assert_array_equal(run(gpu_options)[1]["y"], plain)
     with pytest.raises(Exception, match="xla_no_such_option"):  # so the options do arrive,
         run({"xla_no_such_option": True})
     step_ = sharding.jit_step(step, {"w": sharding.replicated(mesh)}, mesh)

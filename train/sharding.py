@@ -209,13 +209,22 @@ def jit_sharded(
 
 
 def step_compiler_options() -> dict[str, Any]:
-    """XLA options for the training steps: on a GPU, cuBLAS for every matrix product
-    instead of XLA's autotuned Triton GEMM fusions. Measured on an H200 with the flag set
-    for the whole process (BENCHMARKS.md, "Speed round three", change 18): compile
-    20-22 -> 13.6 s (gpt2-124m) and 20.7 -> 12.5 s (gpt-1.3b), steps as fast or 1%
-    faster, first step 31.3 -> 22.8 s after launch with an empty compilation cache. Only
-    the steps: decoding's two-row products ran 1.45x slower with cuBLAS."""
-    return {"xla_gpu_enable_triton_gemm": False} if jax.default_backend() == "gpu" else {}
+    """XLA options for the training steps on a GPU.
+
+    cuBLAS for every matrix product instead of XLA's autotuned Triton GEMM fusions.
+    Measured on an H200 with the flag set for the whole process (BENCHMARKS.md, "Speed
+    round three", change 18): compile 20-22 -> 13.6 s (gpt2-124m) and 20.7 -> 12.5 s
+    (gpt-1.3b), steps as fast or 1% faster, first step 31.3 -> 22.8 s after launch with an
+    empty compilation cache. Only the steps: decoding's two-row products ran 1.45x slower
+    with cuBLAS.
+
+    No dynamic-slice fusions: with stacked layers (`scan_layers`) XLA wraps the products
+    that read one layer's slice of a stacked weight in such a fusion, and those products
+    are never autotuned, so cuBLAS ran 48 of gpt2-124m's a step with slower default
+    kernels, 2.6 ms a step (BENCHMARKS.md, "Speed round nineteen", change 78)."""
+    if jax.default_backend() != "gpu":
+        return {}
+    return {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_dynamic_slice_fusion": False}
 
 
 def jit_step(step_fn: Callable, state_shardings: Any, mesh: Mesh) -> Callable:

@@ -73,6 +73,7 @@ GPU_TRAIN = [
     # the output head's products in float8 (model/kernels/fp8_head.py)
     _gpt2(64, AUTO, FP8_HEAD, rows="packed"),
     _xl(16, *CUDNN, FP8_HEAD),
+    _gpt2(64, AUTO, SCAN, UNROLL, FP8_HEAD, rows="packed"),  # the recipe's form
     # the kernel pair on the model's logits, against the head fused with the single-pass
     # kernel (model/kernels/fused_head.py) that "auto" picks
     _gpt2(64, AUTO, PALLAS_CE, rows="packed"),

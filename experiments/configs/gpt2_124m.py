@@ -6,11 +6,13 @@ from experiments.configs.common import base_config, model_fields
 def get_config():
     c = base_config("gpt2-124m")
     # The blocks' parameters stacked, run as straight-line code (a fully unrolled scan):
-    # as fast a step as separate layers, half the operations to compile, so the first
-    # step comes seconds sooner (BENCHMARKS.md, "Speed round six").
+    # half the operations to compile, so the first step comes seconds sooner (BENCHMARKS.md,
+    # "Speed round six"), and a step 0.9-1.5 ms faster than separate layers on an H200
+    # (107.4 ms, 610k tokens/s; "Speed round nineteen").
     # `--config.model.head_matmul=fp8` runs the output head's forward and input-gradient
-    # products in float8 on Hopper GPUs: a 1.08x faster step at 0.01-0.04 nats more loss
-    # after 600 steps (BENCHMARKS.md, "Speed round thirteen"); off by default.
+    # products in float8 on Hopper GPUs: a 1.06x faster step (101.0-101.5 ms, 646k-649k
+    # tokens/s) at 0.01-0.04 nats more loss after 600 steps (BENCHMARKS.md, "Speed round
+    # thirteen"); off by default.
     c.model = model_fields("gpt2-124m", scan_layers=True, scan_unroll=0)
     c.data.vocab_size = 50257 - 257  # a 50k sentencepiece vocabulary fits the padded table
     c.data.seq_len = 1024
