@@ -220,8 +220,8 @@ def step_compiler_options() -> dict[str, Any]:
 
     No dynamic-slice fusions: with stacked layers (`scan_layers`) XLA wraps the products
     that read one layer's slice of a stacked weight in such a fusion, and those products
-    are never autotuned, so cuBLAS ran 48 of gpt2-124m's a step with slower default
-    kernels, 2.6 ms a step (BENCHMARKS.md, "Speed round nineteen", change 78)."""
+    are never autotuned: cuBLAS ran 48 of gpt2-124m's a step with default kernels, 1.0 to
+    2.6 ms a step slower (BENCHMARKS.md, "Speed round nineteen", change 78)."""
     if jax.default_backend() != "gpu":
         return {}
     return {"xla_gpu_enable_triton_gemm": False, "xla_gpu_enable_dynamic_slice_fusion": False}
