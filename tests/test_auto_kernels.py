@@ -13,7 +13,8 @@ from model.transformer import LanguageModel
 from train import losses
 
 
-def test_defaults_are_auto_and_resolve_to_the_reference_on_cpu():
+def test_defaults_are_auto_and_resolve_to_the_reference_off_the_gpu(monkeypatch):
+    monkeypatch.setattr(auto, "on_gpu", lambda: False)  # as on the CPU, on any machine
     for name in ("tiny", "gpt2-124m", "gpt-1.3b", "llama-1b"):
         cfg = get_preset(name)
         kernels = (
@@ -25,7 +26,6 @@ def test_defaults_are_auto_and_resolve_to_the_reference_on_cpu():
             cfg.decode_matmul,
         )
         assert kernels == ("auto",) * 6
-        assert jax.default_backend() == "cpu"
         assert auto.choose_backend(cfg, packed=True) == "reference"
         assert auto.choose_norm_impl(cfg) == "xla"
         assert auto.choose_activation_impl(cfg) == "xla"
@@ -90,7 +90,8 @@ def test_config_rejects_unknown_choices(field):
         ModelConfig(attention_dropout=1.0)
 
 
-def test_auto_model_on_cpu_is_the_reference_model():
+def test_auto_model_off_the_gpu_is_the_reference_model(monkeypatch):
+    monkeypatch.setattr(auto, "on_gpu", lambda: False)  # resolved at trace time
     tokens = jnp.arange(24, dtype=jnp.int32).reshape(2, 12) % 256
     auto_model = LanguageModel(get_preset("tiny"))
     reference = LanguageModel(
@@ -141,7 +142,9 @@ def test_training_steps_use_cublas_on_a_gpu_only_and_compute_the_same(monkeypatc
     from tests.helpers import single_device_mesh
     from train import sharding
 
-    assert sharding.step_compiler_options() == {}
+    with monkeypatch.context() as m:
+        m.setattr(sharding.jax, "default_backend", lambda: "cpu")
+        assert sharding.step_compiler_options() == {}
     with monkeypatch.context() as m:
         m.setattr(sharding.jax, "default_backend", lambda: "gpu")
         gpu_options = sharding.step_compiler_options()

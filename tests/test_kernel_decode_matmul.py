@@ -182,6 +182,7 @@ def test_when_the_kernel_is_used(monkeypatch):
     assert not auto.use_decode_matmul(cfg, 3, 64, [64])  # 3 rows: not a power of two
     assert not auto.use_decode_matmul(cfg.replace(decode_matmul="xla"), 2, 64, [64])
     default = cfg.replace(decode_matmul="auto")
+    monkeypatch.setattr(auto, "on_gpu", lambda: False)
     assert not auto.use_decode_matmul(default, 2, 2048, [2048] * 3)  # not on a GPU
     monkeypatch.setattr(auto, "on_gpu", lambda: True)
     monkeypatch.setattr(auto, "num_sms", lambda: 132)
