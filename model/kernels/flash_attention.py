@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from model.kernels import flash_attention_mgpu
 from model.kernels.block_visibility import block_visibility, loop_bounds
 from model.kernels.partition import dot, fit_logical, interpret_mode, run_sharded
 from model.masking import MASK_VALUE
@@ -71,6 +72,12 @@ class Tuning:
     # 120.0, 120.8 ms; BENCHMARKS.md, "Speed round seven"), while the kernel at gpt-1.3b's
     # head_dim 128 took 3.9 instead of 3.3 ms (shared memory for the third stage).
     num_stages: int | None = None
+    # the backward pass: "triton" (the kernels below) or "mgpu", the warp-specialised
+    # Mosaic GPU pair of `flash_attention_mgpu.py` (Hopper; one query head a key/value
+    # head, head_dim 64 or 128, 16-bit), which falls back to "triton" where it does not fit
+    bwd_kernel: str = "triton"
+    mgpu_block: int = 64  # its streamed block
+    mgpu_slots: int = 3  # and its pipeline depth
 
     def stages(self, head_dim: int) -> int:
         if self.num_stages is not None:
@@ -109,14 +116,15 @@ def flash_attention(
     segment_ids_BT: jax.Array | None,
     positions_BT: jax.Array,
     *,
-    tuning: Tuning = DEFAULT_TUNING,
+    tuning: Tuning | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """out_BTHD: softmax(q k^T / sqrt(D), masked by `attention_mask`) v, differentiable in
     q, k and v. `segment_ids_BT=None` means one document per row.
 
     Runs per device under the active mesh (rows split over the batch axes, heads over
-    the tensor axis); `interpret` defaults to True off the GPU.
+    the tensor axis); `interpret` defaults to True off the GPU, `tuning` to
+    `DEFAULT_TUNING` as it is when called.
     """
     B, T, H, D = q_BTHD.shape
     G = k_BTGD.shape[2]
@@ -137,6 +145,7 @@ def flash_attention(
         )
     interpret = interpret_mode() if interpret is None else interpret
     R = H // G
+    tuning = DEFAULT_TUNING if tuning is None else tuning
     out_BTGRD = _make_attention(tuning, bool(interpret), packed=False)(
         (q_BTHD.reshape(B, T, G, R, D), k_BTGD[:, :, :, None], v_BTGD[:, :, :, None]),
         *_ids(segment_ids_BT, positions_BT, B, T),
@@ -149,7 +158,7 @@ def flash_attention_packed(
     segment_ids_BT: jax.Array | None,
     positions_BT: jax.Array,
     *,
-    tuning: Tuning = DEFAULT_TUNING,
+    tuning: Tuning | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """`flash_attention` of q, k and v packed in one array (module docstring):
@@ -164,6 +173,7 @@ def flash_attention_packed(
             f"power-of-two D >= 16, got {qkv_BTGSD.shape}"
         )
     interpret = interpret_mode() if interpret is None else interpret
+    tuning = DEFAULT_TUNING if tuning is None else tuning
     out_BTGRD = _make_attention(tuning, bool(interpret), packed=True)(
         qkv_BTGSD, *_ids(segment_ids_BT, positions_BT, B, T)
     )
@@ -442,6 +452,11 @@ def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: 
     B, T, G, _, D = k.shape
     R = out.shape[3]
     H = G * R
+    if tuning.bwd_kernel == "mgpu" and flash_attention_mgpu.supported(H, G, D, q.dtype):
+        return flash_attention_mgpu.backward(
+            q, k, v, seg, pos, out, lse, d_out, slots=tuning.mgpu_slots, packed=packed,
+            block=tuning.mgpu_block, interpret=interpret,
+        )  # fmt: skip
     q_slot, k_slot, v_slot = _PACKED_SLOTS if packed else _SEPARATE_SLOTS
     multiple = tuning.row_multiple(D)
     if packed:

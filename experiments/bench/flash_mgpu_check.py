@@ -1,0 +1,97 @@
+"""The Mosaic GPU backward pair (`model/kernels/flash_attention_mgpu.py`) against the
+Triton one on a Hopper GPU, on rows packed like the stdlib corpus: gradient error, then
+time, by streamed block and pipeline depth. Prints one table.
+
+    python -m experiments.bench.flash_mgpu_check [--iters 20] [--sizes gpt2,gpt-1.3b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+from experiments.bench import packed_rows
+from experiments.bench.timing import median, time_calls
+from model.kernels import flash_attention as fa
+
+# name: (batch, length, heads, head_dim) of the training shapes
+SIZES = {"gpt2": (64, 1024, 12, 64), "gpt-1.3b": (16, 2048, 16, 128), "small": (2, 384, 2, 64)}
+VARIANTS = [("triton", 64, 3), ("mgpu", 64, 2), ("mgpu", 64, 3), ("mgpu", 64, 4), ("mgpu", 128, 2)]
+
+
+def _inputs(B, T, H, D, seed=0):
+    batch = packed_rows.packed_batch(50_304, B, T, seed=seed)
+    seg = jnp.asarray(batch["segment_ids"], jnp.int32)
+    pos = jnp.asarray(batch["positions"], jnp.int32)
+    keys = jax.random.split(jax.random.key(seed), 2)
+    qkv = jax.random.normal(keys[0], (B, T, H, 3, D), jnp.bfloat16)
+    d_out = jax.random.normal(keys[1], (B, T, H, 1, D), jnp.bfloat16)
+    return qkv, seg, pos, d_out
+
+
+def _backward_fn(tuning: fa.Tuning):
+    @jax.jit
+    def run(qkv, seg, pos, d_out):
+        out, lse = fa._forward(qkv, qkv, qkv, seg, pos, tuning=tuning, interpret=False, packed=True)
+        return fa._backward(
+            qkv, qkv, qkv, seg, pos, out, lse, d_out, tuning=tuning, interpret=False, packed=True
+        )[0]
+
+    return run
+
+
+def _rel_err(x, ref) -> float:
+    x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
+    return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--sizes", default="small,gpt2,gpt-1.3b")
+    args = parser.parse_args()
+    rows = []
+    for name in args.sizes.split(","):
+        B, T, H, D = SIZES[name]
+        inputs = _inputs(B, T, H, D)
+        ref = None
+        for kernel, block, slots in VARIANTS:
+            tuning = fa.Tuning(bwd_kernel=kernel, mgpu_block=block, mgpu_slots=slots)
+            fn = _backward_fn(tuning)
+            try:
+                grad = jax.block_until_ready(fn(*inputs))
+            except Exception as e:  # noqa: BLE001  (report and go on: this is a probe)
+                traceback.print_exc()
+                rows.append(
+                    (name, kernel, block, slots, f"FAILED {type(e).__name__}: {str(e)[:300]}")
+                )
+                print(rows[-1], flush=True)
+                continue
+            if ref is None:
+                ref = grad
+            err = [_rel_err(grad[:, :, :, i], ref[:, :, :, i]) for i in range(3)]
+            finite = bool(jnp.isfinite(grad.astype(jnp.float32)).all())
+            ms = median(time_calls(functools.partial(fn, *inputs), 2, args.iters)) * 1e3
+            rows.append(
+                (
+                    name,
+                    kernel,
+                    block,
+                    slots,
+                    f"{ms:.3f} ms fwd+bwd, rel err dk/dv/dq "
+                    + "/".join(f"{e:.1e}" for e in err)
+                    + f", finite {finite}",
+                )
+            )
+            print(rows[-1], flush=True)
+    print("\nsize | backward | block | slots | result")
+    for row in rows:
+        print(" | ".join(str(c) for c in row))
+
+
+if __name__ == "__main__":
+    main()

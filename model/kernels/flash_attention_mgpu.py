@@ -1,0 +1,453 @@
+"""Flash attention's backward pass over packed rows as Mosaic GPU kernels (Hopper only):
+the same two kernels as `model/kernels/flash_attention.py` (dq with delta; dk and dv),
+written warp-specialised as in FlashAttention-3 (Shah et al. 2024).
+
+Why a second backend: the Triton kernels cannot overlap a warpgroup's products with its
+softmax arithmetic (BENCHMARKS.md, change 81: they wait on the chain product -> row
+statistics -> exponentials -> product). Here every program runs three warpgroups: two
+compute warpgroups own 64 rows each and issue asynchronous `wgmma` products, while a
+third only streams the blocks they read from global into shared memory with TMA copies,
+`slots` blocks ahead, so loads never sit on the compute path.
+
+The mask rule, the block skipping (`model/kernels/block_visibility.py`: only the blocks
+that may hold a visible pair are streamed, and the wholly visible run is computed
+without a mask) and the treatment of padding queries (no gradient) are the Triton
+kernels'; the inputs and outputs are theirs too (base-2 log-sum-exp from the forward,
+q/k/v as slots of 5-D arrays, the packed layout written in place), so `_backward` there
+routes here when `Tuning.bwd_kernel == "mgpu"` and the shapes fit (`supported`).
+
+Segment ids and positions travel as float32 (exact below 2**24) next to each block's
+log-sum-exp and delta, so one small copy a block brings every per-token number a step
+needs: stats_BH4T holds (lse, delta, segment id, position) along its third axis.
+
+Shape letters: B batch, T length (Tp: padded to whole 128-row tiles), H heads (query and
+key/value heads alike here), G key/value heads, S slots of the 5-D arrays, D head dim,
+N tiles along T.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from model.kernels.block_visibility import block_visibility, loop_bounds
+
+_ROWS = 64  # rows a compute warpgroup owns: one wgmma tile
+_WGS = 2  # compute warpgroups a program; one more streams the blocks
+_TILE = _ROWS * _WGS  # rows a program owns
+_LOG2_E = math.log2(math.e)
+
+
+def supported(n_heads: int, kv_heads: int, head_dim: int, dtype) -> bool:
+    """One query head a key/value head, a head dim the 128-byte swizzle tiles, 16-bit."""
+    return (
+        n_heads == kv_heads
+        and head_dim in (64, 128)
+        and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    )
+
+
+def backward(q5, k5, v5, seg, pos, out5, lse, d_out5, *, slots, packed, block, interpret):
+    """(dq, dk, dv) like `flash_attention._backward`: q5/k5/v5 [B, T, G, S, D] 5-D views
+    (the packed array thrice, or q [B, T, G, 1, D] and k, v [B, T, G, 1, D]), out5 and
+    d_out5 [B, T, G, 1, D], lse [B, H, Tp'] base 2 from the forward (any Tp' >= T).
+    Packed: (dqkv,) in q5's layout; else (dq, dk, dv) shaped like q5, k5, v5."""
+    B, T, G, _, D = k5.shape
+    H = G
+    q_slot, k_slot, v_slot = (2, 0, 1) if packed else (0, 0, 0)
+    Tp = -(-T // _TILE) * _TILE
+    pad = lambda x: jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+    q5, seg, pos = pad(q5), pad(seg), pad(pos)
+    k5, v5 = (q5, q5) if packed else (pad(k5), pad(v5))
+    o_BTHD = pad(out5).reshape(B, Tp, H, D)
+    do_BTHD = pad(d_out5).reshape(B, Tp, H, D)
+    lse = jnp.pad(lse[:, :, :T], [(0, 0), (0, 0), (0, Tp - T)])
+    ids_B2T = jnp.stack([seg, pos], axis=1).astype(jnp.float32)
+    stats_BH4T = jnp.concatenate(
+        [
+            lse[:, :, None],
+            jnp.zeros_like(lse)[:, :, None],
+            jnp.broadcast_to(ids_B2T[:, None], (B, H, 2, Tp)),
+        ],
+        axis=2,
+    )
+    consts = dict(
+        block=block, slots=slots, slot_ids=(q_slot, k_slot, v_slot),
+        scale2=D**-0.5 * _LOG2_E, scale=D**-0.5, interpret=interpret,
+    )  # fmt: skip
+    params = _compiler_params()
+    N = Tp // _TILE
+
+    dq_bounds = loop_bounds(*block_visibility(seg, pos, _TILE, block))
+    dq, delta = plgpu.kernel(
+        functools.partial(_dq_kernel, **consts),
+        out_type=[
+            jax.ShapeDtypeStruct((B, Tp, H, D), q5.dtype),
+            jax.ShapeDtypeStruct((B, H, Tp), jnp.float32),
+        ],
+        scratch_types=_dq_scratch(D, q5.dtype, block, slots),
+        grid=(N, B, H),
+        grid_names=("tile", "batch", "head"),
+        num_threads=_WGS + 1,
+        thread_name="wg",
+        compiler_params=params,
+        interpret=_interpreter() if interpret else None,
+    )(dq_bounds, q5, k5, v5, o_BTHD, do_BTHD, stats_BH4T, ids_B2T)
+
+    stats_BH4T = stats_BH4T.at[:, :, 1].set(delta)
+    kv_bounds = loop_bounds(
+        *(jnp.swapaxes(x, 1, 2) for x in block_visibility(seg, pos, block, _TILE))
+    )
+    if packed:
+        out_type = [jax.ShapeDtypeStruct(q5.shape, q5.dtype)]
+    else:
+        out_type = [jax.ShapeDtypeStruct((B, Tp, H, D), q5.dtype)] * 2
+    grads = plgpu.kernel(
+        functools.partial(_dkv_kernel, packed=packed, **consts),
+        out_type=out_type,
+        scratch_types=_dkv_scratch(D, q5.dtype, block, slots),
+        grid=(N, B, G),
+        grid_names=("tile", "batch", "head"),
+        num_threads=_WGS + 1,
+        thread_name="wg",
+        compiler_params=params,
+        interpret=_interpreter() if interpret else None,
+    )(kv_bounds, q5, k5, v5, do_BTHD, stats_BH4T, ids_B2T, dq)
+    if packed:
+        return (grads[0][:, :T],)
+    dk, dv = (x[:, :T].reshape(B, T, G, 1, D) for x in grads)
+    return dq[:, :T].reshape(B, T, G, 1, D), dk, dv
+
+
+# ----------------------------------------------------------------------------
+# Version and mode differences, in one place.
+
+
+def _compiler_params():
+    """Lane semantics: the layouts below are spelled out, as the kernels need them."""
+    return plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
+
+
+def _interpreter():
+    """Mosaic GPU's interpreter (CPU): threads, barriers and copies are simulated."""
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
+_LOAD_TAKES_INDEX = "idx" in inspect.signature(plgpu.load).parameters
+
+
+def _load(ref, layout, interpret: bool):
+    """ref's value in a register layout; the interpreter has no layouts (nor `load`)."""
+    if interpret:
+        return ref[...]
+    if _LOAD_TAKES_INDEX:
+        return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout)
+
+
+def _cast(x, layout, interpret: bool):
+    return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def _t(ref):
+    """The transposed view of a [rows, D] shared-memory tile, as a wgmma operand."""
+    return ref.transpose((1, 0))
+
+
+# ----------------------------------------------------------------------------
+# Scratch: per compute warpgroup its own rows; per slot one streamed block.
+
+
+def _tile_smem(shape, dtype):
+    """A shared-memory tile laid out for TMA and wgmma (128-byte swizzle)."""
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def _dq_scratch(D, dtype, block, slots):
+    return [
+        _tile_smem((_WGS, _ROWS, D), dtype),  # q
+        _tile_smem((_WGS, _ROWS, D), dtype),  # dO
+        _tile_smem((_WGS, _ROWS, D), dtype),  # O, then dq on its way out
+        plgpu.SMEM((_WGS, 4, _ROWS), jnp.float32),  # own stats
+        plgpu.SMEM((_WGS, _ROWS), jnp.float32),  # delta on its way out
+        _tile_smem((slots, block, D), dtype),  # k
+        _tile_smem((slots, block, D), dtype),  # v
+        plgpu.SMEM((slots, 2, block), jnp.float32),  # key ids
+        plgpu.Barrier(num_barriers=_WGS),  # own rows: q, dO, O, stats (4 copies)
+        plgpu.Barrier(num_barriers=_WGS),
+        plgpu.Barrier(num_barriers=_WGS),
+        plgpu.Barrier(num_barriers=_WGS),
+        plgpu.Barrier(num_barriers=slots),  # streamed: k, v, ids
+        plgpu.Barrier(num_barriers=slots),
+        plgpu.Barrier(num_barriers=slots),
+        plgpu.Barrier(num_arrivals=_WGS, num_barriers=slots),  # slot consumed
+    ]
+
+
+def _dkv_scratch(D, dtype, block, slots):
+    return [
+        _tile_smem((_WGS, _ROWS, D), dtype),  # k, then dk on its way out
+        _tile_smem((_WGS, _ROWS, D), dtype),  # v, then dv
+        _tile_smem((_WGS, _ROWS, D), dtype),  # dq passing through (packed)
+        plgpu.SMEM((_WGS, 2, _ROWS), jnp.float32),  # own key ids
+        _tile_smem((slots, block, D), dtype),  # q
+        _tile_smem((slots, block, D), dtype),  # dO
+        plgpu.SMEM((slots, 4, block), jnp.float32),  # query stats
+        plgpu.Barrier(num_barriers=_WGS),  # own rows: k, v, ids, dq (4 copies)
+        plgpu.Barrier(num_barriers=_WGS),
+        plgpu.Barrier(num_barriers=_WGS),
+        plgpu.Barrier(num_barriers=_WGS),
+        plgpu.Barrier(num_barriers=slots),  # streamed: q, dO, stats
+        plgpu.Barrier(num_barriers=slots),
+        plgpu.Barrier(num_barriers=slots),
+        plgpu.Barrier(num_arrivals=_WGS, num_barriers=slots),  # slot consumed
+    ]
+
+
+# ----------------------------------------------------------------------------
+# The kernels. Scores in base 2 as in the Triton kernels: s2 = q.k * D^-0.5 * log2(e).
+
+
+def _product(a, b, interpret: bool, trans_b: bool = False):
+    """a @ b (b^T with `trans_b`) into a fresh float32 accumulator; a in shared memory or
+    registers, b in shared memory. The interpreter has no transposed wgmma operands, so
+    there the product is computed from the loaded values."""
+    if interpret:
+        a = a if isinstance(a, jax.Array) else a[...]
+        b = b[...].T if trans_b else b[...]
+        return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+    def body(acc_ref):
+        plgpu.wgmma(acc_ref, a, _t(b) if trans_b else b)
+        return acc_ref[...]
+
+    return pl.run_scoped(
+        body, plgpu.ACC((a.shape[0], b.shape[0] if trans_b else b.shape[1]), jnp.float32)
+    )
+
+
+def _accumulate(acc, a, b, interpret: bool):
+    """acc + a @ b (the interpreter has no `run_state`: it adds a fresh product)."""
+    if interpret:
+        return acc + _product(a, b, interpret)
+    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
+
+
+def _rows(x, shape):
+    """A per-row vector broadcast over a [rows, cols] tile."""
+    return lax.broadcast_in_dim(x, shape, [0])
+
+
+def _cols(x, shape):
+    """A per-column vector broadcast over a [rows, cols] tile."""
+    return lax.broadcast_in_dim(x, shape, [1])
+
+
+def _visible(q_seg, q_pos, k_seg, k_pos):
+    """The mask rule (`model.masking.attention_mask`) on broadcast tiles."""
+    return (q_seg == k_seg) & (q_seg != 0.0) & (k_pos <= q_pos)
+
+
+def _three_runs(bounds, step, carry):
+    """step(j, carry, masked) over blocks [lo, full_lo) and [full_hi, hi) with the mask,
+    over [full_lo, full_hi) without."""
+    lo, full_lo, full_hi, hi = bounds
+    carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
+    carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+    return lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+
+
+def _stream(bounds, slots, copies, consumed):
+    """The producer warpgroup: for blocks j in [lo, hi), copies(j, slot) into slot
+    (j - lo) % slots once the compute warpgroups have released it."""
+    lo, hi = bounds[0], bounds[3]
+    plgpu.set_max_registers(40, action="decrease")
+
+    def issue(j, _):
+        t = j - lo
+        slot = lax.rem(t, jnp.array(slots, t.dtype))
+
+        @pl.when(t >= slots)
+        def _():
+            plgpu.barrier_wait(consumed.at[slot])
+
+        copies(j, slot)
+
+    lax.fori_loop(lo, hi, issue, None)
+
+    # observe the last releases too, so that every barrier ends its use in the same phase
+    # on every warpgroup (a kernel may rely on it; the interpreter checks it)
+    def drain(j, _):
+        plgpu.barrier_wait(consumed.at[lax.rem(j - lo, jnp.array(slots, j.dtype))])
+
+    lax.fori_loop(jnp.maximum(lo, hi - slots), hi, drain, None)
+
+
+def _dq_kernel(
+    bounds_ref, q_ref, k_ref, v_ref, o_ref, do_ref, stats_ref, ids_ref,  # inputs
+    dq_ref, delta_ref,  # outputs
+    q_smem, do_smem, o_smem, own_smem, delta_smem, k_smem, v_smem, kid_smem,
+    q_bar, do_bar, o_bar, own_bar, k_bar, v_bar, kid_bar, consumed,
+    *, block, slots, slot_ids, scale2, scale, interpret,
+):  # fmt: skip
+    """One (query tile, row, head): dq and delta = rowsum(dO * O) over the key blocks
+    its 128 queries may see; each compute warpgroup owns 64 of the queries."""
+    n, b, h = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("head")
+    wg = lax.axis_index("wg")
+    q_slot, k_slot, v_slot = slot_ids
+    bounds = tuple(bounds_ref[b, n, i] for i in range(4))
+    D = q_smem.shape[-1]
+    tile = (_ROWS, block)
+
+    @pl.when(wg == _WGS)
+    def _producer():
+        def copies(j, slot):
+            keys = pl.ds(j * block, block)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, h, k_slot], k_smem.at[slot], k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h, v_slot], v_smem.at[slot], v_bar.at[slot])
+            plgpu.copy_gmem_to_smem(ids_ref.at[b, :, keys], kid_smem.at[slot], kid_bar.at[slot])
+
+        _stream(bounds, slots, copies, consumed)
+
+    @pl.when(wg < _WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        rows = pl.ds(n * _TILE + wg * _ROWS, _ROWS)
+        q_own, do_own, o_own, st_own = q_smem.at[wg], do_smem.at[wg], o_smem.at[wg], own_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, q_slot], q_own, q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_own, do_bar.at[wg])
+        plgpu.copy_gmem_to_smem(o_ref.at[b, rows, h], o_own, o_bar.at[wg])
+        plgpu.copy_gmem_to_smem(stats_ref.at[b, h, :, rows], st_own, own_bar.at[wg])
+        for bar in (q_bar, do_bar, o_bar, own_bar):
+            plgpu.barrier_wait(bar.at[wg])
+        row = plgpu.Layout.WGMMA.reduce(1)
+        lse, q_seg, q_pos = (_load(st_own.at[i], row, interpret) for i in (0, 2, 3))
+        o = _load(o_own, plgpu.Layout.WGMMA, interpret).astype(jnp.float32)
+        do = _load(do_own, plgpu.Layout.WGMMA, interpret).astype(jnp.float32)
+        delta = jnp.sum(o * do, axis=1)
+
+        def step(j, dq, masked):
+            slot = lax.rem(j - bounds[0], jnp.array(slots, j.dtype))
+            plgpu.barrier_wait(k_bar.at[slot])
+            s2 = _product(q_own, k_smem.at[slot], interpret, trans_b=True) * scale2
+            p = jnp.exp2(s2 - _rows(lse, tile))
+            plgpu.barrier_wait(kid_bar.at[slot])
+            if masked:
+                col = plgpu.Layout.WGMMA.reduce(0)
+                k_seg, k_pos = (_load(kid_smem.at[slot, i], col, interpret) for i in (0, 1))
+                visible = _visible(
+                    _rows(q_seg, tile), _rows(q_pos, tile), _cols(k_seg, tile), _cols(k_pos, tile)
+                )
+                p = jnp.where(visible, p, 0.0)
+            plgpu.barrier_wait(v_bar.at[slot])
+            dp = _product(do_own, v_smem.at[slot], interpret, trans_b=True)
+            ds = p * (dp - _rows(delta, tile))
+            dq = _accumulate(dq, ds.astype(k_smem.dtype), k_smem.at[slot], interpret)
+            plgpu.barrier_arrive(consumed.at[slot])
+            return dq
+
+        dq = _cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA, interpret)
+        dq = _three_runs(bounds, step, dq)
+        o_own[...] = (dq * scale).astype(o_own.dtype)
+        delta_smem.at[wg][...] = delta
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_own, dq_ref.at[b, rows, h])
+        plgpu.copy_smem_to_gmem(delta_smem.at[wg], delta_ref.at[b, h, rows])
+        plgpu.wait_smem_to_gmem(0)
+
+
+def _dkv_kernel(
+    bounds_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, ids_ref, dq_ref,  # inputs
+    *refs, block, slots, slot_ids, scale2, scale, packed, interpret,
+):  # fmt: skip
+    """One (key tile, row, head): dk and dv over the query blocks that may see its 128
+    keys; each compute warpgroup owns 64 of the keys. Tiles are [keys, queries]. Packed,
+    the one output holds dq too: this program passes its rows of dq through."""
+    outs, refs = (refs[:1], refs[1:]) if packed else (refs[:2], refs[2:])
+    (k_smem, v_smem, dq_smem, kid_smem, q_smem, do_smem, st_smem,
+     k_bar, v_bar, kid_bar, dq_bar, q_bar, do_bar, st_bar, consumed) = refs  # fmt: skip
+    n, b, g = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("head")
+    wg = lax.axis_index("wg")
+    q_slot, k_slot, v_slot = slot_ids
+    bounds = tuple(bounds_ref[b, n, i] for i in range(4))
+    D = k_smem.shape[-1]
+    tile = (_ROWS, block)
+
+    @pl.when(wg == _WGS)
+    def _producer():
+        def copies(j, slot):
+            queries = pl.ds(j * block, block)
+            plgpu.copy_gmem_to_smem(
+                q_ref.at[b, queries, g, q_slot], q_smem.at[slot], q_bar.at[slot]
+            )
+            plgpu.copy_gmem_to_smem(do_ref.at[b, queries, g], do_smem.at[slot], do_bar.at[slot])
+            plgpu.copy_gmem_to_smem(
+                stats_ref.at[b, g, :, queries], st_smem.at[slot], st_bar.at[slot]
+            )
+
+        _stream(bounds, slots, copies, consumed)
+
+    @pl.when(wg < _WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        rows = pl.ds(n * _TILE + wg * _ROWS, _ROWS)
+        k_own, v_own, dq_own, id_own = k_smem.at[wg], v_smem.at[wg], dq_smem.at[wg], kid_smem.at[wg]
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, g, k_slot], k_own, k_bar.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, g, v_slot], v_own, v_bar.at[wg])
+        plgpu.copy_gmem_to_smem(ids_ref.at[b, :, rows], id_own, kid_bar.at[wg])
+        if packed:  # read now, written at the end: the copy overlaps the work
+            plgpu.copy_gmem_to_smem(dq_ref.at[b, rows, g], dq_own, dq_bar.at[wg])
+        for bar in (k_bar, v_bar, kid_bar):
+            plgpu.barrier_wait(bar.at[wg])
+        row = plgpu.Layout.WGMMA.reduce(1)
+        k_seg, k_pos = (_load(id_own.at[i], row, interpret) for i in (0, 1))
+
+        def step(j, carry, masked):
+            dk, dv = carry
+            slot = lax.rem(j - bounds[0], jnp.array(slots, j.dtype))
+            plgpu.barrier_wait(q_bar.at[slot])
+            plgpu.barrier_wait(st_bar.at[slot])
+            s2_t = _product(k_own, q_smem.at[slot], interpret, trans_b=True) * scale2
+            col = plgpu.Layout.WGMMA.reduce(0)
+            lse, delta = (_load(st_smem.at[slot, i], col, interpret) for i in (0, 1))
+            p_t = jnp.exp2(s2_t - _cols(lse, tile))
+            if masked:
+                q_seg, q_pos = (_load(st_smem.at[slot, i], col, interpret) for i in (2, 3))
+                visible = _visible(
+                    _cols(q_seg, tile), _cols(q_pos, tile), _rows(k_seg, tile), _rows(k_pos, tile)
+                )
+                p_t = jnp.where(visible, p_t, 0.0)
+            plgpu.barrier_wait(do_bar.at[slot])
+            dv = _accumulate(dv, p_t.astype(do_smem.dtype), do_smem.at[slot], interpret)
+            dp_t = _product(v_own, do_smem.at[slot], interpret, trans_b=True)
+            ds_t = p_t * (dp_t - _cols(delta, tile))
+            dk = _accumulate(dk, ds_t.astype(q_smem.dtype), q_smem.at[slot], interpret)
+            plgpu.barrier_arrive(consumed.at[slot])
+            return dk, dv
+
+        zeros = _cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA, interpret)
+        dk, dv = _three_runs(bounds, step, (zeros, zeros))
+        k_own[...] = (dk * scale).astype(k_own.dtype)
+        v_own[...] = dv.astype(v_own.dtype)
+        plgpu.commit_smem()
+        if packed:
+            (dqkv_ref,) = outs
+            plgpu.barrier_wait(dq_bar.at[wg])
+            plgpu.copy_smem_to_gmem(dq_own, dqkv_ref.at[b, rows, g, q_slot])
+            plgpu.copy_smem_to_gmem(k_own, dqkv_ref.at[b, rows, g, k_slot])
+            plgpu.copy_smem_to_gmem(v_own, dqkv_ref.at[b, rows, g, v_slot])
+        else:
+            dk_ref, dv_ref = outs
+            plgpu.copy_smem_to_gmem(k_own, dk_ref.at[b, rows, g])
+            plgpu.copy_smem_to_gmem(v_own, dv_ref.at[b, rows, g])
+        plgpu.wait_smem_to_gmem(0)

@@ -1,0 +1,100 @@
+"""The Mosaic GPU backward pair (`model/kernels/flash_attention_mgpu.py`) gives the Triton
+pair's gradients on packed rows, through `flash_attention`'s public entry points; it
+lowers for CUDA; and shapes it does not take fall back to the Triton pair.
+
+On CPU the pair runs in Mosaic GPU's interpreter, which simulates the warpgroups, the
+TMA copies and the barriers between them (a wrong slot or phase deadlocks or reads a
+stale block), but computes each product from the loaded values.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from model.kernels import flash_attention as fa
+from model.kernels import flash_attention_mgpu as fm
+from tests.test_kernel_flash_attention import (
+    _assert_equal_on_real_queries,
+    _packed_rows,
+    _reference,
+    _value_and_grads,
+    packed_attention,
+)
+
+MGPU = fa.Tuning(bwd_kernel="mgpu")
+
+
+def _case(B, T, H, D, max_doc, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v, w = (jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.bfloat16) for _ in range(4))
+    seg, pos = _packed_rows(rng, B, T, max_doc=max_doc)
+    return q, k, v, seg, pos, w
+
+
+CASES = {  # (B, T, H, D, longest document, slots, streamed block, packed q/k/v)
+    # many short documents: every block pair masked; 2 slots wrap around often
+    "short-docs-separate": (2, 150, 2, 64, 30, 2, 64, "separate"),
+    # documents longer than a tile: the unmasked run too; 128-row streamed blocks
+    "long-docs-packed": (2, 256, 1, 64, 400, 3, 128, "packed"),
+}
+
+
+@pytest.mark.parametrize(
+    "B, T, H, D, max_doc, slots, block, layout", CASES.values(), ids=CASES.keys()
+)
+def test_gradients_equal_triton_pair_and_reference(B, T, H, D, max_doc, slots, block, layout):
+    q, k, v, seg, pos, w = _case(B, T, H, D, max_doc, seed=len(layout) + slots)
+    if layout == "packed":
+        attend = functools.partial(packed_attention, segment_ids_BT=seg, positions_BT=pos)
+    else:
+        attend = functools.partial(fa.flash_attention, segment_ids_BT=seg, positions_BT=pos)
+        attend = (lambda f: lambda **kw: functools.partial(f, **kw))(attend)
+    tuning = fa.Tuning(bwd_kernel="mgpu", mgpu_slots=slots, mgpu_block=block)
+    got = _value_and_grads(attend(tuning=tuning), q, k, v, w, seg)
+    triton = _value_and_grads(attend(tuning=fa.Tuning()), q, k, v, w, seg)
+    # the same arithmetic in another order of blocks: float32 rounding apart
+    _assert_equal_on_real_queries(got, triton, seg, rtol=1e-5, atol=1e-5)
+    want = _value_and_grads(
+        _reference(seg, pos), *(x.astype(jnp.float32) for x in (q, k, v)), w, seg
+    )
+    _assert_equal_on_real_queries(got, want, seg, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate"])
+def test_lowers_for_cuda(D, packed):
+    """Both kernels lower to Mosaic GPU's MLIR (what the device compiles), at the
+    training shapes' head dims."""
+    B, T, H = 2, 384, 2
+    x = jnp.zeros((B, T, H, 3 if packed else 1, D), jnp.bfloat16)
+    ids = jnp.ones((B, T), jnp.int32), jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    out = jnp.zeros((B, T, H, 1, D), jnp.bfloat16)
+    lse = jnp.zeros((B, H, T), jnp.float32)
+    run = functools.partial(fm.backward, slots=3, packed=packed, block=64, interpret=False)
+    lowered = jax.jit(run).trace(x, x, x, *ids, out, lse, out).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("mosaic_gpu") >= 2  # the dq kernel and the dk/dv kernel
+
+
+def test_unsupported_shapes_use_the_triton_pair():
+    """Grouped-query heads, head_dim 32 and float32 are not the pair's: `supported` says
+    so, and `flash_attention` with bwd_kernel="mgpu" lowers no Mosaic GPU kernel there."""
+    assert fm.supported(4, 4, 64, jnp.bfloat16) and fm.supported(2, 2, 128, jnp.float16)
+    assert not fm.supported(4, 2, 64, jnp.bfloat16)
+    assert not fm.supported(4, 4, 32, jnp.bfloat16)
+    assert not fm.supported(4, 4, 64, jnp.float32)
+    B, T, H, G, D = 1, 128, 4, 2, 64
+    q = jnp.zeros((B, T, H, D), jnp.bfloat16)
+    kv = jnp.zeros((B, T, G, D), jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+
+    def loss(q, k, v):
+        out = fa.flash_attention(q, k, v, None, pos, tuning=MGPU, interpret=False)
+        return out.astype(jnp.float32).sum()
+
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" not in text and "flash_attention_dq" in text
