@@ -3,6 +3,10 @@ Triton one on a Hopper GPU, on rows packed like the stdlib corpus: gradient erro
 time, by streamed block and pipeline depth. Prints one table.
 
     python -m experiments.bench.flash_mgpu_check [--iters 20] [--sizes gpt2,gpt-1.3b]
+    python -m experiments.bench.flash_mgpu_check --step [--rounds 2]
+
+--step times the gpt2-124m recipe's training step on packed rows instead (the
+`experiments.bench` train variant), with each backward pair in turn, `--rounds` times.
 """
 
 from __future__ import annotations
@@ -15,12 +19,21 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench import packed_rows
+from experiments.bench.__main__ import main as bench_main
 from experiments.bench.timing import median, time_calls
 from model.kernels import flash_attention as fa
 
 # name: (batch, length, heads, head_dim) of the training shapes
 SIZES = {"gpt2": (64, 1024, 12, 64), "gpt-1.3b": (16, 2048, 16, 128), "small": (2, 384, 2, 64)}
-VARIANTS = [("triton", 64, 3), ("mgpu", 64, 2), ("mgpu", 64, 3), ("mgpu", 64, 4), ("mgpu", 128, 2)]
+STEP = "=gpt2-124m/T1024/b64/packed[attention_backend=auto,scan_layers=True,scan_unroll=0]"
+VARIANTS = [  # (backward, streamed block, slots, one group of products)
+    ("triton", 64, 3, False),
+    ("mgpu", 64, 3, False),
+    ("mgpu", 64, 3, True),
+    ("mgpu", 64, 2, True),
+    ("mgpu", 64, 4, True),
+    ("mgpu", 128, 2, True),
+]
 
 
 def _inputs(B, T, H, D, seed=0):
@@ -53,21 +66,32 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--sizes", default="small,gpt2,gpt-1.3b")
+    parser.add_argument("--step", action="store_true")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
+    if args.step:
+        for _ in range(args.rounds):
+            for kernel in ("triton", "mgpu"):
+                fa.DEFAULT_TUNING = fa.Tuning(bwd_kernel=kernel)
+                bench_main(["--iters", str(args.iters), "--warmup", "3", "--only", "train",
+                            "--no-profile", "--match", STEP, "--tag", kernel])  # fmt: skip
+        return
     rows = []
     for name in args.sizes.split(","):
         B, T, H, D = SIZES[name]
         inputs = _inputs(B, T, H, D)
         ref = None
-        for kernel, block, slots in VARIANTS:
-            tuning = fa.Tuning(bwd_kernel=kernel, mgpu_block=block, mgpu_slots=slots)
+        for kernel, block, slots, fuse in VARIANTS:
+            tuning = fa.Tuning(
+                bwd_kernel=kernel, mgpu_block=block, mgpu_slots=slots, mgpu_fuse=fuse
+            )
             fn = _backward_fn(tuning)
             try:
                 grad = jax.block_until_ready(fn(*inputs))
             except Exception as e:  # noqa: BLE001  (report and go on: this is a probe)
                 traceback.print_exc()
                 rows.append(
-                    (name, kernel, block, slots, f"FAILED {type(e).__name__}: {str(e)[:300]}")
+                    (name, kernel, block, slots, fuse, f"FAILED {type(e).__name__}: {str(e)[:300]}")
                 )
                 print(rows[-1], flush=True)
                 continue
@@ -82,13 +106,14 @@ def main() -> None:
                     kernel,
                     block,
                     slots,
+                    fuse,
                     f"{ms:.3f} ms fwd+bwd, rel err dk/dv/dq "
                     + "/".join(f"{e:.1e}" for e in err)
                     + f", finite {finite}",
                 )
             )
             print(rows[-1], flush=True)
-    print("\nsize | backward | block | slots | result")
+    print("\nsize | backward | block | slots | fused | result")
     for row in rows:
         print(" | ".join(str(c) for c in row))
 

@@ -54,7 +54,9 @@ def supported(n_heads: int, kv_heads: int, head_dim: int, dtype) -> bool:
     )
 
 
-def backward(q5, k5, v5, seg, pos, out5, lse, d_out5, *, slots, packed, block, interpret):
+def backward(
+    q5, k5, v5, seg, pos, out5, lse, d_out5, *, slots, packed, block, interpret, fuse=False
+):
     """(dq, dk, dv) like `flash_attention._backward`: q5/k5/v5 [B, T, G, S, D] 5-D views
     (the packed array thrice, or q [B, T, G, 1, D] and k, v [B, T, G, 1, D]), out5 and
     d_out5 [B, T, G, 1, D], lse [B, H, Tp'] base 2 from the forward (any Tp' >= T).
@@ -80,7 +82,7 @@ def backward(q5, k5, v5, seg, pos, out5, lse, d_out5, *, slots, packed, block, i
     )
     consts = dict(
         block=block, slots=slots, slot_ids=(q_slot, k_slot, v_slot),
-        scale2=D**-0.5 * _LOG2_E, scale=D**-0.5, interpret=interpret,
+        scale2=D**-0.5 * _LOG2_E, scale=D**-0.5, fuse=fuse, interpret=interpret,
     )  # fmt: skip
     params = _compiler_params()
     N = Tp // _TILE
@@ -243,6 +245,36 @@ def _accumulate(acc, a, b, interpret: bool):
     return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
 
 
+def _product_pair(a1, b1, a2, b2, interpret: bool):
+    """(a1 @ b1^T, a2 @ b2^T) as one group of products, waited for once."""
+    if interpret:
+        return _product(a1, b1, True, trans_b=True), _product(a2, b2, True, trans_b=True)
+
+    def body(acc1, acc2):
+        plgpu.wgmma(acc1, a1, _t(b1))
+        plgpu.wgmma(acc2, a2, _t(b2))
+        return acc1[...], acc2[...]
+
+    shape = (a1.shape[0], b1.shape[0])
+    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+
+
+def _accumulate_and_product(acc, a1, b1, a2, b2, interpret: bool):
+    """(acc + a1 @ b1, a2 @ b2^T) as one group of products, waited for once."""
+    if interpret:
+        return _accumulate(acc, a1, b1, True), _product(a2, b2, True, trans_b=True)
+
+    def body(refs):
+        acc_ref, fresh_ref = refs
+        plgpu.wgmma(acc_ref, a1, b1)
+        plgpu.wgmma(fresh_ref, a2, _t(b2))
+
+    zeros = plgpu.layout_cast(
+        jnp.zeros((a2.shape[0], b2.shape[0]), jnp.float32), plgpu.Layout.WGMMA
+    )
+    return pl.run_state(body)((plgpu.ACC.init(acc), plgpu.ACC.init(zeros)))
+
+
 def _rows(x, shape):
     """A per-row vector broadcast over a [rows, cols] tile."""
     return lax.broadcast_in_dim(x, shape, [0])
@@ -298,7 +330,7 @@ def _dq_kernel(
     dq_ref, delta_ref,  # outputs
     q_smem, do_smem, o_smem, own_smem, delta_smem, k_smem, v_smem, kid_smem,
     q_bar, do_bar, o_bar, own_bar, k_bar, v_bar, kid_bar, consumed,
-    *, block, slots, slot_ids, scale2, scale, interpret,
+    *, block, slots, slot_ids, scale2, scale, fuse, interpret,
 ):  # fmt: skip
     """One (query tile, row, head): dq and delta = rowsum(dO * O) over the key blocks
     its 128 queries may see; each compute warpgroup owns 64 of the queries."""
@@ -339,8 +371,12 @@ def _dq_kernel(
         def step(j, dq, masked):
             slot = lax.rem(j - bounds[0], jnp.array(slots, j.dtype))
             plgpu.barrier_wait(k_bar.at[slot])
-            s2 = _product(q_own, k_smem.at[slot], interpret, trans_b=True) * scale2
-            p = jnp.exp2(s2 - _rows(lse, tile))
+            if fuse:
+                plgpu.barrier_wait(v_bar.at[slot])
+                s, dp = _product_pair(q_own, k_smem.at[slot], do_own, v_smem.at[slot], interpret)
+            else:
+                s = _product(q_own, k_smem.at[slot], interpret, trans_b=True)
+            p = jnp.exp2(s * scale2 - _rows(lse, tile))
             plgpu.barrier_wait(kid_bar.at[slot])
             if masked:
                 col = plgpu.Layout.WGMMA.reduce(0)
@@ -349,8 +385,9 @@ def _dq_kernel(
                     _rows(q_seg, tile), _rows(q_pos, tile), _cols(k_seg, tile), _cols(k_pos, tile)
                 )
                 p = jnp.where(visible, p, 0.0)
-            plgpu.barrier_wait(v_bar.at[slot])
-            dp = _product(do_own, v_smem.at[slot], interpret, trans_b=True)
+            if not fuse:
+                plgpu.barrier_wait(v_bar.at[slot])
+                dp = _product(do_own, v_smem.at[slot], interpret, trans_b=True)
             ds = p * (dp - _rows(delta, tile))
             dq = _accumulate(dq, ds.astype(k_smem.dtype), k_smem.at[slot], interpret)
             plgpu.barrier_arrive(consumed.at[slot])
@@ -368,7 +405,7 @@ def _dq_kernel(
 
 def _dkv_kernel(
     bounds_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, ids_ref, dq_ref,  # inputs
-    *refs, block, slots, slot_ids, scale2, scale, packed, interpret,
+    *refs, block, slots, slot_ids, scale2, scale, packed, fuse, interpret,
 ):  # fmt: skip
     """One (key tile, row, head): dk and dv over the query blocks that may see its 128
     keys; each compute warpgroup owns 64 of the keys. Tiles are [keys, queries]. Packed,
@@ -428,8 +465,12 @@ def _dkv_kernel(
                 )
                 p_t = jnp.where(visible, p_t, 0.0)
             plgpu.barrier_wait(do_bar.at[slot])
-            dv = _accumulate(dv, p_t.astype(do_smem.dtype), do_smem.at[slot], interpret)
-            dp_t = _product(v_own, do_smem.at[slot], interpret, trans_b=True)
+            p16_t, do_blk = p_t.astype(do_smem.dtype), do_smem.at[slot]
+            if fuse:
+                dv, dp_t = _accumulate_and_product(dv, p16_t, do_blk, v_own, do_blk, interpret)
+            else:
+                dv = _accumulate(dv, p16_t, do_blk, interpret)
+                dp_t = _product(v_own, do_blk, interpret, trans_b=True)
             ds_t = p_t * (dp_t - _cols(delta, tile))
             dk = _accumulate(dk, ds_t.astype(q_smem.dtype), q_smem.at[slot], interpret)
             plgpu.barrier_arrive(consumed.at[slot])
