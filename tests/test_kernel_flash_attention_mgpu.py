@@ -1,6 +1,6 @@
-"""The Mosaic GPU backward pair (`model/kernels/flash_attention_mgpu.py`) gives the Triton
-pair's gradients on packed rows, through `flash_attention`'s public entry points; it
-lowers for CUDA; and shapes it does not take fall back to the Triton pair.
+"""The Mosaic GPU kernels (`model/kernels/flash_attention_mgpu.py`) give the Triton
+kernels' outputs and gradients on packed rows, through `flash_attention`'s public entry
+points; they lower for CUDA; and shapes they do not take fall back to the Triton kernels.
 
 On CPU the pair runs in Mosaic GPU's interpreter, which simulates the warpgroups, the
 TMA copies and the barriers between them (a wrong slot or phase deadlocks or reads a
@@ -24,7 +24,7 @@ from tests.test_kernel_flash_attention import (
     packed_attention,
 )
 
-MGPU = fa.Tuning(bwd_kernel="mgpu")
+BOTH_MGPU = fa.Tuning(fwd_kernel="mgpu", bwd_kernel="mgpu")
 
 
 def _case(B, T, H, D, max_doc, seed):
@@ -39,7 +39,7 @@ CASES = {  # (B, T, H, D, longest document, slots, streamed block, fused product
     "short-docs-separate": (2, 150, 2, 64, 30, 2, 64, False, "separate"),
     # documents longer than a tile: the unmasked run too; 128-row streamed blocks
     "long-docs-packed-fused": (2, 256, 1, 64, 400, 3, 128, True, "packed"),
-}
+}  # both cases run the Mosaic GPU forward kernel too
 
 
 @pytest.mark.parametrize(
@@ -52,11 +52,15 @@ def test_gradients_equal_triton_pair_and_reference(B, T, H, D, max_doc, slots, b
     else:
         attend = functools.partial(fa.flash_attention, segment_ids_BT=seg, positions_BT=pos)
         attend = (lambda f: lambda **kw: functools.partial(f, **kw))(attend)
-    tuning = fa.Tuning(bwd_kernel="mgpu", mgpu_slots=slots, mgpu_block=block, mgpu_fuse=fuse)
+    tuning = fa.Tuning(
+        fwd_kernel="mgpu", bwd_kernel="mgpu", mgpu_slots=slots, mgpu_block=block, mgpu_fuse=fuse
+    )
     got = _value_and_grads(attend(tuning=tuning), q, k, v, w, seg)
     triton = _value_and_grads(attend(tuning=fa.Tuning()), q, k, v, w, seg)
-    # the same arithmetic in another order of blocks: float32 rounding apart
-    _assert_equal_on_real_queries(got, triton, seg, rtol=1e-5, atol=1e-5)
+    # the same arithmetic: with the Triton kernels' 64-row blocks float32 rounding apart;
+    # 128-row blocks round the running softmax to bfloat16 at other points
+    tol = 1e-5 if block == 64 else 1e-2
+    _assert_equal_on_real_queries(got, triton, seg, rtol=tol, atol=tol)
     want = _value_and_grads(
         _reference(seg, pos), *(x.astype(jnp.float32) for x in (q, k, v)), w, seg
     )
@@ -66,22 +70,25 @@ def test_gradients_equal_triton_pair_and_reference(B, T, H, D, max_doc, slots, b
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "separate"])
 def test_lowers_for_cuda(D, packed):
-    """Both kernels lower to Mosaic GPU's MLIR (what the device compiles), at the
+    """The three kernels lower to Mosaic GPU's MLIR (what the device compiles), at the
     training shapes' head dims."""
     B, T, H = 2, 384, 2
     x = jnp.zeros((B, T, H, 3 if packed else 1, D), jnp.bfloat16)
     ids = jnp.ones((B, T), jnp.int32), jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     out = jnp.zeros((B, T, H, 1, D), jnp.bfloat16)
-    lse = jnp.zeros((B, H, T), jnp.float32)
-    run = functools.partial(fm.backward, slots=3, packed=packed, block=64, interpret=False)
-    lowered = jax.jit(run).trace(x, x, x, *ids, out, lse, out).lower(lowering_platforms=("cuda",))
-    text = lowered.as_text()
-    assert text.count("mosaic_gpu") >= 2  # the dq kernel and the dk/dv kernel
+    settings = dict(slots=3, packed=packed, block=64, interpret=False)
+
+    def run(x, seg, pos, d_out):
+        out, lse = fm.forward(x, x, x, seg, pos, **settings)
+        return fm.backward(x, x, x, seg, pos, out, lse, d_out, **settings)
+
+    lowered = jax.jit(run).trace(x, *ids, out).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("mosaic_gpu") >= 3  # forward, dq, dk/dv
 
 
 def test_unsupported_shapes_use_the_triton_pair():
     """Grouped-query heads, head_dim 32 and float32 are not the pair's: `supported` says
-    so, and `flash_attention` with bwd_kernel="mgpu" lowers no Mosaic GPU kernel there."""
+    so, and `flash_attention` asked for them lowers no Mosaic GPU kernel there."""
     assert fm.supported(4, 4, 64, jnp.bfloat16) and fm.supported(2, 2, 128, jnp.float16)
     assert not fm.supported(4, 2, 64, jnp.bfloat16)
     assert not fm.supported(4, 4, 32, jnp.bfloat16)
@@ -92,9 +99,10 @@ def test_unsupported_shapes_use_the_triton_pair():
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
 
     def loss(q, k, v):
-        out = fa.flash_attention(q, k, v, None, pos, tuning=MGPU, interpret=False)
+        out = fa.flash_attention(q, k, v, None, pos, tuning=BOTH_MGPU, interpret=False)
         return out.astype(jnp.float32).sum()
 
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
-    assert "mosaic_gpu" not in text and "flash_attention_dq" in text
+    assert "mosaic_gpu" not in text
+    assert "flash_attention_fwd" in text and "flash_attention_dq" in text

@@ -26,13 +26,15 @@ from model.kernels import flash_attention as fa
 # name: (batch, length, heads, head_dim) of the training shapes
 SIZES = {"gpt2": (64, 1024, 12, 64), "gpt-1.3b": (16, 2048, 16, 128), "small": (2, 384, 2, 64)}
 STEP = "=gpt2-124m/T1024/b64/packed[attention_backend=auto,scan_layers=True,scan_unroll=0]"
-VARIANTS = [  # (backward, streamed block, slots, one group of products)
-    ("triton", 64, 3, False),
-    ("mgpu", 64, 3, False),
-    ("mgpu", 64, 3, True),
-    ("mgpu", 64, 2, True),
-    ("mgpu", 64, 4, True),
-    ("mgpu", 128, 2, True),
+VARIANTS = [  # (forward, backward, streamed block, slots, one group of products)
+    ("triton", "triton", 64, 3, False),
+    ("triton", "mgpu", 64, 3, False),
+    ("triton", "mgpu", 64, 3, True),
+    ("triton", "mgpu", 64, 2, True),
+    ("triton", "mgpu", 64, 4, True),
+    ("triton", "mgpu", 128, 2, True),
+    ("mgpu", "triton", 64, 3, False),
+    ("mgpu", "triton", 128, 2, False),
 ]
 
 
@@ -81,9 +83,13 @@ def main() -> None:
         B, T, H, D = SIZES[name]
         inputs = _inputs(B, T, H, D)
         ref = None
-        for kernel, block, slots, fuse in VARIANTS:
+        for fwd, kernel, block, slots, fuse in VARIANTS:
             tuning = fa.Tuning(
-                bwd_kernel=kernel, mgpu_block=block, mgpu_slots=slots, mgpu_fuse=fuse
+                fwd_kernel=fwd,
+                bwd_kernel=kernel,
+                mgpu_block=block,
+                mgpu_slots=slots,
+                mgpu_fuse=fuse,
             )
             fn = _backward_fn(tuning)
             try:
@@ -91,7 +97,15 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001  (report and go on: this is a probe)
                 traceback.print_exc()
                 rows.append(
-                    (name, kernel, block, slots, fuse, f"FAILED {type(e).__name__}: {str(e)[:300]}")
+                    (
+                        name,
+                        fwd,
+                        kernel,
+                        block,
+                        slots,
+                        fuse,
+                        f"FAILED {type(e).__name__}: {str(e)[:300]}",
+                    )
                 )
                 print(rows[-1], flush=True)
                 continue
@@ -103,6 +117,7 @@ def main() -> None:
             rows.append(
                 (
                     name,
+                    fwd,
                     kernel,
                     block,
                     slots,
@@ -113,7 +128,7 @@ def main() -> None:
                 )
             )
             print(rows[-1], flush=True)
-    print("\nsize | backward | block | slots | fused | result")
+    print("\nsize | forward | backward | block | slots | fused | result")
     for row in rows:
         print(" | ".join(str(c) for c in row))
 

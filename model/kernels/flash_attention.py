@@ -72,9 +72,10 @@ class Tuning:
     # 120.0, 120.8 ms; BENCHMARKS.md, "Speed round seven"), while the kernel at gpt-1.3b's
     # head_dim 128 took 3.9 instead of 3.3 ms (shared memory for the third stage).
     num_stages: int | None = None
-    # the backward pass: "triton" (the kernels below) or "mgpu", the warp-specialised
-    # Mosaic GPU pair of `flash_attention_mgpu.py` (Hopper; one query head a key/value
-    # head, head_dim 64 or 128, 16-bit), which falls back to "triton" where it does not fit
+    # the forward and backward passes: "triton" (the kernels below) or "mgpu", the
+    # warp-specialised Mosaic GPU kernels of `flash_attention_mgpu.py` (Hopper; one query
+    # head a key/value head, head_dim 64 or 128, 16-bit), "triton" where they do not fit
+    fwd_kernel: str = "triton"
     bwd_kernel: str = "triton"
     mgpu_block: int = 64  # its streamed block
     mgpu_slots: int = 3  # and its pipeline depth
@@ -400,6 +401,11 @@ def _forward(q, k, v, seg, pos, *, tuning: Tuning, interpret: bool, packed: bool
     B, T, G, _, D = k.shape
     R = q.shape[3] - 2 if packed else q.shape[3]
     H = G * R
+    if tuning.fwd_kernel == "mgpu" and flash_attention_mgpu.supported(H, G, D, q.dtype):
+        return flash_attention_mgpu.forward(
+            q, k, v, seg, pos, slots=tuning.mgpu_slots, packed=packed, block=tuning.mgpu_block,
+            interpret=interpret,
+        )  # fmt: skip
     q_slot, k_slot, v_slot = _PACKED_SLOTS if packed else _SEPARATE_SLOTS
     if packed:  # one array: pad it once
         (q,) = _pad_rows(T, tuning.row_multiple(D), q)

@@ -38,6 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from model.kernels.block_visibility import block_visibility, loop_bounds
+from model.masking import MASK_VALUE
 
 _ROWS = 64  # rows a compute warpgroup owns: one wgmma tile
 _WGS = 2  # compute warpgroups a program; one more streams the blocks
@@ -54,6 +55,26 @@ def supported(n_heads: int, kv_heads: int, head_dim: int, dtype) -> bool:
     )
 
 
+def forward(q5, k5, v5, seg, pos, *, slots, packed, block, interpret):
+    """(out_BTGRD, lse_BHTp) like `flash_attention._forward` (R = 1, Tp a multiple of 128):
+    q5/k5/v5 as in `backward`."""
+    B, T, G, _, D = k5.shape
+    q5, k5, v5, seg, pos, Tp = _pad(T, packed, q5, k5, v5, seg, pos)
+    ids_B2T = jnp.stack([seg, pos], axis=1).astype(jnp.float32)
+    bounds = loop_bounds(*block_visibility(seg, pos, _TILE, block))
+    out, lse = _launch(
+        functools.partial(_fwd_kernel, **_consts(D, packed, block, slots, False, interpret)),
+        [
+            jax.ShapeDtypeStruct((B, Tp, G, D), q5.dtype),
+            jax.ShapeDtypeStruct((B, G, Tp), jnp.float32),
+        ],
+        _fwd_scratch(D, q5.dtype, block, slots),
+        (B, G, Tp),
+        interpret,
+    )(bounds, q5, k5, v5, ids_B2T)
+    return out[:, :T, :, None], lse
+
+
 def backward(
     q5, k5, v5, seg, pos, out5, lse, d_out5, *, slots, packed, block, interpret, fuse=False
 ):
@@ -63,13 +84,8 @@ def backward(
     Packed: (dqkv,) in q5's layout; else (dq, dk, dv) shaped like q5, k5, v5."""
     B, T, G, _, D = k5.shape
     H = G
-    q_slot, k_slot, v_slot = (2, 0, 1) if packed else (0, 0, 0)
-    Tp = -(-T // _TILE) * _TILE
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, Tp - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
-    q5, seg, pos = pad(q5), pad(seg), pad(pos)
-    k5, v5 = (q5, q5) if packed else (pad(k5), pad(v5))
-    o_BTHD = pad(out5).reshape(B, Tp, H, D)
-    do_BTHD = pad(d_out5).reshape(B, Tp, H, D)
+    q5, k5, v5, seg, pos, Tp = _pad(T, packed, q5, k5, v5, seg, pos)
+    o_BTHD, do_BTHD = (jnp.pad(x, _row_padding(x, Tp)).reshape(B, Tp, H, D) for x in (out5, d_out5))
     lse = jnp.pad(lse[:, :, :T], [(0, 0), (0, 0), (0, Tp - T)])
     ids_B2T = jnp.stack([seg, pos], axis=1).astype(jnp.float32)
     stats_BH4T = jnp.concatenate(
@@ -80,27 +96,18 @@ def backward(
         ],
         axis=2,
     )
-    consts = dict(
-        block=block, slots=slots, slot_ids=(q_slot, k_slot, v_slot),
-        scale2=D**-0.5 * _LOG2_E, scale=D**-0.5, fuse=fuse, interpret=interpret,
-    )  # fmt: skip
-    params = _compiler_params()
-    N = Tp // _TILE
+    consts = _consts(D, packed, block, slots, fuse, interpret)
 
     dq_bounds = loop_bounds(*block_visibility(seg, pos, _TILE, block))
-    dq, delta = plgpu.kernel(
+    dq, delta = _launch(
         functools.partial(_dq_kernel, **consts),
-        out_type=[
+        [
             jax.ShapeDtypeStruct((B, Tp, H, D), q5.dtype),
             jax.ShapeDtypeStruct((B, H, Tp), jnp.float32),
         ],
-        scratch_types=_dq_scratch(D, q5.dtype, block, slots),
-        grid=(N, B, H),
-        grid_names=("tile", "batch", "head"),
-        num_threads=_WGS + 1,
-        thread_name="wg",
-        compiler_params=params,
-        interpret=_interpreter() if interpret else None,
+        _dq_scratch(D, q5.dtype, block, slots),
+        (B, H, Tp),
+        interpret,
     )(dq_bounds, q5, k5, v5, o_BTHD, do_BTHD, stats_BH4T, ids_B2T)
 
     stats_BH4T = stats_BH4T.at[:, :, 1].set(delta)
@@ -111,21 +118,54 @@ def backward(
         out_type = [jax.ShapeDtypeStruct(q5.shape, q5.dtype)]
     else:
         out_type = [jax.ShapeDtypeStruct((B, Tp, H, D), q5.dtype)] * 2
-    grads = plgpu.kernel(
+    grads = _launch(
         functools.partial(_dkv_kernel, packed=packed, **consts),
-        out_type=out_type,
-        scratch_types=_dkv_scratch(D, q5.dtype, block, slots),
-        grid=(N, B, G),
-        grid_names=("tile", "batch", "head"),
-        num_threads=_WGS + 1,
-        thread_name="wg",
-        compiler_params=params,
-        interpret=_interpreter() if interpret else None,
+        out_type,
+        _dkv_scratch(D, q5.dtype, block, slots),
+        (B, G, Tp),
+        interpret,
     )(kv_bounds, q5, k5, v5, do_BTHD, stats_BH4T, ids_B2T, dq)
     if packed:
         return (grads[0][:, :T],)
     dk, dv = (x[:, :T].reshape(B, T, G, 1, D) for x in grads)
     return dq[:, :T].reshape(B, T, G, 1, D), dk, dv
+
+
+def _row_padding(x, Tp):
+    return [(0, 0), (0, Tp - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+
+
+def _pad(T, packed, q5, k5, v5, seg, pos):
+    """Rows padded to whole tiles (padding tokens: segment 0); packed, one array."""
+    Tp = -(-T // _TILE) * _TILE
+    q5, seg, pos = (jnp.pad(x, _row_padding(x, Tp)) for x in (q5, seg, pos))
+    k5, v5 = (q5, q5) if packed else (jnp.pad(x, _row_padding(x, Tp)) for x in (k5, v5))
+    return q5, k5, v5, seg, pos, Tp
+
+
+def _consts(D, packed, block, slots, fuse, interpret):
+    return dict(
+        block=block, slots=slots, slot_ids=(2, 0, 1) if packed else (0, 0, 0),
+        scale2=D**-0.5 * _LOG2_E, scale=D**-0.5, fuse=fuse, interpret=interpret,
+    )  # fmt: skip
+
+
+def _launch(kernel, out_type, scratch, BHT, interpret):
+    """One program a (tile of 128 rows, row, head): two compute warpgroups and a producer."""
+    B, H, Tp = BHT
+    return plgpu.kernel(
+        kernel,
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=(Tp // _TILE, B, H),
+        grid_names=("tile", "batch", "head"),
+        num_threads=_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(
+            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane
+        ),
+        interpret=_interpreter() if interpret else None,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -173,6 +213,23 @@ def _tile_smem(shape, dtype):
     """A shared-memory tile laid out for TMA and wgmma (128-byte swizzle)."""
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def _fwd_scratch(D, dtype, block, slots):
+    return [
+        _tile_smem((_WGS, _ROWS, D), dtype),  # q, then out on its way out
+        plgpu.SMEM((_WGS, 2, _ROWS), jnp.float32),  # own query ids
+        plgpu.SMEM((_WGS, _ROWS), jnp.float32),  # lse on its way out
+        _tile_smem((slots, block, D), dtype),  # k
+        _tile_smem((slots, block, D), dtype),  # v
+        plgpu.SMEM((slots, 2, block), jnp.float32),  # key ids
+        plgpu.Barrier(num_barriers=_WGS),  # own rows: q, ids
+        plgpu.Barrier(num_barriers=_WGS),
+        plgpu.Barrier(num_barriers=slots),  # streamed: k, v, ids
+        plgpu.Barrier(num_barriers=slots),
+        plgpu.Barrier(num_barriers=slots),
+        plgpu.Barrier(num_arrivals=_WGS, num_barriers=slots),  # slot consumed
+    ]
 
 
 def _dq_scratch(D, dtype, block, slots):
@@ -299,9 +356,10 @@ def _three_runs(bounds, step, carry):
     return lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
 
 
-def _stream(bounds, slots, copies, consumed):
-    """The producer warpgroup: for blocks j in [lo, hi), copies(j, slot) into slot
-    (j - lo) % slots once the compute warpgroups have released it."""
+def _stream(bounds, block, slots, consumed, streams):
+    """The producer warpgroup: for blocks j in [lo, hi), each stream's block j copied into
+    slot (j - lo) % slots once the compute warpgroups have released that slot. A stream
+    is (view, buffers, barriers): view(rows) the global array's block, buffers [slots, ...]."""
     lo, hi = bounds[0], bounds[3]
     plgpu.set_max_registers(40, action="decrease")
 
@@ -313,7 +371,10 @@ def _stream(bounds, slots, copies, consumed):
         def _():
             plgpu.barrier_wait(consumed.at[slot])
 
-        copies(j, slot)
+        for view, buffers, barriers in streams:
+            plgpu.copy_gmem_to_smem(
+                view(pl.ds(j * block, block)), buffers.at[slot], barriers.at[slot]
+            )
 
     lax.fori_loop(lo, hi, issue, None)
 
@@ -323,6 +384,85 @@ def _stream(bounds, slots, copies, consumed):
         plgpu.barrier_wait(consumed.at[lax.rem(j - lo, jnp.array(slots, j.dtype))])
 
     lax.fori_loop(jnp.maximum(lo, hi - slots), hi, drain, None)
+
+
+def _fwd_kernel(
+    bounds_ref, q_ref, k_ref, v_ref, ids_ref,  # inputs
+    o_ref, lse_ref,  # outputs
+    q_smem, qid_smem, lse_smem, k_smem, v_smem, kid_smem,
+    q_bar, qid_bar, k_bar, v_bar, kid_bar, consumed,
+    *, block, slots, slot_ids, scale2, scale, fuse, interpret,
+):  # fmt: skip
+    """One (query tile, row, head): the output and base-2 log-sum-exp of its 128 queries,
+    over the key blocks they may see (Dao et al. 2022's running maximum and sum)."""
+    del scale, fuse
+    n, b, h = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("head")
+    wg = lax.axis_index("wg")
+    q_slot, k_slot, v_slot = slot_ids
+    bounds = tuple(bounds_ref[b, n, i] for i in range(4))
+    D = q_smem.shape[-1]
+    tile = (_ROWS, block)
+
+    @pl.when(wg == _WGS)
+    def _producer():
+        streams = [
+            (lambda keys: k_ref.at[b, keys, h, k_slot], k_smem, k_bar),
+            (lambda keys: v_ref.at[b, keys, h, v_slot], v_smem, v_bar),
+            (lambda keys: ids_ref.at[b, :, keys], kid_smem, kid_bar),
+        ]
+        _stream(bounds, block, slots, consumed, streams)
+
+    @pl.when(wg < _WGS)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        rows = pl.ds(n * _TILE + wg * _ROWS, _ROWS)
+        q_own, id_own = q_smem.at[wg], qid_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, q_slot], q_own, q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(ids_ref.at[b, :, rows], id_own, qid_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+        plgpu.barrier_wait(qid_bar.at[wg])
+        row = plgpu.Layout.WGMMA.reduce(1)
+        q_seg, q_pos = (_load(id_own.at[i], row, interpret) for i in (0, 1))
+
+        def step(j, carry, masked):
+            acc, m, total = carry
+            slot = lax.rem(j - bounds[0], jnp.array(slots, j.dtype))
+            plgpu.barrier_wait(k_bar.at[slot])
+            s2 = _product(q_own, k_smem.at[slot], interpret, trans_b=True) * scale2
+            plgpu.barrier_wait(kid_bar.at[slot])
+            if masked:
+                col = plgpu.Layout.WGMMA.reduce(0)
+                k_seg, k_pos = (_load(kid_smem.at[slot, i], col, interpret) for i in (0, 1))
+                visible = _visible(
+                    _rows(q_seg, tile), _rows(q_pos, tile), _cols(k_seg, tile), _cols(k_pos, tile)
+                )
+                s2 = jnp.where(visible, s2, MASK_VALUE)
+            m_new = jnp.maximum(m, jnp.max(s2, axis=1))
+            p = jnp.exp2(s2 - _rows(m_new, tile))
+            if masked:  # masked keys weigh exactly 0 (a row that saw nothing keeps total 0)
+                p = jnp.where(visible, p, 0.0)
+            rescale = jnp.exp2(m - m_new)
+            acc = acc * _rows(rescale, acc.shape)
+            total = total * rescale + jnp.sum(p, axis=1)
+            plgpu.barrier_wait(v_bar.at[slot])
+            acc = _accumulate(acc, p.astype(v_smem.dtype), v_smem.at[slot], interpret)
+            plgpu.barrier_arrive(consumed.at[slot])
+            return acc, m_new, total
+
+        init = (
+            _cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA, interpret),
+            _cast(jnp.full((_ROWS,), MASK_VALUE, jnp.float32), row, interpret),
+            _cast(jnp.zeros((_ROWS,), jnp.float32), row, interpret),
+        )
+        acc, m, total = _three_runs(bounds, step, init)
+        seen = total > 0  # False only for padding queries: output 0, and no gradient
+        total = jnp.where(seen, total, 1.0)
+        q_own[...] = (acc / _rows(total, acc.shape)).astype(q_own.dtype)
+        lse_smem.at[wg][...] = jnp.where(seen, m + jnp.log(total) * _LOG2_E, 0.0)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_own, o_ref.at[b, rows, h])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
+        plgpu.wait_smem_to_gmem(0)
 
 
 def _dq_kernel(
@@ -343,13 +483,12 @@ def _dq_kernel(
 
     @pl.when(wg == _WGS)
     def _producer():
-        def copies(j, slot):
-            keys = pl.ds(j * block, block)
-            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, h, k_slot], k_smem.at[slot], k_bar.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, h, v_slot], v_smem.at[slot], v_bar.at[slot])
-            plgpu.copy_gmem_to_smem(ids_ref.at[b, :, keys], kid_smem.at[slot], kid_bar.at[slot])
-
-        _stream(bounds, slots, copies, consumed)
+        streams = [
+            (lambda keys: k_ref.at[b, keys, h, k_slot], k_smem, k_bar),
+            (lambda keys: v_ref.at[b, keys, h, v_slot], v_smem, v_bar),
+            (lambda keys: ids_ref.at[b, :, keys], kid_smem, kid_bar),
+        ]
+        _stream(bounds, block, slots, consumed, streams)
 
     @pl.when(wg < _WGS)
     def _compute():
@@ -422,17 +561,12 @@ def _dkv_kernel(
 
     @pl.when(wg == _WGS)
     def _producer():
-        def copies(j, slot):
-            queries = pl.ds(j * block, block)
-            plgpu.copy_gmem_to_smem(
-                q_ref.at[b, queries, g, q_slot], q_smem.at[slot], q_bar.at[slot]
-            )
-            plgpu.copy_gmem_to_smem(do_ref.at[b, queries, g], do_smem.at[slot], do_bar.at[slot])
-            plgpu.copy_gmem_to_smem(
-                stats_ref.at[b, g, :, queries], st_smem.at[slot], st_bar.at[slot]
-            )
-
-        _stream(bounds, slots, copies, consumed)
+        streams = [
+            (lambda queries: q_ref.at[b, queries, g, q_slot], q_smem, q_bar),
+            (lambda queries: do_ref.at[b, queries, g], do_smem, do_bar),
+            (lambda queries: stats_ref.at[b, g, :, queries], st_smem, st_bar),
+        ]
+        _stream(bounds, block, slots, consumed, streams)
 
     @pl.when(wg < _WGS)
     def _compute():
