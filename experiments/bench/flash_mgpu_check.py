@@ -3,10 +3,11 @@ Triton one on a Hopper GPU, on rows packed like the stdlib corpus: gradient erro
 time, by streamed block and pipeline depth. Prints one table.
 
     python -m experiments.bench.flash_mgpu_check [--iters 20] [--sizes gpt2,gpt-1.3b]
-    python -m experiments.bench.flash_mgpu_check --step [--rounds 2]
+    python -m experiments.bench.flash_mgpu_check --step triton-triton,triton-mgpu-64-3-1
 
 --step times the gpt2-124m recipe's training step on packed rows instead (the
-`experiments.bench` train variant), with each backward pair in turn, `--rounds` times.
+`experiments.bench` train variant) with each setting in turn, `--rounds` times; a
+setting is forward-backward[-block-slots-fused], e.g. mgpu-mgpu-64-3-1.
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def _backward_fn(tuning: fa.Tuning):
     return run
 
 
+def _tuning(fwd="triton", bwd="triton", block="64", slots="3", fuse="0") -> fa.Tuning:
+    return fa.Tuning(
+        fwd_kernel=fwd, bwd_kernel=bwd, mgpu_block=int(block), mgpu_slots=int(slots),
+        mgpu_fuse=fuse == "1",
+    )  # fmt: skip
+
+
 def _rel_err(x, ref) -> float:
     x, ref = x.astype(jnp.float32), ref.astype(jnp.float32)
     return float(jnp.linalg.norm(x - ref) / jnp.linalg.norm(ref))
@@ -68,15 +76,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--sizes", default="small,gpt2,gpt-1.3b")
-    parser.add_argument("--step", action="store_true")
+    parser.add_argument("--step", default="")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     if args.step:
         for _ in range(args.rounds):
-            for kernel in ("triton", "mgpu"):
-                fa.DEFAULT_TUNING = fa.Tuning(bwd_kernel=kernel)
+            for setting in args.step.split(","):
+                fa.DEFAULT_TUNING = _tuning(*setting.split("-"))
                 bench_main(["--iters", str(args.iters), "--warmup", "3", "--only", "train",
-                            "--no-profile", "--match", STEP, "--tag", kernel])  # fmt: skip
+                            "--no-profile", "--match", STEP, "--tag", setting])  # fmt: skip
         return
     rows = []
     for name in args.sizes.split(","):
