@@ -34,27 +34,25 @@ def _case(B, T, H, D, max_doc, seed):
     return q, k, v, seg, pos, w
 
 
-CASES = {  # (B, T, H, D, longest document, slots, streamed block, fused products, layout)
+CASES = {  # (B, T, H, D, longest document, slots, streamed block, layout)
     # many short documents: every block pair masked; 2 slots wrap around often
-    "short-docs-separate": (2, 150, 2, 64, 30, 2, 64, False, "separate"),
+    "short-docs-separate": (2, 150, 2, 64, 30, 2, 64, "separate"),
     # documents longer than a tile: the unmasked run too; 128-row streamed blocks
-    "long-docs-packed-fused": (2, 256, 1, 64, 400, 3, 128, True, "packed"),
+    "long-docs-packed": (2, 256, 1, 64, 400, 3, 128, "packed"),
 }  # both cases run the Mosaic GPU forward kernel too
 
 
 @pytest.mark.parametrize(
-    "B, T, H, D, max_doc, slots, block, fuse, layout", CASES.values(), ids=CASES.keys()
+    "B, T, H, D, max_doc, slots, block, layout", CASES.values(), ids=CASES.keys()
 )
-def test_gradients_equal_triton_pair_and_reference(B, T, H, D, max_doc, slots, block, fuse, layout):
+def test_gradients_equal_triton_pair_and_reference(B, T, H, D, max_doc, slots, block, layout):
     q, k, v, seg, pos, w = _case(B, T, H, D, max_doc, seed=len(layout) + slots)
     if layout == "packed":
         attend = functools.partial(packed_attention, segment_ids_BT=seg, positions_BT=pos)
     else:
         attend = functools.partial(fa.flash_attention, segment_ids_BT=seg, positions_BT=pos)
         attend = (lambda f: lambda **kw: functools.partial(f, **kw))(attend)
-    tuning = fa.Tuning(
-        fwd_kernel="mgpu", bwd_kernel="mgpu", mgpu_slots=slots, mgpu_block=block, mgpu_fuse=fuse
-    )
+    tuning = fa.Tuning(fwd_kernel="mgpu", bwd_kernel="mgpu", mgpu_slots=slots, mgpu_block=block)
     got = _value_and_grads(attend(tuning=tuning), q, k, v, w, seg)
     triton = _value_and_grads(attend(tuning=fa.Tuning()), q, k, v, w, seg)
     # the same arithmetic: with the Triton kernels' 64-row blocks float32 rounding apart;

@@ -3,11 +3,11 @@ Triton one on a Hopper GPU, on rows packed like the stdlib corpus: gradient erro
 time, by streamed block and pipeline depth. Prints one table.
 
     python -m experiments.bench.flash_mgpu_check [--iters 20] [--sizes gpt2,gpt-1.3b]
-    python -m experiments.bench.flash_mgpu_check --step triton-triton,triton-mgpu-64-3-1
+    python -m experiments.bench.flash_mgpu_check --step triton-triton,triton-mgpu-64-3
 
 --step times the gpt2-124m recipe's training step on packed rows instead (the
 `experiments.bench` train variant) with each setting in turn, `--rounds` times; a
-setting is forward-backward[-block-slots-fused], e.g. mgpu-mgpu-64-3-1.
+setting is forward-backward[-block-slots], e.g. mgpu-mgpu-64-3.
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ from model.kernels import flash_attention as fa
 # name: (batch, length, heads, head_dim) of the training shapes
 SIZES = {"gpt2": (64, 1024, 12, 64), "gpt-1.3b": (16, 2048, 16, 128), "small": (2, 384, 2, 64)}
 STEP = "=gpt2-124m/T1024/b64/packed[attention_backend=auto,scan_layers=True,scan_unroll=0]"
-VARIANTS = [  # (forward, backward, streamed block, slots, one group of products)
-    ("triton", "triton", 64, 3, False),
-    ("triton", "mgpu", 64, 3, False),
-    ("triton", "mgpu", 64, 3, True),
-    ("triton", "mgpu", 64, 2, True),
-    ("triton", "mgpu", 64, 4, True),
-    ("triton", "mgpu", 128, 2, True),
-    ("mgpu", "triton", 64, 3, False),
-    ("mgpu", "triton", 128, 2, False),
+VARIANTS = [  # (forward, backward, streamed block, slots)
+    ("triton", "triton", 64, 3),
+    ("triton", "mgpu", 64, 2),
+    ("triton", "mgpu", 64, 3),
+    ("triton", "mgpu", 64, 4),
+    ("mgpu", "triton", 64, 2),
+    ("mgpu", "triton", 64, 3),
+    ("mgpu", "triton", 128, 2),
+    ("mgpu", "mgpu", 64, 3),
 ]
 
 
@@ -60,11 +60,8 @@ def _backward_fn(tuning: fa.Tuning):
     return run
 
 
-def _tuning(fwd="triton", bwd="triton", block="64", slots="3", fuse="0") -> fa.Tuning:
-    return fa.Tuning(
-        fwd_kernel=fwd, bwd_kernel=bwd, mgpu_block=int(block), mgpu_slots=int(slots),
-        mgpu_fuse=fuse == "1",
-    )  # fmt: skip
+def _tuning(fwd="triton", bwd="triton", block=64, slots=3) -> fa.Tuning:
+    return fa.Tuning(fwd_kernel=fwd, bwd_kernel=bwd, mgpu_block=int(block), mgpu_slots=int(slots))
 
 
 def _rel_err(x, ref) -> float:
@@ -91,14 +88,8 @@ def main() -> None:
         B, T, H, D = SIZES[name]
         inputs = _inputs(B, T, H, D)
         ref = None
-        for fwd, kernel, block, slots, fuse in VARIANTS:
-            tuning = fa.Tuning(
-                fwd_kernel=fwd,
-                bwd_kernel=kernel,
-                mgpu_block=block,
-                mgpu_slots=slots,
-                mgpu_fuse=fuse,
-            )
+        for fwd, kernel, block, slots in VARIANTS:
+            tuning = _tuning(fwd, kernel, block, slots)
             fn = _backward_fn(tuning)
             try:
                 grad = jax.block_until_ready(fn(*inputs))
@@ -111,7 +102,6 @@ def main() -> None:
                         kernel,
                         block,
                         slots,
-                        fuse,
                         f"FAILED {type(e).__name__}: {str(e)[:300]}",
                     )
                 )
@@ -129,14 +119,13 @@ def main() -> None:
                     kernel,
                     block,
                     slots,
-                    fuse,
                     f"{ms:.3f} ms fwd+bwd, rel err dk/dv/dq "
                     + "/".join(f"{e:.1e}" for e in err)
                     + f", finite {finite}",
                 )
             )
             print(rows[-1], flush=True)
-    print("\nsize | forward | backward | block | slots | fused | result")
+    print("\nsize | forward | backward | block | slots | result")
     for row in rows:
         print(" | ".join(str(c) for c in row))
 

@@ -79,7 +79,6 @@ class Tuning:
     bwd_kernel: str = "triton"
     mgpu_block: int = 64  # its streamed block
     mgpu_slots: int = 3  # and its pipeline depth
-    mgpu_fuse: bool = False  # its two products a step issued as one group
 
     def stages(self, head_dim: int) -> int:
         if self.num_stages is not None:
@@ -462,7 +461,7 @@ def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: 
     if tuning.bwd_kernel == "mgpu" and flash_attention_mgpu.supported(H, G, D, q.dtype):
         return flash_attention_mgpu.backward(
             q, k, v, seg, pos, out, lse, d_out, slots=tuning.mgpu_slots, packed=packed,
-            block=tuning.mgpu_block, interpret=interpret, fuse=tuning.mgpu_fuse,
+            block=tuning.mgpu_block, interpret=interpret,
         )  # fmt: skip
     q_slot, k_slot, v_slot = _PACKED_SLOTS if packed else _SEPARATE_SLOTS
     multiple = tuning.row_multiple(D)

@@ -63,7 +63,7 @@ def forward(q5, k5, v5, seg, pos, *, slots, packed, block, interpret):
     ids_B2T = jnp.stack([seg, pos], axis=1).astype(jnp.float32)
     bounds = loop_bounds(*block_visibility(seg, pos, _TILE, block))
     out, lse = _launch(
-        functools.partial(_fwd_kernel, **_consts(D, packed, block, slots, False, interpret)),
+        functools.partial(_fwd_kernel, **_consts(D, packed, block, slots, interpret)),
         [
             jax.ShapeDtypeStruct((B, Tp, G, D), q5.dtype),
             jax.ShapeDtypeStruct((B, G, Tp), jnp.float32),
@@ -75,9 +75,7 @@ def forward(q5, k5, v5, seg, pos, *, slots, packed, block, interpret):
     return out[:, :T, :, None], lse
 
 
-def backward(
-    q5, k5, v5, seg, pos, out5, lse, d_out5, *, slots, packed, block, interpret, fuse=False
-):
+def backward(q5, k5, v5, seg, pos, out5, lse, d_out5, *, slots, packed, block, interpret):
     """(dq, dk, dv) like `flash_attention._backward`: q5/k5/v5 [B, T, G, S, D] 5-D views
     (the packed array thrice, or q [B, T, G, 1, D] and k, v [B, T, G, 1, D]), out5 and
     d_out5 [B, T, G, 1, D], lse [B, H, Tp'] base 2 from the forward (any Tp' >= T).
@@ -96,7 +94,7 @@ def backward(
         ],
         axis=2,
     )
-    consts = _consts(D, packed, block, slots, fuse, interpret)
+    consts = _consts(D, packed, block, slots, interpret)
 
     dq_bounds = loop_bounds(*block_visibility(seg, pos, _TILE, block))
     dq, delta = _launch(
@@ -143,10 +141,10 @@ def _pad(T, packed, q5, k5, v5, seg, pos):
     return q5, k5, v5, seg, pos, Tp
 
 
-def _consts(D, packed, block, slots, fuse, interpret):
+def _consts(D, packed, block, slots, interpret):
     return dict(
         block=block, slots=slots, slot_ids=(2, 0, 1) if packed else (0, 0, 0),
-        scale2=D**-0.5 * _LOG2_E, scale=D**-0.5, fuse=fuse, interpret=interpret,
+        scale2=D**-0.5 * _LOG2_E, scale=D**-0.5, interpret=interpret,
     )  # fmt: skip
 
 
@@ -275,61 +273,40 @@ def _dkv_scratch(D, dtype, block, slots):
 
 # ----------------------------------------------------------------------------
 # The kernels. Scores in base 2 as in the Triton kernels: s2 = q.k * D^-0.5 * log2(e).
+#
+# Each step issues its products as one group and waits for them once. A step's last
+# product (p @ v, ds @ k, ds^T @ q) is not waited for in that step: it is issued with
+# the next step's first products (FlashAttention-3's intra-warpgroup overlap), so the
+# softmax arithmetic of one step and the tensor cores' work of the next overlap, and the
+# block it read is released to the producer only then.
 
 
-def _product(a, b, interpret: bool, trans_b: bool = False):
-    """a @ b (b^T with `trans_b`) into a fresh float32 accumulator; a in shared memory or
-    registers, b in shared memory. The interpreter has no transposed wgmma operands, so
-    there the product is computed from the loaded values."""
+def _products(terms, interpret: bool):
+    """One group of wgmma products, waited for once. terms: (acc, a, b, trans_b), for
+    acc + a @ b (b^T with trans_b), a fresh float32 accumulator where acc is None; a in
+    shared memory or registers, b in shared memory. The interpreter has no transposed
+    wgmma operands nor `run_state`: there each product is computed from loaded values."""
+
+    def shape(a, b, trans_b):
+        return (a.shape[0], b.shape[0] if trans_b else b.shape[1])
+
     if interpret:
-        a = a if isinstance(a, jax.Array) else a[...]
-        b = b[...].T if trans_b else b[...]
-        return jnp.dot(a, b, preferred_element_type=jnp.float32)
+        out = []
+        for acc, a, b, trans_b in terms:
+            a = a if isinstance(a, jax.Array) else a[...]
+            prod = jnp.dot(a, b[...].T if trans_b else b[...], preferred_element_type=jnp.float32)
+            out.append(prod if acc is None else acc + prod)
+        return tuple(out)
 
-    def body(acc_ref):
-        plgpu.wgmma(acc_ref, a, _t(b) if trans_b else b)
-        return acc_ref[...]
+    def zeros(a, b, trans_b):
+        return plgpu.layout_cast(jnp.zeros(shape(a, b, trans_b), jnp.float32), plgpu.Layout.WGMMA)
 
-    return pl.run_scoped(
-        body, plgpu.ACC((a.shape[0], b.shape[0] if trans_b else b.shape[1]), jnp.float32)
-    )
+    def body(acc_refs):
+        for acc_ref, (_, a, b, trans_b) in zip(acc_refs, terms):
+            plgpu.wgmma(acc_ref, a, _t(b) if trans_b else b)
 
-
-def _accumulate(acc, a, b, interpret: bool):
-    """acc + a @ b (the interpreter has no `run_state`: it adds a fresh product)."""
-    if interpret:
-        return acc + _product(a, b, interpret)
-    return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
-
-
-def _product_pair(a1, b1, a2, b2, interpret: bool):
-    """(a1 @ b1^T, a2 @ b2^T) as one group of products, waited for once."""
-    if interpret:
-        return _product(a1, b1, True, trans_b=True), _product(a2, b2, True, trans_b=True)
-
-    def body(acc1, acc2):
-        plgpu.wgmma(acc1, a1, _t(b1))
-        plgpu.wgmma(acc2, a2, _t(b2))
-        return acc1[...], acc2[...]
-
-    shape = (a1.shape[0], b1.shape[0])
-    return pl.run_scoped(body, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
-
-
-def _accumulate_and_product(acc, a1, b1, a2, b2, interpret: bool):
-    """(acc + a1 @ b1, a2 @ b2^T) as one group of products, waited for once."""
-    if interpret:
-        return _accumulate(acc, a1, b1, True), _product(a2, b2, True, trans_b=True)
-
-    def body(refs):
-        acc_ref, fresh_ref = refs
-        plgpu.wgmma(acc_ref, a1, b1)
-        plgpu.wgmma(fresh_ref, a2, _t(b2))
-
-    zeros = plgpu.layout_cast(
-        jnp.zeros((a2.shape[0], b2.shape[0]), jnp.float32), plgpu.Layout.WGMMA
-    )
-    return pl.run_state(body)((plgpu.ACC.init(acc), plgpu.ACC.init(zeros)))
+    inits = tuple(plgpu.ACC.init(zeros(*t[1:]) if t[0] is None else t[0]) for t in terms)
+    return tuple(pl.run_state(body)(inits))
 
 
 def _rows(x, shape):
@@ -347,13 +324,23 @@ def _visible(q_seg, q_pos, k_seg, k_pos):
     return (q_seg == k_seg) & (q_seg != 0.0) & (k_pos <= q_pos)
 
 
-def _three_runs(bounds, step, carry):
-    """step(j, carry, masked) over blocks [lo, full_lo) and [full_hi, hi) with the mask,
-    over [full_lo, full_hi) without."""
+def _run_blocks(bounds, slots, step, flush, carry):
+    """step(j, slot, carry, masked, first) over blocks [lo, hi): the first one alone
+    (`first`: nothing deferred yet; masked, which is always exact), then [lo + 1, full_lo)
+    and [full_hi, hi) with the mask and [full_lo, full_hi) without; then flush(slot, carry)
+    for the last block's deferred product, where there was a block."""
     lo, full_lo, full_hi, hi = bounds
-    carry = lax.fori_loop(lo, full_lo, functools.partial(step, masked=True), carry)
-    carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
-    return lax.fori_loop(full_hi, hi, functools.partial(step, masked=True), carry)
+    slot_of = lambda j: lax.rem(j - lo, jnp.array(slots, j.dtype))  # noqa: E731
+
+    def body(masked, first):
+        return lambda j, carry: step(j, slot_of(j), carry, masked=masked, first=first)
+
+    rest = jnp.minimum(lo + 1, hi)
+    carry = lax.fori_loop(lo, rest, body(True, True), carry)
+    carry = lax.fori_loop(rest, full_lo, body(True, False), carry)
+    carry = lax.fori_loop(jnp.maximum(full_lo, rest), full_hi, body(False, False), carry)
+    carry = lax.fori_loop(jnp.maximum(full_hi, rest), hi, body(True, False), carry)
+    return lax.fori_loop(lo, rest, lambda _, carry: flush(slot_of(hi - 1), carry), carry)
 
 
 def _stream(bounds, block, slots, consumed, streams):
@@ -391,11 +378,11 @@ def _fwd_kernel(
     o_ref, lse_ref,  # outputs
     q_smem, qid_smem, lse_smem, k_smem, v_smem, kid_smem,
     q_bar, qid_bar, k_bar, v_bar, kid_bar, consumed,
-    *, block, slots, slot_ids, scale2, scale, fuse, interpret,
+    *, block, slots, slot_ids, scale2, scale, interpret,
 ):  # fmt: skip
     """One (query tile, row, head): the output and base-2 log-sum-exp of its 128 queries,
     over the key blocks they may see (Dao et al. 2022's running maximum and sum)."""
-    del scale, fuse
+    del scale
     n, b, h = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("head")
     wg = lax.axis_index("wg")
     q_slot, k_slot, v_slot = slot_ids
@@ -424,11 +411,16 @@ def _fwd_kernel(
         row = plgpu.Layout.WGMMA.reduce(1)
         q_seg, q_pos = (_load(id_own.at[i], row, interpret) for i in (0, 1))
 
-        def step(j, carry, masked):
-            acc, m, total = carry
-            slot = lax.rem(j - bounds[0], jnp.array(slots, j.dtype))
+        def step(j, slot, carry, masked, first):
+            acc, m, total, p_prev, prev = carry
             plgpu.barrier_wait(k_bar.at[slot])
-            s2 = _product(q_own, k_smem.at[slot], interpret, trans_b=True) * scale2
+            scores = (None, q_own, k_smem.at[slot], True)
+            if first:
+                (s,) = _products([scores], interpret)
+            else:  # the previous block's p @ v, deferred to here
+                acc, s = _products([(acc, p_prev, v_smem.at[prev], False), scores], interpret)
+                plgpu.barrier_arrive(consumed.at[prev])
+            s2 = s * scale2
             plgpu.barrier_wait(kid_bar.at[slot])
             if masked:
                 col = plgpu.Layout.WGMMA.reduce(0)
@@ -445,16 +437,22 @@ def _fwd_kernel(
             acc = acc * _rows(rescale, acc.shape)
             total = total * rescale + jnp.sum(p, axis=1)
             plgpu.barrier_wait(v_bar.at[slot])
-            acc = _accumulate(acc, p.astype(v_smem.dtype), v_smem.at[slot], interpret)
+            return acc, m_new, total, p.astype(v_smem.dtype), slot
+
+        def flush(slot, carry):
+            acc, m, total, p_prev, _ = carry
+            (acc,) = _products([(acc, p_prev, v_smem.at[slot], False)], interpret)
             plgpu.barrier_arrive(consumed.at[slot])
-            return acc, m_new, total
+            return acc, m, total, p_prev, slot
 
         init = (
             _cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA, interpret),
             _cast(jnp.full((_ROWS,), MASK_VALUE, jnp.float32), row, interpret),
             _cast(jnp.zeros((_ROWS,), jnp.float32), row, interpret),
+            _cast(jnp.zeros(tile, v_smem.dtype), plgpu.Layout.WGMMA, interpret),
+            jnp.int32(0),
         )
-        acc, m, total = _three_runs(bounds, step, init)
+        acc, m, total, _, _ = _run_blocks(bounds, slots, step, flush, init)
         seen = total > 0  # False only for padding queries: output 0, and no gradient
         total = jnp.where(seen, total, 1.0)
         q_own[...] = (acc / _rows(total, acc.shape)).astype(q_own.dtype)
@@ -470,7 +468,7 @@ def _dq_kernel(
     dq_ref, delta_ref,  # outputs
     q_smem, do_smem, o_smem, own_smem, delta_smem, k_smem, v_smem, kid_smem,
     q_bar, do_bar, o_bar, own_bar, k_bar, v_bar, kid_bar, consumed,
-    *, block, slots, slot_ids, scale2, scale, fuse, interpret,
+    *, block, slots, slot_ids, scale2, scale, interpret,
 ):  # fmt: skip
     """One (query tile, row, head): dq and delta = rowsum(dO * O) over the key blocks
     its 128 queries may see; each compute warpgroup owns 64 of the queries."""
@@ -494,7 +492,8 @@ def _dq_kernel(
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         rows = pl.ds(n * _TILE + wg * _ROWS, _ROWS)
-        q_own, do_own, o_own, st_own = q_smem.at[wg], do_smem.at[wg], o_smem.at[wg], own_smem.at[wg]
+        q_own, do_own, o_own = q_smem.at[wg], do_smem.at[wg], o_smem.at[wg]
+        st_own = own_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, q_slot], q_own, q_bar.at[wg])
         plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_own, do_bar.at[wg])
         plgpu.copy_gmem_to_smem(o_ref.at[b, rows, h], o_own, o_bar.at[wg])
@@ -507,14 +506,20 @@ def _dq_kernel(
         do = _load(do_own, plgpu.Layout.WGMMA, interpret).astype(jnp.float32)
         delta = jnp.sum(o * do, axis=1)
 
-        def step(j, dq, masked):
-            slot = lax.rem(j - bounds[0], jnp.array(slots, j.dtype))
+        def step(j, slot, carry, masked, first):
+            dq, ds_prev, prev = carry
             plgpu.barrier_wait(k_bar.at[slot])
-            if fuse:
-                plgpu.barrier_wait(v_bar.at[slot])
-                s, dp = _product_pair(q_own, k_smem.at[slot], do_own, v_smem.at[slot], interpret)
-            else:
-                s = _product(q_own, k_smem.at[slot], interpret, trans_b=True)
+            plgpu.barrier_wait(v_bar.at[slot])
+            terms = [
+                (None, q_own, k_smem.at[slot], True),
+                (None, do_own, v_smem.at[slot], True),
+            ]
+            if first:
+                s, dp = _products(terms, interpret)
+            else:  # the previous block's ds @ k, deferred to here
+                deferred = (dq, ds_prev, k_smem.at[prev], False)
+                dq, s, dp = _products([deferred, *terms], interpret)
+                plgpu.barrier_arrive(consumed.at[prev])
             p = jnp.exp2(s * scale2 - _rows(lse, tile))
             plgpu.barrier_wait(kid_bar.at[slot])
             if masked:
@@ -524,16 +529,21 @@ def _dq_kernel(
                     _rows(q_seg, tile), _rows(q_pos, tile), _cols(k_seg, tile), _cols(k_pos, tile)
                 )
                 p = jnp.where(visible, p, 0.0)
-            if not fuse:
-                plgpu.barrier_wait(v_bar.at[slot])
-                dp = _product(do_own, v_smem.at[slot], interpret, trans_b=True)
             ds = p * (dp - _rows(delta, tile))
-            dq = _accumulate(dq, ds.astype(k_smem.dtype), k_smem.at[slot], interpret)
-            plgpu.barrier_arrive(consumed.at[slot])
-            return dq
+            return dq, ds.astype(k_smem.dtype), slot
 
-        dq = _cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA, interpret)
-        dq = _three_runs(bounds, step, dq)
+        def flush(slot, carry):
+            dq, ds_prev, _ = carry
+            (dq,) = _products([(dq, ds_prev, k_smem.at[slot], False)], interpret)
+            plgpu.barrier_arrive(consumed.at[slot])
+            return dq, ds_prev, slot
+
+        init = (
+            _cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA, interpret),
+            _cast(jnp.zeros(tile, k_smem.dtype), plgpu.Layout.WGMMA, interpret),
+            jnp.int32(0),
+        )
+        dq, _, _ = _run_blocks(bounds, slots, step, flush, init)
         o_own[...] = (dq * scale).astype(o_own.dtype)
         delta_smem.at[wg][...] = delta
         plgpu.commit_smem()
@@ -544,7 +554,7 @@ def _dq_kernel(
 
 def _dkv_kernel(
     bounds_ref, q_ref, k_ref, v_ref, do_ref, stats_ref, ids_ref, dq_ref,  # inputs
-    *refs, block, slots, slot_ids, scale2, scale, packed, fuse, interpret,
+    *refs, block, slots, slot_ids, scale2, scale, packed, interpret,
 ):  # fmt: skip
     """One (key tile, row, head): dk and dv over the query blocks that may see its 128
     keys; each compute warpgroup owns 64 of the keys. Tiles are [keys, queries]. Packed,
@@ -572,7 +582,8 @@ def _dkv_kernel(
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         rows = pl.ds(n * _TILE + wg * _ROWS, _ROWS)
-        k_own, v_own, dq_own, id_own = k_smem.at[wg], v_smem.at[wg], dq_smem.at[wg], kid_smem.at[wg]
+        k_own, v_own, dq_own = k_smem.at[wg], v_smem.at[wg], dq_smem.at[wg]
+        id_own = kid_smem.at[wg]
         plgpu.copy_gmem_to_smem(k_ref.at[b, rows, g, k_slot], k_own, k_bar.at[wg])
         plgpu.copy_gmem_to_smem(v_ref.at[b, rows, g, v_slot], v_own, v_bar.at[wg])
         plgpu.copy_gmem_to_smem(ids_ref.at[b, :, rows], id_own, kid_bar.at[wg])
@@ -583,15 +594,19 @@ def _dkv_kernel(
         row = plgpu.Layout.WGMMA.reduce(1)
         k_seg, k_pos = (_load(id_own.at[i], row, interpret) for i in (0, 1))
 
-        def step(j, carry, masked):
-            dk, dv = carry
-            slot = lax.rem(j - bounds[0], jnp.array(slots, j.dtype))
+        def step(j, slot, carry, masked, first):
+            dk, dv, ds_prev, prev = carry
             plgpu.barrier_wait(q_bar.at[slot])
+            scores = (None, k_own, q_smem.at[slot], True)
+            if first:
+                (s_t,) = _products([scores], interpret)
+            else:  # the previous block's ds^T @ q, deferred to here
+                dk, s_t = _products([(dk, ds_prev, q_smem.at[prev], False), scores], interpret)
+                plgpu.barrier_arrive(consumed.at[prev])
             plgpu.barrier_wait(st_bar.at[slot])
-            s2_t = _product(k_own, q_smem.at[slot], interpret, trans_b=True) * scale2
             col = plgpu.Layout.WGMMA.reduce(0)
             lse, delta = (_load(st_smem.at[slot, i], col, interpret) for i in (0, 1))
-            p_t = jnp.exp2(s2_t - _cols(lse, tile))
+            p_t = jnp.exp2(s_t * scale2 - _cols(lse, tile))
             if masked:
                 q_seg, q_pos = (_load(st_smem.at[slot, i], col, interpret) for i in (2, 3))
                 visible = _visible(
@@ -599,19 +614,28 @@ def _dkv_kernel(
                 )
                 p_t = jnp.where(visible, p_t, 0.0)
             plgpu.barrier_wait(do_bar.at[slot])
-            p16_t, do_blk = p_t.astype(do_smem.dtype), do_smem.at[slot]
-            if fuse:
-                dv, dp_t = _accumulate_and_product(dv, p16_t, do_blk, v_own, do_blk, interpret)
-            else:
-                dv = _accumulate(dv, p16_t, do_blk, interpret)
-                dp_t = _product(v_own, do_blk, interpret, trans_b=True)
+            do_blk = do_smem.at[slot]
+            dv, dp_t = _products(
+                [(dv, p_t.astype(do_smem.dtype), do_blk, False), (None, v_own, do_blk, True)],
+                interpret,
+            )
             ds_t = p_t * (dp_t - _cols(delta, tile))
-            dk = _accumulate(dk, ds_t.astype(q_smem.dtype), q_smem.at[slot], interpret)
+            return dk, dv, ds_t.astype(q_smem.dtype), slot
+
+        def flush(slot, carry):
+            dk, dv, ds_prev, _ = carry
+            (dk,) = _products([(dk, ds_prev, q_smem.at[slot], False)], interpret)
             plgpu.barrier_arrive(consumed.at[slot])
-            return dk, dv
+            return dk, dv, ds_prev, slot
 
         zeros = _cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA, interpret)
-        dk, dv = _three_runs(bounds, step, (zeros, zeros))
+        init = (
+            zeros,
+            zeros,
+            _cast(jnp.zeros(tile, q_smem.dtype), plgpu.Layout.WGMMA, interpret),
+            jnp.int32(0),
+        )
+        dk, dv, _, _ = _run_blocks(bounds, slots, step, flush, init)
         k_own[...] = (dk * scale).astype(k_own.dtype)
         v_own[...] = dv.astype(v_own.dtype)
         plgpu.commit_smem()
