@@ -60,6 +60,15 @@ def _backward_fn(tuning: fa.Tuning):
     return run
 
 
+def _forward_fn(tuning: fa.Tuning):
+    @jax.jit
+    def run(qkv, seg, pos, d_out):
+        del d_out
+        return fa._forward(qkv, qkv, qkv, seg, pos, tuning=tuning, interpret=False, packed=True)
+
+    return run
+
+
 def _tuning(fwd="triton", bwd="triton", block=64, slots=3) -> fa.Tuning:
     return fa.Tuning(fwd_kernel=fwd, bwd_kernel=bwd, mgpu_block=int(block), mgpu_slots=int(slots))
 
@@ -73,6 +82,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--sizes", default="small,gpt2,gpt-1.3b")
+    parser.add_argument(
+        "--variants", default="", help="forward-backward-block-slots,... (default: VARIANTS)"
+    )
     parser.add_argument("--step", default="")
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
@@ -88,7 +100,8 @@ def main() -> None:
         B, T, H, D = SIZES[name]
         inputs = _inputs(B, T, H, D)
         ref = None
-        for fwd, kernel, block, slots in VARIANTS:
+        variants = [v.split("-") for v in args.variants.split(",")] if args.variants else VARIANTS
+        for fwd, kernel, block, slots in variants:
             tuning = _tuning(fwd, kernel, block, slots)
             fn = _backward_fn(tuning)
             try:
@@ -112,6 +125,8 @@ def main() -> None:
             err = [_rel_err(grad[:, :, :, i], ref[:, :, :, i]) for i in range(3)]
             finite = bool(jnp.isfinite(grad.astype(jnp.float32)).all())
             ms = median(time_calls(functools.partial(fn, *inputs), 2, args.iters)) * 1e3
+            fwd_fn = functools.partial(_forward_fn(tuning), *inputs)
+            fwd_ms = median(time_calls(fwd_fn, 2, args.iters)) * 1e3
             rows.append(
                 (
                     name,
@@ -119,7 +134,7 @@ def main() -> None:
                     kernel,
                     block,
                     slots,
-                    f"{ms:.3f} ms fwd+bwd, rel err dk/dv/dq "
+                    f"{ms:.3f} ms fwd+bwd ({fwd_ms:.3f} fwd), rel err dk/dv/dq "
                     + "/".join(f"{e:.1e}" for e in err)
                     + f", finite {finite}",
                 )
