@@ -1,28 +1,36 @@
-"""Flash attention's backward pass over packed rows as Mosaic GPU kernels (Hopper only):
-the same two kernels as `model/kernels/flash_attention.py` (dq with delta; dk and dv),
-written warp-specialised as in FlashAttention-3 (Shah et al. 2024).
+"""Flash attention over packed rows as Mosaic GPU kernels (Hopper only): the three kernels
+of `model/kernels/flash_attention.py` (forward; dq with delta; dk and dv), written
+warp-specialised as in FlashAttention-3 (Shah et al. 2024). Opt-in, through
+`Tuning(fwd_kernel="mgpu", bwd_kernel="mgpu")`: on an H200 they match the Triton kernels'
+values but not their speed at the presets' shapes (BENCHMARKS.md, "Speed round
+twenty-one").
 
-Why a second backend: the Triton kernels cannot overlap a warpgroup's products with its
-softmax arithmetic (BENCHMARKS.md, change 81: they wait on the chain product -> row
-statistics -> exponentials -> product). Here every program runs three warpgroups: two
-compute warpgroups own 64 rows each and issue asynchronous `wgmma` products, while a
-third only streams the blocks they read from global into shared memory with TMA copies,
-`slots` blocks ahead, so loads never sit on the compute path.
+Why a second backend: inside a Triton program the products, the row statistics and the
+exponentials wait on one another (BENCHMARKS.md, change 81), and Triton cannot split a
+program into warpgroups with different jobs. Here every program runs three warpgroups:
+two compute warpgroups own 64 rows each and issue asynchronous `wgmma` products, while a
+third only streams the blocks they read into shared memory with TMA copies, `slots`
+blocks ahead. Each step's products go to the tensor cores as one group, and the step's
+last product is issued with the next step's group, so one step's softmax arithmetic
+overlaps the next step's products.
 
 The mask rule, the block skipping (`model/kernels/block_visibility.py`: only the blocks
 that may hold a visible pair are streamed, and the wholly visible run is computed
-without a mask) and the treatment of padding queries (no gradient) are the Triton
-kernels'; the inputs and outputs are theirs too (base-2 log-sum-exp from the forward,
-q/k/v as slots of 5-D arrays, the packed layout written in place), so `_backward` there
-routes here when `Tuning.bwd_kernel == "mgpu"` and the shapes fit (`supported`).
+without a mask) and the treatment of padding queries (output 0, no gradient) are the
+Triton kernels'; so are the inputs and outputs (base-2 log-sum-exp, q/k/v as slots of
+5-D arrays, the packed layout's gradient in one array), so `_forward` and `_backward`
+there route here where the shapes fit (`supported`).
 
 Segment ids and positions travel as float32 (exact below 2**24) next to each block's
 log-sum-exp and delta, so one small copy a block brings every per-token number a step
 needs: stats_BH4T holds (lse, delta, segment id, position) along its third axis.
 
+On the CPU the kernels run in Mosaic GPU's interpreter, which simulates the warpgroups,
+the copies and the barriers (a wrong slot or phase deadlocks or reads a stale block) but
+has no transposed wgmma operands: there each product is computed from loaded values.
+
 Shape letters: B batch, T length (Tp: padded to whole 128-row tiles), H heads (query and
-key/value heads alike here), G key/value heads, S slots of the 5-D arrays, D head dim,
-N tiles along T.
+key/value heads alike here), G key/value heads, S slots of the 5-D arrays, D head dim.
 """
 
 from __future__ import annotations
@@ -159,9 +167,7 @@ def _launch(kernel, out_type, scratch, BHT, interpret):
         grid_names=("tile", "batch", "head"),
         num_threads=_WGS + 1,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(
-            approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane
-        ),
+        compiler_params=_compiler_params(),
         interpret=_interpreter() if interpret else None,
     )
 
@@ -171,12 +177,13 @@ def _launch(kernel, out_type, scratch, BHT, interpret):
 
 
 def _compiler_params():
-    """Lane semantics: the layouts below are spelled out, as the kernels need them."""
+    """Lane semantics (jax 0.11's default is Warpgroup), whose register layouts the
+    kernels spell out; approximate math (ex2.approx, as Triton's exp2 uses)."""
     return plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
 def _interpreter():
-    """Mosaic GPU's interpreter (CPU): threads, barriers and copies are simulated."""
+    """Mosaic GPU's interpreter (CPU). Not public in jax 0.10: imported from its module."""
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     return InterpretGPUParams()
