@@ -87,13 +87,15 @@ def main() -> None:
     )
     parser.add_argument("--step", default="")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--step-variant", default=STEP, help="the train variant --step times")
     args = parser.parse_args()
     if args.step:
         for _ in range(args.rounds):
             for setting in args.step.split(","):
                 fa.DEFAULT_TUNING = _tuning(*setting.split("-"))
-                bench_main(["--iters", str(args.iters), "--warmup", "3", "--only", "train",
-                            "--no-profile", "--match", STEP, "--tag", setting])  # fmt: skip
+                flags = ["--iters", str(args.iters), "--warmup", "3", "--only", "train"]
+                flags += ["--no-profile", "--match", args.step_variant, "--tag", setting]
+                bench_main(flags)
         return
     rows = []
     for name in args.sizes.split(","):

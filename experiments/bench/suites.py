@@ -14,8 +14,8 @@ def _gpt2(batch: int, *model, mb: int = 1, rows: str = "synthetic") -> TrainVari
     return TrainVariant("gpt2-124m", 1024, batch, mb, tuple(model) or CUDNN, rows=rows)
 
 
-def _xl(batch: int, *model, mb: int = 1) -> TrainVariant:
-    return TrainVariant("gpt-1.3b", 2048, batch, mb, tuple(model) or CUDNN)
+def _xl(batch: int, *model, mb: int = 1, rows: str = "synthetic") -> TrainVariant:
+    return TrainVariant("gpt-1.3b", 2048, batch, mb, tuple(model) or CUDNN, rows=rows)
 
 
 REF = ("attention_backend", "reference")
@@ -78,6 +78,8 @@ GPU_TRAIN = [
     # kernel (model/kernels/fused_head.py) that "auto" picks
     _gpt2(64, AUTO, PALLAS_CE, rows="packed"),
     _xl(16, *CUDNN, PALLAS_CE),
+    # packed rows at head dim 128: the flash kernels' other shape ("auto" picks them)
+    _xl(16, AUTO, rows="packed"),
 ]
 GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 1),
