@@ -1,4 +1,5 @@
-"""Hand-written GPU kernels (Pallas, Triton backend) for the model's hot spots.
+"""Hand-written GPU kernels (Pallas, Triton backend; flash attention also for the Mosaic GPU
+backend, opt-in) for the model's hot spots.
 
 Each kernel has a plain-JAX definition elsewhere in `model/` that it is tested
 against; configs choose a kernel explicitly (`ModelConfig.norm_impl`,

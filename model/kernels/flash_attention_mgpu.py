@@ -12,7 +12,8 @@ two compute warpgroups own 64 rows each and issue asynchronous `wgmma` products,
 third only streams the blocks they read into shared memory with TMA copies, `slots`
 blocks ahead. Each step's products go to the tensor cores as one group, and the step's
 last product is issued with the next step's group, so one step's softmax arithmetic
-overlaps the next step's products.
+overlaps the next step's products. That machinery (the producer, grouped products, the
+loop over a program's blocks) is `model/kernels/mgpu_pipeline.py`.
 
 The mask rule, the block skipping (`model/kernels/block_visibility.py`: only the blocks
 that may hold a visible pair are streamed, and the wholly visible run is computed
@@ -36,7 +37,6 @@ key/value heads alike here), G key/value heads, S slots of the 5-D arrays, D hea
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 
 import jax
@@ -45,6 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from model.kernels import mgpu_pipeline as mp
 from model.kernels.block_visibility import block_visibility, loop_bounds
 from model.masking import MASK_VALUE
 
@@ -167,66 +168,22 @@ def _launch(kernel, out_type, scratch, BHT, interpret):
         grid_names=("tile", "batch", "head"),
         num_threads=_WGS + 1,
         thread_name="wg",
-        compiler_params=_compiler_params(),
-        interpret=_interpreter() if interpret else None,
+        compiler_params=mp.compiler_params(),
+        interpret=mp.interpreter() if interpret else None,
     )
-
-
-# ----------------------------------------------------------------------------
-# Version and mode differences, in one place.
-
-
-def _compiler_params():
-    """Lane semantics (jax 0.11's default is Warpgroup), whose register layouts the
-    kernels spell out; approximate math (ex2.approx, as Triton's exp2 uses)."""
-    return plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
-
-
-def _interpreter():
-    """Mosaic GPU's interpreter (CPU). Not public in jax 0.10: imported from its module."""
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams()
-
-
-_LOAD_TAKES_INDEX = "idx" in inspect.signature(plgpu.load).parameters
-
-
-def _load(ref, layout, interpret: bool):
-    """ref's value in a register layout; the interpreter has no layouts (nor `load`)."""
-    if interpret:
-        return ref[...]
-    if _LOAD_TAKES_INDEX:
-        return plgpu.load(ref, (), layout=layout)
-    return plgpu.load(ref, layout=layout)
-
-
-def _cast(x, layout, interpret: bool):
-    return x if interpret else plgpu.layout_cast(x, layout)
-
-
-def _t(ref):
-    """The transposed view of a [rows, D] shared-memory tile, as a wgmma operand."""
-    return ref.transpose((1, 0))
 
 
 # ----------------------------------------------------------------------------
 # Scratch: per compute warpgroup its own rows; per slot one streamed block.
 
 
-def _tile_smem(shape, dtype):
-    """A shared-memory tile laid out for TMA and wgmma (128-byte swizzle)."""
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    return plgpu.SMEM(shape, dtype, transforms=transforms)
-
-
 def _fwd_scratch(D, dtype, block, slots):
     return [
-        _tile_smem((_WGS, _ROWS, D), dtype),  # q, then out on its way out
+        mp.tile_smem((_WGS, _ROWS, D), dtype),  # q, then out on its way out
         plgpu.SMEM((_WGS, 2, _ROWS), jnp.float32),  # own query ids
         plgpu.SMEM((_WGS, _ROWS), jnp.float32),  # lse on its way out
-        _tile_smem((slots, block, D), dtype),  # k
-        _tile_smem((slots, block, D), dtype),  # v
+        mp.tile_smem((slots, block, D), dtype),  # k
+        mp.tile_smem((slots, block, D), dtype),  # v
         plgpu.SMEM((slots, 2, block), jnp.float32),  # key ids
         plgpu.Barrier(num_barriers=_WGS),  # own rows: q, ids
         plgpu.Barrier(num_barriers=_WGS),
@@ -239,13 +196,13 @@ def _fwd_scratch(D, dtype, block, slots):
 
 def _dq_scratch(D, dtype, block, slots):
     return [
-        _tile_smem((_WGS, _ROWS, D), dtype),  # q
-        _tile_smem((_WGS, _ROWS, D), dtype),  # dO
-        _tile_smem((_WGS, _ROWS, D), dtype),  # O, then dq on its way out
+        mp.tile_smem((_WGS, _ROWS, D), dtype),  # q
+        mp.tile_smem((_WGS, _ROWS, D), dtype),  # dO
+        mp.tile_smem((_WGS, _ROWS, D), dtype),  # O, then dq on its way out
         plgpu.SMEM((_WGS, 4, _ROWS), jnp.float32),  # own stats
         plgpu.SMEM((_WGS, _ROWS), jnp.float32),  # delta on its way out
-        _tile_smem((slots, block, D), dtype),  # k
-        _tile_smem((slots, block, D), dtype),  # v
+        mp.tile_smem((slots, block, D), dtype),  # k
+        mp.tile_smem((slots, block, D), dtype),  # v
         plgpu.SMEM((slots, 2, block), jnp.float32),  # key ids
         plgpu.Barrier(num_barriers=_WGS),  # own rows: q, dO, O, stats (4 copies)
         plgpu.Barrier(num_barriers=_WGS),
@@ -260,12 +217,12 @@ def _dq_scratch(D, dtype, block, slots):
 
 def _dkv_scratch(D, dtype, block, slots):
     return [
-        _tile_smem((_WGS, _ROWS, D), dtype),  # k, then dk on its way out
-        _tile_smem((_WGS, _ROWS, D), dtype),  # v, then dv
-        _tile_smem((_WGS, _ROWS, D), dtype),  # dq passing through (packed)
+        mp.tile_smem((_WGS, _ROWS, D), dtype),  # k, then dk on its way out
+        mp.tile_smem((_WGS, _ROWS, D), dtype),  # v, then dv
+        mp.tile_smem((_WGS, _ROWS, D), dtype),  # dq passing through (packed)
         plgpu.SMEM((_WGS, 2, _ROWS), jnp.float32),  # own key ids
-        _tile_smem((slots, block, D), dtype),  # q
-        _tile_smem((slots, block, D), dtype),  # dO
+        mp.tile_smem((slots, block, D), dtype),  # q
+        mp.tile_smem((slots, block, D), dtype),  # dO
         plgpu.SMEM((slots, 4, block), jnp.float32),  # query stats
         plgpu.Barrier(num_barriers=_WGS),  # own rows: k, v, ids, dq (4 copies)
         plgpu.Barrier(num_barriers=_WGS),
@@ -288,96 +245,9 @@ def _dkv_scratch(D, dtype, block, slots):
 # block it read is released to the producer only then.
 
 
-def _products(terms, interpret: bool):
-    """One group of wgmma products, waited for once. terms: (acc, a, b, trans_b), for
-    acc + a @ b (b^T with trans_b), a fresh float32 accumulator where acc is None; a in
-    shared memory or registers, b in shared memory. The interpreter has no transposed
-    wgmma operands nor `run_state`: there each product is computed from loaded values."""
-
-    def shape(a, b, trans_b):
-        return (a.shape[0], b.shape[0] if trans_b else b.shape[1])
-
-    if interpret:
-        out = []
-        for acc, a, b, trans_b in terms:
-            a = a if isinstance(a, jax.Array) else a[...]
-            prod = jnp.dot(a, b[...].T if trans_b else b[...], preferred_element_type=jnp.float32)
-            out.append(prod if acc is None else acc + prod)
-        return tuple(out)
-
-    def zeros(a, b, trans_b):
-        return plgpu.layout_cast(jnp.zeros(shape(a, b, trans_b), jnp.float32), plgpu.Layout.WGMMA)
-
-    def body(acc_refs):
-        for acc_ref, (_, a, b, trans_b) in zip(acc_refs, terms):
-            plgpu.wgmma(acc_ref, a, _t(b) if trans_b else b)
-
-    inits = tuple(plgpu.ACC.init(zeros(*t[1:]) if t[0] is None else t[0]) for t in terms)
-    return tuple(pl.run_state(body)(inits))
-
-
-def _rows(x, shape):
-    """A per-row vector broadcast over a [rows, cols] tile."""
-    return lax.broadcast_in_dim(x, shape, [0])
-
-
-def _cols(x, shape):
-    """A per-column vector broadcast over a [rows, cols] tile."""
-    return lax.broadcast_in_dim(x, shape, [1])
-
-
 def _visible(q_seg, q_pos, k_seg, k_pos):
     """The mask rule (`model.masking.attention_mask`) on broadcast tiles."""
     return (q_seg == k_seg) & (q_seg != 0.0) & (k_pos <= q_pos)
-
-
-def _run_blocks(bounds, slots, step, flush, carry):
-    """step(j, slot, carry, masked, first) over blocks [lo, hi): the first one alone
-    (`first`: nothing deferred yet; masked, which is always exact), then [lo + 1, full_lo)
-    and [full_hi, hi) with the mask and [full_lo, full_hi) without; then flush(slot, carry)
-    for the last block's deferred product, where there was a block."""
-    lo, full_lo, full_hi, hi = bounds
-    slot_of = lambda j: lax.rem(j - lo, jnp.array(slots, j.dtype))  # noqa: E731
-
-    def body(masked, first):
-        return lambda j, carry: step(j, slot_of(j), carry, masked=masked, first=first)
-
-    rest = jnp.minimum(lo + 1, hi)
-    carry = lax.fori_loop(lo, rest, body(True, True), carry)
-    carry = lax.fori_loop(rest, full_lo, body(True, False), carry)
-    carry = lax.fori_loop(jnp.maximum(full_lo, rest), full_hi, body(False, False), carry)
-    carry = lax.fori_loop(jnp.maximum(full_hi, rest), hi, body(True, False), carry)
-    return lax.fori_loop(lo, rest, lambda _, carry: flush(slot_of(hi - 1), carry), carry)
-
-
-def _stream(bounds, block, slots, consumed, streams):
-    """The producer warpgroup: for blocks j in [lo, hi), each stream's block j copied into
-    slot (j - lo) % slots once the compute warpgroups have released that slot. A stream
-    is (view, buffers, barriers): view(rows) the global array's block, buffers [slots, ...]."""
-    lo, hi = bounds[0], bounds[3]
-    plgpu.set_max_registers(40, action="decrease")
-
-    def issue(j, _):
-        t = j - lo
-        slot = lax.rem(t, jnp.array(slots, t.dtype))
-
-        @pl.when(t >= slots)
-        def _():
-            plgpu.barrier_wait(consumed.at[slot])
-
-        for view, buffers, barriers in streams:
-            plgpu.copy_gmem_to_smem(
-                view(pl.ds(j * block, block)), buffers.at[slot], barriers.at[slot]
-            )
-
-    lax.fori_loop(lo, hi, issue, None)
-
-    # observe the last releases too, so that every barrier ends its use in the same phase
-    # on every warpgroup (a kernel may rely on it; the interpreter checks it)
-    def drain(j, _):
-        plgpu.barrier_wait(consumed.at[lax.rem(j - lo, jnp.array(slots, j.dtype))])
-
-    lax.fori_loop(jnp.maximum(lo, hi - slots), hi, drain, None)
 
 
 def _fwd_kernel(
@@ -404,7 +274,7 @@ def _fwd_kernel(
             (lambda keys: v_ref.at[b, keys, h, v_slot], v_smem, v_bar),
             (lambda keys: ids_ref.at[b, :, keys], kid_smem, kid_bar),
         ]
-        _stream(bounds, block, slots, consumed, streams)
+        mp.stream(bounds, block, slots, consumed, streams)
 
     @pl.when(wg < _WGS)
     def _compute():
@@ -416,53 +286,56 @@ def _fwd_kernel(
         plgpu.barrier_wait(q_bar.at[wg])
         plgpu.barrier_wait(qid_bar.at[wg])
         row = plgpu.Layout.WGMMA.reduce(1)
-        q_seg, q_pos = (_load(id_own.at[i], row, interpret) for i in (0, 1))
+        q_seg, q_pos = (mp.load(id_own.at[i], row, interpret) for i in (0, 1))
 
         def step(j, slot, carry, masked, first):
             acc, m, total, p_prev, prev = carry
             plgpu.barrier_wait(k_bar.at[slot])
             scores = (None, q_own, k_smem.at[slot], True)
             if first:
-                (s,) = _products([scores], interpret)
+                (s,) = mp.products([scores], interpret)
             else:  # the previous block's p @ v, deferred to here
-                acc, s = _products([(acc, p_prev, v_smem.at[prev], False), scores], interpret)
+                acc, s = mp.products([(acc, p_prev, v_smem.at[prev], False), scores], interpret)
                 plgpu.barrier_arrive(consumed.at[prev])
             s2 = s * scale2
             plgpu.barrier_wait(kid_bar.at[slot])
             if masked:
                 col = plgpu.Layout.WGMMA.reduce(0)
-                k_seg, k_pos = (_load(kid_smem.at[slot, i], col, interpret) for i in (0, 1))
+                k_seg, k_pos = (mp.load(kid_smem.at[slot, i], col, interpret) for i in (0, 1))
                 visible = _visible(
-                    _rows(q_seg, tile), _rows(q_pos, tile), _cols(k_seg, tile), _cols(k_pos, tile)
+                    mp.rows(q_seg, tile),
+                    mp.rows(q_pos, tile),
+                    mp.cols(k_seg, tile),
+                    mp.cols(k_pos, tile),
                 )
                 s2 = jnp.where(visible, s2, MASK_VALUE)
             m_new = jnp.maximum(m, jnp.max(s2, axis=1))
-            p = jnp.exp2(s2 - _rows(m_new, tile))
+            p = jnp.exp2(s2 - mp.rows(m_new, tile))
             if masked:  # masked keys weigh exactly 0 (a row that saw nothing keeps total 0)
                 p = jnp.where(visible, p, 0.0)
             rescale = jnp.exp2(m - m_new)
-            acc = acc * _rows(rescale, acc.shape)
+            acc = acc * mp.rows(rescale, acc.shape)
             total = total * rescale + jnp.sum(p, axis=1)
             plgpu.barrier_wait(v_bar.at[slot])
             return acc, m_new, total, p.astype(v_smem.dtype), slot
 
         def flush(slot, carry):
             acc, m, total, p_prev, _ = carry
-            (acc,) = _products([(acc, p_prev, v_smem.at[slot], False)], interpret)
+            (acc,) = mp.products([(acc, p_prev, v_smem.at[slot], False)], interpret)
             plgpu.barrier_arrive(consumed.at[slot])
             return acc, m, total, p_prev, slot
 
         init = (
-            _cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA, interpret),
-            _cast(jnp.full((_ROWS,), MASK_VALUE, jnp.float32), row, interpret),
-            _cast(jnp.zeros((_ROWS,), jnp.float32), row, interpret),
-            _cast(jnp.zeros(tile, v_smem.dtype), plgpu.Layout.WGMMA, interpret),
+            mp.cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA, interpret),
+            mp.cast(jnp.full((_ROWS,), MASK_VALUE, jnp.float32), row, interpret),
+            mp.cast(jnp.zeros((_ROWS,), jnp.float32), row, interpret),
+            mp.cast(jnp.zeros(tile, v_smem.dtype), plgpu.Layout.WGMMA, interpret),
             jnp.int32(0),
         )
-        acc, m, total, _, _ = _run_blocks(bounds, slots, step, flush, init)
+        acc, m, total, _, _ = mp.run_blocks(bounds, slots, step, flush, init)
         seen = total > 0  # False only for padding queries: output 0, and no gradient
         total = jnp.where(seen, total, 1.0)
-        q_own[...] = (acc / _rows(total, acc.shape)).astype(q_own.dtype)
+        q_own[...] = (acc / mp.rows(total, acc.shape)).astype(q_own.dtype)
         lse_smem.at[wg][...] = jnp.where(seen, m + jnp.log(total) * _LOG2_E, 0.0)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_own, o_ref.at[b, rows, h])
@@ -493,7 +366,7 @@ def _dq_kernel(
             (lambda keys: v_ref.at[b, keys, h, v_slot], v_smem, v_bar),
             (lambda keys: ids_ref.at[b, :, keys], kid_smem, kid_bar),
         ]
-        _stream(bounds, block, slots, consumed, streams)
+        mp.stream(bounds, block, slots, consumed, streams)
 
     @pl.when(wg < _WGS)
     def _compute():
@@ -508,9 +381,9 @@ def _dq_kernel(
         for bar in (q_bar, do_bar, o_bar, own_bar):
             plgpu.barrier_wait(bar.at[wg])
         row = plgpu.Layout.WGMMA.reduce(1)
-        lse, q_seg, q_pos = (_load(st_own.at[i], row, interpret) for i in (0, 2, 3))
-        o = _load(o_own, plgpu.Layout.WGMMA, interpret).astype(jnp.float32)
-        do = _load(do_own, plgpu.Layout.WGMMA, interpret).astype(jnp.float32)
+        lse, q_seg, q_pos = (mp.load(st_own.at[i], row, interpret) for i in (0, 2, 3))
+        o = mp.load(o_own, plgpu.Layout.WGMMA, interpret).astype(jnp.float32)
+        do = mp.load(do_own, plgpu.Layout.WGMMA, interpret).astype(jnp.float32)
         delta = jnp.sum(o * do, axis=1)
 
         def step(j, slot, carry, masked, first):
@@ -522,35 +395,38 @@ def _dq_kernel(
                 (None, do_own, v_smem.at[slot], True),
             ]
             if first:
-                s, dp = _products(terms, interpret)
+                s, dp = mp.products(terms, interpret)
             else:  # the previous block's ds @ k, deferred to here
                 deferred = (dq, ds_prev, k_smem.at[prev], False)
-                dq, s, dp = _products([deferred, *terms], interpret)
+                dq, s, dp = mp.products([deferred, *terms], interpret)
                 plgpu.barrier_arrive(consumed.at[prev])
-            p = jnp.exp2(s * scale2 - _rows(lse, tile))
+            p = jnp.exp2(s * scale2 - mp.rows(lse, tile))
             plgpu.barrier_wait(kid_bar.at[slot])
             if masked:
                 col = plgpu.Layout.WGMMA.reduce(0)
-                k_seg, k_pos = (_load(kid_smem.at[slot, i], col, interpret) for i in (0, 1))
+                k_seg, k_pos = (mp.load(kid_smem.at[slot, i], col, interpret) for i in (0, 1))
                 visible = _visible(
-                    _rows(q_seg, tile), _rows(q_pos, tile), _cols(k_seg, tile), _cols(k_pos, tile)
+                    mp.rows(q_seg, tile),
+                    mp.rows(q_pos, tile),
+                    mp.cols(k_seg, tile),
+                    mp.cols(k_pos, tile),
                 )
                 p = jnp.where(visible, p, 0.0)
-            ds = p * (dp - _rows(delta, tile))
+            ds = p * (dp - mp.rows(delta, tile))
             return dq, ds.astype(k_smem.dtype), slot
 
         def flush(slot, carry):
             dq, ds_prev, _ = carry
-            (dq,) = _products([(dq, ds_prev, k_smem.at[slot], False)], interpret)
+            (dq,) = mp.products([(dq, ds_prev, k_smem.at[slot], False)], interpret)
             plgpu.barrier_arrive(consumed.at[slot])
             return dq, ds_prev, slot
 
         init = (
-            _cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA, interpret),
-            _cast(jnp.zeros(tile, k_smem.dtype), plgpu.Layout.WGMMA, interpret),
+            mp.cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA, interpret),
+            mp.cast(jnp.zeros(tile, k_smem.dtype), plgpu.Layout.WGMMA, interpret),
             jnp.int32(0),
         )
-        dq, _, _ = _run_blocks(bounds, slots, step, flush, init)
+        dq, _, _ = mp.run_blocks(bounds, slots, step, flush, init)
         o_own[...] = (dq * scale).astype(o_own.dtype)
         delta_smem.at[wg][...] = delta
         plgpu.commit_smem()
@@ -583,7 +459,7 @@ def _dkv_kernel(
             (lambda queries: do_ref.at[b, queries, g], do_smem, do_bar),
             (lambda queries: stats_ref.at[b, g, :, queries], st_smem, st_bar),
         ]
-        _stream(bounds, block, slots, consumed, streams)
+        mp.stream(bounds, block, slots, consumed, streams)
 
     @pl.when(wg < _WGS)
     def _compute():
@@ -599,50 +475,53 @@ def _dkv_kernel(
         for bar in (k_bar, v_bar, kid_bar):
             plgpu.barrier_wait(bar.at[wg])
         row = plgpu.Layout.WGMMA.reduce(1)
-        k_seg, k_pos = (_load(id_own.at[i], row, interpret) for i in (0, 1))
+        k_seg, k_pos = (mp.load(id_own.at[i], row, interpret) for i in (0, 1))
 
         def step(j, slot, carry, masked, first):
             dk, dv, ds_prev, prev = carry
             plgpu.barrier_wait(q_bar.at[slot])
             scores = (None, k_own, q_smem.at[slot], True)
             if first:
-                (s_t,) = _products([scores], interpret)
+                (s_t,) = mp.products([scores], interpret)
             else:  # the previous block's ds^T @ q, deferred to here
-                dk, s_t = _products([(dk, ds_prev, q_smem.at[prev], False), scores], interpret)
+                dk, s_t = mp.products([(dk, ds_prev, q_smem.at[prev], False), scores], interpret)
                 plgpu.barrier_arrive(consumed.at[prev])
             plgpu.barrier_wait(st_bar.at[slot])
             col = plgpu.Layout.WGMMA.reduce(0)
-            lse, delta = (_load(st_smem.at[slot, i], col, interpret) for i in (0, 1))
-            p_t = jnp.exp2(s_t * scale2 - _cols(lse, tile))
+            lse, delta = (mp.load(st_smem.at[slot, i], col, interpret) for i in (0, 1))
+            p_t = jnp.exp2(s_t * scale2 - mp.cols(lse, tile))
             if masked:
-                q_seg, q_pos = (_load(st_smem.at[slot, i], col, interpret) for i in (2, 3))
+                q_seg, q_pos = (mp.load(st_smem.at[slot, i], col, interpret) for i in (2, 3))
                 visible = _visible(
-                    _cols(q_seg, tile), _cols(q_pos, tile), _rows(k_seg, tile), _rows(k_pos, tile)
+                    mp.cols(q_seg, tile),
+                    mp.cols(q_pos, tile),
+                    mp.rows(k_seg, tile),
+                    mp.rows(k_pos, tile),
                 )
                 p_t = jnp.where(visible, p_t, 0.0)
             plgpu.barrier_wait(do_bar.at[slot])
             do_blk = do_smem.at[slot]
-            dv, dp_t = _products(
+            dv, dp_t = mp.products(
                 [(dv, p_t.astype(do_smem.dtype), do_blk, False), (None, v_own, do_blk, True)],
                 interpret,
             )
-            ds_t = p_t * (dp_t - _cols(delta, tile))
+            ds_t = p_t * (dp_t - mp.cols(delta, tile))
             return dk, dv, ds_t.astype(q_smem.dtype), slot
 
         def flush(slot, carry):
             dk, dv, ds_prev, _ = carry
-            (dk,) = _products([(dk, ds_prev, q_smem.at[slot], False)], interpret)
+            (dk,) = mp.products([(dk, ds_prev, q_smem.at[slot], False)], interpret)
             plgpu.barrier_arrive(consumed.at[slot])
             return dk, dv, ds_prev, slot
 
-        zeros = _cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA, interpret)
+        zeros = mp.cast(jnp.zeros((_ROWS, D), jnp.float32), plgpu.Layout.WGMMA, interpret)
         init = (
             zeros,
             zeros,
-            _cast(jnp.zeros(tile, q_smem.dtype), plgpu.Layout.WGMMA, interpret),
+            mp.cast(jnp.zeros(tile, q_smem.dtype), plgpu.Layout.WGMMA, interpret),
             jnp.int32(0),
         )
-        dk, dv, _, _ = _run_blocks(bounds, slots, step, flush, init)
+        dk, dv, _, _ = mp.run_blocks(bounds, slots, step, flush, init)
         k_own[...] = (dk * scale).astype(k_own.dtype)
         v_own[...] = dv.astype(v_own.dtype)
         plgpu.commit_smem()
