@@ -84,6 +84,25 @@ def test_lowers_for_cuda(D, packed):
     assert lowered.as_text().count("mosaic_gpu") >= 3  # forward, dq, dk/dv
 
 
+def test_auto_picks_the_mosaic_backward_at_head_dim_128_on_hopper(monkeypatch):
+    """The backward's "auto" (the default): the Mosaic GPU pair where it was measured
+    faster (head_dim 128 on a Hopper GPU), the Triton pair elsewhere; the forward stays
+    Triton's unless asked for."""
+    tuning = fa.Tuning()
+    assert tuning.bwd_kernel == "auto" and tuning.fwd_kernel == "triton"
+    monkeypatch.setattr(fa, "on_hopper", lambda: True)
+    bf16 = jnp.bfloat16
+    assert tuning.kernel("bwd", 16, 16, 128, bf16, interpret=False) == "mgpu"
+    assert tuning.kernel("fwd", 16, 16, 128, bf16, interpret=False) == "triton"
+    assert tuning.kernel("bwd", 12, 12, 64, bf16, interpret=False) == "triton"
+    assert tuning.kernel("bwd", 16, 4, 128, bf16, interpret=False) == "triton"  # grouped
+    assert tuning.kernel("bwd", 16, 16, 128, jnp.float32, interpret=False) == "triton"
+    assert tuning.kernel("bwd", 16, 16, 128, bf16, interpret=True) == "triton"  # CPU
+    monkeypatch.setattr(fa, "on_hopper", lambda: False)
+    assert tuning.kernel("bwd", 16, 16, 128, bf16, interpret=False) == "triton"
+    assert BOTH_MGPU.kernel("fwd", 16, 16, 128, bf16, interpret=True) == "mgpu"
+
+
 def test_unsupported_shapes_use_the_triton_pair():
     """Grouped-query heads, head_dim 32 and float32 are not the pair's: `supported` says
     so, and `flash_attention` asked for them lowers no Mosaic GPU kernel there."""

@@ -43,7 +43,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from model.kernels import flash_attention_mgpu
 from model.kernels.block_visibility import block_visibility, loop_bounds
-from model.kernels.partition import dot, fit_logical, interpret_mode, run_sharded
+from model.kernels.partition import dot, fit_logical, interpret_mode, on_hopper, run_sharded
 from model.masking import MASK_VALUE
 
 _LOG2_E = math.log2(math.e)  # exp(x) = exp2(x * log2(e)): exp2 is the cheaper instruction
@@ -72,13 +72,26 @@ class Tuning:
     # 120.0, 120.8 ms; BENCHMARKS.md, "Speed round seven"), while the kernel at gpt-1.3b's
     # head_dim 128 took 3.9 instead of 3.3 ms (shared memory for the third stage).
     num_stages: int | None = None
-    # the forward and backward passes: "triton" (the kernels below) or "mgpu", the
-    # warp-specialised Mosaic GPU kernels of `flash_attention_mgpu.py` (Hopper; one query
-    # head a key/value head, head_dim 64 or 128, 16-bit), "triton" where they do not fit
+    # the forward and backward passes: "triton" (the kernels below), "mgpu" (the
+    # warp-specialised Mosaic GPU kernels of `flash_attention_mgpu.py`: Hopper; one query
+    # head a key/value head, head_dim 64 or 128, 16-bit; "triton" where they do not fit) or,
+    # for the backward pass, "auto": "mgpu" at head_dim 128 on a Hopper GPU, where it was
+    # measured faster (gpt-1.3b's packed step 494.4 -> 489.4 ms, the pair alone -7%), and
+    # "triton" elsewhere (at head_dim 64 no faster; the forward slower at both;
+    # BENCHMARKS.md, "Speed round twenty-one")
     fwd_kernel: str = "triton"
-    bwd_kernel: str = "triton"
-    mgpu_block: int = 64  # its streamed block
-    mgpu_slots: int = 3  # and its pipeline depth
+    bwd_kernel: str = "auto"
+    mgpu_block: int = 64  # their streamed block
+    mgpu_slots: int = 3  # and their pipeline depth
+
+    def kernel(self, which: str, H: int, G: int, D: int, dtype, interpret: bool) -> str:
+        """ "triton" or "mgpu": the kernel for pass `which` ("fwd" or "bwd") at these shapes."""
+        kind = self.fwd_kernel if which == "fwd" else self.bwd_kernel
+        if kind == "auto":
+            kind = "mgpu" if D == 128 and not interpret and on_hopper() else "triton"
+        if kind == "mgpu" and flash_attention_mgpu.supported(H, G, D, dtype):
+            return "mgpu"
+        return "triton"
 
     def stages(self, head_dim: int) -> int:
         if self.num_stages is not None:
@@ -400,7 +413,7 @@ def _forward(q, k, v, seg, pos, *, tuning: Tuning, interpret: bool, packed: bool
     B, T, G, _, D = k.shape
     R = q.shape[3] - 2 if packed else q.shape[3]
     H = G * R
-    if tuning.fwd_kernel == "mgpu" and flash_attention_mgpu.supported(H, G, D, q.dtype):
+    if tuning.kernel("fwd", H, G, D, q.dtype, interpret) == "mgpu":
         return flash_attention_mgpu.forward(
             q, k, v, seg, pos, slots=tuning.mgpu_slots, packed=packed, block=tuning.mgpu_block,
             interpret=interpret,
@@ -458,7 +471,7 @@ def _backward(q, k, v, seg, pos, out, lse, d_out, *, tuning: Tuning, interpret: 
     B, T, G, _, D = k.shape
     R = out.shape[3]
     H = G * R
-    if tuning.bwd_kernel == "mgpu" and flash_attention_mgpu.supported(H, G, D, q.dtype):
+    if tuning.kernel("bwd", H, G, D, q.dtype, interpret) == "mgpu":
         return flash_attention_mgpu.backward(
             q, k, v, seg, pos, out, lse, d_out, slots=tuning.mgpu_slots, packed=packed,
             block=tuning.mgpu_block, interpret=interpret,

@@ -1,9 +1,11 @@
 """Flash attention over packed rows as Mosaic GPU kernels (Hopper only): the three kernels
 of `model/kernels/flash_attention.py` (forward; dq with delta; dk and dv), written
-warp-specialised as in FlashAttention-3 (Shah et al. 2024). Opt-in, through
-`Tuning(fwd_kernel="mgpu", bwd_kernel="mgpu")`: on an H200 they match the Triton kernels'
-values but not their speed at the presets' shapes (BENCHMARKS.md, "Speed round
-twenty-one").
+warp-specialised as in FlashAttention-3 (Shah et al. 2024). On an H200 they match the
+Triton kernels' values; the backward pair is faster at head dimension 128 (gpt-1.3b's
+packed step 494.4 -> 489.4 ms) and the default there (`Tuning.bwd_kernel="auto"`), while
+at head dimension 64 they are no faster and the forward kernel is slower at both, so
+elsewhere they are opt-in: `Tuning(fwd_kernel="mgpu", bwd_kernel="mgpu")` (BENCHMARKS.md,
+"Speed round twenty-one").
 
 Why a second backend: inside a Triton program the products, the row statistics and the
 exponentials wait on one another (BENCHMARKS.md, change 81), and Triton cannot split a

@@ -24,6 +24,14 @@ def interpret_mode() -> bool:
     return jax.devices()[0].platform != "gpu"
 
 
+def on_hopper() -> bool:
+    """Whether the local accelerator is a Hopper GPU (compute capability 9.x), the one the
+    Mosaic GPU kernels are written for."""
+    device = jax.devices()[0]
+    capability = str(getattr(device, "compute_capability", ""))
+    return device.platform == "gpu" and capability.startswith("9.")
+
+
 def active_mesh() -> jax.sharding.AbstractMesh | None:
     """The mesh kernels split over: None without one or with a single device."""
     mesh = jax.sharding.get_abstract_mesh()
