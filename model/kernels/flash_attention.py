@@ -85,7 +85,7 @@ class Tuning:
     mgpu_slots: int = 3  # and their pipeline depth
 
     def kernel(self, which: str, H: int, G: int, D: int, dtype, interpret: bool) -> str:
-        """ "triton" or "mgpu": the kernel for pass `which` ("fwd" or "bwd") at these shapes."""
+        """The kernel ("triton" or "mgpu") for pass `which` ("fwd" or "bwd") at these shapes."""
         kind = self.fwd_kernel if which == "fwd" else self.bwd_kernel
         if kind == "auto":
             kind = "mgpu" if D == 128 and not interpret and on_hopper() else "triton"

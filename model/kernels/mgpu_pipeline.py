@@ -49,6 +49,7 @@ def load(ref, layout, interpret: bool):
 
 
 def cast(x, layout, interpret: bool):
+    """x in a register layout (a no-op in the interpreter)."""
     return x if interpret else plgpu.layout_cast(x, layout)
 
 
@@ -58,7 +59,8 @@ def transposed(ref):
 
 
 # ----------------------------------------------------------------------------
-# Scratch: per compute warpgroup its own rows; per slot one streamed block.
+# The parts of a kernel: shared-memory tiles, products, broadcasts, the block loop and the
+# producer.
 
 
 def tile_smem(shape, dtype):
