@@ -106,20 +106,12 @@ def main() -> None:
         for fwd, kernel, block, slots in variants:
             tuning = _tuning(fwd, kernel, block, slots)
             fn = _backward_fn(tuning)
+            setting = (name, fwd, kernel, block, slots)
             try:
                 grad = jax.block_until_ready(fn(*inputs))
             except Exception as e:  # noqa: BLE001  (report and go on: this is a probe)
                 traceback.print_exc()
-                rows.append(
-                    (
-                        name,
-                        fwd,
-                        kernel,
-                        block,
-                        slots,
-                        f"FAILED {type(e).__name__}: {str(e)[:300]}",
-                    )
-                )
+                rows.append((*setting, f"FAILED {type(e).__name__}: {str(e)[:300]}"))
                 print(rows[-1], flush=True)
                 continue
             if ref is None:
@@ -129,18 +121,9 @@ def main() -> None:
             ms = median(time_calls(functools.partial(fn, *inputs), 2, args.iters)) * 1e3
             fwd_fn = functools.partial(_forward_fn(tuning), *inputs)
             fwd_ms = median(time_calls(fwd_fn, 2, args.iters)) * 1e3
-            rows.append(
-                (
-                    name,
-                    fwd,
-                    kernel,
-                    block,
-                    slots,
-                    f"{ms:.3f} ms fwd+bwd ({fwd_ms:.3f} fwd), rel err dk/dv/dq "
-                    + "/".join(f"{e:.1e}" for e in err)
-                    + f", finite {finite}",
-                )
-            )
+            errors = "/".join(f"{e:.1e}" for e in err)
+            result = f"{ms:.3f} ms fwd+bwd ({fwd_ms:.3f} fwd), rel err dk/dv/dq {errors}"
+            rows.append((*setting, f"{result}, finite {finite}"))
             print(rows[-1], flush=True)
     print("\nsize | forward | backward | block | slots | result")
     for row in rows:

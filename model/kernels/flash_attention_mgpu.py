@@ -252,6 +252,28 @@ def _visible(q_seg, q_pos, k_seg, k_pos):
     return (q_seg == k_seg) & (q_seg != 0.0) & (k_pos <= q_pos)
 
 
+def _stream_keys(b, h, kv_slots, gmem, smem, barriers, bounds, block, slots, consumed):
+    """The producer of the forward and dq kernels: key blocks' k, v and (segment id,
+    position) for row b, head h."""
+    (k_ref, v_ref, ids_ref), (k_slot, v_slot) = gmem, kv_slots
+    views = (
+        lambda keys: k_ref.at[b, keys, h, k_slot],
+        lambda keys: v_ref.at[b, keys, h, v_slot],
+        lambda keys: ids_ref.at[b, :, keys],
+    )
+    mp.stream(bounds, block, slots, consumed, list(zip(views, smem, barriers)))
+
+
+def _sees_keys(q_seg, q_pos, kid_block, tile, interpret):
+    """The mask of a [queries, keys] tile: the query rows' ids and positions (row vectors)
+    against a streamed key block's (kid_block [2, keys] in shared memory)."""
+    col = plgpu.Layout.WGMMA.reduce(0)
+    k_seg, k_pos = (mp.load(kid_block.at[i], col, interpret) for i in (0, 1))
+    return _visible(
+        mp.rows(q_seg, tile), mp.rows(q_pos, tile), mp.cols(k_seg, tile), mp.cols(k_pos, tile)
+    )
+
+
 def _fwd_kernel(
     bounds_ref, q_ref, k_ref, v_ref, ids_ref,  # inputs
     o_ref, lse_ref,  # outputs
@@ -271,12 +293,8 @@ def _fwd_kernel(
 
     @pl.when(wg == _WGS)
     def _producer():
-        streams = [
-            (lambda keys: k_ref.at[b, keys, h, k_slot], k_smem, k_bar),
-            (lambda keys: v_ref.at[b, keys, h, v_slot], v_smem, v_bar),
-            (lambda keys: ids_ref.at[b, :, keys], kid_smem, kid_bar),
-        ]
-        mp.stream(bounds, block, slots, consumed, streams)
+        keys = (k_ref, v_ref, ids_ref), (k_smem, v_smem, kid_smem), (k_bar, v_bar, kid_bar)
+        _stream_keys(b, h, (k_slot, v_slot), *keys, bounds, block, slots, consumed)
 
     @pl.when(wg < _WGS)
     def _compute():
@@ -302,14 +320,7 @@ def _fwd_kernel(
             s2 = s * scale2
             plgpu.barrier_wait(kid_bar.at[slot])
             if masked:
-                col = plgpu.Layout.WGMMA.reduce(0)
-                k_seg, k_pos = (mp.load(kid_smem.at[slot, i], col, interpret) for i in (0, 1))
-                visible = _visible(
-                    mp.rows(q_seg, tile),
-                    mp.rows(q_pos, tile),
-                    mp.cols(k_seg, tile),
-                    mp.cols(k_pos, tile),
-                )
+                visible = _sees_keys(q_seg, q_pos, kid_smem.at[slot], tile, interpret)
                 s2 = jnp.where(visible, s2, MASK_VALUE)
             m_new = jnp.maximum(m, jnp.max(s2, axis=1))
             p = jnp.exp2(s2 - mp.rows(m_new, tile))
@@ -363,12 +374,8 @@ def _dq_kernel(
 
     @pl.when(wg == _WGS)
     def _producer():
-        streams = [
-            (lambda keys: k_ref.at[b, keys, h, k_slot], k_smem, k_bar),
-            (lambda keys: v_ref.at[b, keys, h, v_slot], v_smem, v_bar),
-            (lambda keys: ids_ref.at[b, :, keys], kid_smem, kid_bar),
-        ]
-        mp.stream(bounds, block, slots, consumed, streams)
+        keys = (k_ref, v_ref, ids_ref), (k_smem, v_smem, kid_smem), (k_bar, v_bar, kid_bar)
+        _stream_keys(b, h, (k_slot, v_slot), *keys, bounds, block, slots, consumed)
 
     @pl.when(wg < _WGS)
     def _compute():
@@ -405,14 +412,7 @@ def _dq_kernel(
             p = jnp.exp2(s * scale2 - mp.rows(lse, tile))
             plgpu.barrier_wait(kid_bar.at[slot])
             if masked:
-                col = plgpu.Layout.WGMMA.reduce(0)
-                k_seg, k_pos = (mp.load(kid_smem.at[slot, i], col, interpret) for i in (0, 1))
-                visible = _visible(
-                    mp.rows(q_seg, tile),
-                    mp.rows(q_pos, tile),
-                    mp.cols(k_seg, tile),
-                    mp.cols(k_pos, tile),
-                )
+                visible = _sees_keys(q_seg, q_pos, kid_smem.at[slot], tile, interpret)
                 p = jnp.where(visible, p, 0.0)
             ds = p * (dp - mp.rows(delta, tile))
             return dq, ds.astype(k_smem.dtype), slot
