@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -247,6 +248,36 @@ def _dkv_scratch(D, dtype, block, slots):
 # block it read is released to the producer only then.
 
 
+class _Program(NamedTuple):
+    """Where a program is: tile n, row b, head h (of the grid), its warpgroup wg, its
+    loop bounds, and the 64 rows a compute warpgroup owns."""
+
+    n: jax.Array
+    b: jax.Array
+    h: jax.Array
+    wg: jax.Array
+    bounds: tuple
+    rows: pl.Slice
+
+
+def _program(bounds_ref) -> _Program:
+    n, b, h = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("head")
+    wg = lax.axis_index("wg")
+    bounds = tuple(bounds_ref[b, n, i] for i in range(4))
+    return _Program(n, b, h, wg, bounds, pl.ds(n * _TILE + wg * _ROWS, _ROWS))
+
+
+def _warp_specialised(wg, producer, compute) -> None:
+    """The last warpgroup streams blocks (`producer`); the others, given the registers
+    the producer gives up, run `compute`."""
+    pl.when(wg == _WGS)(producer)
+
+    @pl.when(wg < _WGS)
+    def _():
+        plgpu.set_max_registers(232, action="increase")
+        compute()
+
+
 def _visible(q_seg, q_pos, k_seg, k_pos):
     """The mask rule (`model.masking.attention_mask`) on broadcast tiles."""
     return (q_seg == k_seg) & (q_seg != 0.0) & (k_pos <= q_pos)
@@ -284,22 +315,17 @@ def _fwd_kernel(
     """One (query tile, row, head): the output and base-2 log-sum-exp of its 128 queries,
     over the key blocks they may see (Dao et al. 2022's running maximum and sum)."""
     del scale
-    n, b, h = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("head")
-    wg = lax.axis_index("wg")
+    at = _program(bounds_ref)
+    b, h, wg, rows = at.b, at.h, at.wg, at.rows
     q_slot, k_slot, v_slot = slot_ids
-    bounds = tuple(bounds_ref[b, n, i] for i in range(4))
     D = q_smem.shape[-1]
     tile = (_ROWS, block)
+    keys = (k_ref, v_ref, ids_ref), (k_smem, v_smem, kid_smem), (k_bar, v_bar, kid_bar)
+    producer = functools.partial(
+        _stream_keys, b, h, (k_slot, v_slot), *keys, at.bounds, block, slots, consumed
+    )
 
-    @pl.when(wg == _WGS)
-    def _producer():
-        keys = (k_ref, v_ref, ids_ref), (k_smem, v_smem, kid_smem), (k_bar, v_bar, kid_bar)
-        _stream_keys(b, h, (k_slot, v_slot), *keys, bounds, block, slots, consumed)
-
-    @pl.when(wg < _WGS)
-    def _compute():
-        plgpu.set_max_registers(232, action="increase")
-        rows = pl.ds(n * _TILE + wg * _ROWS, _ROWS)
+    def compute():
         q_own, id_own = q_smem.at[wg], qid_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, q_slot], q_own, q_bar.at[wg])
         plgpu.copy_gmem_to_smem(ids_ref.at[b, :, rows], id_own, qid_bar.at[wg])
@@ -345,7 +371,7 @@ def _fwd_kernel(
             mp.cast(jnp.zeros(tile, v_smem.dtype), plgpu.Layout.WGMMA, interpret),
             jnp.int32(0),
         )
-        acc, m, total, _, _ = mp.run_blocks(bounds, slots, step, flush, init)
+        acc, m, total, _, _ = mp.run_blocks(at.bounds, slots, step, flush, init)
         seen = total > 0  # False only for padding queries: output 0, and no gradient
         total = jnp.where(seen, total, 1.0)
         q_own[...] = (acc / mp.rows(total, acc.shape)).astype(q_own.dtype)
@@ -354,6 +380,8 @@ def _fwd_kernel(
         plgpu.copy_smem_to_gmem(q_own, o_ref.at[b, rows, h])
         plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
         plgpu.wait_smem_to_gmem(0)
+
+    _warp_specialised(wg, producer, compute)
 
 
 def _dq_kernel(
@@ -365,22 +393,17 @@ def _dq_kernel(
 ):  # fmt: skip
     """One (query tile, row, head): dq and delta = rowsum(dO * O) over the key blocks
     its 128 queries may see; each compute warpgroup owns 64 of the queries."""
-    n, b, h = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("head")
-    wg = lax.axis_index("wg")
+    at = _program(bounds_ref)
+    b, h, wg, rows = at.b, at.h, at.wg, at.rows
     q_slot, k_slot, v_slot = slot_ids
-    bounds = tuple(bounds_ref[b, n, i] for i in range(4))
     D = q_smem.shape[-1]
     tile = (_ROWS, block)
+    keys = (k_ref, v_ref, ids_ref), (k_smem, v_smem, kid_smem), (k_bar, v_bar, kid_bar)
+    producer = functools.partial(
+        _stream_keys, b, h, (k_slot, v_slot), *keys, at.bounds, block, slots, consumed
+    )
 
-    @pl.when(wg == _WGS)
-    def _producer():
-        keys = (k_ref, v_ref, ids_ref), (k_smem, v_smem, kid_smem), (k_bar, v_bar, kid_bar)
-        _stream_keys(b, h, (k_slot, v_slot), *keys, bounds, block, slots, consumed)
-
-    @pl.when(wg < _WGS)
-    def _compute():
-        plgpu.set_max_registers(232, action="increase")
-        rows = pl.ds(n * _TILE + wg * _ROWS, _ROWS)
+    def compute():
         q_own, do_own, o_own = q_smem.at[wg], do_smem.at[wg], o_smem.at[wg]
         st_own = own_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, q_slot], q_own, q_bar.at[wg])
@@ -428,13 +451,15 @@ def _dq_kernel(
             mp.cast(jnp.zeros(tile, k_smem.dtype), plgpu.Layout.WGMMA, interpret),
             jnp.int32(0),
         )
-        dq, _, _ = mp.run_blocks(bounds, slots, step, flush, init)
+        dq, _, _ = mp.run_blocks(at.bounds, slots, step, flush, init)
         o_own[...] = (dq * scale).astype(o_own.dtype)
         delta_smem.at[wg][...] = delta
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_own, dq_ref.at[b, rows, h])
         plgpu.copy_smem_to_gmem(delta_smem.at[wg], delta_ref.at[b, h, rows])
         plgpu.wait_smem_to_gmem(0)
+
+    _warp_specialised(wg, producer, compute)
 
 
 def _dkv_kernel(
@@ -447,26 +472,21 @@ def _dkv_kernel(
     outs, refs = (refs[:1], refs[1:]) if packed else (refs[:2], refs[2:])
     (k_smem, v_smem, dq_smem, kid_smem, q_smem, do_smem, st_smem,
      k_bar, v_bar, kid_bar, dq_bar, q_bar, do_bar, st_bar, consumed) = refs  # fmt: skip
-    n, b, g = lax.axis_index("tile"), lax.axis_index("batch"), lax.axis_index("head")
-    wg = lax.axis_index("wg")
+    at = _program(bounds_ref)
+    b, g, wg, rows = at.b, at.h, at.wg, at.rows
     q_slot, k_slot, v_slot = slot_ids
-    bounds = tuple(bounds_ref[b, n, i] for i in range(4))
     D = k_smem.shape[-1]
     tile = (_ROWS, block)
 
-    @pl.when(wg == _WGS)
-    def _producer():
+    def producer():
         streams = [
             (lambda queries: q_ref.at[b, queries, g, q_slot], q_smem, q_bar),
             (lambda queries: do_ref.at[b, queries, g], do_smem, do_bar),
             (lambda queries: stats_ref.at[b, g, :, queries], st_smem, st_bar),
         ]
-        mp.stream(bounds, block, slots, consumed, streams)
+        mp.stream(at.bounds, block, slots, consumed, streams)
 
-    @pl.when(wg < _WGS)
-    def _compute():
-        plgpu.set_max_registers(232, action="increase")
-        rows = pl.ds(n * _TILE + wg * _ROWS, _ROWS)
+    def compute():
         k_own, v_own, dq_own = k_smem.at[wg], v_smem.at[wg], dq_smem.at[wg]
         id_own = kid_smem.at[wg]
         plgpu.copy_gmem_to_smem(k_ref.at[b, rows, g, k_slot], k_own, k_bar.at[wg])
@@ -523,7 +543,7 @@ def _dkv_kernel(
             mp.cast(jnp.zeros(tile, q_smem.dtype), plgpu.Layout.WGMMA, interpret),
             jnp.int32(0),
         )
-        dk, dv, _, _ = mp.run_blocks(bounds, slots, step, flush, init)
+        dk, dv, _, _ = mp.run_blocks(at.bounds, slots, step, flush, init)
         k_own[...] = (dk * scale).astype(k_own.dtype)
         v_own[...] = dv.astype(v_own.dtype)
         plgpu.commit_smem()
@@ -538,3 +558,5 @@ def _dkv_kernel(
             plgpu.copy_smem_to_gmem(k_own, dk_ref.at[b, rows, g])
             plgpu.copy_smem_to_gmem(v_own, dv_ref.at[b, rows, g])
         plgpu.wait_smem_to_gmem(0)
+
+    _warp_specialised(wg, producer, compute)
