@@ -18,10 +18,15 @@ import tempfile
 
 import pytest
 
+from tests.run_helpers import FAST_COMPILE_FLAG
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+    flags = f"{flags} --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in flags:  # run_helpers.py says why
+    flags = f"{flags} {FAST_COMPILE_FLAG}"
+os.environ["XLA_FLAGS"] = flags.strip()
 
 # Set before JAX is imported, in pytest's first process: its workers and every subprocess a
 # test starts inherit the variables, so they share the folder.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -12,6 +11,7 @@ import numpy as np
 
 from tests.run_helpers import (
     REPO,
+    cpu_env,
     overrides,
     prepare_char_corpus,
     pretrain_command,
@@ -76,12 +76,7 @@ def test_two_processes_match_one(tmp_path):
 
 
 def _pipeline_command(config_file, workdir, devices: int, extra=()):
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "PYTHONPATH": str(REPO),
-    }
+    env = cpu_env(devices)
     command = [
         sys.executable,
         "-m",

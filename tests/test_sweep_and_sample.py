@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 
@@ -14,15 +13,12 @@ import pytest
 from tests.run_helpers import (
     CONFIG,
     REPO,
+    cpu_env,
     make_corpus,
     overrides,
     prepare_char_corpus,
     run_pretrain,
 )
-
-
-def _env():
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
 
 
 def test_sweep_runs_the_grid_and_writes_table_and_plot(tmp_path):
@@ -44,7 +40,7 @@ def test_sweep_runs_the_grid_and_writes_table_and_plot(tmp_path):
     ]
     printed = subprocess.run(
         [*command, "--print_only"],
-        env=_env(),
+        env=cpu_env(),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -56,7 +52,7 @@ def test_sweep_runs_the_grid_and_writes_table_and_plot(tmp_path):
     assert "--config.optim.lr=0.01" in lines[1] and "--config.model.n_layers=1" in lines[1]
 
     result = subprocess.run(
-        command, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=600
+        command, env=cpu_env(), cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "sweep" / "sweep_results.csv") as f:
@@ -84,7 +80,7 @@ def test_sample_command_reads_the_latest_checkpoint(tmp_path):
             "--max_new_tokens=12",
             "--temperature=0",
         ],
-        env=_env(),
+        env=cpu_env(),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -98,7 +94,7 @@ def test_sample_command_reads_the_latest_checkpoint(tmp_path):
 
     missing = subprocess.run(
         [sys.executable, "-m", "experiments.sample", f"--workdir={tmp_path / 'nothing'}"],
-        env=_env(),
+        env=cpu_env(),
         cwd=REPO,
         capture_output=True,
         text=True,

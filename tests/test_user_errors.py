@@ -19,7 +19,7 @@ from experiments import cli
 from experiments.configs.stdlib_tiny import get_config
 from model.config import get_preset
 from tests.helpers import build_training, random_lm_batch, single_device_mesh
-from tests.run_helpers import REPO, char_config
+from tests.run_helpers import REPO, char_config, cpu_env
 from train import loop
 from train.checkpoint import Checkpointer, CheckpointError
 from train.optim import OptimConfig
@@ -27,19 +27,10 @@ from train.pretrain import train
 from train.workdir import Workdir, WorkdirBusy
 
 
-def _env(devices: int = 1) -> dict:
-    return {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "PYTHONPATH": str(REPO),
-    }
-
-
 def _run(*args, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", *args],
-        env=_env(),
+        env=cpu_env(),
         cwd=REPO,
         capture_output=True,
         text=True,
