@@ -95,11 +95,12 @@ def test_lowers_for_cuda(D, packed):
 
 def test_auto_picks_the_mosaic_backward_at_head_dim_128_on_hopper(monkeypatch):
     """The backward's "auto" (the default): the Mosaic GPU pair where it was measured
-    faster (head_dim 128 on a Hopper GPU), the Triton pair elsewhere; the forward stays
-    Triton's unless asked for."""
+    faster (head_dim 128 on a Hopper GPU, a jax it ran on), the Triton pair elsewhere; the
+    forward stays Triton's unless asked for."""
     tuning = fa.Tuning()
     assert tuning.bwd_kernel == "auto" and tuning.fwd_kernel == "triton"
     monkeypatch.setattr(fa, "on_hopper", lambda: True)
+    monkeypatch.setattr(fm, "run_on_this_jax", lambda: True)
     bf16 = jnp.bfloat16
     assert tuning.kernel("bwd", 16, 16, 128, bf16, interpret=False) == "mgpu"
     assert tuning.kernel("fwd", 16, 16, 128, bf16, interpret=False) == "triton"
@@ -107,6 +108,9 @@ def test_auto_picks_the_mosaic_backward_at_head_dim_128_on_hopper(monkeypatch):
     assert tuning.kernel("bwd", 16, 4, 128, bf16, interpret=False) == "triton"  # grouped
     assert tuning.kernel("bwd", 16, 16, 128, jnp.float32, interpret=False) == "triton"
     assert tuning.kernel("bwd", 16, 16, 128, bf16, interpret=True) == "triton"  # CPU
+    monkeypatch.setattr(fm, "run_on_this_jax", lambda: False)  # a jax never run compiled
+    assert tuning.kernel("bwd", 16, 16, 128, bf16, interpret=False) == "triton"
+    monkeypatch.setattr(fm, "run_on_this_jax", lambda: True)
     monkeypatch.setattr(fa, "on_hopper", lambda: False)
     assert tuning.kernel("bwd", 16, 16, 128, bf16, interpret=False) == "triton"
     assert BOTH_MGPU.kernel("fwd", 16, 16, 128, bf16, interpret=True) == "mgpu"

@@ -76,9 +76,10 @@ class Tuning:
     # warp-specialised Mosaic GPU kernels of `flash_attention_mgpu.py`: Hopper; one query
     # head a key/value head, head_dim 64 or 128, 16-bit; "triton" where they do not fit) or,
     # for the backward pass, "auto": "mgpu" at head_dim 128 on a Hopper GPU, where it was
-    # measured faster (gpt-1.3b's packed step 494.4 -> 489.4 ms, the pair alone -7%), and
-    # "triton" elsewhere (at head_dim 64 no faster; the forward slower at both;
-    # BENCHMARKS.md, "Speed round twenty-one")
+    # measured faster (gpt-1.3b's packed step 494.4 -> 489.4 ms, the pair alone -7%), with
+    # a jax at least the one it ran on (`flash_attention_mgpu.RUN_ON_JAX`), and "triton"
+    # elsewhere (at head_dim 64 no faster; the forward slower at both; BENCHMARKS.md,
+    # "Speed round twenty-one")
     fwd_kernel: str = "triton"
     bwd_kernel: str = "auto"
     mgpu_block: int = 64  # their streamed block
@@ -88,7 +89,8 @@ class Tuning:
         """The kernel ("triton" or "mgpu") for pass `which` ("fwd" or "bwd") at these shapes."""
         kind = self.fwd_kernel if which == "fwd" else self.bwd_kernel
         if kind == "auto":
-            kind = "mgpu" if D == 128 and not interpret and on_hopper() else "triton"
+            measured = D == 128 and not interpret and on_hopper()
+            kind = "mgpu" if measured and flash_attention_mgpu.run_on_this_jax() else "triton"
         if kind == "mgpu" and flash_attention_mgpu.supported(H, G, D, dtype):
             return "mgpu"
         return "triton"

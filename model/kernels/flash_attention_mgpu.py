@@ -2,7 +2,8 @@
 of `model/kernels/flash_attention.py` (forward; dq with delta; dk and dv), written
 warp-specialised as in FlashAttention-3 (Shah et al. 2024). On an H200 they match the
 Triton kernels' values; the backward pair is faster at head dimension 128 (gpt-1.3b's
-packed step 494.4 -> 489.4 ms) and the default there (`Tuning.bwd_kernel="auto"`), while
+packed step 494.4 -> 489.4 ms) and the default there (`Tuning.bwd_kernel="auto"`, with a
+jax at least `RUN_ON_JAX`), while
 at head dimension 64 they are no faster and the forward kernel is slower at both, so
 elsewhere they are opt-in: `Tuning(fwd_kernel="mgpu", bwd_kernel="mgpu")` (BENCHMARKS.md,
 "Speed round twenty-one").
@@ -56,6 +57,17 @@ _ROWS = 64  # rows a compute warpgroup owns: one wgmma tile
 _WGS = 2  # compute warpgroups a program; one more streams the blocks
 _TILE = _ROWS * _WGS  # rows a program owns
 _LOG2_E = math.log2(math.e)
+
+
+# The jax release whose Mosaic GPU compiler ran these kernels on a GPU, in the tests and the
+# measurements (0.11.2). Older releases lower them (the CPU tests) but never ran them
+# compiled here, so "auto" does not pick them there (`flash_attention.Tuning.kernel`).
+RUN_ON_JAX = (0, 11)
+
+
+def run_on_this_jax() -> bool:
+    """Whether this jax is at least the release the kernels ran on, compiled (RUN_ON_JAX)."""
+    return tuple(jax.__version_info__[:2]) >= RUN_ON_JAX
 
 
 def supported(n_heads: int, kv_heads: int, head_dim: int, dtype) -> bool:
