@@ -295,16 +295,16 @@ def _visible(q_seg, q_pos, k_seg, k_pos):
     return (q_seg == k_seg) & (q_seg != 0.0) & (k_pos <= q_pos)
 
 
-def _stream_keys(b, h, kv_slots, gmem, smem, barriers, bounds, block, slots, consumed):
-    """The producer of the forward and dq kernels: key blocks' k, v and (segment id,
-    position) for row b, head h."""
-    (k_ref, v_ref, ids_ref), (k_slot, v_slot) = gmem, kv_slots
+def _key_producer(at: _Program, slot_ids, gmem, smem, barriers, block, slots, consumed):
+    """The producer of the forward and dq kernels: streams key blocks' k, v and (segment
+    id, position) for the program's row and head (gmem, smem, barriers: those three each)."""
+    (k_ref, v_ref, ids_ref), (_, k_slot, v_slot) = gmem, slot_ids
     views = (
-        lambda keys: k_ref.at[b, keys, h, k_slot],
-        lambda keys: v_ref.at[b, keys, h, v_slot],
-        lambda keys: ids_ref.at[b, :, keys],
+        lambda keys: k_ref.at[at.b, keys, at.h, k_slot],
+        lambda keys: v_ref.at[at.b, keys, at.h, v_slot],
+        lambda keys: ids_ref.at[at.b, :, keys],
     )
-    mp.stream(bounds, block, slots, consumed, list(zip(views, smem, barriers)))
+    return lambda: mp.stream(at.bounds, block, slots, consumed, list(zip(views, smem, barriers)))
 
 
 def _sees_keys(q_seg, q_pos, kid_block, tile, interpret):
@@ -329,13 +329,13 @@ def _fwd_kernel(
     del scale
     at = _program(bounds_ref)
     b, h, wg, rows = at.b, at.h, at.wg, at.rows
-    q_slot, k_slot, v_slot = slot_ids
+    q_slot = slot_ids[0]
     D = q_smem.shape[-1]
     tile = (_ROWS, block)
-    keys = (k_ref, v_ref, ids_ref), (k_smem, v_smem, kid_smem), (k_bar, v_bar, kid_bar)
-    producer = functools.partial(
-        _stream_keys, b, h, (k_slot, v_slot), *keys, at.bounds, block, slots, consumed
-    )
+    producer = _key_producer(
+        at, slot_ids, (k_ref, v_ref, ids_ref), (k_smem, v_smem, kid_smem),
+        (k_bar, v_bar, kid_bar), block, slots, consumed,
+    )  # fmt: skip
 
     def compute():
         q_own, id_own = q_smem.at[wg], qid_smem.at[wg]
@@ -407,13 +407,13 @@ def _dq_kernel(
     its 128 queries may see; each compute warpgroup owns 64 of the queries."""
     at = _program(bounds_ref)
     b, h, wg, rows = at.b, at.h, at.wg, at.rows
-    q_slot, k_slot, v_slot = slot_ids
+    q_slot = slot_ids[0]
     D = q_smem.shape[-1]
     tile = (_ROWS, block)
-    keys = (k_ref, v_ref, ids_ref), (k_smem, v_smem, kid_smem), (k_bar, v_bar, kid_bar)
-    producer = functools.partial(
-        _stream_keys, b, h, (k_slot, v_slot), *keys, at.bounds, block, slots, consumed
-    )
+    producer = _key_producer(
+        at, slot_ids, (k_ref, v_ref, ids_ref), (k_smem, v_smem, kid_smem),
+        (k_bar, v_bar, kid_bar), block, slots, consumed,
+    )  # fmt: skip
 
     def compute():
         q_own, do_own, o_own = q_smem.at[wg], do_smem.at[wg], o_smem.at[wg]
