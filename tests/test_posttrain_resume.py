@@ -47,27 +47,6 @@ def crash_at(monkeypatch, at: int) -> None:
     monkeypatch.setattr(loop._Run, "_flush", flush)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compile_once(tmp_path_factory):
-    """Each test runs a stage several times, compiling the same programs: a persistent
-    compilation cache, for this module only, compiles them once."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    settings = {
-        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-        "jax_persistent_cache_min_compile_time_secs": 0.0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-    }
-    previous = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in previous.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """(config, DIR) with DIR/pretrain trained and DIR/posttrain_data written."""
@@ -191,7 +170,6 @@ def test_sigterm_in_the_pipeline_saves_exits_4_and_the_same_command_resumes(pipe
     same command then finishes it, with the metrics of an uninterrupted run."""
     config, _ = pipeline
     full, stopped = copy_of(pipeline, tmp_path / "full"), copy_of(pipeline, tmp_path / "stopped")
-    sft.run(config, full)
     config_file = tmp_path / "config.py"
     data = config.pretrain.data
     config_file.write_text(
@@ -203,10 +181,9 @@ def test_sigterm_in_the_pipeline_saves_exits_4_and_the_same_command_resumes(pipe
         "    c.sft.train.num_steps = 40\n"
         "    return c\n"
     )
-    # The in-process reference ran 6 steps; the process runs 40 so that SIGTERM lands mid-way.
+    # 40 steps, so that SIGTERM lands mid-way; the uninterrupted reference runs in-process.
     config_40 = config.copy_and_resolve_references()
     config_40.sft.train.num_steps = 40
-    shutil.rmtree(full / "sft")
     sft.run(config_40, full)
 
     command = [
