@@ -18,7 +18,7 @@ import tempfile
 
 import pytest
 
-from tests.run_helpers import FAST_COMPILE_FLAG
+from tests.run_helpers import FAST_COMPILE_FLAG, TrainedRun, shared_trained_run
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
@@ -41,6 +41,14 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("FROMSCRATCH_TEST_CACHE_OWNER") == str(os.getpid()):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    """One finished pretraining run for the tests that only read it or copy it, trained once
+    per session: pytest-xdist's workers share their base folder's parent."""
+    base = tmp_path_factory.getbasetemp()
+    return shared_trained_run(base.parent if "PYTEST_XDIST_WORKER" in os.environ else base)
 
 
 class _Fallbacks(logging.Handler):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "experiments" / "configs" / "stdlib_tiny.py"
@@ -109,6 +111,35 @@ def run_pretrain(workdir: Path, args: list[str], devices: int = 1, timeout: int 
     return subprocess.run(
         command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
     )
+
+
+class TrainedRun(NamedTuple):
+    corpus: Path
+    prepared: Path
+    workdir: Path
+
+
+# The finished run several tests read or copy: evaluated and checkpointed at steps 4 and 8.
+TRAINED_RUN_SETTINGS = {"train.num_steps": 8, "train.eval_every": 4}
+
+
+def shared_trained_run(root: Path) -> TrainedRun:
+    """A pretraining run of `TRAINED_RUN_SETTINGS` in ROOT/trained_run, trained by the
+    first process that asks (the lock makes pytest-xdist's other workers wait for it)."""
+    run = root / "trained_run"
+    corpus, prepared = run / "text", run / "prepared"
+    args = overrides(corpus, prepared, **TRAINED_RUN_SETTINGS)
+    finished = TrainedRun(corpus, prepared, run / "workdir")
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "trained_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run / "done").exists():
+            shutil.rmtree(run, ignore_errors=True)  # what a failed attempt left
+            prepare_char_corpus(run)
+            result = run_pretrain(finished.workdir, args)
+            assert result.returncode == 0, result.stderr[-3000:]
+            (run / "done").touch()
+    return finished
 
 
 def posttrain_config(corpus: Path, data_dir: Path):

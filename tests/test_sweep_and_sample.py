@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 
@@ -13,11 +14,10 @@ import pytest
 from tests.run_helpers import (
     CONFIG,
     REPO,
+    TRAINED_RUN_SETTINGS,
     cpu_env,
     make_corpus,
     overrides,
-    prepare_char_corpus,
-    run_pretrain,
 )
 
 
@@ -64,11 +64,8 @@ def test_sweep_runs_the_grid_and_writes_table_and_plot(tmp_path):
     assert (tmp_path / "sweep" / "data" / "meta.json").exists()
 
 
-def test_sample_command_reads_the_latest_checkpoint(tmp_path):
-    corpus, prepared = prepare_char_corpus(tmp_path)
-    workdir = tmp_path / "run"
-    trained = run_pretrain(workdir, overrides(corpus, prepared, **{"train.num_steps": 4}))
-    assert trained.returncode == 0, trained.stderr[-3000:]
+def test_sample_command_reads_the_latest_checkpoint(trained_run, tmp_path):
+    workdir = trained_run.workdir
     result = subprocess.run(
         [
             sys.executable,
@@ -87,7 +84,7 @@ def test_sample_command_reads_the_latest_checkpoint(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "checkpoint step 4" in result.stdout
+    assert f"checkpoint step {TRAINED_RUN_SETTINGS['train.num_steps']}" in result.stdout
     samples = result.stdout.split("--- sample ")[1:]
     assert len(samples) == 3
     assert len(set(samples[i].split("\n", 1)[1] for i in range(3))) == 1  # greedy: all equal
@@ -121,14 +118,11 @@ def test_best_eval_step_picks_the_lowest_eval_loss_among_kept_checkpoints(tmp_pa
     assert best_eval_step(tmp_path / "missing.jsonl", [4]) is None
 
 
-def test_load_model_takes_the_best_checkpoint_when_asked(tmp_path):
+def test_load_model_takes_the_best_checkpoint_when_asked(trained_run, tmp_path):
     from train.checkpoint import load_model
 
-    corpus, prepared = prepare_char_corpus(tmp_path)
-    workdir = tmp_path / "run"
-    args = overrides(corpus, prepared, **{"train.num_steps": 8, "train.eval_every": 4})
-    trained = run_pretrain(workdir, args)
-    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert TRAINED_RUN_SETTINGS == {"train.num_steps": 8, "train.eval_every": 4}
+    workdir = shutil.copytree(trained_run.workdir, tmp_path / "run")
     # As if the run had overfitted: step 8's eval loss is the worst.
     metrics = workdir / "metrics.jsonl"
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]

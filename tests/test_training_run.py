@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.run_helpers import (
+    TRAINED_RUN_SETTINGS,
     overrides,
     prepare_char_corpus,
     pretrain_command,
@@ -80,26 +82,28 @@ def test_sigterm_saves_a_checkpoint_and_exits_4(corpus, tmp_path):
     assert steps[-1] == last_logged < 400
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_previous(corpus, tmp_path):
-    workdir = tmp_path / "run"
-    args = overrides(*corpus, **{"train.num_steps": 8})
-    assert run_pretrain(workdir, args).returncode == 0
+def test_corrupt_latest_checkpoint_falls_back_to_previous(trained_run, tmp_path):
+    workdir = shutil.copytree(trained_run.workdir, tmp_path / "run")
     # Truncate every file of the newest checkpoint's state, as a crash mid-write could.
     for path in (workdir / "checkpoints" / "8").rglob("*"):
         if path.is_file():
             path.write_bytes(b"")
-    result = run_pretrain(workdir, overrides(*corpus, **{"train.num_steps": 12}))
+    longer = overrides(
+        trained_run.corpus, trained_run.prepared, **{**TRAINED_RUN_SETTINGS, "train.num_steps": 12}
+    )
+    result = run_pretrain(workdir, longer)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "the checkpoint of step 8" in result.stderr and "unreadable" in result.stderr
     assert "resumed from step 4" in result.stderr
     assert max(_losses(workdir)) == 12
 
 
-def test_workdir_of_another_experiment_is_refused_and_untouched(corpus, tmp_path):
-    workdir = tmp_path / "run"
-    assert run_pretrain(workdir, overrides(*corpus, **{"train.num_steps": 4})).returncode == 0
+def test_workdir_of_another_experiment_is_refused_and_untouched(trained_run, tmp_path):
+    workdir = shutil.copytree(trained_run.workdir, tmp_path / "run")
     before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
-    other = overrides(*corpus, **{"train.num_steps": 4, "model.d_model": 64})
+    other = overrides(
+        trained_run.corpus, trained_run.prepared, **TRAINED_RUN_SETTINGS, **{"model.d_model": 64}
+    )
     result = run_pretrain(workdir, other)
     assert result.returncode == 2
     assert (
@@ -121,16 +125,14 @@ def test_bad_command_lines_are_explained(corpus, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-def test_outputs_of_a_run(corpus, tmp_path):
-    workdir = tmp_path / "run"
-    result = run_pretrain(workdir, overrides(*corpus, **{"train.num_steps": 10}))
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_outputs_of_a_run(trained_run):
+    workdir, steps = trained_run.workdir, TRAINED_RUN_SETTINGS["train.num_steps"]
     records = read_metrics(workdir / "metrics.jsonl")
-    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 11))
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, steps + 1))
     final_eval = [r for r in records if "eval/loss" in r][-1]
-    assert final_eval["step"] == 10
+    assert final_eval["step"] == steps
     assert final_eval["eval/perplexity"] == pytest.approx(2.718281828 ** final_eval["eval/loss"])
     assert 0 < final_eval["eval/bits_per_byte"] < 8
     assert (workdir / "loss_curve.png").stat().st_size > 1000
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
-    assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == 10
+    assert json.loads((workdir / "config.json").read_text())["train"]["num_steps"] == steps
