@@ -1,5 +1,6 @@
 """The persistent-MLP probe (`experiments/bench/persistent_mlp.py`, BENCHMARKS.md change 89):
-it lowers for CUDA, refuses shapes it does not tile, is patched into exactly the one-token
+it lowers for CUDA, refuses shapes it does not tile or whose programs would not all be
+resident at once (the barrier would wait forever), is patched into exactly the one-token
 decoding steps and restored after, and on a Hopper GPU gives the reference's values.
 
 Mosaic GPU's interpreter has no global semaphores, so on the CPU the kernel is lowered,
@@ -39,6 +40,8 @@ def test_lowers_for_cuda_with_a_grid_barrier():
 def test_shapes_it_does_not_tile_are_refused():
     with pytest.raises(ValueError, match="do not tile"):
         pm.persistent_mlp(*_weights(f=320))  # 5 up programs for 2 down column blocks
+    with pytest.raises(ValueError, match="do not fit"):  # every program must be resident
+        pm.persistent_mlp(*_weights(f=64 * 256))
 
 
 def _kernels_in_sampler(model, params):

@@ -38,6 +38,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from model import layers
 from model.kernels import mgpu_pipeline as mp
+from model.kernels.partition import num_sms
 
 BN = 64  # output columns a program owns
 CH = 64  # inputs a wgmma takes: one 128-byte swizzle tile of bf16
@@ -52,6 +53,8 @@ def persistent_mlp(x_D, w_up, b_up, w_down, b_down, *, bk: int = 128, slots: int
     P, down_cols = F // BN, D // BN
     if P % down_cols or D % bk or (F // (P // down_cols)) % bk:
         raise ValueError(f"persistent_mlp: shapes D={D}, F={F} do not tile by {BN} and {bk}")
+    if P > num_sms():  # a program not yet resident would never arrive at the barrier
+        raise ValueError(f"persistent_mlp: {P} programs do not fit {num_sms()} SMs at once")
     splits = P // down_cols
     kd = F // splits  # inputs of the down-projection a program reads
     n_up, n_down = D // bk, kd // bk
