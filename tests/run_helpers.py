@@ -20,16 +20,19 @@ STDLIB_MODULES = ("textwrap.py", "shlex.py", "fnmatch.py", "colorsys.py", "bisec
 # 1,257 s at XLA's default level, 852 s with this). XLA's own passes (fusion, layouts,
 # sharding) still run: only the machine code of the programs tested is slower.
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+# First on the path of the processes the tests start: its torch package fails to import.
+WITHOUT_TORCH = REPO / "tests" / "without_torch"
 
 
 def cpu_env(devices: int = 1) -> dict[str, str]:
     """The environment of a process a test starts: the CPU with `devices` fake devices,
-    compiled as the tests compile (conftest.py), this repository importable."""
+    compiled as the tests compile (conftest.py), this repository importable, torch not
+    (tests/without_torch says why)."""
     return {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAG}",
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": os.pathsep.join((str(WITHOUT_TORCH), str(REPO))),
     }
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from data.array_batches import ArrayBatches
 from experiments import grpo, ppo, reward, sft
 from experiments.cli import EXIT_INTERRUPTED
 from model.transformer import LanguageModel
-from tests.run_helpers import REPO, prepare_char_corpus, pretrained_pipeline
+from tests.run_helpers import REPO, cpu_env, prepare_char_corpus, pretrained_pipeline
 from train import loop, sharding
 from train.checkpoint import finished_results, load_params
 from train.metrics_writer import MetricsWriter
@@ -193,7 +192,7 @@ def test_sigterm_in_the_pipeline_saves_exits_4_and_the_same_command_resumes(pipe
         f"--config={config_file}",
         f"--workdir={stopped}",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env = cpu_env(jax.device_count())  # the devices and compiled programs of the reference
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
