@@ -38,6 +38,40 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
+# The slowest test files, slowest first, with their seconds in a whole run on the 2-core VM
+# (pytest --durations=0, 2026-12-03). pyproject.toml has pytest-xdist hand out whole files
+# (--dist loadfile: a module's fixtures are set up once) in collection order
+# (--no-loadscope-reorder), so these start first and the quick files fill the end evenly,
+# instead of one worker finishing a long file alone.
+SLOWEST_FILES = (
+    "test_posttrain_resume.py",  # 125
+    "test_kernel_flash_attention_mgpu.py",  # 106
+    "test_multihost.py",  # 85
+    "test_kernel_flash_attention.py",  # 85
+    "test_hf_stages.py",  # 84
+    "test_lora_stages.py",  # 83
+    "test_training_run.py",  # 80
+    "test_sharded_step.py",  # 79
+    "test_rlhf_sharded.py",  # 75
+    "test_kernel_decode_matmul.py",  # 67
+    "test_attention.py",  # 56
+    "test_hf_convert.py",  # 55
+    "test_sweep_and_sample.py",  # 55
+    "test_shakespeare_char.py",  # 53
+    "test_fp8_head.py",  # 49
+    "test_sampling.py",  # 47
+    "test_user_errors.py",  # 46
+    "test_scan_layers.py",  # 43
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The files of SLOWEST_FILES first, in its order; the others after them, as collected.
+    The sort is stable: tests keep their order within a file."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES)))
+
+
 def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("FROMSCRATCH_TEST_CACHE_OWNER") == str(os.getpid()):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
