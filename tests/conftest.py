@@ -15,10 +15,17 @@ import logging
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 
-from tests.run_helpers import FAST_COMPILE_FLAG, TrainedRun, shared_trained_run
+from tests.run_helpers import (
+    FAST_COMPILE_FLAG,
+    PretrainedPipeline,
+    TrainedRun,
+    shared_pretrained_pipeline,
+    shared_trained_run,
+)
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
@@ -77,12 +84,25 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+def _shared_folder(tmp_path_factory) -> Path:
+    """The session's folder for what the tests share: pytest-xdist's workers have base
+    folders in one parent."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> TrainedRun:
     """One finished pretraining run for the tests that only read it or copy it, trained once
-    per session: pytest-xdist's workers share their base folder's parent."""
-    base = tmp_path_factory.getbasetemp()
-    return shared_trained_run(base.parent if "PYTEST_XDIST_WORKER" in os.environ else base)
+    per session."""
+    return shared_trained_run(_shared_folder(tmp_path_factory))
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory) -> PretrainedPipeline:
+    """The post-training tests' pretrained model and data (to copy, never to change),
+    made once per session."""
+    return shared_pretrained_pipeline(_shared_folder(tmp_path_factory))
 
 
 class _Fallbacks(logging.Handler):

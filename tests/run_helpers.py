@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -126,23 +127,30 @@ class TrainedRun(NamedTuple):
 TRAINED_RUN_SETTINGS = {"train.num_steps": 8, "train.eval_every": 4}
 
 
-def shared_trained_run(root: Path) -> TrainedRun:
-    """A pretraining run of `TRAINED_RUN_SETTINGS` in ROOT/trained_run, trained by the
-    first process that asks (the lock makes pytest-xdist's other workers wait for it)."""
-    run = root / "trained_run"
-    corpus, prepared = run / "text", run / "prepared"
-    args = overrides(corpus, prepared, **TRAINED_RUN_SETTINGS)
-    finished = TrainedRun(corpus, prepared, run / "workdir")
+def built_once(root: Path, name: str, build: Callable[[Path], object]) -> Path:
+    """ROOT/NAME, made by `build(ROOT/NAME)` in the first process that asks; pytest-xdist's
+    other workers wait on the lock, then reuse it."""
+    folder = root / name
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / "trained_run.lock", "w") as lock:
+    with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (run / "done").exists():
-            shutil.rmtree(run, ignore_errors=True)  # what a failed attempt left
-            prepare_char_corpus(run)
-            result = run_pretrain(finished.workdir, args)
-            assert result.returncode == 0, result.stderr[-3000:]
-            (run / "done").touch()
-    return finished
+        if not (root / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            build(folder)
+            (root / f"{name}.done").touch()
+    return folder
+
+
+def shared_trained_run(root: Path) -> TrainedRun:
+    """A pretraining run of `TRAINED_RUN_SETTINGS` in ROOT/trained_run, trained once."""
+
+    def train(run: Path) -> None:
+        corpus, prepared = prepare_char_corpus(run)
+        result = run_pretrain(run / "workdir", overrides(corpus, prepared, **TRAINED_RUN_SETTINGS))
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    run = built_once(root, "trained_run", train)
+    return TrainedRun(run / "text", run / "prepared", run / "workdir")
 
 
 def posttrain_config(corpus: Path, data_dir: Path):
@@ -230,3 +238,23 @@ def pretrained_pipeline(root: Path, corpus: Path, data_dir: Path):
     train(config.pretrain, root / "pretrain")
     synthetic_posttrain_data(root / "posttrain_data")
     return config, root
+
+
+class PretrainedPipeline(NamedTuple):
+    corpus: Path
+    data_dir: Path
+    root: Path  # ROOT/pretrain trained, ROOT/posttrain_data written
+
+
+def shared_pretrained_pipeline(root: Path) -> PretrainedPipeline:
+    """`pretrained_pipeline` on the char corpus in ROOT/posttrain, built once; its config is
+    `posttrain_config(corpus, data_dir)`."""
+
+    def build(folder: Path) -> None:
+        corpus, data_dir = prepare_char_corpus(folder / "corpus")
+        pretrained_pipeline(folder / "pipeline", corpus, data_dir)
+
+    folder = built_once(root, "posttrain", build)
+    return PretrainedPipeline(
+        folder / "corpus" / "text", folder / "corpus" / "prepared", folder / "pipeline"
+    )

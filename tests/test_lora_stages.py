@@ -13,7 +13,7 @@ from experiments import convert, dpo, grpo, sft
 from model import hf
 from model.config import ModelConfig
 from model.transformer import LanguageModel
-from tests.run_helpers import prepare_char_corpus, pretrained_pipeline
+from tests.run_helpers import posttrain_config
 from tests.test_lora import expected_delta
 from tests.test_posttrain_resume import Crash, copy_of, crash_at, rows, without_times
 from train import sharding
@@ -26,15 +26,13 @@ SCALE = LoraConfig(**LORA).scale
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """(config, DIR): DIR/pretrain trained, every policy stage set to LoRA."""
-    root = tmp_path_factory.mktemp("lora")
-    corpus, data_dir = prepare_char_corpus(root / "corpus")
-    config, directory = pretrained_pipeline(root / "pipeline", corpus, data_dir)
+def pipeline(pretrained):
+    """(config, DIR): DIR/pretrain trained (to copy), every policy stage set to LoRA."""
+    config = posttrain_config(pretrained.corpus, pretrained.data_dir)
     for name in ("sft", "dpo", "grpo"):
         config[name].lora.update(**LORA)
     config.sft.optim.lr = 1e-2  # adapters want a larger step than a full fine-tune
-    return config, directory
+    return config, pretrained.root
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from tests.run_helpers import (
     overrides,
     prepare_char_corpus,
     pretrain_command,
-    pretrained_pipeline,
     run_pretrain,
 )
 from train.metrics_writer import read_metrics
@@ -88,11 +87,10 @@ def _pipeline_command(config_file, workdir, devices: int, extra=()):
     return command, env
 
 
-def test_sft_as_two_processes_matches_one(tmp_path):
+def test_sft_as_two_processes_matches_one(pretrained, tmp_path):
     """Post-training starts as a multi-process job too (nothing touches a JAX backend before
     jax.distributed.initialize): SFT on 2 processes x 4 devices equals 1 process x 8."""
-    corpus, data_dir = prepare_char_corpus(tmp_path / "corpus")
-    _, root = pretrained_pipeline(tmp_path / "pretrained", corpus, data_dir)
+    corpus, data_dir, root = pretrained
     config_file = tmp_path / "config.py"
     config_file.write_text(
         "from pathlib import Path\n"

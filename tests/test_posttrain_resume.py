@@ -22,7 +22,7 @@ from data.array_batches import ArrayBatches
 from experiments import grpo, ppo, reward, sft
 from experiments.cli import EXIT_INTERRUPTED
 from model.transformer import LanguageModel
-from tests.run_helpers import REPO, cpu_env, prepare_char_corpus, pretrained_pipeline
+from tests.run_helpers import REPO, cpu_env, posttrain_config
 from train import loop, sharding
 from train.checkpoint import finished_results, load_params
 from train.metrics_writer import MetricsWriter
@@ -47,11 +47,9 @@ def crash_at(monkeypatch, at: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """(config, DIR) with DIR/pretrain trained and DIR/posttrain_data written."""
-    root = tmp_path_factory.mktemp("posttrain")
-    corpus, data_dir = prepare_char_corpus(root / "corpus")
-    return pretrained_pipeline(root / "pipeline", corpus, data_dir)
+def pipeline(pretrained):
+    """(config, DIR) with DIR/pretrain trained and DIR/posttrain_data written: to copy."""
+    return posttrain_config(pretrained.corpus, pretrained.data_dir), pretrained.root
 
 
 @pytest.fixture(scope="module")
