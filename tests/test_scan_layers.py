@@ -43,9 +43,11 @@ def test_scanned_layers_equal_the_loop(unroll):
     loop = LanguageModel(CFG)
     scanned = LanguageModel(CFG.replace(scan_layers=True, scan_unroll=unroll))
     params = nn.unbox(jax.jit(init_fn(loop))(jax.random.key(0)))
-    loss, grads = jax.value_and_grad(functools.partial(mean_loss, loop))(params)
+    # jitted: one compiled program each, where op-by-op dispatch compiled every operation
+    loss, grads = jax.jit(jax.value_and_grad(functools.partial(mean_loss, loop)))(params)
     stacked = stack_layers(params, CFG.n_layers)
-    loss_scanned, grads_scanned = jax.value_and_grad(functools.partial(mean_loss, scanned))(stacked)
+    scanned_loss = jax.jit(jax.value_and_grad(functools.partial(mean_loss, scanned)))
+    loss_scanned, grads_scanned = scanned_loss(stacked)
     np.testing.assert_allclose(loss_scanned, loss, rtol=1e-6)
     expected = stack_layers(grads, CFG.n_layers)
     assert jax.tree.structure(grads_scanned) == jax.tree.structure(expected)
