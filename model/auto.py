@@ -57,6 +57,16 @@ def choose_norm_impl(cfg: ModelConfig, decoding: bool = False) -> str:
     return "pallas" if on_gpu() and cfg.d_model <= layer_norm.MAX_D and not decoding else "xla"
 
 
+def fold_decode_norms(cfg: ModelConfig) -> bool:
+    """Whether one-token decoding steps compute each block's norms (and the attention's
+    residual add) inside the `decode_matmul` kernels that follow them, where those run
+    (`model.layers.fold_norms`). With `norm_impl` "auto", wherever `decode_matmul` is
+    chosen; "xla" or "pallas" keep the norms as kernels of their own."""
+    if cfg.norm_impl != "auto":
+        return False
+    return cfg.decode_matmul == "pallas" or (cfg.decode_matmul == "auto" and on_gpu())
+
+
 def choose_activation_impl(cfg: ModelConfig) -> str:
     """ "xla" or "pallas" ("auto" resolved), for the MLP's bias + GELU. "auto": the fused
     Pallas kernels (`model/kernels/bias_gelu.py`) on a GPU for a GELU MLP with biases

@@ -13,11 +13,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from model.auto import choose_activation_impl, choose_norm_impl, use_decode_matmul
+from model.auto import (
+    choose_activation_impl,
+    choose_norm_impl,
+    fold_decode_norms,
+    use_decode_matmul,
+)
 from model.config import ModelConfig
 from model.kernels import layer_norm
 from model.kernels.bias_gelu import bias_gelu
-from model.kernels.decode_matmul import decode_matmul
+from model.kernels.decode_matmul import InputNorm, decode_matmul, supports_input_norm
 
 
 def dense_param(
@@ -90,15 +95,19 @@ def dense_group(
     activation: str | None = None,
     caches: list[jax.Array | None] | None = None,
     slots_B: jax.Array | None = None,
+    input_norm: InputNorm | None = None,
+    residual: jax.Array | None = None,
 ) -> tuple[jax.Array, ...]:
     """`dense(x, w, bias)`, then `activation` (None or "gelu"), for each (w, bias) of
     `params`. In a one-token decoding step (`decoding`) all of them run as one
     `decode_matmul` kernel where `group_kernel` says so (gpt-1.3b's q, k and v: one
     kernel instead of three), bias and GELU applied before its store.
 
-    `caches` (only where `group_kernel` is true): a product with a cache [B, S, ...] is
-    written by the kernel into slot `slots_B[b]` of its row b, and the updated cache is
-    returned in its place."""
+    Only where `group_kernel` is true:
+    - `caches`: a product with a cache [B, S, ...] is written by the kernel into slot
+      `slots_B[b]` of its row b, and the updated cache is returned in its place;
+    - `input_norm`: the products take norm(x), computed by the kernel (`fold_norms`);
+    - `residual` (with `input_norm`): x + residual replaces x and is returned last."""
     if group_kernel(cfg, x, params, n_in, decoding):
         k = math.prod(x.shape[x.ndim - n_in :])
         outs = decode_matmul(
@@ -108,14 +117,20 @@ def dense_group(
             activation=activation,
             caches=caches,
             slots_R=slots_B,
+            norm=input_norm,
+            residual_RK=None if residual is None else residual.reshape(-1, k),
         )
         lead = x.shape[: x.ndim - n_in]
-        return tuple(
+        products = tuple(
             y if c is not None else y.reshape(*lead, *w.shape[n_in:])
             for y, (w, _), c in zip(outs, params, caches or [None] * len(params))
         )
-    if caches is not None:
-        raise ValueError("dense_group writes into caches only where group_kernel is true")
+        return products + tuple(y.reshape(x.shape) for y in outs[len(params) :])
+    if caches is not None or input_norm is not None:
+        raise ValueError(
+            "dense_group writes into caches and normalises its input only where "
+            "group_kernel is true"
+        )
     outs = tuple(dense(x, w, b, n_in) for w, b in params)
     if activation == "gelu":
         outs = tuple(nn.gelu(y, approximate=True) for y in outs)
@@ -135,6 +150,23 @@ def group_kernel(
     ns = [math.prod(w.shape[n_in:]) for w, _ in params]
     rows = math.prod(x.shape[: x.ndim - n_in])
     return decoding and use_decode_matmul(cfg, rows, k, ns)
+
+
+def fold_norms(cfg: ModelConfig, x_BLD: jax.Array, decoding: bool) -> bool:
+    """Whether a block's two norms (and the attention's residual add) run inside its q/k/v
+    and up-projection kernels (`decode_matmul`'s prologue) instead of as kernels of their
+    own: in a one-token decoding step where both products are that kernel and
+    `model.auto.fold_decode_norms` picks it."""
+    if not decoding or cfg.positional == "rope" or not supports_input_norm(cfg.d_model):
+        return False
+    rows, D = math.prod(x_BLD.shape[:-1]), cfg.d_model
+    qkv = [cfg.n_heads * cfg.head_dim] + [cfg.kv_heads * cfg.head_dim] * 2
+    mlp = [cfg.d_ff] * (2 if cfg.activation == "swiglu" else 1)
+    return (
+        fold_decode_norms(cfg)
+        and use_decode_matmul(cfg, rows, D, qkv)
+        and use_decode_matmul(cfg, rows, D, mlp)
+    )
 
 
 def is_decoding_step(cache: object, x_BL: jax.Array) -> bool:
@@ -180,6 +212,16 @@ class Norm(nn.Module):
         y_BLD = x.astype(cfg.compute_dtype)
         return (x_BLD, y_BLD) if keep_input else y_BLD
 
+    def input_norm(self) -> InputNorm:
+        """This norm's parameters for a kernel that normalises its input rows itself
+        (`fold_norms`); x is not touched here."""
+        cfg = self.cfg
+        scale = dense_param(self, "scale", (cfg.d_model,), ("norm",), ones=True)
+        bias = None
+        if cfg.norm == "layernorm" and cfg.use_bias:
+            bias = dense_param(self, "bias", (cfg.d_model,), ("norm",), zeros=True)
+        return InputNorm(scale, bias, cfg.norm_eps, cfg.norm == "rmsnorm")
+
     def _fused(self, x_BLD: jax.Array, keep_input: bool):
         """The Pallas kernels (model/kernels/layer_norm.py); same parameters."""
         cfg = self.cfg
@@ -199,10 +241,21 @@ class MLP(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array, decoding: bool = False) -> jax.Array:
-        """`decoding`: a one-token decoding step, whose products `dense_group` may run as
-        one kernel (SwiGLU's gate and up together, GELU inside the up-projection's)."""
+    def __call__(
+        self,
+        x_BLD: jax.Array,
+        decoding: bool = False,
+        input_norm: InputNorm | None = None,
+        residual_BLD: jax.Array | None = None,
+    ):
+        """mlp(x_BLD). `decoding`: a one-token decoding step, whose products `dense_group`
+        may run as one kernel (SwiGLU's gate and up together, GELU inside the
+        up-projection's). With `input_norm` and `residual_BLD` (`fold_norms`): the
+        kernel adds and normalises, and the result is (x + residual, mlp(norm(x +
+        residual)))."""
         cfg = self.cfg
+        fold = dict(input_norm=input_norm, residual=residual_BLD)
+        summed = ()
 
         def weights(name, shape, axes):
             """(w, bias or None); biases are added in the compute dtype, so the
@@ -217,19 +270,24 @@ class MLP(nn.Module):
         up = lambda name: weights(name, (cfg.d_model, cfg.d_ff), ("embed", "mlp"))  # noqa: E731
         act = lambda h: nn.with_logical_constraint(h, ("batch", "length", "act_mlp"))  # noqa: E731
         if cfg.activation == "swiglu":
-            gate_BLF, up_BLF = dense_group(cfg, x_BLD, [up("gate"), up("up")], 1, decoding)
+            gate_BLF, up_BLF, *summed = dense_group(
+                cfg, x_BLD, [up("gate"), up("up")], 1, decoding, **fold
+            )
             h_BLF = nn.silu(act(gate_BLF)) * act(up_BLF)
         elif decoding or choose_activation_impl(cfg) != "pallas":
             # (decoding: no backward pass, where the Pallas pair saves its passes; XLA
             # applies bias and GELU in one small fusion, or the decoding kernel in its
             # product)
-            (h_BLF,) = dense_group(cfg, x_BLD, [up("up")], 1, decoding, activation="gelu")
+            h_BLF, *summed = dense_group(
+                cfg, x_BLD, [up("up")], 1, decoding, activation="gelu", **fold
+            )
             h_BLF = act(h_BLF)
         else:  # the training kernels: one each way, the bias gradient included
             w, bias = up("up")
             h_BLF = bias_gelu(act(dense(x_BLD, w)), jnp.zeros(cfg.d_ff) if bias is None else bias)
         down = weights("down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
-        return dense_group(cfg, h_BLF.astype(cfg.compute_dtype), [down], 1, decoding)[0]
+        y_BLD = dense_group(cfg, h_BLF.astype(cfg.compute_dtype), [down], 1, decoding)[0]
+        return (summed[0], y_BLD) if residual_BLD is not None else y_BLD
 
 
 class Embed(nn.Module):

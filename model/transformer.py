@@ -26,6 +26,7 @@ from model.layers import (
     Norm,
     dense_group,
     dense_param,
+    fold_norms,
     gather_rows,
     is_decoding_step,
 )
@@ -85,6 +86,16 @@ class Block(nn.Module):
         dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         cache = None if layer_cache is None else (layer_cache, *kv_meta)
         decoding = is_decoding_step(layer_cache, x_BLD)
+        if fold_norms(cfg, x_BLD, decoding):
+            # the norms and the attention's residual add run inside the q/k/v and
+            # up-projection kernels: gpt-1.3b on an H200 1.152 -> 1.111 ms/token
+            # (BENCHMARKS.md, "Speed round twenty-four")
+            h_BLD, new_cache = Attention(cfg, self.deterministic, name="attn")(
+                x_BLD, positions_BL, segment_ids_BL, cache, Norm(cfg, name="attn_norm").input_norm()
+            )
+            mlp_norm = Norm(cfg, name="mlp_norm").input_norm()
+            x_BLD, y_BLD = MLP(cfg, name="mlp")(x_BLD, True, mlp_norm, h_BLD)
+            return x_BLD + y_BLD, new_cache
         x_BLD, normed_BLD = Norm(cfg, name="attn_norm")(x_BLD, True, decoding)
         h_BLD, new_cache = Attention(cfg, self.deterministic, name="attn")(
             normed_BLD, positions_BL, segment_ids_BL, cache
@@ -261,11 +272,27 @@ class LanguageModel(nn.Module):
 
     @nn.nowrap
     def inference_form(self, params: dict) -> tuple[LanguageModel, dict]:
-        """(model, params) for decoding: scanned layers run as separate layers, so each
-        layer's cache is updated in place (a scan would restack the whole cache every
-        token) and the Pallas decode kernel is not traced inside Flax's scan, which fails
-        on the GPU (model/auto.py)."""
+        """(model, params) for decoding: the norms' parameters in float32
+        (`float32_norms`), and scanned layers run as separate layers, so each layer's
+        cache is updated in place (a scan would restack the whole cache every token) and
+        the Pallas decode kernel is not traced inside Flax's scan, which fails on the GPU
+        (model/auto.py)."""
+        params = float32_norms(params)
         if not self.cfg.scan_layers:
             return self, params
         unscanned = LanguageModel(self.cfg.replace(scan_layers=False), parent=None)
         return unscanned, unstack_layers(params, self.cfg.n_layers)
+
+
+def float32_norms(params: dict) -> dict:
+    """The norms' parameters in float32 (the others as they are): the decoding kernels that
+    normalise their own input read them so (`model/kernels/decode_matmul.py`), and with
+    bfloat16 weights XLA would otherwise convert them inside every decoding step, a kernel
+    each: 63 us a token for gpt-1.3b on an H200 (BENCHMARKS.md, "Speed round
+    twenty-four"). The values are the same: every norm computes in float32."""
+
+    def cast(path, x):
+        in_norm = any(str(getattr(k, "key", "")).endswith("_norm") for k in path[:-1])
+        return x.astype(jnp.float32) if in_norm else x
+
+    return jax.tree_util.tree_map_with_path(cast, params)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from model import auto
+from model import auto, layers
 from model.config import get_preset
 from model.kernels import decode_matmul as dm
 from model.sampling import SamplingConfig, make_sampler
@@ -80,6 +80,60 @@ def test_writes_into_caches(rows):
         dm.decode_matmul(x, weights, caches=[k_cache[:, :, :1], None, None], slots_R=slots)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 16])
+@pytest.mark.parametrize(
+    "rms, norm_bias, residual", [(False, True, True), (False, False, False), (True, False, True)]
+)
+def test_input_norm_and_residual_equal_definition(rows, rms, norm_bias, residual):
+    """The kernel normalises its rows itself (LayerNorm with and without a bias, RMSNorm),
+    after adding the residual where one is given, and returns that sum after the products:
+    rows with a mean and scale far from 0 and 1, as a residual stream's are."""
+    x, weights, biases = _case(rows, 128, (48, 32), jnp.float32)
+    keys = jax.random.split(jax.random.key(7), 3)
+    x = 3.0 * x + 1.5
+    norm = dm.InputNorm(
+        jax.random.normal(keys[0], (128,)),
+        jax.random.normal(keys[1], (128,)) if norm_bias else None,
+        1e-5,
+        rms,
+    )
+    res = jax.random.normal(keys[2], x.shape) if residual else None
+    kw = dict(activation="gelu", norm=norm, residual_RK=res)
+    got = dm.decode_matmul(x, weights, biases, tuning=SMALL, **kw)
+    want = dm.reference_decode_matmul(x, weights, biases, **kw)
+    assert len(got) == len(want) == 2 + residual
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    if residual:
+        np.testing.assert_allclose(got[-1], x + res, rtol=1e-6)
+
+
+def test_input_norm_bfloat16_rows_with_outlier_features():
+    """bf16 rows like a residual stream's (an offset, and a few features 30x the others) at
+    gpt-1.3b's width, a bf16 norm scale: within bf16's rounding of the definition."""
+    x, weights, _ = _case(2, 2048, (128,), jnp.bfloat16, seed=3)
+    x = (x.astype(jnp.float32) + 0.5).at[:, :4].mul(30.0).astype(jnp.bfloat16)
+    res = (0.5 * jax.random.normal(jax.random.key(4), x.shape)).astype(jnp.bfloat16)
+    scale = (1.0 + 0.1 * jax.random.normal(jax.random.key(5), (2048,))).astype(jnp.bfloat16)
+    kw = dict(norm=dm.InputNorm(scale, None, 1e-5, False), residual_RK=res)
+    got_y, got_sum = dm.decode_matmul(x, weights, **kw)
+    want_y, want_sum = dm.reference_decode_matmul(x, weights, **kw)
+    np.testing.assert_array_equal(got_sum, want_sum)
+    np.testing.assert_allclose(
+        got_y.astype(jnp.float32), want_y.astype(jnp.float32), rtol=2e-2, atol=2e-2
+    )
+
+
+def test_input_norm_refusals():
+    x, weights, _ = _case(2, 96, (32,), jnp.float32)
+    norm = dm.InputNorm(jnp.ones(96), None, 1e-5, False)
+    assert not dm.supports_input_norm(96) and dm.supports_input_norm(2048)
+    with pytest.raises(ValueError, match="power of two features"):
+        dm.decode_matmul(x, weights, norm=norm)  # 96 features
+    with pytest.raises(ValueError, match="without a norm"):
+        dm.decode_matmul(x, weights, residual_RK=x)
+
+
 def test_unsupported_shapes_are_refused():
     x, weights, _ = _case(3, 64, (32,), jnp.float32)
     assert not dm.supported(3, 64, [32])
@@ -122,6 +176,20 @@ def test_lowers_to_verified_triton_at_gpt_1p3b_size():
         assert [k.name for k in kernels] == ["decode_matmul"]
         verify_triton_ir(kernels)
 
+        # the up-projection with its norm and the attention's residual add in the kernel
+        w_up = jax.ShapeDtypeStruct((2048, 8192), jnp.bfloat16)
+        scale = jax.ShapeDtypeStruct((2048,), jnp.float32)
+
+        def up_with_norm(x, w_up, scale, residual):
+            norm = dm.InputNorm(scale, None, 1e-5, False)
+            return dm.decode_matmul(
+                x, [w_up], activation="gelu", norm=norm, residual_RK=residual, interpret=False
+            )
+
+        kernels = triton_kernels(jax.jit(up_with_norm), x, w_up, scale, x)
+        assert [(k.name, k.grid) for k in kernels] == [("decode_matmul", (8192 // block_n, 1, 1))]
+        verify_triton_ir(kernels)
+
 
 PRESETS = {
     "gpt2-like": get_preset("tiny", use_bias=True),  # biases, GELU, tied head
@@ -151,6 +219,55 @@ def test_decoding_steps_equal_xla_products(name):
         return jnp.concatenate(steps, axis=1)
 
     np.testing.assert_allclose(decode("pallas"), decode("xla"), rtol=2e-5, atol=2e-5)
+
+
+def test_folded_norms_equal_separate_norms():
+    """With the kernel, a decoding step computes each block's norms and its first residual
+    add inside the q/k/v and up-projection kernels (`fold_norms`): the same logits as the
+    norms as kernels of their own (`norm_impl="xla"`), and no norm left outside the
+    kernels but the final one."""
+    cfg = get_preset("tiny", use_bias=True, decode_matmul="pallas")
+    model = LanguageModel(cfg)
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
+    params = strip_axis_names(model.init(jax.random.key(0), tokens)["params"])
+    _, cache = model.apply({"params": params}, tokens[:, :7], cache=init_cache(cfg, 2, 8))
+    positions = jnp.full((2, 1), 7, jnp.int32)
+
+    def step(norm_impl):
+        m = LanguageModel(cfg.replace(norm_impl=norm_impl))
+        return lambda p, c: m.apply({"params": p}, tokens[:, 7:], positions, cache=c)
+
+    assert layers.fold_norms(cfg, jnp.zeros((2, 1, cfg.d_model)), True)
+    assert not layers.fold_norms(cfg.replace(norm_impl="xla"), jnp.zeros((2, 1, cfg.d_model)), True)
+    (folded, folded_cache), (separate, separate_cache) = (
+        step("auto")(params, cache),
+        step("xla")(params, cache),
+    )
+    np.testing.assert_allclose(folded, separate, rtol=2e-5, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(folded_cache), jax.tree.leaves(separate_cache)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+
+    def rsqrts(norm_impl):  # one per norm computed outside a kernel
+        jaxpr = jax.make_jaxpr(step(norm_impl))(params, cache).jaxpr
+        return sum(e.primitive.name == "rsqrt" for e in jaxpr.eqns)
+
+    assert (rsqrts("auto"), rsqrts("xla")) == (1, 1 + 2 * cfg.n_layers)
+
+
+def test_inference_form_hands_norms_in_float32():
+    """The sampler's form of the parameters (`inference_form`, once before the decoding
+    loop): the norms' scales and biases in float32, which the decoding kernel reads, every
+    other parameter as it was."""
+    cfg = get_preset("tiny", use_bias=True)
+    model = LanguageModel(cfg)
+    params = strip_axis_names(model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    _, served = model.inference_form(params)
+    for path, x in jax.tree_util.tree_leaves_with_path(served):
+        name = jax.tree_util.keystr(path)
+        assert x.dtype == (jnp.float32 if "_norm" in name else jnp.bfloat16), name
+    n_norm_params = 2 * (2 * cfg.n_layers + 1)  # scale and bias of every norm
+    assert sum(x.dtype == jnp.float32 for x in jax.tree.leaves(served)) == n_norm_params
 
 
 @pytest.mark.parametrize("batch", [1, 4])

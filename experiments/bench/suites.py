@@ -101,6 +101,9 @@ GPU_DECODE = [
     DecodeVariant("gpt-1.3b", 64, loop="sampler", model=(PALLAS_NORM,)),
     DecodeVariant("gpt-1.3b", 1, loop="sampler", model=(*XLA_MATMUL, PALLAS_NORM)),
     DecodeVariant("gpt2-124m", 1, loop="sampler", model=(*XLA_MATMUL, PALLAS_NORM)),
+    # the norms as XLA's kernels, against the default: inside the decoding products'
+    # kernels (BENCHMARKS.md, "Speed round twenty-four")
+    DecodeVariant("gpt-1.3b", 1, loop="sampler", model=(XLA_NORM,)),
 ]
 # Kernel profiles are taken for these variants (by name).
 GPU_PROFILE = {

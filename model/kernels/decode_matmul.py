@@ -17,6 +17,13 @@ where a weight has few columns XLA's split-K GEMMs win (10.0 against 15.5 us for
 8192 x 2048 down-projection), as they do for gpt2-124m's narrower products. So "auto"
 uses it for wide products only (`model.auto`).
 
+A decoding layer's norms can run inside the kernel too (`InputNorm`): each program
+normalises the rows itself before its products, and with `residual_RK` first adds the
+residual branch the layer's previous step produced (program 0 stores that sum, the residual
+stream's next value). As kernels of their own, a norm and an add each took about 2 us of
+launch and latency for 8 KB of data; inside the kernels, gpt-1.3b decodes at 1.111 instead
+of 1.152 ms/token on an H200 (BENCHMARKS.md, "Speed round twenty-four", change 90).
+
 Shape letters: R rows, K input features, N output features (of one weight).
 """
 
@@ -26,6 +33,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +44,7 @@ from model.kernels.partition import dot, interpret_mode
 
 MAX_ROWS = 16  # one tensor-core tile of rows; more rows are a matrix product for cuBLAS
 _TILE_ROWS = 16
+MAX_NORM_K = 8192  # an input norm's statistics come from one load of [R, K] float32 values
 ACTIVATIONS = (None, "gelu")
 
 
@@ -53,6 +62,23 @@ class Tuning:
 
 
 DEFAULT_TUNING = Tuning()
+
+
+class InputNorm(NamedTuple):
+    """LayerNorm (or RMSNorm, `rms`) of the kernel's input rows as `model.layers.Norm`
+    computes it: statistics in float32, `scale` [K] and `bias` [K] or None, the result
+    rounded to the rows' dtype before the products."""
+
+    scale: jax.Array
+    bias: jax.Array | None
+    eps: float
+    rms: bool
+
+
+def supports_input_norm(k: int) -> bool:
+    """Whether the kernel can normalise rows of `k` features itself: one power-of-two load
+    of the whole rows (Triton's tensors have power-of-two shapes)."""
+    return k & (k - 1) == 0 and 16 <= k <= MAX_NORM_K
 
 
 def supported(rows: int, k: int, ns: Sequence[int], tuning: Tuning = DEFAULT_TUNING) -> bool:
@@ -76,10 +102,15 @@ def decode_matmul(
     activation: str | None = None,
     caches: Sequence[jax.Array | None] | None = None,
     slots_R: jax.Array | None = None,
+    norm: InputNorm | None = None,
+    residual_RK: jax.Array | None = None,
     tuning: Tuning = DEFAULT_TUNING,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, ...]:
     """(activation(x @ w + b) for each weight w and bias b), each [R, N] in x's dtype.
+
+    `residual_RK` given: x + residual (rounded to x's dtype) replaces x, and that sum is
+    returned after the products. `norm` given: the products take norm(x) instead of x.
 
     `weights` are [K, N]; biases [N] or None; `activation` None or "gelu" (tanh form, as
     GPT-2). Products, bias and activation in float32. One device's arrays: the callers
@@ -111,8 +142,25 @@ def decode_matmul(
             f"decode_matmul takes a power of two rows up to {MAX_ROWS} and inputs and "
             f"outputs that are multiples of 16, got {R} rows, {K} inputs, outputs {ns}"
         )
+    if norm is not None and not supports_input_norm(K):
+        raise ValueError(
+            f"decode_matmul normalises rows of a power of two features, 16 to {MAX_NORM_K}, not {K}"
+        )
+    if residual_RK is not None and (norm is None or residual_RK.shape != x_RK.shape):
+        raise ValueError(
+            f"decode_matmul adds a residual {x_RK.shape} only to rows it normalises, "
+            f"got {residual_RK.shape}{'' if norm else ' without a norm'}"
+        )
     biases = tuple(biases) if biases is not None else (None,) * len(weights)
     has_bias = tuple(b is not None for b in biases)
+    prologue = ()  # the norm's scale and bias, then the residual, as kernel inputs
+    if norm is not None:
+        # float32 (see `_Rows.operand`); a cast of bf16 ones is a kernel in every decoding
+        # step, which `LanguageModel.inference_form` spares the sampler
+        prologue += tuple(v.astype(jnp.float32) for v in (norm.scale, norm.bias) if v is not None)
+    if residual_RK is not None:
+        prologue += (residual_RK.astype(x_RK.dtype),)
+    norm_spec = None if norm is None else (float(norm.eps), bool(norm.rms), norm.bias is not None)
     if interpret is None:
         interpret = interpret_mode()
     has_cache = tuple(c is not None for c in caches)
@@ -122,21 +170,46 @@ def decode_matmul(
         tuple(b.astype(jnp.float32) for b in biases if b is not None),
         jnp.zeros((R,), jnp.int32) if slots_R is None else slots_R.astype(jnp.int32),
         tuple(c.reshape(-1, n) for c, n in zip(caches, ns) if c is not None),
+        prologue,
         has_bias=has_bias,
         has_cache=has_cache,
+        norm_spec=norm_spec,
+        has_residual=residual_RK is not None,
         activation=activation,
         tuning=tuning,
         interpret=interpret,
     )
-    return tuple(o if c is None else o.reshape(c.shape) for o, c in zip(outs, caches))
+    products = tuple(o if c is None else o.reshape(c.shape) for o, c in zip(outs, caches))
+    return products + outs[len(weights) :]
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("has_bias", "has_cache", "activation", "tuning", "interpret"),
+    static_argnames=(
+        "has_bias",
+        "has_cache",
+        "norm_spec",
+        "has_residual",
+        "activation",
+        "tuning",
+        "interpret",
+    ),
 )
 def _call(
-    x_RK, weights, biases, slots_R, caches, *, has_bias, has_cache, activation, tuning, interpret
+    x_RK,
+    weights,
+    biases,
+    slots_R,
+    caches,
+    prologue,
+    *,
+    has_bias,
+    has_cache,
+    norm_spec,
+    has_residual,
+    activation,
+    tuning,
+    interpret,
 ):
     R, K = x_RK.shape
     ns = [w.shape[1] for w in weights]
@@ -150,16 +223,20 @@ def _call(
         n_weights=len(weights),
         has_bias=has_bias,
         has_cache=has_cache,
+        n_prologue=len(prologue),
+        norm_spec=norm_spec,
+        has_residual=has_residual,
         starts=tuple(starts),
         activation=activation,
         blocks=(block_k, block_n),
     )
-    # outputs: the products without a cache, then the caches (aliased to their inputs)
+    # outputs: the products without a cache, the caches (aliased to their inputs), the sum
     out_shape = [jax.ShapeDtypeStruct((R, n), x_RK.dtype) for n, c in zip(ns, has_cache) if not c]
     out_shape += [jax.ShapeDtypeStruct(c.shape, c.dtype) for c in caches]
-    first_cache = 1 + len(weights) + len(biases) + 1
+    out_shape += [jax.ShapeDtypeStruct((R, K), x_RK.dtype)] * has_residual
+    first_cache = 1 + len(weights) + len(biases) + 1 + len(prologue)
     n_plain = len(ns) - len(caches)
-    outs = iter(
+    outs = list(
         pl.pallas_call(
             kernel,
             grid=(starts[-1],),
@@ -168,22 +245,41 @@ def _call(
             compiler_params=plgpu.CompilerParams(num_warps=tuning.warps, num_stages=tuning.stages),
             interpret=interpret,
             name="decode_matmul",
-        )(x_RK, *weights, *biases, slots_R, *caches)
+        )(x_RK, *weights, *biases, slots_R, *prologue, *caches)
     )
-    plain = [next(outs) for _ in range(n_plain)]
-    cached = list(outs)
-    return tuple(cached.pop(0) if c else plain.pop(0) for c in has_cache)
+    summed = [outs.pop()] if has_residual else []
+    plain, cached = outs[:n_plain], outs[n_plain:]
+    products = tuple(cached.pop(0) if c else plain.pop(0) for c in has_cache)
+    return products + tuple(summed)
 
 
-def _kernel(x_ref, *refs, n_weights, has_bias, has_cache, starts, activation, blocks):
+def _kernel(
+    x_ref,
+    *refs,
+    n_weights,
+    has_bias,
+    has_cache,
+    n_prologue,
+    norm_spec,
+    has_residual,
+    starts,
+    activation,
+    blocks,
+):
     """Program p: columns [j * block_n, (j + 1) * block_n) of the weight i it falls in."""
-    w_refs = refs[:n_weights]
-    bias_refs = iter(refs[n_weights : n_weights + sum(has_bias)])
-    slots_ref = refs[n_weights + sum(has_bias)]
+    refs = iter(refs)
+    w_refs = [next(refs) for _ in range(n_weights)]
+    bias_refs = iter([next(refs) for _ in range(sum(has_bias))])
+    slots_ref = next(refs)
+    prologue = [next(refs) for _ in range(n_prologue)]
     n_caches = sum(has_cache)
-    outs = refs[n_weights + sum(has_bias) + 1 + n_caches :]  # (cache inputs are aliased)
-    plain_refs, cache_refs = iter(outs[: n_weights - n_caches]), iter(outs[n_weights - n_caches :])
+    for _ in range(n_caches):  # the caches' inputs: aliased to their outputs
+        next(refs)
+    plain_refs = iter([next(refs) for _ in range(n_weights - n_caches)])
+    cache_refs = iter([next(refs) for _ in range(n_caches)])
+    sum_ref = next(refs) if has_residual else None
     p = pl.program_id(0)
+    rows = _Rows(x_ref, prologue, norm_spec, sum_ref, p)
     for i in range(n_weights):
         bias_ref = next(bias_refs) if has_bias[i] else None
         out_ref = next(cache_refs) if has_cache[i] else next(plain_refs)
@@ -191,7 +287,7 @@ def _kernel(x_ref, *refs, n_weights, has_bias, has_cache, starts, activation, bl
         @pl.when((p >= starts[i]) & (p < starts[i + 1]))
         def _(i=i, bias_ref=bias_ref, out_ref=out_ref):
             _columns(
-                x_ref,
+                rows,
                 w_refs[i],
                 bias_ref,
                 out_ref,
@@ -202,15 +298,68 @@ def _kernel(x_ref, *refs, n_weights, has_bias, has_cache, starts, activation, bl
             )
 
 
-def _columns(x_ref, w_ref, bias_ref, out_ref, slots_ref, j, activation, blocks):
+class _Rows:
+    """What a program's loop multiplies: the rows as the 16-row operand of its products,
+    block by block.
+
+    With a norm, every program loads the whole rows first (a few KB, just written by the
+    previous kernel, so in L2) and computes their statistics, then normalises each block
+    it multiplies. Measured against folding the norm into the epilogue (the loop
+    multiplying x * scale and summing x and x^2, the epilogue applying mean and rstd),
+    which needs no statistics before the first weight load but more work in every step:
+    gpt-1.3b's two kernels 247.7 + 280.3 against 253.8 + 291.2 us a token (BENCHMARKS.md,
+    "Speed round twenty-four")."""
+
+    def __init__(self, x_ref, prologue, norm_spec, sum_ref, p):
+        self.x_ref, self.R = x_ref, x_ref.shape[0]
+        self.norm = norm_spec is not None
+        if not self.norm:
+            return
+        eps, rms, has_norm_bias = norm_spec
+        prologue = iter(prologue)
+        self.scale_ref = next(prologue)
+        self.norm_bias_ref = next(prologue) if has_norm_bias else None
+        self.residual_ref = next(prologue, None)
+        x_RK = self._summed(slice(None))
+        if sum_ref is not None:
+
+            @pl.when(p == 0)
+            def _():
+                sum_ref[...] = x_RK.astype(x_ref.dtype)
+
+        self.mean_R1 = 0.0 if rms else jnp.mean(x_RK, -1, keepdims=True)
+        centred_RK = x_RK - self.mean_R1
+        self.rstd_R1 = jax.lax.rsqrt(jnp.mean(centred_RK * centred_RK, -1, keepdims=True) + eps)
+
+    def _summed(self, ks) -> jax.Array:
+        """float32 [R, len(ks)]: x, or x + residual rounded as the model's add rounds it."""
+        x_RK = self.x_ref[:, ks].astype(jnp.float32)
+        if self.residual_ref is None:
+            return x_RK
+        x_RK = x_RK + self.residual_ref[:, ks].astype(jnp.float32)
+        return x_RK.astype(self.x_ref.dtype).astype(jnp.float32)
+
+    def operand(self, ks) -> jax.Array:
+        """[16, BK]: the rows' inputs ks, each row repeated 16 / R times."""
+        if not self.norm:
+            return _repeat_rows(self.x_ref[:, ks], self.R)
+        # scale and bias arrive in float32 (`decode_matmul`): bf16 loads of them here made
+        # the kernel 1.5x slower (round twenty-four)
+        y_RK = (self._summed(ks) - self.mean_R1) * self.rstd_R1 * self.scale_ref[ks][None, :]
+        if self.norm_bias_ref is not None:
+            y_RK = y_RK + self.norm_bias_ref[ks][None, :]
+        return _repeat_rows(y_RK.astype(self.x_ref.dtype), self.R)
+
+
+def _columns(rows, w_ref, bias_ref, out_ref, slots_ref, j, activation, blocks):
     """`slots_ref` given: out_ref is a cache [R * S, N], row r written at r * S + slot."""
     BK, BN = blocks
-    R, K = x_ref.shape
+    R, K = rows.x_ref.shape
     cols = pl.ds(pl.multiple_of(j * BN, BN), BN)
 
     def step(kb, acc_TN):
         ks = pl.ds(pl.multiple_of(kb * BK, BK), BK)
-        x_TK = _repeat_rows(x_ref[:, ks], R)
+        x_TK = rows.operand(ks)
         # weights stored in float32 are rounded here, not by a separate cast kernel
         w_KN = w_ref[ks, cols].astype(x_TK.dtype)
         return acc_TN + dot(x_TK, w_KN)
@@ -254,8 +403,20 @@ def reference_decode_matmul(
     biases: Sequence[jax.Array | None] | None = None,
     *,
     activation: str | None = None,
+    norm: InputNorm | None = None,
+    residual_RK: jax.Array | None = None,
 ) -> tuple[jax.Array, ...]:
     """The definition `decode_matmul` is tested against, in plain JAX."""
+    summed = ()
+    if residual_RK is not None:
+        x_RK = (x_RK.astype(jnp.float32) + residual_RK.astype(jnp.float32)).astype(x_RK.dtype)
+        summed = (x_RK,)
+    if norm is not None:
+        x = x_RK.astype(jnp.float32)
+        if not norm.rms:
+            x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + norm.eps) * norm.scale
+        x_RK = (x if norm.bias is None else x + norm.bias).astype(x_RK.dtype)
     biases = biases if biases is not None else [None] * len(weights)
     outs = []
     for w, b in zip(weights, biases):
@@ -266,4 +427,4 @@ def reference_decode_matmul(
         if activation == "gelu":
             y = jax.nn.gelu(y, approximate=True)
         outs.append(y.astype(x_RK.dtype))
-    return tuple(outs)
+    return tuple(outs) + summed
