@@ -213,8 +213,8 @@ class Norm(nn.Module):
         return (x_BLD, y_BLD) if keep_input else y_BLD
 
     def input_norm(self) -> InputNorm:
-        """This norm's parameters for a kernel that normalises its input rows itself
-        (`fold_norms`); x is not touched here."""
+        """This norm's parameters, for a kernel that normalises its input rows itself
+        (the Pallas norms, and the decoding products' kernels under `fold_norms`)."""
         cfg = self.cfg
         scale = dense_param(self, "scale", (cfg.d_model,), ("norm",), ones=True)
         bias = None
@@ -224,12 +224,8 @@ class Norm(nn.Module):
 
     def _fused(self, x_BLD: jax.Array, keep_input: bool):
         """The Pallas kernels (model/kernels/layer_norm.py); same parameters."""
-        cfg = self.cfg
-        scale = dense_param(self, "scale", (cfg.d_model,), ("norm",), ones=True)
-        bias = None
-        if cfg.norm == "layernorm" and cfg.use_bias:
-            bias = dense_param(self, "bias", (cfg.d_model,), ("norm",), zeros=True)
-        kw = dict(eps=cfg.norm_eps, rms=cfg.norm == "rmsnorm", out_dtype=cfg.compute_dtype)
+        scale, bias, eps, rms = self.input_norm()
+        kw = dict(eps=eps, rms=rms, out_dtype=self.cfg.compute_dtype)
         if keep_input:
             return layer_norm.norm_keep_input(x_BLD, scale, bias, **kw)
         return layer_norm.norm(x_BLD, scale, bias, **kw)
