@@ -35,6 +35,10 @@ cpu_only = os.environ["JAX_PLATFORMS"] == "cpu"  # GPU runs of the tests compile
 if cpu_only and "xla_backend_optimization_level" not in flags:  # run_helpers.py says why
     flags = f"{flags} {FAST_COMPILE_FLAG}"
 os.environ["XLA_FLAGS"] = flags.strip()
+if not cpu_only:
+    # the tests compare float32 results with float32 definitions; a GPU's XLA products
+    # default to TF32 (10 mantissa bits), ~1e-3 off, where the kernels multiply in float32
+    os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 
 # Set before JAX is imported, in pytest's first process: its workers and every subprocess a
 # test starts inherit the variables, so they share the folder.

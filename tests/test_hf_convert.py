@@ -25,7 +25,8 @@ from model.config import get_preset  # noqa: E402
 from model.hf import safetensors_io as st  # noqa: E402
 from model.sampling import SamplingConfig, sample  # noqa: E402
 from model.transformer import LanguageModel  # noqa: E402
-from train import sharding, state  # noqa: E402
+from tests.helpers import mesh_of  # noqa: E402
+from train import state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, EOS = 96, 5
@@ -204,7 +205,7 @@ def test_exported_model_loads_in_transformers(preset, overrides, tmp_path):
 def test_sharded_load_places_each_parameter_by_the_rule_table(hf_dirs, monkeypatch):
     _, path = hf_dirs["llama-gqa-untied"]
     cfg, _ = hf.read_config(path)
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=4, tensor=2))
+    mesh = mesh_of(dict(data=1, fsdp=4, tensor=2))
     init = lambda rng: LanguageModel(cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]  # noqa: E731
     expected = state.param_shardings(init, mesh)
     reads = []

@@ -16,7 +16,7 @@ from experiments.configs.common import lora_fields
 from model.transformer import LanguageModel
 from rlhf import stage
 from rlhf.sft_step import make_sft_step
-from tests.helpers import random_lm_batch, single_device_mesh
+from tests.helpers import mesh_of, random_lm_batch, single_device_mesh
 from tests.rlhf_helpers import TINY
 from train import sharding
 from train.lora import KERNELS, LoraConfig, LoraModel, config_of
@@ -168,7 +168,7 @@ def test_sharded_lora_step_matches_single_device_with_adapters_placed_by_the_rul
     initial, _ = create_train_state(init_fn(model), TX, single_device_mesh(), jax.random.key(0))
     initial = jax.device_get(initial)
     ref_state, ref_losses = run_lora_sft(single_device_mesh(), initial)
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = mesh_of(dict(data=2, fsdp=2, tensor=2))
     state, losses = run_lora_sft(mesh, initial)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
     assert losses[0] != losses[1]

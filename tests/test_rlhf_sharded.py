@@ -16,7 +16,7 @@ from rlhf.ppo import PPOConfig, make_ppo_step, make_prepare
 from rlhf.reward_model import RewardModel
 from rlhf.reward_step import make_reward_step
 from rlhf.sft_step import make_sft_step
-from tests.helpers import single_device_mesh
+from tests.helpers import mesh_of, single_device_mesh
 from tests.rlhf_helpers import CHAT, TINY, FakeTokenizer, init_lm
 from train import sharding
 from train.optim import OptimConfig, make_optimizer
@@ -204,7 +204,7 @@ CASES = [
 @pytest.mark.parametrize("stage, mesh_shape", CASES, ids=[f"{s}-{m}" for s, m in CASES])
 def test_sharded_step_matches_single_device(stage, mesh_shape):
     ref_state, ref_losses, ref_metrics = _reference(stage)
-    mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_shape))
+    mesh = mesh_of(mesh_shape)
     state, losses, metrics = _run(stage, mesh)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, atol=1e-6)
     assert losses[0] != losses[1]  # the first update changed the model
@@ -225,7 +225,7 @@ def test_grpo_prepare_sharded_matches_single_device():
     """Groups span devices (rows of a group on different shards): same advantages, same
     log-probs."""
     reference = _grpo_batch()
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = mesh_of(dict(data=2, fsdp=2, tensor=2))
     lm, params = init_lm()
     _, ref_params = init_lm(seed=1)
     params_sh = param_shardings(lambda r: lm.init(r, EXAMPLE)["params"], mesh)

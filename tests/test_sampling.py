@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 from model.config import get_preset
 from model.sampling import SamplingConfig, filter_logits, make_sampler
 from model.transformer import LanguageModel, init_cache
+from tests.helpers import mesh_of
 from train import sharding
 from train.state import param_shardings, strip_axis_names
 
@@ -132,7 +133,7 @@ def test_sharded_sampling_equals_unsharded():
     lengths = jnp.asarray([6, 3, 5, 1], jnp.int32)
     sampling = SamplingConfig(max_new_tokens=8, temperature=0.0)
     expected = make_sampler(model, sampling)(params, prompts, lengths, jax.random.key(0))
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = mesh_of(dict(data=2, fsdp=2, tensor=2))
     shardings = param_shardings(lambda r: model.init(r, prompts)["params"], mesh)
     sharded_params = jax.device_put(params, shardings)
     assert sharded_params["embed"]["embedding"].sharding.spec == P("tensor", "fsdp")

@@ -6,8 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig, get_preset
-from tests.helpers import build_training, random_lm_batch, single_device_mesh
-from train import sharding
+from tests.helpers import build_training, mesh_of, random_lm_batch, single_device_mesh
 from train.pretrain_step import StepConfig
 
 # 8 heads and 8 kv heads so that tensor=8 divides them.
@@ -43,7 +42,7 @@ def _run_steps(cfg, mesh, steps=2, step_cfg=StepConfig()):
 
 @pytest.mark.parametrize("mesh_shape, cfg", MESHES, ids=[str(m) for m, _ in MESHES])
 def test_sharded_step_matches_single_device(mesh_shape, cfg):
-    mesh = sharding.make_mesh(sharding.MeshConfig(**mesh_shape))
+    mesh = mesh_of(mesh_shape)
     ref_params, ref_losses = _single_device_reference(cfg)
     state, _, losses = _run_steps(cfg, mesh)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
@@ -59,7 +58,7 @@ def test_sharded_step_matches_single_device(mesh_shape, cfg):
 
 def test_parameter_shardings_follow_the_rules():
     cfg = get_preset("tiny-llama", scan_layers=True)
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = mesh_of(dict(data=2, fsdp=2, tensor=2))
     step, state, _ = build_training(cfg, mesh)
     state, _ = step(state, random_lm_batch(0, 8, 16, cfg.vocab_size), jax.random.key(0))
     params = state.params
@@ -89,7 +88,7 @@ def test_parameter_shardings_follow_the_rules():
 
 def test_gradient_accumulation_equals_full_batch():
     cfg = get_preset("tiny")
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+    mesh = mesh_of(dict(data=2, fsdp=2, tensor=2))
     full, _, full_losses = _run_steps(cfg, mesh, steps=2)
     accum, _, accum_losses = _run_steps(cfg, mesh, steps=2, step_cfg=StepConfig(num_microbatches=2))
     np.testing.assert_allclose(accum_losses, full_losses, rtol=1e-6)
