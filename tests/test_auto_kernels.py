@@ -43,9 +43,8 @@ def test_auto_picks_the_kernels_on_a_gpu(monkeypatch):
     assert auto.choose_norm_impl(cfg.replace(norm_impl="pallas"), decoding=True) == "pallas"
     assert auto.choose_decode_attention(cfg) == "pallas"
     assert auto.choose_activation_impl(cfg) == "pallas"  # GELU with biases
-    # no biases (gpt-1.3b) or SwiGLU (Llama): XLA's fusions already make the fewest passes
-    assert auto.choose_activation_impl(get_preset("gpt-1.3b")) == "xla"
-    assert auto.choose_activation_impl(get_preset("llama-1b")) == "xla"
+    assert auto.choose_activation_impl(get_preset("gpt-1.3b")) == "pallas"  # GELU, no biases
+    assert auto.choose_activation_impl(get_preset("llama-1b")) == "xla"  # SwiGLU
     # the pretraining loss applies the head with the single-pass kernel; evaluation's
     # loss, on the model's logits, takes the kernel pair
     llama = get_preset("llama-1b")

@@ -98,11 +98,14 @@ def test_sharded_matches_the_definition(mesh_shape, batch):
 
 
 @pytest.mark.parametrize(
-    "mesh_shape", [None, dict(data=2, fsdp=2, tensor=2)], ids=["1", "sharded-8"]
+    "mesh_shape, use_bias",
+    [(None, True), (dict(data=2, fsdp=2, tensor=2), True), (None, False)],
+    ids=["1", "sharded-8", "1-no-bias"],
 )
-def test_language_model_kernel_equals_xla(mesh_shape):
-    """A GPT-2-like model (GELU, biases): same parameters, same logits and gradients."""
-    cfg = get_preset("tiny", use_bias=True)
+def test_language_model_kernel_equals_xla(mesh_shape, use_bias):
+    """A GPT-2-like model (GELU, with biases or, as gpt-1.3b, without): same parameters,
+    same logits and gradients."""
+    cfg = get_preset("tiny", use_bias=use_bias)
     tokens = jnp.asarray(random_lm_batch(0, batch=4, length=12, vocab=cfg.vocab_size)["inputs"])
     xla = LanguageModel(cfg.replace(activation_impl="xla"))
     kernel = LanguageModel(cfg.replace(activation_impl="pallas"))
