@@ -36,16 +36,19 @@ def interpreter():
     return InterpretGPUParams()
 
 
-_LOAD_TAKES_INDEX = "idx" in inspect.signature(plgpu.load).parameters
+# jax 0.10's `load` requires an index after the ref; 0.11's takes none (deprecated)
+_idx = inspect.signature(plgpu.load).parameters.get("idx")
+_LOAD_NEEDS_INDEX = _idx is not None and _idx.default is inspect.Parameter.empty
 
 
-def load(ref, layout, interpret: bool):
-    """ref's value in a register layout; the interpreter has no layouts (nor `load`)."""
+def load(ref, layout, interpret: bool, optimized: bool = True):
+    """ref's value in a register layout; the interpreter has no layouts (nor `load`).
+    optimized=False allows a layout whose transfer has shared-memory bank conflicts."""
     if interpret:
         return ref[...]
-    if _LOAD_TAKES_INDEX:
-        return plgpu.load(ref, (), layout=layout)
-    return plgpu.load(ref, layout=layout)
+    if _LOAD_NEEDS_INDEX:
+        return plgpu.load(ref, (), layout=layout, optimized=optimized)
+    return plgpu.load(ref, layout=layout, optimized=optimized)
 
 
 def cast(x, layout, interpret: bool):
