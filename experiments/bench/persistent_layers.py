@@ -208,22 +208,20 @@ def layers_step(
             d = x - mp.rows(mean, vt)
             rstd = lax.rsqrt(everywhere(jnp.sum(d * d, axis=1)) / D + eps)
             xn = d * mp.rows(rstd, vt) * tload(ln_s.at[0]) + tload(ln_s.at[1])
-            xn_s.at[pl.ds(0, DC)].reshape(*vt)[...] = xn.astype(dt)
+            xn_s.reshape(*vt)[...] = xn.astype(dt)
 
             @pl.when(p == 0)
             def _():
                 store(xl_s, write_to)
 
-        def products(t, nb, a_smem, c0):
-            """[CH] float32: the row in chunks a_smem[c0 + ...] times the next nb blocks."""
+        def products(t, nb, a_smem):
+            """[CH] float32: the row in chunks a_smem[...] times the next nb streamed blocks."""
 
             def step(j, acc):
                 slot = lax.rem(t + j, slots)
                 plgpu.barrier_wait(w_bar.at[slot])
                 a = [
-                    mp.cols(mp.load(a_smem.at[c0 + j * (BK // CH) + c], col, False), tile).astype(
-                        dt
-                    )
+                    mp.cols(mp.load(a_smem.at[j * (BK // CH) + c], col, False), tile).astype(dt)
                     for c in range(BK // CH)
                 ]
 
@@ -263,7 +261,7 @@ def layers_step(
 
                 @pl.when(p < n_qkv)
                 def _():
-                    v = products(t, nb_qkv, xn_s, 0)
+                    v = products(t, nb_qkv, xn_s)
                     ovec_h[...] = v.astype(dt)
 
                     @pl.when(p < DC)
@@ -346,7 +344,7 @@ def layers_step(
                                 ],
                             )
                             u_s.at[h * 2 + c][...] = (o / den).astype(dt)
-                    ovec_f[pl.ds(0, CH)] = products(t, nb_out, u_s, 0)
+                    ovec_f[pl.ds(0, CH)] = products(t, nb_out, u_s)
                     store(ovec_f.at[pl.ds(0, CH)], po_ref.at[sp, ct])
 
                 t = t + jnp.where(p < n_out, nb_out, 0)
@@ -358,7 +356,7 @@ def layers_step(
 
                 @pl.when(p < n_up)
                 def _():
-                    v = products(t, nb_up, xn_s, 0)
+                    v = products(t, nb_up, xn_s)
                     ovec_h[...] = jax.nn.gelu(v, approximate=True).astype(dt)
                     store(ovec_h, ub_ref.at[p])
 
@@ -370,7 +368,7 @@ def layers_step(
                 def _():
                     ct, sp = lax.rem(p, DC), lax.div(p, DC)
                     fetch([(ub_ref.at[pl.ds(sp * (FC // SPLITS), FC // SPLITS)], u_s)])
-                    ovec_f[pl.ds(0, CH)] = products(t, nb_down, u_s, 0)
+                    ovec_f[pl.ds(0, CH)] = products(t, nb_down, u_s)
                     store(ovec_f.at[pl.ds(0, CH)], pd_ref.at[sp, ct])
 
                 t = t + jnp.where(p < n_down, nb_down, 0)
@@ -394,7 +392,7 @@ def layers_step(
         plgpu.SMEM((DC, CH), dt),  # base_s
         plgpu.SMEM((SPLITS, DC, CH), f32),  # parts_s
         plgpu.SMEM((DC, CH), dt),  # xl_s
-        plgpu.SMEM((max(DC, FC // SPLITS), CH), dt),  # xn_s
+        plgpu.SMEM((DC, CH), dt),  # xn_s
         plgpu.SMEM((2, DC, CH), f32),  # ln_s: a norm's scale and bias
         mp.tile_smem((slots, BK, CH), dt),  # w_s
         mp.tile_smem((2, CH, CH), dt),  # k_s: the block's keys, two halves of the head dim
