@@ -154,7 +154,9 @@ class Attention(nn.Module):
         one_token_step = is_decoding_step(cache, x_BLD)
 
         def weights(name, heads, axes):
-            w = dense_param(self, name, (cfg.d_model, heads, D), ("embed", axes, "head_dim"))
+            w = dense_param(
+                self, name, (cfg.d_model, heads, D), ("embed", axes, "head_dim"), n_in=1
+            )
             bias = None
             if cfg.use_bias:
                 bias = dense_param(self, name + "_bias", (heads, D), (axes, "head_dim"), zeros=True)
@@ -173,7 +175,7 @@ class Attention(nn.Module):
             if cache is not None
             else choose_backend(cfg, not plain_causal, attention_dropout)
         )
-        if backend == "pallas" and cfg.positional != "rope":
+        if backend == "pallas" and cfg.positional != "rope" and cfg.weights_layout == "in_out":
             # Training or evaluation with the flash kernel: one product of stacked weights,
             # whose output the kernel reads in place (`_packed_qkv`).
             out_BLHD = flash.flash_attention_packed(
@@ -261,7 +263,12 @@ class Attention(nn.Module):
         # fan-in H * D, the inputs each output sums over (the first dimension alone, H,
         # gave an init std sqrt(D) times too large: 0.41 instead of 0.05 at H=6, D=64)
         w_out = dense_param(
-            self, "out", (H, D, cfg.d_model), ("heads", "head_dim", "embed"), fan_in=H * D
+            self,
+            "out",
+            (H, D, cfg.d_model),
+            ("heads", "head_dim", "embed"),
+            fan_in=H * D,
+            n_in=2,
         )
         b_out = None
         if cfg.use_bias:

@@ -1,6 +1,6 @@
 """The one place where "auto" kernel choices are resolved, for the config fields
 `attention_backend`, `norm_impl`, `activation_impl`, `cross_entropy_impl`,
-`decode_attention` and `decode_matmul`.
+`decode_attention` and `decode_matmul` (with the sampler's transposed form).
 
 Rule for each: on a GPU, the hand-written kernel where it is correct for the shape and
 was measured faster (BENCHMARKS.md names the runs); elsewhere (CPU, TPU) the plain-JAX
@@ -123,3 +123,28 @@ def use_decode_matmul(cfg: ModelConfig, rows: int, k: int, ns: Sequence[int]) ->
     if cfg.decode_matmul != "auto":
         return cfg.decode_matmul == "pallas"
     return on_gpu() and sum(ns) >= 32 * num_sms()
+
+
+def use_transposed_decoding(cfg: ModelConfig, batch: int, weight_bytes: int = 0) -> bool:
+    """Whether the sampler decodes a batch of `batch` sequences in the transposed form
+    (`decode_matmul="transposed"`): one row, the weights copied once to [outputs, inputs]
+    (`weight_bytes` more memory), the products that `use_decode_matmul` picks as the kernel
+    reading them so, the others XLA reductions along their rows. Only for one sequence on
+    one device.
+
+    "auto": on a GPU, where the copy takes at most a quarter of its memory. On an H200,
+    gpt-1.3b decodes at 0.993-0.994 ms/token against the two-row form's 1.117-1.118, and
+    gpt2-124m at 0.381-0.383 against 0.394-0.395 (BENCHMARKS.md, "Speed round thirty"):
+    XLA's reductions read the narrow products' weights (the attention output, the
+    down-projection, the tied head) faster than its matrix products do, and the kernel
+    reads the others faster for one row on the CUDA cores than for two on tensor cores."""
+    if batch != 1 or active_mesh() is not None:
+        return False
+    if cfg.decode_matmul != "auto":
+        return cfg.decode_matmul == "transposed"
+    return on_gpu() and 4 * weight_bytes <= _device_memory_bytes()
+
+
+def _device_memory_bytes() -> int:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit", 0)

@@ -20,7 +20,8 @@ NormImpl = Literal["auto", "xla", "pallas"]
 ActivationImpl = Literal["auto", "xla", "pallas"]
 CrossEntropyImpl = Literal["auto", "xla", "pallas", "fused"]
 DecodeAttention = Literal["auto", "reference", "pallas"]
-DecodeMatmul = Literal["auto", "xla", "pallas"]
+DecodeMatmul = Literal["auto", "xla", "pallas", "transposed"]
+WeightsLayout = Literal["in_out", "out_in"]
 HeadMatmul = Literal["compute", "fp8"]
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
@@ -34,7 +35,8 @@ _CHOICES = {
     "activation_impl": ("auto", "xla", "pallas"),
     "cross_entropy_impl": ("auto", "xla", "pallas", "fused"),
     "decode_attention": ("auto", "reference", "pallas"),
-    "decode_matmul": ("auto", "xla", "pallas"),
+    "decode_matmul": ("auto", "xla", "pallas", "transposed"),
+    "weights_layout": ("in_out", "out_in"),
     "head_matmul": ("compute", "fp8"),
     "remat": ("none", "full", "dots", "dots_no_batch"),
     "dtype": ("float32", "bfloat16", "float16"),
@@ -65,6 +67,11 @@ class ModelConfig:
     default for all five,
     picks them on a GPU where they were measured faster and the XLA/reference
     code elsewhere (`model/auto.py`, the one place every "auto" is resolved).
+    `decode_matmul="transposed"` decodes one sequence as one row whose products are XLA
+    reductions along the rows of weights the sampler transposes once, before its loop, to
+    [outputs, inputs] (`weights_layout="out_in"`, `LanguageModel.inference_form`): each
+    reads its weight in contiguous rows, near the GPU's read bandwidth, at the cost of a
+    second copy of the weights while sampling.
 
     The embedding table and output head have `padded_vocab` rows, vocab_size
     rounded up to `vocab_multiple` because matrix products with a multiple of
@@ -128,6 +135,9 @@ class ModelConfig:
     cross_entropy_impl: CrossEntropyImpl = "auto"  # the training loss on this model's logits
     decode_attention: DecodeAttention = "auto"
     decode_matmul: DecodeMatmul = "auto"
+    # how the matrix products' weights are stored: [inputs, outputs] as trained, or
+    # [outputs, inputs], the sampler's form for decode_matmul="transposed"
+    weights_layout: WeightsLayout = "in_out"
     head_matmul: HeadMatmul = "compute"  # "fp8": the pretraining loss's head in float8
 
     def __post_init__(self):

@@ -33,19 +33,24 @@ def dense_param(
     zeros: bool = False,
     ones: bool = False,
     fan_in: int | None = None,
+    n_in: int = 0,
 ) -> jax.Array:
     """Declares a parameter whose dimensions carry logical axis names.
 
     Weights get a truncated-normal init with std 1/sqrt(fan_in), fan_in being
-    the first dimension unless given.
+    the first dimension unless given. `n_in` > 0 marks a matrix product's weight whose
+    first `n_in` dimensions are its inputs: with `weights_layout="out_in"` it is stored,
+    and returned, as [*outputs, *inputs] (`dense(..., out_in=True)` takes it so).
     """
+    cfg: ModelConfig = module.cfg
+    if n_in and cfg.weights_layout == "out_in":
+        shape, axes = shape[n_in:] + shape[:n_in], axes[n_in:] + axes[:n_in]
     if zeros:
         init = nn.initializers.zeros_init()
     elif ones:
         init = nn.initializers.ones_init()
     else:
         init = _own_kernel(nn.initializers.truncated_normal(stddev=(fan_in or shape[0]) ** -0.5))
-    cfg: ModelConfig = module.cfg
     if module.has_variable("params", name):
         # Applying: Flax's `param` would trace the initializer again only to check the
         # shape, for every parameter on every trace (about an eighth of tracing a step).
@@ -69,7 +74,18 @@ def _own_kernel(init: Callable) -> Callable:
     )
 
 
-def dense(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, n_in: int = 1) -> jax.Array:
+def output_dims(w: jax.Array, n_in: int, out_in: bool) -> tuple[int, ...]:
+    """A product weight's output dimensions: w is [*in, *out], or [*out, *in] (`out_in`)."""
+    return w.shape[: w.ndim - n_in] if out_in else w.shape[n_in:]
+
+
+def dense(
+    x: jax.Array,
+    w: jax.Array,
+    bias: jax.Array | None = None,
+    n_in: int = 1,
+    out_in: bool = False,
+) -> jax.Array:
     """x [*rows, *in] @ w [*in, *out] (+ bias [*out]) -> [*rows, *out] in x's dtype, the
     last `n_in` dimensions of x contracted, computed as one 2-D matrix product
     [rows, in] @ [in, out] with the bias added in x's dtype.
@@ -77,10 +93,22 @@ def dense(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, n_in: int =
     In that form XLA hands the bias add, and a residual add that follows, to the cuBLAS
     kernel's epilogue; as an einsum over [B, L, H, D] with a float32 bias it made a pass of
     its own. gpt2-124m's packed step on an H200: 117.1-117.7 -> 116.0-116.4 ms
-    (BENCHMARKS.md, "Speed round eight", change 39)."""
-    rows, out = x.shape[: x.ndim - n_in], w.shape[n_in:]
+    (BENCHMARKS.md, "Speed round eight", change 39).
+
+    `out_in`: w is stored [*out, *in] (`weights_layout="out_in"`). One row is then
+    multiplied as a sum along w's rows, which XLA computes as a reduction that reads
+    the weight in contiguous rows: gpt-1.3b's decoding products on an H200 at 3.4-3.9
+    TB/s against 2.5-3.4 for its matrix products (BENCHMARKS.md, "Speed round thirty")."""
+    rows, out = x.shape[: x.ndim - n_in], output_dims(w, n_in, out_in)
     k = math.prod(x.shape[x.ndim - n_in :])
-    y = x.reshape(-1, k) @ w.reshape(k, -1).astype(x.dtype)
+    x_RK = x.reshape(-1, k)
+    if not out_in:
+        y = x_RK @ w.reshape(k, -1).astype(x.dtype)
+    elif x_RK.shape[0] == 1:
+        prods_RNK = x_RK[:, None, :].astype(jnp.float32) * w.reshape(1, -1, k).astype(jnp.float32)
+        y = jnp.sum(prods_RNK, axis=-1).astype(x.dtype)
+    else:
+        y = x_RK @ w.reshape(-1, k).astype(x.dtype).T
     if bias is not None:
         y = y + bias.reshape(-1).astype(x.dtype)
     return y.reshape(*rows, *out)
@@ -108,21 +136,23 @@ def dense_group(
       `slots_B[b]` of its row b, and the updated cache is returned in its place;
     - `input_norm`: the products take norm(x), computed by the kernel (`fold_norms`);
     - `residual` (with `input_norm`): x + residual replaces x and is returned last."""
+    out_in = cfg.weights_layout == "out_in"
     if group_kernel(cfg, x, params, n_in, decoding):
         k = math.prod(x.shape[x.ndim - n_in :])
         outs = decode_matmul(
             x.reshape(-1, k),
-            [w.reshape(k, -1) for w, _ in params],
+            [w.reshape(-1, k) if out_in else w.reshape(k, -1) for w, _ in params],
             [None if b is None else b.reshape(-1) for _, b in params],
             activation=activation,
             caches=caches,
             slots_R=slots_B,
             norm=input_norm,
             residual_RK=None if residual is None else residual.reshape(-1, k),
+            weights_nk=out_in,
         )
         lead = x.shape[: x.ndim - n_in]
         products = tuple(
-            y if c is not None else y.reshape(*lead, *w.shape[n_in:])
+            y if c is not None else y.reshape(*lead, *output_dims(w, n_in, out_in))
             for y, (w, _), c in zip(outs, params, caches or [None] * len(params))
         )
         return products + tuple(y.reshape(x.shape) for y in outs[len(params) :])
@@ -131,7 +161,7 @@ def dense_group(
             "dense_group writes into caches and normalises its input only where "
             "group_kernel is true"
         )
-    outs = tuple(dense(x, w, b, n_in) for w, b in params)
+    outs = tuple(dense(x, w, b, n_in, out_in) for w, b in params)
     if activation == "gelu":
         outs = tuple(nn.gelu(y, approximate=True) for y in outs)
     return outs
@@ -147,7 +177,8 @@ def group_kernel(
     """Whether `dense_group` runs these products as one `decode_matmul` kernel: in a
     one-token decoding step, where `model.auto.use_decode_matmul` picks it."""
     k = math.prod(x.shape[x.ndim - n_in :])
-    ns = [math.prod(w.shape[n_in:]) for w, _ in params]
+    out_in = cfg.weights_layout == "out_in"
+    ns = [math.prod(output_dims(w, n_in, out_in)) for w, _ in params]
     rows = math.prod(x.shape[: x.ndim - n_in])
     return decoding and use_decode_matmul(cfg, rows, k, ns)
 
@@ -258,7 +289,7 @@ class MLP(nn.Module):
             activation's passes over [B, L, F] read and write bf16, not float32:
             gpt2-124m's step 131 -> 128 ms and 41.1 -> 36.6 GiB on an H200
             (BENCHMARKS.md, "Speed round four", change 24)."""
-            w = dense_param(self, name, shape, axes)
+            w = dense_param(self, name, shape, axes, n_in=1)
             if not cfg.use_bias:
                 return w, None
             return w, dense_param(self, name + "_bias", shape[-1:], axes[-1:], zeros=True)
@@ -280,7 +311,8 @@ class MLP(nn.Module):
             h_BLF = act(h_BLF)
         else:  # the training kernels: one each way, the bias gradient included
             w, bias = up("up")
-            h_BLF = bias_gelu(act(dense(x_BLD, w)), jnp.zeros(cfg.d_ff) if bias is None else bias)
+            h_BLF = dense(x_BLD, w, out_in=cfg.weights_layout == "out_in")
+            h_BLF = bias_gelu(act(h_BLF), jnp.zeros(cfg.d_ff) if bias is None else bias)
         down = weights("down", (cfg.d_ff, cfg.d_model), ("mlp", "embed"))
         y_BLD = dense_group(cfg, h_BLF.astype(cfg.compute_dtype), [down], 1, decoding)[0]
         return (summed[0], y_BLD) if residual_BLD is not None else y_BLD
@@ -306,4 +338,5 @@ class Embed(nn.Module):
         return gather_rows(self.embedding, tokens_BL).astype(self.cfg.compute_dtype)
 
     def attend(self, x_BLD: jax.Array) -> jax.Array:
-        return x_BLD @ self.embedding.astype(self.cfg.compute_dtype).T
+        """The tied output head: x . table^T (the table is [outputs, inputs] already)."""
+        return dense(x_BLD, self.embedding.astype(self.cfg.compute_dtype), out_in=True)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model.auto import use_transposed_decoding
 from model.transformer import default_positions, init_cache
 
 NEG_INF = -1e30
@@ -88,19 +89,24 @@ def sample(
 ) -> Samples:
     """Samples up to cfg.max_new_tokens after each right-padded prompt (pure; jit it)."""
     B, P = prompts_BP.shape
-    if B == 1:
-        # XLA's GPU compiler turns the product of ONE row with a weight matrix of
-        # fewer than ~10M elements into a multiply + reduce fusion that reads the
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    transposed = hasattr(model, "inference_form") and use_transposed_decoding(
+        model.cfg, B, weight_bytes
+    )
+    if B == 1 and not transposed:
+        # XLA's GPU compiler turns the product of ONE row with a weight matrix [in, out]
+        # of fewer than ~10M elements into a multiply + reduce fusion that reads the
         # weights at about a third of the copy bandwidth; with two rows it stays a
         # matrix product. So one sequence is decoded as two identical rows: 2.02 ->
-        # 1.61 ms/token for gpt-1.3b on an H100 (BENCHMARKS.md, change 10).
+        # 1.61 ms/token for gpt-1.3b on an H100 (BENCHMARKS.md, change 10). The
+        # transposed form reads [out, in] weights along their rows instead.
         twice = lambda a: jnp.concatenate([a, a])  # noqa: E731
         rows = sample(model, params, twice(prompts_BP), twice(prompt_lengths_B), rng, cfg)
         return jax.tree.map(lambda a: a[:1], rows)
     if hasattr(model, "inference_form"):
         # Once here, not every token: LoRA adapters merged (train/lora.py), scanned
-        # layers split into separate ones (model/transformer.py).
-        model, params = model.inference_form(params)
+        # layers split into separate ones, the weights transposed (model/transformer.py).
+        model, params = model.inference_form(params, transposed)
     T = cfg.max_new_tokens
     model_cfg = model.cfg
     if P + T > model_cfg.max_len and model_cfg.positional == "learned":

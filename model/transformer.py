@@ -12,6 +12,7 @@ updated cache (see `model/sampling.py`).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -263,7 +264,9 @@ class LanguageModel(nn.Module):
         if cfg.tie_embeddings:
             logits_BLV = embed.attend(hidden_BLD)
         else:
-            w = dense_param(self, "lm_head", (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"))
+            w = dense_param(
+                self, "lm_head", (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), n_in=1
+            )
             (logits_BLV,) = dense_group(cfg, hidden_BLD, [(w, None)], 1, decoding)
         if mask_vocab_padding and cfg.padded_vocab > cfg.vocab_size:
             logits_BLV = mask_padded_vocab(logits_BLV, cfg.vocab_size)
@@ -271,17 +274,47 @@ class LanguageModel(nn.Module):
         return logits_BLV if cache is None else (logits_BLV, new_cache)
 
     @nn.nowrap
-    def inference_form(self, params: dict) -> tuple[LanguageModel, dict]:
+    def inference_form(self, params: dict, transposed: bool = False) -> tuple[LanguageModel, dict]:
         """(model, params) for decoding: the norms' parameters in float32
         (`float32_norms`), and scanned layers run as separate layers, so each layer's
         cache is updated in place (a scan would restack the whole cache every token) and
         the Pallas decode kernel is not traced inside Flax's scan, which fails on the GPU
-        (model/auto.py)."""
-        params = float32_norms(params)
-        if not self.cfg.scan_layers:
-            return self, params
-        unscanned = LanguageModel(self.cfg.replace(scan_layers=False), parent=None)
-        return unscanned, unstack_layers(params, self.cfg.n_layers)
+        (model/auto.py). `transposed`: the products' weights stored [outputs, inputs]
+        (`weights_layout="out_in"`, for `decode_matmul="transposed"`), a copy of them."""
+        cfg, params = self.cfg, float32_norms(params)
+        if cfg.scan_layers:
+            cfg, params = cfg.replace(scan_layers=False), unstack_layers(params, cfg.n_layers)
+        if transposed:
+            perms = _out_in_permutations(cfg)
+
+            def rearrange(path, x):
+                perm = perms[jax.tree_util.keystr(path)]
+                return x if perm is None else jnp.transpose(x, perm)
+
+            params = jax.tree_util.tree_map_with_path(rearrange, params)
+            cfg = cfg.replace(weights_layout="out_in")
+        return (self if cfg == self.cfg else LanguageModel(cfg, parent=None)), params
+
+
+@functools.lru_cache(maxsize=16)
+def _out_in_permutations(cfg: ModelConfig) -> dict[str, tuple[int, ...] | None]:
+    """{parameter path: the axis permutation that takes it to weights_layout="out_in"},
+    None for parameters that keep their layout, for a LanguageModel with `cfg`. Read from
+    the logical axis names, which `dense_param` rotates with the dimensions."""
+
+    def axis_names(c: ModelConfig) -> dict[str, tuple[str, ...]]:
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        boxed = jax.eval_shape(LanguageModel(c).init, jax.random.key(0), tokens)["params"]
+        leaves, _ = jax.tree_util.tree_flatten_with_path(
+            boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)
+        )
+        return {jax.tree_util.keystr(path): tuple(x.names) for path, x in leaves}
+
+    before, after = axis_names(cfg), axis_names(cfg.replace(weights_layout="out_in"))
+    return {
+        path: None if names == after[path] else tuple(names.index(a) for a in after[path])
+        for path, names in before.items()
+    }
 
 
 def float32_norms(params: dict) -> dict:

@@ -4,12 +4,13 @@ import itertools
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.extend.core import jaxpr_as_fun
 
 from model.kernels import flash_attention as fa
-from model.transformer import LanguageModel
+from model.transformer import LanguageModel, init_cache
 from train import sharding
 from train.optim import OptimConfig, make_optimizer
 from train.pretrain_step import StepConfig, make_pretrain_step
@@ -103,6 +104,22 @@ class TritonKernel(NamedTuple):
     name: str
     grid: tuple[int, int, int]
     ttir: bytes
+
+
+def cached_decoding_logits(model, params, tokens_BL: jax.Array, prefill: int) -> jax.Array:
+    """[B, 1 + L - prefill, V]: the last logits of a prefill of `prefill` tokens, then those
+    of one-token cached steps over the rest of `tokens_BL`."""
+    B, L = tokens_BL.shape
+    variables = {"params": params}
+    logits, cache = model.apply(
+        variables, tokens_BL[:, :prefill], cache=init_cache(model.cfg, B, L)
+    )
+    steps = [logits[:, -1:]]
+    for t in range(prefill, L):
+        positions = jnp.full((B, 1), t, jnp.int32)
+        logits, cache = model.apply(variables, tokens_BL[:, t : t + 1], positions, cache=cache)
+        steps.append(logits)
+    return jnp.concatenate(steps, axis=1)
 
 
 def triton_kernels(jitted, *args) -> list[TritonKernel]:

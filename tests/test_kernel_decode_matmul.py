@@ -15,7 +15,7 @@ from model.config import get_preset
 from model.kernels import decode_matmul as dm
 from model.sampling import SamplingConfig, make_sampler
 from model.transformer import LanguageModel, init_cache
-from tests.helpers import mesh_of, triton_kernels, verify_triton_ir
+from tests.helpers import cached_decoding_logits, mesh_of, triton_kernels, verify_triton_ir
 from train import sharding
 from train.state import strip_axis_names
 
@@ -41,6 +41,30 @@ def test_equals_definition(rows, activation):
     assert [g.shape for g in got] == [(rows, 48), (rows, 32), (rows, 64)]
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_weights_nk_equal_definition(rows):
+    """Weights stored [N, K] (`weights_nk`, the sampler's transposed form): the same
+    products, with a norm, a residual, GELU and caches written as with [K, N] weights."""
+    x, weights, biases = _case(rows, 128, (32, 32, 32), jnp.float32)
+    x = 3.0 * x + 1.5
+    norm = dm.InputNorm(jax.random.normal(jax.random.key(7), (128,)), None, 1e-5, False)
+    res = jax.random.normal(jax.random.key(8), x.shape)
+    kw = dict(activation="gelu", norm=norm, residual_RK=res)
+    cache = jax.random.normal(jax.random.key(9), (rows, 5, 2, 16))
+    slots = jnp.asarray([3, 1][:rows], jnp.int32)
+    caches = dict(caches=[None, cache, None], slots_R=slots)
+    want = dm.decode_matmul(x, weights, biases, tuning=SMALL, **kw, **caches)
+    nk = [w.T for w in weights]
+    got = dm.decode_matmul(x, nk, biases, weights_nk=True, tuning=SMALL, **kw, **caches)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        got[0], dm.reference_decode_matmul(x, weights, biases, **kw)[0], rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(ValueError, match="does not take 128 input features"):
+        dm.decode_matmul(x, weights[:1], weights_nk=True)  # [K, N] where [N, K] is due
 
 
 def test_bfloat16_and_float32_weights():
@@ -190,6 +214,21 @@ def test_lowers_to_verified_triton_at_gpt_1p3b_size():
         assert [(k.name, k.grid) for k in kernels] == [("decode_matmul", (8192 // block_n, 1, 1))]
         verify_triton_ir(kernels)
 
+        # the same with the weight stored [N, K] (the sampler's transposed form)
+        def up_nk(x, w_up, scale, residual):
+            norm = dm.InputNorm(scale, None, 1e-5, False)
+            return dm.decode_matmul(
+                x, [w_up], norm=norm, residual_RK=residual, weights_nk=True, interpret=False
+            )
+
+        w_nk = jax.ShapeDtypeStruct((8192, 2048), jnp.bfloat16)
+        kernels = triton_kernels(jax.jit(up_nk), x, w_nk, scale, x)
+        nk_block_n = dm.ROW_TUNING.block_n if rows == 1 else block_n  # one row: CUDA cores
+        assert [(k.name, k.grid) for k in kernels] == [
+            ("decode_matmul", (8192 // nk_block_n, 1, 1))
+        ]
+        verify_triton_ir(kernels)
+
 
 PRESETS = {
     "gpt2-like": get_preset("tiny", use_bias=True),  # biases, GELU, tied head
@@ -207,16 +246,9 @@ def test_decoding_steps_equal_xla_products(name):
     params = strip_axis_names(model.init(jax.random.key(0), tokens)["params"])
 
     def decode(impl):
-        m = LanguageModel(cfg.replace(decode_matmul=impl))
-        logits, cache = m.apply({"params": params}, tokens[:, :6], cache=init_cache(cfg, 2, 10))
-        steps = []
-        for t in range(6, 10):
-            positions = jnp.full((2, 1), t, jnp.int32)
-            logits, cache = m.apply(
-                {"params": params}, tokens[:, t : t + 1], positions, cache=cache
-            )
-            steps.append(logits)
-        return jnp.concatenate(steps, axis=1)
+        return cached_decoding_logits(
+            LanguageModel(cfg.replace(decode_matmul=impl)), params, tokens, 6
+        )
 
     np.testing.assert_allclose(decode("pallas"), decode("xla"), rtol=2e-5, atol=2e-5)
 

@@ -173,10 +173,10 @@ class LoraModel:
     def merged(self, params: dict) -> Any:
         return merge(params[FROZEN], params[ADAPTERS], self.lora)
 
-    def inference_form(self, params: dict) -> tuple[nn.Module, Any]:
+    def inference_form(self, params: dict, transposed: bool = False) -> tuple[nn.Module, Any]:
         """The base model's decoding form of the merged params: a sampler merges once, not
         at every decoded token."""
-        return self.base.inference_form(self.merged(params))
+        return self.base.inference_form(self.merged(params), transposed)
 
 
 def with_fresh_adapters(model: LoraModel, base_params: Any, mesh: Mesh, rng: jax.Array) -> dict:

@@ -1,28 +1,24 @@
 """Several matrix products of a decoding step's few rows as one Pallas (Triton) kernel.
 
-Decoding one token multiplies R <= 16 rows (one per sequence) by every weight matrix
-once. There is almost no arithmetic: the time is the weights' read and the number of
-kernels, each of which pays a few microseconds of ramp-up and tail. This kernel computes
-several products of the same rows at once (q, k and v; a SwiGLU's gate and up): each
-program owns `block_n` output columns of one weight and walks the whole input dimension
-in `block_k` steps, and bias and GELU are applied to the float32 sums before the one
-store. The rows are repeated to 16 inside the kernel, the smallest tensor-core tile, so
-that Triton pipelines the weight loads of its `dot` (`stages` blocks in flight) as it
-does for any matrix product.
+Decoding one token multiplies R <= 16 rows (one per sequence) by every weight once: the time
+is the weights' read and the number of kernels, each paying a few microseconds of ramp-up and
+tail. This kernel computes several products of the same rows at once (q, k and v; a
+SwiGLU's gate and up): each program owns `block_n` output columns of one weight and walks
+the inputs in `block_k` steps, bias and GELU applied to the float32 sums before the one
+store. The rows are repeated to 16, the smallest tensor-core tile, so that Triton pipelines
+the weight loads of its `dot` (`stages` blocks in flight) as for any matrix product. On an
+H200 it wins for wide products (gpt-1.3b's q/k/v: 9.4 us as one kernel), XLA's split-K
+GEMMs for narrow ones (10.0 against 15.5 us for the down-projection), so "auto" uses it for
+wide products only (`model.auto`; BENCHMARKS.md, "Speed rounds" nine and eleven).
 
-Measured on an H200 (BENCHMARKS.md, "Speed rounds" nine and eleven), gpt-1.3b: q, k and
-v (24 MB) take 9.4 us as one kernel against XLA's three, and in the decoding loop the
-up-projection with its GELU is faster as this kernel than as XLA's product and GELU;
-where a weight has few columns XLA's split-K GEMMs win (10.0 against 15.5 us for the
-8192 x 2048 down-projection), as they do for gpt2-124m's narrower products. So "auto"
-uses it for wide products only (`model.auto`).
+A layer's norms run inside the kernel too (`InputNorm`): each program normalises the rows
+itself, after adding `residual_RK` where given (program 0 stores that sum, the residual
+stream's next value): 1.152 -> 1.111 ms/token for gpt-1.3b (round twenty-four, change 90).
 
-A decoding layer's norms can run inside the kernel too (`InputNorm`): each program
-normalises the rows itself before its products, and with `residual_RK` first adds the
-residual branch the layer's previous step produced (program 0 stores that sum, the residual
-stream's next value). As kernels of their own, a norm and an add each took about 2 us of
-launch and latency for 8 KB of data; inside the kernels, gpt-1.3b decodes at 1.111 instead
-of 1.152 ms/token on an H200 (BENCHMARKS.md, "Speed round twenty-four", change 90).
+For one sequence the sampler stores the weights [N, K] (`weights_nk`; the transposed form of
+`model.auto.use_transposed_decoding`), and one row is multiplied on the CUDA cores, each
+program summing its `block_n` weight rows against the row instead of a tile of 16 repeated
+rows: gpt-1.3b's q/k/v 10.2 -> 9.2 us a layer, 1.023 -> 0.993 ms a token (round thirty).
 
 Shape letters: R rows, K input features, N output features (of one weight).
 """
@@ -50,10 +46,8 @@ ACTIVATIONS = (None, "gelu")
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """Block shapes (powers of two) and Triton settings. The defaults were the fastest
-    in the decoding loop of gpt-1.3b on an H200 (BENCHMARKS.md, "Speed round eleven":
-    its up-projection 64 columns and 8 warps a program, 1.183 -> 1.154 ms/token, against
-    16 or 32 columns, 4 warps, 3 or 6 stages, 128 or 512 inputs a step)."""
+    """Block shapes (powers of two) and Triton settings. The defaults were the fastest in
+    gpt-1.3b's decoding loop on an H200 (BENCHMARKS.md, "Speed rounds" eleven and thirty)."""
 
     block_n: int = 64  # output columns per program
     block_k: int = 256  # input features per loop step
@@ -62,6 +56,9 @@ class Tuning:
 
 
 DEFAULT_TUNING = Tuning()
+# One row against [N, K] weights (the sampler's transposed form): products on the CUDA
+# cores, many narrow programs (BENCHMARKS.md, "Speed round thirty").
+ROW_TUNING = Tuning(block_n=16, block_k=512, warps=4, stages=3)
 
 
 class InputNorm(NamedTuple):
@@ -104,7 +101,8 @@ def decode_matmul(
     slots_R: jax.Array | None = None,
     norm: InputNorm | None = None,
     residual_RK: jax.Array | None = None,
-    tuning: Tuning = DEFAULT_TUNING,
+    weights_nk: bool = False,
+    tuning: Tuning | None = None,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, ...]:
     """(activation(x @ w + b) for each weight w and bias b), each [R, N] in x's dtype.
@@ -112,9 +110,10 @@ def decode_matmul(
     `residual_RK` given: x + residual (rounded to x's dtype) replaces x, and that sum is
     returned after the products. `norm` given: the products take norm(x) instead of x.
 
-    `weights` are [K, N]; biases [N] or None; `activation` None or "gelu" (tanh form, as
-    GPT-2). Products, bias and activation in float32. One device's arrays: the callers
-    use it only without a mesh (`model.auto.use_decode_matmul`).
+    `weights` are [K, N], or [N, K] with `weights_nk` (the sampler's transposed form,
+    `weights_layout="out_in"`: contiguous along K); biases [N] or None; `activation`
+    None or "gelu" (tanh form, as GPT-2). Products, bias and activation in float32. One
+    device's arrays: the callers use it only without a mesh (`model.auto.use_decode_matmul`).
 
     `caches`, one per weight or None: where a weight has a cache [R, S, ...] (a layer's
     keys or values, its trailing dimensions N values a slot), row r of that product is
@@ -124,10 +123,12 @@ def decode_matmul(
     their own to reach the cache.
     """
     R, K = x_RK.shape
+    if tuning is None:
+        tuning = ROW_TUNING if R == 1 and weights_nk else DEFAULT_TUNING
     weights = tuple(weights)
-    ns = tuple(w.shape[1] for w in weights)
+    ns = tuple(w.shape[0 if weights_nk else 1] for w in weights)
     for w in weights:
-        if w.shape[0] != K:
+        if w.shape[1 if weights_nk else 0] != K:
             raise ValueError(f"decode_matmul: weight {w.shape} does not take {K} input features")
     caches = tuple(caches) if caches is not None else (None,) * len(weights)
     for c, n in zip(caches, ns):
@@ -176,6 +177,7 @@ def decode_matmul(
         norm_spec=norm_spec,
         has_residual=residual_RK is not None,
         activation=activation,
+        weights_nk=weights_nk,
         tuning=tuning,
         interpret=interpret,
     )
@@ -191,6 +193,7 @@ def decode_matmul(
         "norm_spec",
         "has_residual",
         "activation",
+        "weights_nk",
         "tuning",
         "interpret",
     ),
@@ -208,11 +211,12 @@ def _call(
     norm_spec,
     has_residual,
     activation,
+    weights_nk,
     tuning,
     interpret,
 ):
     R, K = x_RK.shape
-    ns = [w.shape[1] for w in weights]
+    ns = [w.shape[0 if weights_nk else 1] for w in weights]
     block_k, block_n = _blocks(K, ns, tuning)
     # program p works on weight i for starts[i] <= p < starts[i + 1]
     starts = [0]
@@ -228,6 +232,7 @@ def _call(
         has_residual=has_residual,
         starts=tuple(starts),
         activation=activation,
+        weights_nk=weights_nk,
         blocks=(block_k, block_n),
     )
     # outputs: the products without a cache, the caches (aliased to their inputs), the sum
@@ -264,6 +269,7 @@ def _kernel(
     has_residual,
     starts,
     activation,
+    weights_nk,
     blocks,
 ):
     """Program p: columns [j * block_n, (j + 1) * block_n) of the weight i it falls in."""
@@ -294,21 +300,17 @@ def _kernel(
                 slots_ref if has_cache[i] else None,
                 p - starts[i],
                 activation,
+                weights_nk,
                 blocks,
             )
 
 
 class _Rows:
-    """What a program's loop multiplies: the rows as the 16-row operand of its products,
-    block by block.
-
-    With a norm, every program loads the whole rows first (a few KB, just written by the
-    previous kernel, so in L2) and computes their statistics, then normalises each block
-    it multiplies. Measured against folding the norm into the epilogue (the loop
-    multiplying x * scale and summing x and x^2, the epilogue applying mean and rstd),
-    which needs no statistics before the first weight load but more work in every step:
-    gpt-1.3b's two kernels 247.7 + 280.3 against 253.8 + 291.2 us a token (BENCHMARKS.md,
-    "Speed round twenty-four")."""
+    """What a program's loop multiplies, block by block: the rows, normalised where a norm
+    is given. Every program then loads the whole rows first (a few KB, in L2) for their
+    statistics; folding the norm into the epilogue instead (x * scale, sums of x and x^2 in
+    the loop) was slower: gpt-1.3b's two kernels 247.7 + 280.3 against 253.8 + 291.2 us a
+    token (BENCHMARKS.md, "Speed round twenty-four")."""
 
     def __init__(self, x_ref, prologue, norm_spec, sum_ref, p):
         self.x_ref, self.R = x_ref, x_ref.shape[0]
@@ -341,17 +343,21 @@ class _Rows:
 
     def operand(self, ks) -> jax.Array:
         """[16, BK]: the rows' inputs ks, each row repeated 16 / R times."""
+        return _repeat_rows(self.rows(ks), self.R)
+
+    def rows(self, ks) -> jax.Array:
+        """[R, BK]: the rows' inputs ks, normalised where the kernel normalises them."""
         if not self.norm:
-            return _repeat_rows(self.x_ref[:, ks], self.R)
+            return self.x_ref[:, ks]
         # scale and bias arrive in float32 (`decode_matmul`): bf16 loads of them here made
         # the kernel 1.5x slower (round twenty-four)
         y_RK = (self._summed(ks) - self.mean_R1) * self.rstd_R1 * self.scale_ref[ks][None, :]
         if self.norm_bias_ref is not None:
             y_RK = y_RK + self.norm_bias_ref[ks][None, :]
-        return _repeat_rows(y_RK.astype(self.x_ref.dtype), self.R)
+        return y_RK.astype(self.x_ref.dtype)
 
 
-def _columns(rows, w_ref, bias_ref, out_ref, slots_ref, j, activation, blocks):
+def _columns(rows, w_ref, bias_ref, out_ref, slots_ref, j, activation, weights_nk, blocks):
     """`slots_ref` given: out_ref is a cache [R * S, N], row r written at r * S + slot."""
     BK, BN = blocks
     R, K = rows.x_ref.shape
@@ -361,11 +367,24 @@ def _columns(rows, w_ref, bias_ref, out_ref, slots_ref, j, activation, blocks):
         ks = pl.ds(pl.multiple_of(kb * BK, BK), BK)
         x_TK = rows.operand(ks)
         # weights stored in float32 are rounded here, not by a separate cast kernel
-        w_KN = w_ref[ks, cols].astype(x_TK.dtype)
-        return acc_TN + dot(x_TK, w_KN)
+        if weights_nk:
+            return acc_TN + dot(x_TK, w_ref[cols, ks].astype(x_TK.dtype), trans_b=True)
+        return acc_TN + dot(x_TK, w_ref[ks, cols].astype(x_TK.dtype))
 
-    acc_TN = jax.lax.fori_loop(0, K // BK, step, jnp.zeros((_TILE_ROWS, BN), jnp.float32))
-    y_RN = _first_rows(acc_TN, R)
+    def row_step(kb, acc_NK):
+        # one row against [N, K] weights: a tensor-core tile would be 15 repeated rows of
+        # 16, so the products run on the CUDA cores, summed along K once, after the loop
+        ks = pl.ds(pl.multiple_of(kb * BK, BK), BK)
+        x_1K = rows.rows(ks).astype(jnp.float32)
+        w_NK = w_ref[cols, ks].astype(rows.x_ref.dtype).astype(jnp.float32)
+        return acc_NK + w_NK * x_1K
+
+    if weights_nk and R == 1:
+        acc_NK = jax.lax.fori_loop(0, K // BK, row_step, jnp.zeros((BN, BK), jnp.float32))
+        y_RN = jnp.sum(acc_NK, axis=1)[None, :]
+    else:
+        acc_TN = jax.lax.fori_loop(0, K // BK, step, jnp.zeros((_TILE_ROWS, BN), jnp.float32))
+        y_RN = _first_rows(acc_TN, R)
     if bias_ref is not None:
         y_RN = y_RN + bias_ref[cols][None, :]
     if activation == "gelu":
