@@ -67,6 +67,21 @@ def test_weights_nk_equal_definition(rows):
         dm.decode_matmul(x, weights[:1], weights_nk=True)  # [K, N] where [N, K] is due
 
 
+def test_one_row_nk_default_tunings_equal_definition():
+    """One row against [N, K] weights with the default block shapes: 8 columns a program
+    up to `NARROW_OUTPUTS` outputs (widths multiples of 8 only: no tensor-core tile), 16
+    above, each K spanning several loop steps."""
+    for ns in [(24, 8, 40), (dm.NARROW_OUTPUTS + 16,)]:
+        x, weights, biases = _case(1, 1024, ns, jnp.float32)
+        got = dm.decode_matmul(x, [w.T for w in weights], biases, weights_nk=True)
+        want = dm.reference_decode_matmul(x, weights, biases)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    assert dm.supported(1, 1024, [24], dm.NARROW_ROW_TUNING, weights_nk=True)
+    assert not dm.supported(1, 1024, [24], dm.NARROW_ROW_TUNING)  # a tensor-core tile
+    assert not dm.supported(2, 1024, [24], dm.NARROW_ROW_TUNING, weights_nk=True)
+
+
 def test_bfloat16_and_float32_weights():
     """bf16 rows with bf16 weights, and with float32 weights (rounded inside the kernel):
     float32 sums of bf16 products, so within bf16's output rounding of the definition."""
@@ -200,6 +215,20 @@ def test_lowers_to_verified_triton_at_gpt_1p3b_size():
         assert [k.name for k in kernels] == ["decode_matmul"]
         verify_triton_ir(kernels)
 
+        # the same, weights stored [N, K]: one row takes 8 columns a program
+        def qkv_nk(x, wq, wk, wv, k_cache, v_cache, slots):
+            caches = [None, k_cache, v_cache]
+            return dm.decode_matmul(
+                x, [wq, wk, wv], caches=caches, slots_R=slots, weights_nk=True, interpret=False
+            )
+
+        kernels = triton_kernels(jax.jit(qkv_nk), x, w, w, w, cache, cache, slots)
+        nk_block_n = dm.NARROW_ROW_TUNING.block_n if rows == 1 else block_n
+        assert [(k.name, k.grid) for k in kernels] == [
+            ("decode_matmul", (3 * 2048 // nk_block_n, 1, 1))
+        ]
+        verify_triton_ir(kernels)
+
         # the up-projection with its norm and the attention's residual add in the kernel
         w_up = jax.ShapeDtypeStruct((2048, 8192), jnp.bfloat16)
         scale = jax.ShapeDtypeStruct((2048,), jnp.float32)
@@ -223,7 +252,7 @@ def test_lowers_to_verified_triton_at_gpt_1p3b_size():
 
         w_nk = jax.ShapeDtypeStruct((8192, 2048), jnp.bfloat16)
         kernels = triton_kernels(jax.jit(up_nk), x, w_nk, scale, x)
-        nk_block_n = dm.ROW_TUNING.block_n if rows == 1 else block_n  # one row: CUDA cores
+        nk_block_n = dm.ROW_TUNING.block_n if rows == 1 else block_n  # 8192 outputs: 16
         assert [(k.name, k.grid) for k in kernels] == [
             ("decode_matmul", (8192 // nk_block_n, 1, 1))
         ]

@@ -4,21 +4,19 @@ Decoding one token multiplies R <= 16 rows (one per sequence) by every weight on
 is the weights' read and the number of kernels, each paying a few microseconds of ramp-up and
 tail. This kernel computes several products of the same rows at once (q, k and v; a
 SwiGLU's gate and up): each program owns `block_n` output columns of one weight and walks
-the inputs in `block_k` steps, bias and GELU applied to the float32 sums before the one
-store. The rows are repeated to 16, the smallest tensor-core tile, so that Triton pipelines
-the weight loads of its `dot` (`stages` blocks in flight) as for any matrix product. On an
-H200 it wins for wide products (gpt-1.3b's q/k/v: 9.4 us as one kernel), XLA's split-K
-GEMMs for narrow ones (10.0 against 15.5 us for the down-projection), so "auto" uses it for
-wide products only (`model.auto`; BENCHMARKS.md, "Speed rounds" nine and eleven).
+the inputs in `block_k` steps (`stages` blocks in flight), bias and GELU applied to the
+float32 sums before the one store. The rows are repeated to 16, the smallest tensor-core
+tile. On an H200 it wins for wide products, XLA's split-K GEMMs for narrow ones, so "auto"
+uses it for wide products only (`model.auto`; BENCHMARKS.md, "Speed rounds" nine, eleven).
 
 A layer's norms run inside the kernel too (`InputNorm`): each program normalises the rows
 itself, after adding `residual_RK` where given (program 0 stores that sum, the residual
-stream's next value): 1.152 -> 1.111 ms/token for gpt-1.3b (round twenty-four, change 90).
+stream's next value): 1.152 -> 1.111 ms/token for gpt-1.3b (round twenty-four).
 
 For one sequence the sampler stores the weights [N, K] (`weights_nk`; the transposed form of
 `model.auto.use_transposed_decoding`), and one row is multiplied on the CUDA cores, each
 program summing its `block_n` weight rows against the row instead of a tile of 16 repeated
-rows: gpt-1.3b's q/k/v 10.2 -> 9.2 us a layer, 1.023 -> 0.993 ms a token (round thirty).
+rows: gpt-1.3b 1.023 -> 0.993 ms a token (round thirty).
 
 Shape letters: R rows, K input features, N output features (of one weight).
 """
@@ -46,8 +44,7 @@ ACTIVATIONS = (None, "gelu")
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """Block shapes (powers of two) and Triton settings. The defaults were the fastest in
-    gpt-1.3b's decoding loop on an H200 (BENCHMARKS.md, "Speed rounds" eleven and thirty)."""
+    """Block shapes (powers of two) and Triton settings, the fastest measured on an H200."""
 
     block_n: int = 64  # output columns per program
     block_k: int = 256  # input features per loop step
@@ -56,9 +53,11 @@ class Tuning:
 
 
 DEFAULT_TUNING = Tuning()
-# One row against [N, K] weights (the sampler's transposed form): products on the CUDA
-# cores, many narrow programs (BENCHMARKS.md, "Speed round thirty").
+# One row against [N, K] weights: many narrow programs, 8 columns each up to NARROW_OUTPUTS
+# outputs (gpt-1.3b's q/k/v), else 16 (its up-projection; "Speed round thirty-one").
 ROW_TUNING = Tuning(block_n=16, block_k=512, warps=4, stages=3)
+NARROW_ROW_TUNING = Tuning(block_n=8, block_k=512, warps=4, stages=4)
+NARROW_OUTPUTS = 6144
 
 
 class InputNorm(NamedTuple):
@@ -78,16 +77,19 @@ def supports_input_norm(k: int) -> bool:
     return k & (k - 1) == 0 and 16 <= k <= MAX_NORM_K
 
 
-def supported(rows: int, k: int, ns: Sequence[int], tuning: Tuning = DEFAULT_TUNING) -> bool:
+def supported(
+    rows: int, k: int, ns: Sequence[int], tuning: Tuning = DEFAULT_TUNING, weights_nk: bool = False
+) -> bool:
     """Whether the kernel takes these shapes (else the caller keeps XLA's product): rows a
-    power of two up to 16, and the input and output dimensions multiples of 16, the
-    smallest tensor-core tile."""
-    return rows in (1, 2, 4, 8, 16) and min(_blocks(k, ns, tuning)) >= _TILE_ROWS
+    power of two up to 16, inputs and outputs multiples of 16, the smallest tensor-core
+    tile (outputs of 8 for one row against [N, K] weights, which has no tile)."""
+    block_k, block_n = _blocks(k, ns, tuning)
+    min_n = 8 if rows == 1 and weights_nk else _TILE_ROWS
+    return rows in (1, 2, 4, 8, 16) and block_k >= _TILE_ROWS and block_n >= min_n
 
 
 def _blocks(k: int, ns: Sequence[int], tuning: Tuning) -> tuple[int, int]:
-    """(block_k, block_n): the tuning's, or the largest power of two dividing the shapes
-    where they are smaller or not multiples of the tuning's."""
+    """(block_k, block_n): the tuning's, or the largest power of two dividing the shapes."""
     return math.gcd(k, tuning.block_k), math.gcd(*ns, tuning.block_n)
 
 
@@ -123,10 +125,11 @@ def decode_matmul(
     their own to reach the cache.
     """
     R, K = x_RK.shape
-    if tuning is None:
-        tuning = ROW_TUNING if R == 1 and weights_nk else DEFAULT_TUNING
     weights = tuple(weights)
     ns = tuple(w.shape[0 if weights_nk else 1] for w in weights)
+    if tuning is None and R == 1 and weights_nk:
+        tuning = NARROW_ROW_TUNING if sum(ns) <= NARROW_OUTPUTS else ROW_TUNING
+    tuning = tuning or DEFAULT_TUNING
     for w in weights:
         if w.shape[1 if weights_nk else 0] != K:
             raise ValueError(f"decode_matmul: weight {w.shape} does not take {K} input features")
@@ -138,7 +141,7 @@ def decode_matmul(
         raise ValueError(f"decode_matmul: writing into caches needs slots_R of shape ({R},)")
     if activation not in ACTIVATIONS:
         raise ValueError(f"decode_matmul: activation must be one of {ACTIVATIONS}")
-    if not supported(R, K, ns, tuning):
+    if not supported(R, K, ns, tuning, weights_nk):
         raise ValueError(
             f"decode_matmul takes a power of two rows up to {MAX_ROWS} and inputs and "
             f"outputs that are multiples of 16, got {R} rows, {K} inputs, outputs {ns}"
@@ -306,11 +309,9 @@ def _kernel(
 
 
 class _Rows:
-    """What a program's loop multiplies, block by block: the rows, normalised where a norm
-    is given. Every program then loads the whole rows first (a few KB, in L2) for their
-    statistics; folding the norm into the epilogue instead (x * scale, sums of x and x^2 in
-    the loop) was slower: gpt-1.3b's two kernels 247.7 + 280.3 against 253.8 + 291.2 us a
-    token (BENCHMARKS.md, "Speed round twenty-four")."""
+    """The rows a program's loop multiplies, normalised where a norm is given: each program
+    loads the whole rows first (a few KB, in L2) for their statistics (quicker than in the
+    epilogue, round twenty-four, or in the loop's first step, round thirty-one)."""
 
     def __init__(self, x_ref, prologue, norm_spec, sum_ref, p):
         self.x_ref, self.R = x_ref, x_ref.shape[0]
