@@ -25,7 +25,6 @@ from model.auto import choose_backend, choose_decode_attention
 from model.config import ModelConfig
 from model.kernels import flash_attention as flash
 from model.kernels.decode_attention import decode_attention, supported
-from model.kernels.decode_matmul import InputNorm
 from model.layers import dense, dense_group, dense_param, group_kernel, is_decoding_step
 from model.masking import MASK_VALUE, attention_mask
 
@@ -135,12 +134,8 @@ class Attention(nn.Module):
         positions_BL: jax.Array,
         segment_ids_BL: jax.Array | None,
         cache: tuple[LayerCache, jax.Array, jax.Array | None] | None = None,
-        input_norm: InputNorm | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
         """Returns (y_BLD, updated layer cache or None).
-
-        `input_norm`: x_BLD is the residual stream, which the q/k/v kernel normalises
-        (a one-token decoding step where `model.layers.fold_norms` holds).
 
         `cache` is (layer cache, kv_positions_BS, kv_segments_BS) where the
         positions and segments already include the tokens of this call; the
@@ -196,11 +191,8 @@ class Attention(nn.Module):
                 decoding=True,
                 caches=[None, layer_cache.k_BSGD, layer_cache.v_BSGD],
                 slots_B=positions_BL[:, 0],
-                input_norm=input_norm,
             )
             new_cache = LayerCache(k_BKGD, v_BKGD)
-        elif input_norm is not None:
-            raise ValueError("Attention normalises its input only in the q/k/v decoding kernel")
         else:
             q_BLHD, k_BLGD, v_BLGD = dense_group(cfg, x_BLD, qkv, decoding=one_token_step)
             if cfg.positional == "rope":

@@ -58,10 +58,11 @@ def choose_norm_impl(cfg: ModelConfig, decoding: bool = False) -> str:
 
 
 def fold_decode_norms(cfg: ModelConfig) -> bool:
-    """Whether one-token decoding steps compute each block's norms (and the attention's
-    residual add) inside the `decode_matmul` kernels that follow them, where those run
-    (`model.layers.fold_norms`). With `norm_impl` "auto", wherever `decode_matmul` is
-    chosen; "xla" or "pallas" keep the norms as kernels of their own."""
+    """Whether one-token decoding steps fold each block's norms into kernels that run anyway
+    (`model.layers.fold_norms`): the second norm and the attention's residual add into the
+    up-projection's `decode_matmul` kernel, the first into the previous block's MLP residual
+    add. With `norm_impl` "auto", wherever `decode_matmul` is chosen; "xla" or "pallas" keep
+    the norms as kernels of their own."""
     if cfg.norm_impl != "auto":
         return False
     return cfg.decode_matmul == "pallas" or (cfg.decode_matmul == "auto" and on_gpu())

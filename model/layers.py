@@ -184,10 +184,11 @@ def group_kernel(
 
 
 def fold_norms(cfg: ModelConfig, x_BLD: jax.Array, decoding: bool) -> bool:
-    """Whether a block's two norms (and the attention's residual add) run inside its q/k/v
-    and up-projection kernels (`decode_matmul`'s prologue) instead of as kernels of their
-    own: in a one-token decoding step where both products are that kernel and
-    `model.auto.fold_decode_norms` picks it."""
+    """Whether a block's norms run inside kernels that run anyway instead of as kernels of
+    their own (`model.transformer.Block`): the first with the previous block's MLP residual
+    add (`Norm.add_then_norm`), the second with the attention's residual add in the
+    up-projection's kernel (`decode_matmul`'s prologue). In a one-token decoding step where
+    both products are that kernel and `model.auto.fold_decode_norms` picks it."""
     if not decoding or cfg.positional == "rope" or not supports_input_norm(cfg.d_model):
         return False
     rows, D = math.prod(x_BLD.shape[:-1]), cfg.d_model
@@ -245,13 +246,20 @@ class Norm(nn.Module):
 
     def input_norm(self) -> InputNorm:
         """This norm's parameters, for a kernel that normalises its input rows itself
-        (the Pallas norms, and the decoding products' kernels under `fold_norms`)."""
+        (the Pallas norms, and the up-projection's decoding kernel under `fold_norms`)."""
         cfg = self.cfg
         scale = dense_param(self, "scale", (cfg.d_model,), ("norm",), ones=True)
         bias = None
         if cfg.norm == "layernorm" and cfg.use_bias:
             bias = dense_param(self, "bias", (cfg.d_model,), ("norm",), zeros=True)
         return InputNorm(scale, bias, cfg.norm_eps, cfg.norm == "rmsnorm")
+
+    def add_then_norm(self, x_BLD: jax.Array, residual_BLD: jax.Array):
+        """(x + residual, norm(x + residual)) as one forward kernel (`layer_norm.add_norm`):
+        a decoding step's residual add and the norm after it."""
+        scale, bias, eps, rms = self.input_norm()
+        kw = dict(eps=eps, rms=rms, out_dtype=self.cfg.compute_dtype)
+        return layer_norm.add_norm(x_BLD, residual_BLD, scale, bias, **kw)
 
     def _fused(self, x_BLD: jax.Array, keep_input: bool):
         """The Pallas kernels (model/kernels/layer_norm.py); same parameters."""

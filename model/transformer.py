@@ -76,6 +76,11 @@ class Block(nn.Module):
     The residual stream continues from the x each norm passes through
     (`keep_input`), so the fused norm kernels can add its cotangent in their
     backward pass.
+
+    In a one-token decoding step under `fold_norms` the carry is the pair (x, y): the
+    residual stream and the previous block's MLP output, not yet added. Their add and this
+    block's first norm are one kernel (`Norm.add_then_norm`); the attention's add and the
+    second norm run inside the up-projection's kernel; the block returns (x, its MLP's y).
     """
 
     cfg: ModelConfig
@@ -86,17 +91,17 @@ class Block(nn.Module):
         cfg = self.cfg
         dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
         cache = None if layer_cache is None else (layer_cache, *kv_meta)
-        decoding = is_decoding_step(layer_cache, x_BLD)
-        if fold_norms(cfg, x_BLD, decoding):
-            # the norms and the attention's residual add run inside the q/k/v and
-            # up-projection kernels: gpt-1.3b on an H200 1.152 -> 1.111 ms/token
-            # (BENCHMARKS.md, "Speed round twenty-four")
+        if isinstance(x_BLD, tuple):
+            # gpt-1.3b on an H200: norms as kernels of their own 1.152 -> 1.111 ms/token
+            # with both inside the products' kernels ("Speed round twenty-four"); 0.990 ->
+            # 0.984 with the first one in the MLP's add instead ("Speed round thirty-two")
+            x_BLD, normed_BLD = Norm(cfg, name="attn_norm").add_then_norm(*x_BLD)
             h_BLD, new_cache = Attention(cfg, self.deterministic, name="attn")(
-                x_BLD, positions_BL, segment_ids_BL, cache, Norm(cfg, name="attn_norm").input_norm()
+                normed_BLD, positions_BL, segment_ids_BL, cache
             )
             mlp_norm = Norm(cfg, name="mlp_norm").input_norm()
-            x_BLD, y_BLD = MLP(cfg, name="mlp")(x_BLD, True, mlp_norm, h_BLD)
-            return x_BLD + y_BLD, new_cache
+            return MLP(cfg, name="mlp")(x_BLD, True, mlp_norm, h_BLD), new_cache
+        decoding = is_decoding_step(layer_cache, x_BLD)
         x_BLD, normed_BLD = Norm(cfg, name="attn_norm")(x_BLD, True, decoding)
         h_BLD, new_cache = Attention(cfg, self.deterministic, name="attn")(
             normed_BLD, positions_BL, segment_ids_BL, cache
@@ -153,6 +158,9 @@ class Decoder(nn.Module):
             cache = _record_slots(cache, positions_BL, segment_ids_BL)
             kv_meta = (cache.positions_BS, cache.segments_BS)
             layer_caches = cache.layers
+        decoding = is_decoding_step(cache, x_BLD)
+        folded = fold_norms(cfg, x_BLD, decoding)
+        carry = (x_BLD, jnp.zeros_like(x_BLD)) if folded else x_BLD  # see Block
         block = _block_class(cfg)
         if cfg.scan_layers:
             stack = nn.scan(
@@ -164,18 +172,20 @@ class Decoder(nn.Module):
                 unroll=cfg.scan_unroll or cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, deterministic, name="blocks")
-            x_BLD, new_layers = stack(x_BLD, positions_BL, segment_ids_BL, kv_meta, layer_caches)
+            carry, new_layers = stack(carry, positions_BL, segment_ids_BL, kv_meta, layer_caches)
         else:
             new_layers = []
             for i in range(cfg.n_layers):
                 layer_cache = None if cache is None else layer_caches[i]
-                x_BLD, new_layer = block(cfg, deterministic, name=f"block_{i}")(
-                    x_BLD, positions_BL, segment_ids_BL, kv_meta, layer_cache
+                carry, new_layer = block(cfg, deterministic, name=f"block_{i}")(
+                    carry, positions_BL, segment_ids_BL, kv_meta, layer_cache
                 )
                 new_layers.append(new_layer)
             new_layers = tuple(new_layers)
-        decoding = is_decoding_step(cache, x_BLD)
-        hidden_BLD = Norm(cfg, name="final_norm")(x_BLD, decoding=decoding)
+        if folded:
+            hidden_BLD = Norm(cfg, name="final_norm").add_then_norm(*carry)[1]
+        else:
+            hidden_BLD = Norm(cfg, name="final_norm")(carry, decoding=decoding)
         new_cache = None if cache is None else cache._replace(layers=new_layers)
         return hidden_BLD, new_cache
 

@@ -211,6 +211,24 @@ def test_language_model_pallas_equals_xla(cfg, mesh_shape):
     _assert_close(grads_p, grads_x, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("norm,use_bias,dtype,param_dtype,tuning", CASES, ids=CASE_IDS)
+def test_add_norm_equals_the_models_add_then_norm(norm, use_bias, dtype, param_dtype, tuning):
+    """`add_norm` (a decoding step's residual add and the next norm in one kernel): the sum
+    exactly as the model's add rounds it, the norm as the XLA `Norm` of that sum."""
+    cfg = _cfg(norm, use_bias, dtype, param_dtype)
+    x, params, residual, _ = _inputs(dtype=dtype)
+    p = _params_for(cfg, params)
+    residual = residual.astype(dtype)
+    kw = dict(eps=cfg.norm_eps, rms=norm == "rmsnorm", out_dtype=cfg.compute_dtype)
+    s, y = jax.jit(lambda *a: ln.add_norm(*a, tuning=tuning, **kw))(
+        x, residual, p["scale"], p.get("bias")
+    )
+    np.testing.assert_array_equal(np.float32(s), np.float32(x + residual))
+    _assert_close(y, Norm(cfg).apply({"params": p}, x + residual), **_tol(dtype))
+    with pytest.raises(ValueError, match=r"residual \(3, 6, 96\) does not match x \(3, 7, 96\)"):
+        ln.add_norm(x, residual[:, :6], p["scale"], **kw)
+
+
 def test_bad_inputs_fail_clearly():
     x = jnp.zeros((4, 48))
     with pytest.raises(ValueError, match=r"scale has shape \(64,\), expected \(48,\)"):

@@ -9,9 +9,11 @@ float32 sums before the one store. The rows are repeated to 16, the smallest ten
 tile. On an H200 it wins for wide products, XLA's split-K GEMMs for narrow ones, so "auto"
 uses it for wide products only (`model.auto`; BENCHMARKS.md, "Speed rounds" nine, eleven).
 
-A layer's norms run inside the kernel too (`InputNorm`): each program normalises the rows
+A norm can run inside the kernel too (`InputNorm`): each program normalises the rows
 itself, after adding `residual_RK` where given (program 0 stores that sum, the residual
-stream's next value): 1.152 -> 1.111 ms/token for gpt-1.3b (round twenty-four).
+stream's next value): 1.152 -> 1.111 ms/token for gpt-1.3b with both of a block's norms so
+(round twenty-four). The up-projection's still is; the q/k/v kernel now takes rows normalised
+by the MLP's residual add before it (`model.transformer.Block`, round thirty-two).
 
 For one sequence the sampler stores the weights [N, K] (`weights_nk`; the transposed form of
 `model.auto.use_transposed_decoding`), and one row is multiplied on the CUDA cores, each

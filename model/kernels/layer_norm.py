@@ -28,6 +28,9 @@ copy the forward kernel writes as it reads x: the residual add after the block's
 next product can then take that buffer in place, where XLA would otherwise copy x
 (which the backward pass keeps) before each such product (BENCHMARKS.md, change 70).
 
+`add_norm(x, residual, ...) -> (x + residual, norm(x + residual))` is the forward kernel
+alone, for a decoding step: a residual add and the norm after it in one kernel.
+
 Each row needs all of its D columns, so the kernels run per device under
 `shard_map` on the rows (`run_sharded`); scale and bias are replicated and
 the partial gradient sums, split over the devices like the rows, are summed
@@ -66,6 +69,7 @@ class Tuning:
     """
 
     fwd_elems: int = 2048
+    fwd_warps: int | None = None  # None: by the values a program holds (`_rows_and_warps`)
     bwd_elems: int = 2048
     max_rows: int = 16
     # The backward kernel loops over row blocks so that there are few partial sums
@@ -75,6 +79,9 @@ class Tuning:
 
 
 DEFAULT_TUNING = Tuning()
+# `add_norm`'s one row of a decoding step: 8 warps for gpt-1.3b's 2,048 values, not 4
+# ("Speed round thirty-two")
+ADD_NORM_TUNING = Tuning(fwd_warps=8)
 
 
 def _rows_and_warps(d_pad: int, elems: int, max_rows: int) -> tuple[int, int]:
@@ -106,11 +113,15 @@ def _load_f32(ref, idx, mask):
     return plgpu.load(ref.at[idx], mask=mask, other=0.0).astype(jnp.float32)
 
 
-def _fwd_kernel(*refs, n_rows, d, d_pad, rows, eps, rms, has_bias, with_stats, with_copy):
+def _fwd_kernel(
+    *refs, n_rows, d, d_pad, rows, eps, rms, has_bias, has_residual, with_stats, with_copy
+):
     """One block of `rows` rows: y = xhat * scale + bias, the row statistics, and a copy
-    of x (`with_copy`)."""
+    of x (`with_copy`). `has_residual`: x + residual, rounded to x's dtype, replaces x."""
     refs = list(refs)
-    x_ref, scale_ref = refs.pop(0), refs.pop(0)
+    x_ref = refs.pop(0)
+    residual_ref = refs.pop(0) if has_residual else None
+    scale_ref = refs.pop(0)
     bias_ref = refs.pop(0) if has_bias else None
     y_ref = refs.pop(0)
     mean_ref = refs.pop(0) if with_stats and not rms else None
@@ -120,7 +131,14 @@ def _fwd_kernel(*refs, n_rows, d, d_pad, rows, eps, rms, has_bias, with_stats, w
     idx, row_R, row_ok_R, col_ok_C, ok_RC = _row_block(
         pl.program_id(0) * rows, rows, n_rows, d, d_pad
     )
+    # the parameters' loads first: their latency then hides behind the statistics'
+    scale_C = _load_f32(scale_ref, jnp.arange(d_pad), col_ok_C)
+    bias_C = _load_f32(bias_ref, jnp.arange(d_pad), col_ok_C) if has_bias else None
     x_RC = _load_f32(x_ref, idx, ok_RC)  # padding reads as 0
+    if has_residual:  # rounded as the model's add rounds it
+        x_RC = (x_RC + _load_f32(residual_ref, idx, ok_RC)).astype(x_ref.dtype).astype(jnp.float32)
+    if copy_ref is not None:
+        plgpu.store(copy_ref.at[idx], x_RC.astype(copy_ref.dtype), mask=ok_RC)
     if rms:
         xc_RC = x_RC
     else:
@@ -128,16 +146,14 @@ def _fwd_kernel(*refs, n_rows, d, d_pad, rows, eps, rms, has_bias, with_stats, w
         # the padded columns would contribute mean^2 each to the variance
         xc_RC = jnp.where(col_ok_C[None, :], x_RC - mean_R[:, None], 0.0)
     rstd_R = jax.lax.rsqrt(jnp.sum(xc_RC * xc_RC, axis=1) / d + eps)
-    y_RC = xc_RC * rstd_R[:, None] * _load_f32(scale_ref, jnp.arange(d_pad), col_ok_C)[None, :]
+    y_RC = xc_RC * rstd_R[:, None] * scale_C[None, :]
     if has_bias:
-        y_RC = y_RC + _load_f32(bias_ref, jnp.arange(d_pad), col_ok_C)[None, :]
+        y_RC = y_RC + bias_C[None, :]
     plgpu.store(y_ref.at[idx], y_RC.astype(y_ref.dtype), mask=ok_RC)
     if mean_ref is not None:
         plgpu.store(mean_ref.at[row_R], mean_R, mask=row_ok_R)
     if rstd_ref is not None:
         plgpu.store(rstd_ref.at[row_R], rstd_R, mask=row_ok_R)
-    if copy_ref is not None:
-        plgpu.store(copy_ref.at[idx], x_RC.astype(copy_ref.dtype), mask=ok_RC)
 
 
 def _bwd_kernel(*refs, n_rows, d, d_pad, rows, programs, trips, rms, has_bias, has_res):
@@ -199,14 +215,16 @@ def _bwd_kernel(*refs, n_rows, d, d_pad, rows, programs, trips, rms, has_bias, h
     static_argnames=("eps", "rms", "out_dtype", "with_stats", "with_copy", "tuning", "interpret"),
 )
 def _forward_rows(
-    x_ND, scale_D, bias_D, *, eps, rms, out_dtype, with_stats, with_copy, tuning, interpret
+    x_ND, res_ND, scale_D, bias_D, *, eps, rms, out_dtype, with_stats, with_copy, tuning, interpret
 ):
     """The forward kernel on [N, D] rows: (y_ND, mean_N or None, rstd_N or None, a copy
-    of x_ND or None); the statistics if with_stats, the copy if with_copy."""
+    of x_ND or None); the statistics if with_stats, the copy if with_copy; x_ND + res_ND
+    in place of x_ND unless res_ND is None."""
     n, d = x_ND.shape
     _check_offsets(n, d)
     d_pad = pl.next_power_of_2(d)
     rows, warps = _rows_and_warps(d_pad, tuning.fwd_elems, tuning.max_rows)
+    warps = tuning.fwd_warps or warps
     has_bias = bias_D is not None
     kernel = functools.partial(
         _fwd_kernel,
@@ -217,6 +235,7 @@ def _forward_rows(
         eps=eps,
         rms=rms,
         has_bias=has_bias,
+        has_residual=res_ND is not None,
         with_stats=with_stats,
         with_copy=with_copy,
     )
@@ -233,7 +252,7 @@ def _forward_rows(
         compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
         name="norm_fwd",
-    )(x_ND, scale_D, *([bias_D] if has_bias else []))
+    )(x_ND, *([] if res_ND is None else [res_ND]), scale_D, *([bias_D] if has_bias else []))
     outs = list(outs)
     y = outs.pop(0)
     mean = outs.pop(0) if with_stats and not rms else None
@@ -287,14 +306,21 @@ def _backward_rows(x_ND, dy_ND, dres_ND, scale_D, mean_N, rstd_N, *, has_bias, t
 # Per-device wrappers: [..., D] arrays, run under shard_map over the rows.
 
 
-def _forward(x, scale_D, bias_D, *, with_stats, with_copy=False, interpret, **kw):
+def _forward(x, scale_D, bias_D, *, with_stats, with_copy=False, residual=None, interpret, **kw):
     """(y, mean or None, rstd or None, copy of x or None), as `_forward_rows`."""
     lead = row_logical(x.shape)
     d = x.shape[-1]
 
-    def local(x, scale_D, *bias):
+    row_args = [x] + ([residual] if residual is not None else [])
+    params = [scale_D] + ([bias_D] if bias_D is not None else [])
+
+    def local(*args):
+        shape = args[0].shape  # this device's rows
+        rows_ND = [a.reshape(-1, d) for a in args[: len(row_args)]]
+        scale_D, *bias = args[len(row_args) :]
         outs = _forward_rows(
-            x.reshape(-1, d),
+            rows_ND[0],
+            rows_ND[1] if residual is not None else None,
             scale_D,
             bias[0] if bias else None,
             with_stats=with_stats,
@@ -302,16 +328,15 @@ def _forward(x, scale_D, bias_D, *, with_stats, with_copy=False, interpret, **kw
             interpret=interpret,
             **kw,
         )
-        rows = lambda a: a.reshape(x.shape if a.ndim == 2 else x.shape[:-1])  # noqa: E731
+        rows = lambda a: a.reshape(shape if a.ndim == 2 else shape[:-1])  # noqa: E731
         return tuple(rows(a) for a in outs if a is not None)
 
     n_stats = 0 if not with_stats else 1 if kw["rms"] else 2
-    args = [x, scale_D] + ([bias_D] if bias_D is not None else [])
     outs = list(
         run_sharded(
             local,
-            args,
-            [(*lead, None), ("norm",)] + ([("norm",)] if bias_D is not None else []),
+            row_args + params,
+            [(*lead, None)] * len(row_args) + [("norm",)] * len(params),
             [(*lead, None)] + [lead] * n_stats + [(*lead, None)] * with_copy,
         )
     )
@@ -464,3 +489,39 @@ def norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None = None, **kwargs
     backward pass runs the kernel variant without the residual cotangent.
     """
     return norm_keep_input(x, scale, bias, copy=False, **kwargs)[1]
+
+
+def add_norm(
+    x: jax.Array,
+    residual: jax.Array,
+    scale: jax.Array,
+    bias: jax.Array | None = None,
+    *,
+    eps: float,
+    rms: bool,
+    out_dtype,
+    tuning: Tuning = ADD_NORM_TUNING,
+    interpret: bool | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(s, norm(s)) with s = x + residual rounded to x's dtype, as one forward kernel: a
+    decoding step's residual add and the norm after it (`model.transformer.Block`), where
+    XLA's norm of one row takes three kernels. Not differentiable."""
+    if residual.shape != x.shape:
+        raise ValueError(f"add_norm: residual {residual.shape} does not match x {x.shape}")
+    out_dtype = jnp.dtype(out_dtype)
+    _check(x, scale, bias, out_dtype)
+    interpret = interpret_mode() if interpret is None else interpret
+    y, _, _, s = _forward(
+        x,
+        scale,
+        bias,
+        with_stats=False,
+        with_copy=True,
+        residual=residual.astype(x.dtype),
+        interpret=bool(interpret),
+        eps=float(eps),
+        rms=bool(rms),
+        out_dtype=out_dtype,
+        tuning=tuning,
+    )
+    return s, y
