@@ -316,6 +316,27 @@ def test_folded_norms_equal_separate_norms():
     assert (rsqrts("auto"), rsqrts("xla")) == (0, 1 + 2 * cfg.n_layers)
 
 
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_folded_norms_through_scanned_layers(remat):
+    """The folded form's carry, (x, the previous block's MLP output), passes through the
+    layer scan (and its remat) as through the unrolled layers: the same logits as the
+    norms as kernels of their own."""
+    cfg = get_preset("tiny", use_bias=True, decode_matmul="pallas", scan_layers=True, remat=remat)
+    tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
+    model = LanguageModel(cfg)
+    params = strip_axis_names(model.init(jax.random.key(0), tokens)["params"])
+    _, cache = model.apply({"params": params}, tokens[:, :7], cache=init_cache(cfg, 2, 8))
+    positions = jnp.full((2, 1), 7, jnp.int32)
+    assert layers.fold_norms(cfg, jnp.zeros((2, 1, cfg.d_model)), True)
+    folded, separate = (
+        LanguageModel(cfg.replace(norm_impl=n)).apply(
+            {"params": params}, tokens[:, 7:], positions, cache=cache
+        )[0]
+        for n in ("auto", "xla")
+    )
+    np.testing.assert_allclose(folded, separate, rtol=2e-5, atol=2e-5)
+
+
 def test_inference_form_hands_norms_in_float32():
     """The sampler's form of the parameters (`inference_form`, once before the decoding
     loop): the norms' scales and biases in float32, which the decoding kernel reads, every
