@@ -11,9 +11,7 @@ uses it for wide products only (`model.auto`; BENCHMARKS.md, "Speed rounds" nine
 
 A norm can run inside the kernel too (`InputNorm`): each program normalises the rows
 itself, after adding `residual_RK` where given (program 0 stores that sum, the residual
-stream's next value): 1.152 -> 1.111 ms/token for gpt-1.3b with both of a block's norms so
-(round twenty-four). The up-projection's still is; the q/k/v kernel now takes rows normalised
-by the MLP's residual add before it (`model.transformer.Block`, round thirty-two).
+stream's next value), as in gpt-1.3b's up-projection ("Speed round twenty-four").
 
 For one sequence the sampler stores the weights [N, K] (`weights_nk`; the transposed form of
 `model.auto.use_transposed_decoding`), and one row is multiplied on the CUDA cores, each

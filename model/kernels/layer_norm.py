@@ -510,18 +510,10 @@ def add_norm(
         raise ValueError(f"add_norm: residual {residual.shape} does not match x {x.shape}")
     out_dtype = jnp.dtype(out_dtype)
     _check(x, scale, bias, out_dtype)
-    interpret = interpret_mode() if interpret is None else interpret
+    interpret = bool(interpret_mode() if interpret is None else interpret)
+    kw = dict(eps=float(eps), rms=bool(rms), out_dtype=out_dtype, tuning=tuning)
+    res = residual.astype(x.dtype)
     y, _, _, s = _forward(
-        x,
-        scale,
-        bias,
-        with_stats=False,
-        with_copy=True,
-        residual=residual.astype(x.dtype),
-        interpret=bool(interpret),
-        eps=float(eps),
-        rms=bool(rms),
-        out_dtype=out_dtype,
-        tuning=tuning,
+        x, scale, bias, with_stats=False, with_copy=True, residual=res, interpret=interpret, **kw
     )
     return s, y
