@@ -30,10 +30,13 @@ from model.masking import MASK_VALUE, attention_mask
 
 
 class LayerCache(NamedTuple):
-    """Keys and values of one layer for every cache slot (already RoPE-rotated)."""
+    """Keys and values of one layer for every cache slot (already RoPE-rotated), and the
+    decode attention kernel's arrival counts (int32 zeros between steps; see
+    `model/kernels/decode_attention.py`)."""
 
     k_BSGD: jax.Array
     v_BSGD: jax.Array
+    arrivals_BG: jax.Array
 
 
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
@@ -192,7 +195,7 @@ class Attention(nn.Module):
                 caches=[None, layer_cache.k_BSGD, layer_cache.v_BSGD],
                 slots_B=positions_BL[:, 0],
             )
-            new_cache = LayerCache(k_BKGD, v_BKGD)
+            new_cache = layer_cache._replace(k_BSGD=k_BKGD, v_BSGD=v_BKGD)
         else:
             q_BLHD, k_BLGD, v_BLGD = dense_group(cfg, x_BLD, qkv, decoding=one_token_step)
             if cfg.positional == "rope":
@@ -205,11 +208,11 @@ class Attention(nn.Module):
                 kv_positions_BK, kv_segments_BK = positions_BL, segment_ids_BL
             else:
                 layer_cache, kv_positions_BK, kv_segments_BK = cache
-                new_cache = LayerCache(
-                    _write_slots(layer_cache.k_BSGD, k_BLGD, positions_BL[:, 0]),
-                    _write_slots(layer_cache.v_BSGD, v_BLGD, positions_BL[:, 0]),
+                new_cache = layer_cache._replace(
+                    k_BSGD=_write_slots(layer_cache.k_BSGD, k_BLGD, positions_BL[:, 0]),
+                    v_BSGD=_write_slots(layer_cache.v_BSGD, v_BLGD, positions_BL[:, 0]),
                 )
-                k_BKGD, v_BKGD = new_cache
+                k_BKGD, v_BKGD = new_cache.k_BSGD, new_cache.v_BSGD
         q_BLHD = nn.with_logical_constraint(q_BLHD, ("batch", "length", "act_heads", "head_dim"))
 
         # With a cache, the hand-written attention whatever the backend: a decoding step's
@@ -218,7 +221,7 @@ class Attention(nn.Module):
         # or, for one-token steps, the same computation as one Pallas kernel.
         decode_kernel = choose_decode_attention(cfg) == "pallas" and supported(H, G, D)
         if one_token_step and decode_kernel:
-            out_BHD = decode_attention(
+            out_BHD, arrivals_BG = decode_attention(
                 q_BLHD[:, 0],
                 k_BKGD,
                 v_BKGD,
@@ -226,7 +229,9 @@ class Attention(nn.Module):
                 segment_ids_BL[:, 0],
                 kv_positions_BK,
                 kv_segments_BK,
+                new_cache.arrivals_BG,
             )
+            new_cache = new_cache._replace(arrivals_BG=arrivals_BG)
             out_BLHD = out_BHD[:, None]
         elif backend == "reference":
             mask = attention_mask(positions_BL, kv_positions_BK, segment_ids_BL, kv_segments_BK)

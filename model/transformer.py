@@ -48,21 +48,22 @@ class DecodeCache(NamedTuple):
     step updates them in place instead of restacking the whole cache.
     """
 
-    layers: LayerCache | tuple[LayerCache, ...]  # k/v: [n_layers,] B, S, G, D
+    # k/v [n_layers,] B, S, G, D and arrivals [n_layers,] B, G
+    layers: LayerCache | tuple[LayerCache, ...]
     positions_BS: jax.Array  # position held by each slot; EMPTY_POSITION if unwritten
     segments_BS: jax.Array  # segment id of each slot; 0 for padding / unwritten
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> DecodeCache:
-    shape = (batch_size, max_len, cfg.kv_heads, cfg.head_dim)
-    if cfg.scan_layers:
-        zeros = jnp.zeros((cfg.n_layers, *shape), cfg.compute_dtype)
-        layers = LayerCache(zeros, zeros)
-    else:
-        layers = tuple(
-            LayerCache(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
-            for _ in range(cfg.n_layers)
-        )
+    kv_BSGD = (batch_size, max_len, cfg.kv_heads, cfg.head_dim)
+    arrivals_BG = (batch_size, cfg.kv_heads)
+
+    def layer(*stacked: int) -> LayerCache:
+        zeros = lambda shape, dtype: jnp.zeros((*stacked, *shape), dtype)  # noqa: E731
+        kv = cfg.compute_dtype
+        return LayerCache(zeros(kv_BSGD, kv), zeros(kv_BSGD, kv), zeros(arrivals_BG, jnp.int32))
+
+    layers = layer(cfg.n_layers) if cfg.scan_layers else tuple(layer() for _ in range(cfg.n_layers))
     return DecodeCache(
         layers,
         jnp.full((batch_size, max_len), EMPTY_POSITION, jnp.int32),
@@ -81,6 +82,7 @@ class Block(nn.Module):
     residual stream and the previous block's MLP output, not yet added. Their add and this
     block's first norm are one kernel (`Norm.add_then_norm`); the attention's add and the
     second norm run inside the up-projection's kernel; the block returns (x, its MLP's y).
+    The first block gets (the token embedding, the position embedding).
     """
 
     cfg: ModelConfig
@@ -139,6 +141,7 @@ class Decoder(nn.Module):
     ) -> tuple[jax.Array, DecodeCache | None]:
         """Returns (hidden_BLD after the final norm, updated cache or None)."""
         cfg = self.cfg
+        position_BLD = None
         if cfg.positional == "learned":
             table = dense_param(
                 self,
@@ -147,9 +150,7 @@ class Decoder(nn.Module):
                 ("positions", "embed"),
                 fan_in=cfg.d_model,
             )
-            x_BLD = x_BLD + gather_rows(table, positions_BL).astype(cfg.compute_dtype)
-        x_BLD = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x_BLD)
-        x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
+            position_BLD = gather_rows(table, positions_BL).astype(cfg.compute_dtype)
 
         kv_meta = layer_caches = None
         if cache is not None:
@@ -159,8 +160,16 @@ class Decoder(nn.Module):
             kv_meta = (cache.positions_BS, cache.segments_BS)
             layer_caches = cache.layers
         decoding = is_decoding_step(cache, x_BLD)
-        folded = fold_norms(cfg, x_BLD, decoding)
-        carry = (x_BLD, jnp.zeros_like(x_BLD)) if folded else x_BLD  # see Block
+        folded = fold_norms(cfg, x_BLD, decoding) and deterministic
+        if folded:
+            # see Block; the position embedding (learned: fold_norms) is added by the first
+            # block's norm kernel, as a previous block's output would be
+            carry = (x_BLD, position_BLD)
+        else:
+            if position_BLD is not None:
+                x_BLD = x_BLD + position_BLD
+            x_BLD = nn.Dropout(cfg.dropout_rate, deterministic=deterministic)(x_BLD)
+            carry = nn.with_logical_constraint(x_BLD, ("batch", "length", "act_embed"))
         block = _block_class(cfg)
         if cfg.scan_layers:
             stack = nn.scan(

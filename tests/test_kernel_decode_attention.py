@@ -52,14 +52,30 @@ def _reference(q_BHD, k, v, q_pos, q_seg, kv_pos, kv_seg):
     [
         dict(formulation="dot", block=16),  # one block per program, several programs a head
         dict(formulation="dot", block=16, splits=2),  # several blocks per program
+        dict(formulation="dot", block=16, combine="kernel"),  # the last program combines
         dict(formulation="reduce", splits=1),
     ],
-    ids=["dot", "dot-2splits", "reduce"],
+    ids=["dot", "dot-2splits", "dot-kernel-combine", "reduce"],
 )
 def test_equals_reference(shape, settings):
     args = _case(*shape)
-    out = decode_attention(*args, **settings)
+    out, _ = decode_attention(*args, **settings)
     np.testing.assert_allclose(out, _reference(*args), atol=2e-6)
+
+
+def test_arrival_counts_come_back_zero_for_the_next_step():
+    """The last program of each (row, head) to finish combines the splits and zeroes its
+    count, so a second step with the returned counts gives the same output."""
+    args = _case(3, 40, 8, 2, 64)
+    arrivals_BG = jnp.zeros((3, 2), jnp.int32)
+    first, arrivals_BG = decode_attention(*args, arrivals_BG, block=16, combine="kernel")
+    np.testing.assert_array_equal(arrivals_BG, np.zeros((3, 2)))
+    second, _ = decode_attention(*args, arrivals_BG, block=16, combine="kernel")
+    np.testing.assert_array_equal(second, first)
+    with pytest.raises(ValueError, match="arrivals_BG must be int32 of shape"):
+        decode_attention(*args, jnp.zeros((3, 8), jnp.int32))
+    with pytest.raises(ValueError, match="combine must be one of"):
+        decode_attention(*args, combine="host")
 
 
 def test_unsupported_head_shape_is_refused():
@@ -68,8 +84,10 @@ def test_unsupported_head_shape_is_refused():
         decode_attention(*args)
 
 
-@pytest.mark.parametrize("formulation", ["dot", "reduce"])
-def test_lowers_to_triton_for_cuda(monkeypatch, formulation):
+@pytest.mark.parametrize(
+    "formulation,combine", [("dot", "xla"), ("dot", "kernel"), ("reduce", "xla")]
+)
+def test_lowers_to_triton_for_cuda(monkeypatch, formulation, combine):
     monkeypatch.setattr(kernel_module, "interpret_mode", lambda: False)
     B, S, H, D = 2, 384, 16, 128  # gpt-1.3b decoding, bf16
     spec = jax.ShapeDtypeStruct
@@ -82,7 +100,7 @@ def test_lowers_to_triton_for_cuda(monkeypatch, formulation):
         spec((B, S), jnp.int32),
         spec((B, S), jnp.int32),
     ]
-    kernel = functools.partial(decode_attention, formulation=formulation)
+    kernel = functools.partial(decode_attention, formulation=formulation, combine=combine)
     lowered = jax.jit(kernel).trace(*args).lower(lowering_platforms=("cuda",))
     assert "xla.gpu.triton" in lowered.as_text()
 

@@ -286,8 +286,8 @@ def test_folded_norms_equal_separate_norms():
     """With the kernel, a decoding step computes each block's first norm in one kernel
     with the previous block's residual add (the final norm too), and its second norm and
     first residual add inside the up-projection's kernel (`fold_norms`): the same logits and
-    caches as the norms as kernels of their own (`norm_impl="xla"`), and no norm left
-    outside the kernels."""
+    caches as the norms as kernels of their own (`norm_impl="xla"`), and no norm or
+    residual add left outside the kernels."""
     cfg = get_preset("tiny", use_bias=True, decode_matmul="pallas")
     model = LanguageModel(cfg)
     tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, cfg.vocab_size)
@@ -309,11 +309,22 @@ def test_folded_norms_equal_separate_norms():
     for a, b in zip(jax.tree.leaves(folded_cache), jax.tree.leaves(separate_cache)):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
 
-    def rsqrts(norm_impl):  # one per norm computed outside a kernel
+    def outside_kernels(norm_impl, primitive, shape=None):
         jaxpr = jax.make_jaxpr(step(norm_impl))(params, cache).jaxpr
-        return sum(e.primitive.name == "rsqrt" for e in jaxpr.eqns)
+        return sum(
+            e.primitive.name == primitive and shape in (None, e.outvars[0].aval.shape)
+            for e in jaxpr.eqns
+        )
 
-    assert (rsqrts("auto"), rsqrts("xla")) == (0, 1 + 2 * cfg.n_layers)
+    # one rsqrt per norm computed outside a kernel
+    assert (outside_kernels("auto", "rsqrt"), outside_kernels("xla", "rsqrt")) == (
+        0,
+        1 + 2 * cfg.n_layers,
+    )
+    # every residual add in a kernel, the position embedding's too (no zeros either)
+    rows = (2, 1, cfg.d_model)
+    assert outside_kernels("auto", "add", rows) == 0
+    assert outside_kernels("auto", "broadcast_in_dim", rows) == 0
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])

@@ -25,8 +25,14 @@ from train import losses
 
 # gpt-1.3b decoding one sequence as two rows (model/sampling.py): cache of 128 + 256 slots.
 DECODE_SHAPES = {"gpt-1.3b": (2, 384, 16, 16, 128), "llama-1b": (2, 384, 32, 8, 64)}
-# Kernel settings tried: (formulation, cache slots per block, programs per head, warps).
-DECODE_KERNELS = [("dot", 64, None, 4), ("dot", 32, None, 4), ("reduce", 64, None, 4)]
+# Kernel settings tried: (formulation, cache slots per block, programs per head, warps,
+# who combines the programs' partial results).
+DECODE_KERNELS = [
+    ("dot", 64, None, 4, "xla"),
+    ("dot", 64, None, 4, "kernel"),
+    ("dot", 32, None, 4, "xla"),
+    ("reduce", 64, None, 4, "xla"),
+]
 LOOP = 240  # kernel calls per timed program (10 tokens x 24 layers)
 
 
@@ -40,14 +46,14 @@ def _reference_decode(q_BHD, k, v, q_pos, q_seg, kv_pos, kv_seg):
     return reference_attention(q_BHD[:, None], k, v, mask_BQK)[:, 0]
 
 
-def _time_loop(fn, q, *rest, iters: int) -> float:
-    """Seconds per call of fn(q, *rest), its output fed back as the next q."""
+def _time_loop(fn, carry, *rest, iters: int) -> float:
+    """Seconds per call of fn(carry, *rest), its output fed back as the next carry."""
 
     @jax.jit
-    def loop(q, *rest):
-        return jax.lax.fori_loop(0, LOOP, lambda i, q: fn(q, *rest), q)
+    def loop(carry, *rest):
+        return jax.lax.fori_loop(0, LOOP, lambda i, c: fn(c, *rest), carry)
 
-    return median(time_calls(lambda: loop(q, *rest), 2, iters)) / LOOP
+    return median(time_calls(lambda: loop(carry, *rest), 2, iters)) / LOOP
 
 
 def check_decode_attention(iters: int) -> Iterator[dict]:
@@ -65,21 +71,25 @@ def check_decode_attention(iters: int) -> Iterator[dict]:
         rest = (k, v, q_pos, q_seg, kv_pos, kv_seg)
         f32 = [x.astype(jnp.float32) for x in (q, k, v)]
         want = _reference_decode(*f32, q_pos, q_seg, kv_pos, kv_seg)
-        candidates = {"reference": _reference_decode}
-        for formulation, block, splits, warps in DECODE_KERNELS:
-            impl = f"pallas-{formulation}-k{block}-s{splits or 'all'}-w{warps}"
-            candidates[impl] = functools.partial(
+        # the carry: (query, the kernel's arrival counts), as a decoding cache carries them
+        carry = (q, jnp.zeros((B, G), jnp.int32))
+        candidates = {"reference": lambda c, *rest: (_reference_decode(c[0], *rest), c[1])}
+        for formulation, block, splits, warps, combine in DECODE_KERNELS:
+            impl = f"pallas-{formulation}-k{block}-s{splits or 'all'}-w{warps}-{combine}"
+            kernel = functools.partial(
                 decode_attention,
                 formulation=formulation,
                 block=block,
                 splits=splits,
                 num_warps=warps,
+                combine=combine,
             )
+            candidates[impl] = lambda c, *rest, kernel=kernel: kernel(c[0], *rest, c[1])
         for impl, fn in candidates.items():
             row = {"bench": "kernels", "variant": f"decode_attention/{name}/{impl}"}
             try:
-                row["out_err"] = _rel_err(jax.jit(fn)(q, *rest), want)
-                row["us_per_call"] = _time_loop(fn, q, *rest, iters=iters) * 1e6
+                row["out_err"] = _rel_err(jax.jit(fn)(carry, *rest)[0], want)
+                row["us_per_call"] = _time_loop(fn, carry, *rest, iters=iters) * 1e6
                 row["cache_GBps"] = 2 * B * S * G * D * 2 / (row["us_per_call"] * 1e3)
             except Exception as e:  # noqa: BLE001 - report and keep going
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
