@@ -135,9 +135,11 @@ def sample(
         token_B, logprob_B = _choose(logits_BV, step_rng, cfg)
         token_B = jnp.where(finished_B, cfg.pad_id, token_B)
         tokens_BT, logprobs_BT, lengths_B = out
+        if cfg.temperature > 0:  # greedy log-probs are the zeros already there: no write
+            logprobs_BT = logprobs_BT.at[:, t].set(jnp.where(finished_B, 0.0, logprob_B))
         out = (
             tokens_BT.at[:, t].set(token_B),
-            logprobs_BT.at[:, t].set(jnp.where(finished_B, 0.0, logprob_B)),
+            logprobs_BT,
             lengths_B + (~finished_B).astype(jnp.int32),
         )
         if cfg.eos_id is not None:

@@ -73,6 +73,7 @@ def test_greedy_batch_of_different_lengths_matches_naive_decoding():
     for i, p in enumerate(prompts):
         assert out.tokens_BT[i].tolist() == _naive_greedy(model, params, p, 10)
     assert out.lengths_B.tolist() == [10, 10, 10]
+    np.testing.assert_array_equal(out.logprobs_BT, np.zeros((3, 10)))  # greedy: zero
 
 
 def test_single_prompt_matches_naive_decoding():
