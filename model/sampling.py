@@ -3,8 +3,10 @@
 The decode loop is a `lax.while_loop` over a cache preallocated for prompt +
 new tokens, so a new token costs one single-position forward pass, never a
 pass over the whole sequence. Prompts of different lengths share a batch:
-they are right-padded, padding slots carry segment id 0 (never attended),
-and each row's generated tokens are written from its own length onwards.
+they are right-padded, padding slots carry segment id 0 in the prefill, and
+each row's generated tokens are written from its own length onwards. After the
+prefill every slot is labelled as the token it will hold (`fill_slots_ahead`):
+a padding slot stays unseen until its row's new token overwrites it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.auto import use_transposed_decoding
-from model.transformer import default_positions, init_cache
+from model.transformer import default_positions, fill_slots_ahead, init_cache
 
 NEG_INF = -1e30
 
@@ -122,6 +124,7 @@ def sample(
     logits_BPV, cache = apply(
         prompts_BP, positions_BP, segments_BP, init_cache(model_cfg, B, P + T)
     )
+    cache = fill_slots_ahead(cache)  # each new token's slot is its position
     last_B = jnp.maximum(prompt_lengths_B - 1, 0)
     logits_BV = jnp.take_along_axis(logits_BPV, last_B[:, None, None], axis=1)[:, 0]
 

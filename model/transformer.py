@@ -13,11 +13,11 @@ updated cache (see `model/sampling.py`).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from model.attention import Attention, LayerCache
 from model.config import ModelConfig
@@ -40,18 +40,22 @@ _REMAT_POLICIES = {
 }
 
 
-class DecodeCache(NamedTuple):
+@struct.dataclass
+class DecodeCache:
     """Per-layer keys/values plus slot metadata.
 
     With scanned layers the keys/values are stacked on a leading layer axis
     (the scan's carry); otherwise each layer has its own arrays, so a decode
     step updates them in place instead of restacking the whole cache.
+    `slots_filled` (static): every slot's metadata is written ahead (`fill_slots_ahead`),
+    so that calls write none.
     """
 
     # k/v [n_layers,] B, S, G, D and arrivals [n_layers,] B, G
     layers: LayerCache | tuple[LayerCache, ...]
     positions_BS: jax.Array  # position held by each slot; EMPTY_POSITION if unwritten
     segments_BS: jax.Array  # segment id of each slot; 0 for padding / unwritten
+    slots_filled: bool = struct.field(pytree_node=False, default=False)
 
 
 def init_cache(cfg: ModelConfig, batch_size: int, max_len: int) -> DecodeCache:
@@ -156,7 +160,8 @@ class Decoder(nn.Module):
         if cache is not None:
             if segment_ids_BL is None:
                 segment_ids_BL = jnp.ones_like(positions_BL)
-            cache = _record_slots(cache, positions_BL, segment_ids_BL)
+            if not cache.slots_filled:
+                cache = _record_slots(cache, positions_BL, segment_ids_BL)
             kv_meta = (cache.positions_BS, cache.segments_BS)
             layer_caches = cache.layers
         decoding = is_decoding_step(cache, x_BLD)
@@ -195,7 +200,7 @@ class Decoder(nn.Module):
             hidden_BLD = Norm(cfg, name="final_norm").add_then_norm(*carry)[1]
         else:
             hidden_BLD = Norm(cfg, name="final_norm")(carry, decoding=decoding)
-        new_cache = None if cache is None else cache._replace(layers=new_layers)
+        new_cache = None if cache is None else cache.replace(layers=new_layers)
         return hidden_BLD, new_cache
 
 
@@ -211,9 +216,24 @@ def _record_slots(cache: DecodeCache, positions_BL, segment_ids_BL) -> DecodeCac
     def write(row_S, new_L, start):
         return jax.lax.dynamic_update_slice_in_dim(row_S, new_L.astype(row_S.dtype), start, 0)
 
-    return cache._replace(
+    return cache.replace(
         positions_BS=jax.vmap(write)(cache.positions_BS, positions_BL, start_B),
         segments_BS=jax.vmap(write)(cache.segments_BS, segment_ids_BL, start_B),
+    )
+
+
+def fill_slots_ahead(cache: DecodeCache) -> DecodeCache:
+    """The cache with every slot's metadata written ahead as the sampler will write it:
+    one sequence a row, slot s holding position s of segment 1. Then a decoding step
+    writes no metadata (two in-place updates a token fewer). A slot is visible to a query
+    at a position not earlier than its own, and the step at that position writes it before
+    its attention reads it, so slots not yet written (or holding a prompt's padding) stay
+    unseen until then."""
+    B, S = cache.positions_BS.shape
+    return cache.replace(
+        positions_BS=jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)),
+        segments_BS=jnp.ones((B, S), jnp.int32),
+        slots_filled=True,
     )
 
 

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from model.config import get_preset
 from model.sampling import SamplingConfig, filter_logits, make_sampler
-from model.transformer import LanguageModel, init_cache
+from model.transformer import LanguageModel, fill_slots_ahead, init_cache
 from tests.helpers import mesh_of
 from train import sharding
 from train.state import param_shardings, strip_axis_names
@@ -39,6 +39,37 @@ def test_cached_decoding_equals_full_forward(cfg):
         )
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=2e-5)
+
+
+def test_slots_filled_ahead_equal_slots_written_each_step():
+    """The sampler labels every slot after the prefill (`fill_slots_ahead`): right-padded
+    prompts of different lengths decode to the same logits as with each step writing its
+    slot's position and segment, and the steps write no slot metadata."""
+    cfg = get_preset("tiny")
+    model, params = _init(cfg)
+    B, P, S = 3, 6, 12
+    lengths = jnp.asarray([6, 2, 4], jnp.int32)
+    prompts = jax.random.randint(jax.random.key(1), (B, P), 0, cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(P), (B, P))
+    segments = (positions < lengths[:, None]).astype(jnp.int32)
+    _, written = model.apply(
+        {"params": params}, prompts, positions, segments, cache=init_cache(cfg, B, S)
+    )
+    filled = fill_slots_ahead(written)
+    step = jax.jit(
+        lambda tokens_B1, positions_B1, cache: model.apply(
+            {"params": params}, tokens_B1, positions_B1, jnp.ones_like(positions_B1), cache=cache
+        )
+    )
+    for t in range(S - P):
+        tokens_B1 = jax.random.randint(jax.random.key(t), (B, 1), 0, cfg.vocab_size)
+        positions_B1 = (lengths + t)[:, None]
+        want, written = step(tokens_B1, positions_B1, written)
+        got, filled = step(tokens_B1, positions_B1, filled)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    jaxpr = jax.make_jaxpr(step)(tokens_B1, positions_B1, filled).jaxpr
+    metadata_writes = [e.primitive.name for e in jaxpr.eqns if e.outvars[0].aval.shape == (B, S)]
+    assert metadata_writes == []  # written each step: two scatters
 
 
 def _naive_greedy(model, params, prompt, n, eos=None):
