@@ -7,7 +7,8 @@ then `model.apply({"params": params}, ...)`.
 
 Decoding with a KV cache: `init_cache` allocates a `DecodeCache`; passing it to
 `LanguageModel.__call__` writes this call's keys and values and returns the
-updated cache (see `model/sampling.py`).
+updated cache (see `model/sampling.py`, which labels every slot once after the
+prefill with `fill_slots_ahead`).
 """
 
 from __future__ import annotations
