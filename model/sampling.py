@@ -137,14 +137,10 @@ def sample(
         rng, step_rng = jax.random.split(rng)
         token_B, logprob_B = _choose(logits_BV, step_rng, cfg)
         token_B = jnp.where(finished_B, cfg.pad_id, token_B)
-        tokens_BT, logprobs_BT, lengths_B = out
+        tokens_BT, logprobs_BT = out
         if cfg.temperature > 0:  # greedy log-probs are the zeros already there: no write
             logprobs_BT = logprobs_BT.at[:, t].set(jnp.where(finished_B, 0.0, logprob_B))
-        out = (
-            tokens_BT.at[:, t].set(token_B),
-            logprobs_BT,
-            lengths_B + (~finished_B).astype(jnp.int32),
-        )
+        out = (tokens_BT.at[:, t].set(token_B), logprobs_BT)
         if cfg.eos_id is not None:
             finished_B = finished_B | (token_B == cfg.eos_id)
         positions_B1 = (prompt_lengths_B + t)[:, None]
@@ -153,16 +149,16 @@ def sample(
         )
         return t + 1, logits_B1V[:, 0], cache, out, finished_B, rng
 
-    out = (
-        jnp.full((B, T), cfg.pad_id, jnp.int32),
-        jnp.zeros((B, T), jnp.float32),
-        jnp.zeros((B,), jnp.int32),
-    )
+    out = (jnp.full((B, T), cfg.pad_id, jnp.int32), jnp.zeros((B, T), jnp.float32))
     finished_B = jnp.zeros((B,), bool)
     carry = (jnp.int32(0), logits_BV, cache, out, finished_B, rng)
-    _, _, _, (tokens_BT, logprobs_BT, lengths_B), finished_B, _ = jax.lax.while_loop(
-        cond, body, carry
-    )
+    steps, _, _, (tokens_BT, logprobs_BT), finished_B, _ = jax.lax.while_loop(cond, body, carry)
+    # Lengths from the tokens, not counted every step: a finished row ends at its first
+    # EOS (pad_id may equal eos_id: pads come after it), the others ran every step.
+    lengths_B = jnp.full((B,), steps, jnp.int32)
+    if cfg.eos_id is not None:
+        first_eos_B = jnp.argmax(tokens_BT == cfg.eos_id, axis=1).astype(jnp.int32)
+        lengths_B = jnp.where(finished_B, first_eos_B + 1, lengths_B)
     return Samples(tokens_BT, logprobs_BT, lengths_B, finished_B)
 
 

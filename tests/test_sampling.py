@@ -135,6 +135,29 @@ def test_stops_at_eos_and_pads_after():
     assert int(out.lengths_B[0]) == first_eos + 1 and bool(out.finished_B[0])
 
 
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_lengths_count_each_rows_tokens_up_to_its_eos(pad_is_eos):
+    """Rows that stop at different steps, and one that never does: each length is its
+    tokens up to and including its first EOS, or every step the loop ran."""
+    cfg = get_preset("tiny")
+    model, params = _init(cfg)
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6], [5, 3, 5, 8]]
+    references = [_naive_greedy(model, params, p, 10) for p in prompts]
+    eos = references[1][3]  # row 1 stops at its fourth token, the others where it occurs
+    want = [r.index(eos) + 1 if eos in r else 10 for r in references]
+    padded = np.zeros((3, 5), np.int32)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = p
+    sampling = SamplingConfig(
+        max_new_tokens=10, temperature=0.0, eos_id=eos, pad_id=eos if pad_is_eos else 0
+    )
+    out = make_sampler(model, sampling)(
+        params, jnp.asarray(padded), jnp.asarray([5, 3, 4]), jax.random.key(0)
+    )
+    assert out.lengths_B.tolist() == want, references
+    assert out.finished_B.tolist() == [eos in r for r in references]
+
+
 def test_sampled_logprobs_match_filtered_distribution():
     cfg = get_preset("tiny")
     model, params = _init(cfg)
