@@ -71,7 +71,7 @@ def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: f
     return logits
 
 
-def _choose(logits_BV: jax.Array, rng: jax.Array, cfg: SamplingConfig):
+def _choose(logits_BV: jax.Array, rng: jax.Array | None, cfg: SamplingConfig):
     if cfg.temperature == 0:
         token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
         return token_B, jnp.zeros(token_B.shape, jnp.float32)
@@ -133,16 +133,18 @@ def sample(
         return (t < T) & ~jnp.all(finished_B)
 
     def body(carry):
-        t, logits_BV, cache, out, finished_B, rng = carry
-        rng, step_rng = jax.random.split(rng)
-        token_B, logprob_B = _choose(logits_BV, step_rng, cfg)
-        token_B = jnp.where(finished_B, cfg.pad_id, token_B)
-        tokens_BT, logprobs_BT = out
-        if cfg.temperature > 0:  # greedy log-probs are the zeros already there: no write
+        t, logits_BV, cache, (tokens_BT, logprobs_BT), finished_B, rng = carry
+        # what only sampling (temperature > 0) or an EOS needs is not computed for the others
+        if cfg.temperature > 0:
+            rng, step_rng = jax.random.split(rng)
+            token_B, logprob_B = _choose(logits_BV, step_rng, cfg)
             logprobs_BT = logprobs_BT.at[:, t].set(jnp.where(finished_B, 0.0, logprob_B))
-        out = (tokens_BT.at[:, t].set(token_B), logprobs_BT)
-        if cfg.eos_id is not None:
+        else:  # greedy: its log-probs are the zeros already there
+            token_B, _ = _choose(logits_BV, None, cfg)
+        if cfg.eos_id is not None:  # (else no row ever finishes)
+            token_B = jnp.where(finished_B, cfg.pad_id, token_B)
             finished_B = finished_B | (token_B == cfg.eos_id)
+        out = (tokens_BT.at[:, t].set(token_B), logprobs_BT)
         positions_B1 = (prompt_lengths_B + t)[:, None]
         logits_B1V, cache = apply(
             token_B[:, None], positions_B1, jnp.ones_like(positions_B1), cache
