@@ -30,6 +30,7 @@ DECODE_SHAPES = {"gpt-1.3b": (2, 384, 16, 16, 128), "llama-1b": (2, 384, 32, 8, 
 DECODE_KERNELS = [
     ("dot", 64, None, 4, "xla"),
     ("dot", 64, None, 4, "kernel"),
+    ("dot", 128, None, 4, "kernel"),  # half the programs, each a longer run
     ("dot", 32, None, 4, "xla"),
     ("reduce", 64, None, 4, "xla"),
 ]
