@@ -146,9 +146,10 @@ def triton_kernels(jitted, *args) -> list[TritonKernel]:
     return kernels
 
 
-def verify_triton_ir(kernels: list[TritonKernel]) -> None:
+def verify_triton_ir(kernels: list[TritonKernel]) -> list[str]:
     """Each kernel's Triton IR passes its dialect's verifier (e.g. power-of-two tensor
-    sizes); skipped, not failed, if the JAX internals it needs move."""
+    sizes); skipped, not failed, if the JAX internals it needs move. Returns the IRs as
+    text, in the kernels' order."""
     try:
         from jax._src.interpreters import mlir
         from jax._src.lib import triton
@@ -159,8 +160,12 @@ def verify_triton_ir(kernels: list[TritonKernel]) -> None:
     ctx.append_dialect_registry(mlir.upstream_dialects)
     triton.dialect.register_dialect(ctx)
     ctx.load_all_available_dialects()
+    texts = []
     for kernel in kernels:
-        assert ir.Module.parse(kernel.ttir, context=ctx).operation.verify(), kernel.name
+        module = ir.Module.parse(kernel.ttir, context=ctx)
+        assert module.operation.verify(), kernel.name
+        texts.append(str(module))
+    return texts
 
 
 def pallas_blocks_out_of_bounds(fn, *args) -> list[str]:

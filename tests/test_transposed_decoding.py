@@ -127,3 +127,40 @@ def test_dense_out_in_equals_dense():
 def test_bad_layout_is_refused():
     with pytest.raises(ValueError, match="weights_layout"):
         get_preset("tiny", weights_layout="transposed")
+
+
+@pytest.mark.parametrize("combine", ["xla", "kernel"])
+def test_the_gpu_sampler_lowers_for_cuda(monkeypatch, combine):
+    """The sampler as "auto" builds it on a GPU, for one layer of gpt-1.3b's shapes, lowered
+    for CUDA without one: the transposed form, its q/k/v and up-projection kernels, the
+    first norm with the position embedding's add, the decode attention (with either
+    combine), all inside the decoding loop; each Triton kernel passes Triton's verifier."""
+    from functools import partial
+
+    import model.attention as attention
+    from model.kernels import decode_attention, decode_matmul, layer_norm
+    from tests.helpers import triton_kernels, verify_triton_ir
+
+    cfg = get_preset(
+        "gpt-1.3b", n_layers=1, vocab_size=512, max_len=256, attention_backend="reference"
+    )
+    model = LanguageModel(cfg)
+    tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    params = jax.eval_shape(lambda: strip_axis_names(model.init(jax.random.key(0), tokens)))
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), params)
+    monkeypatch.setattr(auto, "on_gpu", lambda: True)
+    monkeypatch.setattr(auto, "_device_memory_bytes", lambda: 141 * 2**30)
+    for module in (decode_attention, decode_matmul, layer_norm):
+        monkeypatch.setattr(module, "interpret_mode", lambda: False)
+    kernel = partial(decode_attention.decode_attention, combine=combine)
+    monkeypatch.setattr(attention, "decode_attention", kernel)
+    # a cache of 8 + 184 slots: three 64-slot splits for the decode attention to combine
+    sampler = make_sampler(model, SamplingConfig(max_new_tokens=184, temperature=0.0))
+    lengths = jax.ShapeDtypeStruct((1,), jnp.int32)
+    kernels = triton_kernels(sampler, params["params"], tokens, lengths, jax.random.key(0))
+    names = [k.name for k in kernels]
+    assert names.count("decode_attention") == 1
+    assert names.count("decode_matmul") == 2  # q/k/v into the cache, the up-projection
+    assert "norm_fwd" in names  # the first norm with the embedding's add, the final norm
+    attention_ir = verify_triton_ir(kernels)[names.index("decode_attention")]
+    assert ("tt.atomic_rmw" in attention_ir) == (combine == "kernel")
