@@ -24,13 +24,16 @@ def fail(message: str, status: int) -> None:
     sys.exit(status)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], positional: int = 0) -> list[str]:
+    """absl's parser, with an unknown or malformed flag, or more than `positional` arguments
+    that are not flags, reported in one line."""
     try:
         rest = FLAGS(argv)
     except flags.Error as error:
         fail(f"{error} (see --help)", BAD_INPUT)
-    if len(rest) > 1:
-        fail(f"unexpected arguments {rest[1:]}: every option is a --flag (see --help)", BAD_INPUT)
+    if len(rest) > 1 + positional:
+        extra = rest[1 + positional :]
+        fail(f"unexpected arguments {extra}: every option is a --flag (see --help)", BAD_INPUT)
     return rest
 
 
@@ -54,4 +57,4 @@ def run(main: Callable[[], None]) -> None:
                 raise
             fail("interrupted", INTERRUPTED)
 
-    app.run(guarded, flags_parser=_parse_flags)
+    app.run(guarded, flags_parser=parse_flags)

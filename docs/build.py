@@ -348,7 +348,13 @@ def build(out_dir: Path = BUILD) -> Path:
     )
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m docs.build", description="Builds docs/_build/guide.pdf; takes no options."
+    )
+    parser.parse_args(argv)  # --help, or one line and status 2 for anything else
     try:
         pdf = build()
     except GuideError as error:

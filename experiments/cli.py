@@ -41,6 +41,7 @@ flags.DEFINE_string(
 )
 
 FLAGS = flags.FLAGS
+_default_config = [""]  # the entry point's --config default, set by define_config
 _QUIET_LOGGERS = ("absl", "jax._src", "orbax", "tensorstore", "tensorflow", "etils")
 
 
@@ -96,6 +97,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
         cause = error.__cause__ or error
         if cause is not error:  # the config file's own error: it says what to do
             fail(_first_line(cause), EXIT_BAD_INPUT)
+        if any(arg.startswith("--config.") for arg in argv):
+            fail(_config_problem(error, _config_path(argv, _default_config[0])), EXIT_BAD_INPUT)
         fail(f"{_first_line(error)} (see --helpfull)", EXIT_BAD_INPUT)
         raise  # unreachable
 
@@ -105,7 +108,8 @@ def define_config(default: str, help_text: str, **kwargs) -> None:
     overrides while the flag is defined, at import: a bad file or field is reported here."""
     from ml_collections import config_flags
 
-    path = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), default)
+    _default_config[0] = default
+    path = _config_path(sys.argv, default)
     if not Path(path.split(":")[0]).is_file():
         fail(f"the config file {path!r} does not exist; see experiments/configs/", EXIT_BAD_INPUT)
     try:
@@ -113,34 +117,26 @@ def define_config(default: str, help_text: str, **kwargs) -> None:
     except Exception as error:  # noqa: BLE001 - the user's config file or override
         if "--verbose" in sys.argv:
             raise
-        fail(_config_problem(error, default), EXIT_BAD_INPUT)
+        fail(_config_problem(error, path), EXIT_BAD_INPUT)
 
 
-def _config_problem(error: BaseException, default: str) -> str:
+def _config_path(argv: list[str], default: str) -> str:
+    return next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), default)
+
+
+def _config_problem(error: BaseException, path: str) -> str:
     """One line for a config that failed to load: the unknown field, or the file's error."""
-    path = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), default)
-    try:
-        import importlib.util
+    from experiments import configs
 
-        spec = importlib.util.spec_from_file_location("user_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config()
+    try:
+        config = configs.load(path)
     except Exception as load_error:  # noqa: BLE001
         return f"cannot load the config file {path!r}: {_first_line(load_error)}"
     for arg in sys.argv:
-        if not arg.startswith("--config."):
-            continue
-        field = arg[len("--config.") :].split("=", 1)[0]
-        node = config
-        for part in field.split("."):
-            if not hasattr(node, "keys") or part not in node.keys():
-                known = sorted(node.keys()) if hasattr(node, "keys") else []
-                return (
-                    f"unknown config field {field!r} in {arg}; the fields there are: "
-                    + ", ".join(known)
-                )
-            node = node[part]
+        if arg.startswith("--config."):
+            problem = configs.override_problem(config, arg[len("--config.") :].split("=", 1)[0])
+            if problem:
+                return f"{problem} (in {arg})"
     return f"bad --config or --config.* override: {_first_line(error)}"
 
 

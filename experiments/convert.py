@@ -15,7 +15,6 @@ whole or not at all.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import jax
 from absl import app, flags
 
 import model.hf as hf
+from data.cli import BAD_INPUT, fail, parse_flags
 from data.hf_tokenizer import CONFIG_FILE, is_hf_tokenizer_json
 from model.hf import safetensors_io
 from model.transformer import LanguageModel
@@ -113,8 +113,7 @@ def main(argv: list[str]) -> None:
         else:
             raise ValueError(f"usage: python -m experiments.convert {{{'|'.join(COMMANDS)}}} ...")
     except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(error), BAD_INPUT)
 
 
 def _need(*names: str) -> None:
@@ -141,4 +140,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=lambda argv: parse_flags(argv, positional=1))

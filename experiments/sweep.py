@@ -10,6 +10,10 @@ table of the final metrics, and plots ROOT/sweep.png. If a point failed, the
 results go to ROOT/sweep_results.partial.csv and sweep.partial.png instead:
 the results of an earlier complete sweep are never replaced by partial ones.
 Every file is written under a temporary name and renamed into place.
+
+Exit status: 0 every point finished; 1 some point failed (its own `error:` line is above
+the table); 2 bad input, found before any point runs: a flag, the config file, or a sweep
+or override field the config lacks or a value of the wrong type.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from data.cli import BAD_INPUT, fail, parse_flags
+from experiments import configs
 from train.metrics_writer import read_metrics
 
 flags.DEFINE_string("config", "experiments/configs/stdlib_tiny.py", "experiment config file")
@@ -42,7 +48,7 @@ def split_sweep_args(argv: list[str]) -> tuple[dict[str, list[str]], list[str], 
         if arg.startswith("--sweep."):
             field, _, values = arg[len("--sweep.") :].partition("=")
             if not values:
-                raise app.UsageError(f"{arg}: give values as --sweep.FIELD=v1,v2")
+                raise ValueError(f"{arg}: give values as --sweep.FIELD=v1,v2")
             grid[field] = values.split(",")
         elif arg.startswith("--config."):
             overrides.append(arg)
@@ -138,11 +144,34 @@ def plot(rows: list[dict], grid: dict[str, list[str]], out_path: Path) -> None:
     plt.close(fig)
 
 
+def check_points(config_path: str, grid: dict[str, list[str]], overrides: list[str]) -> None:
+    """Raises ValueError naming the first grid value or override the config cannot take, so
+    that a typo fails before the first point runs rather than in every point."""
+    if not Path(config_path.partition(":")[0]).is_file():
+        raise ValueError(
+            f"the config file {config_path!r} does not exist; see experiments/configs/"
+        )
+    try:
+        config = configs.load(config_path)
+    except Exception as error:  # noqa: BLE001 - the user's config file
+        raise ValueError(f"cannot load the config file {config_path!r}: {error}") from error
+    pairs = [o[len("--config.") :].partition("=")[::2] for o in overrides]
+    pairs += [(field, value) for field, values in grid.items() for value in values]
+    for field, value in pairs:
+        problem = configs.override_problem(config, field, value)
+        if problem:
+            raise ValueError(problem)
+
+
 def main(argv):
     del argv
     grid, overrides = _SWEEP["grid"], _SWEEP["overrides"]
     if not grid:
-        raise app.UsageError("nothing to sweep: give at least one --sweep.FIELD=v1,v2")
+        fail("nothing to sweep: give at least one --sweep.FIELD=v1,v2", BAD_INPUT)
+    try:
+        check_points(FLAGS.config, grid, overrides)
+    except ValueError as error:
+        fail(str(error), BAD_INPUT)
     root = Path(FLAGS.root).absolute()
     points = grid_points(grid)
     if FLAGS.print_only:
@@ -174,9 +203,12 @@ def _fmt(value) -> str:
 
 
 def _parse(argv: list[str]) -> list[str]:
-    grid, overrides, rest = split_sweep_args(argv[1:])
+    try:
+        grid, overrides, rest = split_sweep_args(argv[1:])
+    except ValueError as error:
+        fail(f"{error} (see --help)", BAD_INPUT)
     _SWEEP.update(grid=grid, overrides=overrides)
-    return FLAGS(argv[:1] + rest)
+    return parse_flags(argv[:1] + rest)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from experiments import cli
 from experiments.configs.stdlib_tiny import get_config
 from model.config import get_preset
 from tests.helpers import build_training, random_lm_batch, single_device_mesh
-from tests.run_helpers import REPO, char_config, cpu_env
+from tests.run_helpers import CONFIG, REPO, char_config, cpu_env
 from train import loop
 from train.checkpoint import Checkpointer, CheckpointError
 from train.optim import OptimConfig
@@ -50,7 +50,10 @@ def _one_line_error(result, status: int, *fragments: str) -> None:
 @pytest.mark.parametrize(
     "args, fragments",
     [
-        (["--config.train.no_such_field=1"], ["no_such_field"]),
+        (["--config.train.no_such_field=1"], ["unknown config field 'train.no_such_field'"]),
+        # with --config given, ml_collections applies overrides while parsing, not at import
+        ([f"--config={CONFIG}", "--config.no_such_field=1"], ["'no_such_field'", "optim, "]),
+        ([f"--config={CONFIG}", "--config.train.num_steps=many"], ["num_steps", "'many'"]),
         (["--config=/nonexistent/config.py"], ["/nonexistent/config.py"]),
         (["--config.train.eval_every=0"], ["train.eval_every must be >= 1"]),
         (["--config.train.global_batch_size=0"], ["train.global_batch_size must be >= 1"]),
@@ -62,6 +65,26 @@ def test_config_mistakes_are_one_line_and_write_nothing(tmp_path, args, fragment
     result = _run("experiments.pretrain", f"--workdir={workdir}", *args)
     _one_line_error(result, cli.EXIT_BAD_INPUT, *fragments)
     assert not workdir.exists()  # validated before config.json (or anything) is written
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["experiments.sweep", "--sweep.optim.lr=0.1", "--grid=3"], ["flag 'grid'"]),
+        (["experiments.sweep", "--sweep.optim.lr"], ["--sweep.FIELD=v1,v2"]),
+        (["experiments.sweep", "--sweep.optim.no_such=1,2"], ["'optim.no_such'", "lr, "]),
+        (["experiments.sweep", "--sweep.optim.lr=0.1,fast"], ["optim.lr", "a number", "'fast'"]),
+        (["experiments.sweep", "--sweep.optim.lr=0.1", "--config.train.nope=1"], ["train.nope"]),
+        (["experiments.convert", "import", "--no_such_flag=1"], ["flag 'no_such_flag'"]),
+        (["experiments.convert", "import", "extra"], ["unexpected arguments ['extra']"]),
+    ],
+)
+def test_sweep_and_convert_mistakes_are_one_line_and_write_nothing(tmp_path, args, fragments):
+    """The sweep checks every point's fields and values before the first point runs."""
+    root = tmp_path / "sweep"
+    result = _run(*args, f"--root={root}" if args[0] == "experiments.sweep" else "--dtype=float32")
+    _one_line_error(result, cli.EXIT_BAD_INPUT, *fragments)
+    assert not root.exists()
 
 
 def test_post_training_without_its_predecessor_is_one_line(tmp_path):
@@ -171,3 +194,15 @@ def test_sigterm_and_nonfinite_have_their_own_exit_statuses():
     assert cli.exit_status(loop.Interrupted("x")) == cli.EXIT_INTERRUPTED
     assert cli.exit_status(loop.NonFiniteError("x")) == cli.EXIT_NONFINITE
     assert cli.exit_status(RuntimeError("a bug")) is None
+
+
+def test_an_override_is_checked_against_the_field_it_sets():
+    from experiments import configs
+
+    config = configs.load(str(REPO / "experiments" / "configs" / "stdlib_tiny.py"))
+    fits = ("train.num_steps", "7"), ("optim.lr", "3e-4"), ("train.skip_nonfinite", "false")
+    for field, value in fits:
+        assert configs.override_problem(config, field, value) is None, field
+    assert "takes an integer" in configs.override_problem(config, "train.num_steps", "2.5")
+    assert "true or false" in configs.override_problem(config, "train.skip_nonfinite", "maybe")
+    assert "unknown config field 'model.depth'" in configs.override_problem(config, "model.depth")
