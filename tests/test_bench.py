@@ -69,6 +69,14 @@ def test_every_suite_variant_is_well_formed():
         TrainVariant("tiny", 64, 8, 1, (), "synthetic")
 
 
+def test_a_match_that_names_nothing_is_an_error(tmp_path, capsys):
+    """A typo in --match must not pass for a run that measured nothing."""
+    args = ["--suite", "cpu", "--only", "train,decode", "--no-profile", "--out", str(tmp_path)]
+    assert main([*args, "--match", "=tiny/no-such-variant"]) == 2
+    assert "names no variant" in capsys.readouterr().err
+    assert not (tmp_path / "bench.jsonl").exists()
+
+
 def test_match_picks_variants_by_substring_or_exact_name():
     """--match: substrings, whole bracketed names as one term, "=" for exactly one name
     (a base variant's name is a substring of all its [overridden] siblings')."""

@@ -221,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
         f"XLA_FLAGS={header['xla_flags']!r}  tag={args.tag!r}  total {total_s:.0f}s"
     )
     print(table(rows))
+    if wanted and only - {"ceilings"} and all(r["bench"] == "ceilings" for r in rows):
+        print(
+            f"error: --match={args.match!r} names no variant of --only={args.only} in the "
+            f"{args.suite!r} suite; the names are in experiments/bench/suites.py",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 
