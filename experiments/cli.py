@@ -174,7 +174,13 @@ def stage_main(run: Callable, needs: str) -> None:
     flags.DEFINE_string("workdir", "runs/pipeline", f"the pipeline directory (holds {needs})")
 
     def go() -> None:
-        result = run(FLAGS.config, Path(FLAGS.workdir).absolute())
+        workdir = Path(FLAGS.workdir).absolute()
+        if not workdir.is_dir():
+            raise FileNotFoundError(
+                f"{workdir} is not a pipeline directory: give the one that holds {needs} "
+                "(python -m experiments.pipeline makes one)"
+            )
+        result = run(FLAGS.config, workdir)
         print(json.dumps(result, indent=2, default=str))
 
     main(go)

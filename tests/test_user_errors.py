@@ -24,7 +24,7 @@ from train import loop
 from train.checkpoint import Checkpointer, CheckpointError
 from train.optim import OptimConfig
 from train.pretrain import train
-from train.workdir import Workdir, WorkdirBusy
+from train.workdir import Workdir, WorkdirBusy, WorkdirError
 
 
 def _run(*args, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -92,6 +92,9 @@ def test_post_training_without_its_predecessor_is_one_line(tmp_path):
         result = _run(f"experiments.{stage}", f"--workdir={tmp_path}")
         _one_line_error(result, cli.EXIT_BAD_INPUT, f"{tmp_path / missing} holds no checkpoints")
     assert not (tmp_path / "posttrain_data").exists()  # nothing curated or mined first
+    result = _run("experiments.dpo", f"--workdir={tmp_path / 'typo'}")
+    _one_line_error(result, cli.EXIT_BAD_INPUT, "typo is not a pipeline directory", "sft")
+    assert not (tmp_path / "typo").exists()
 
 
 def test_pipeline_checks_every_stage_before_pretraining(tmp_path):
@@ -110,6 +113,15 @@ def test_a_busy_workdir_is_refused_naming_the_holder(tmp_path):
     assert cli.exit_status(WorkdirBusy("x")) == cli.EXIT_BUSY
     with Workdir(tmp_path / "run", config):  # released on exit (and by the kernel on death)
         pass
+
+
+def test_a_workdir_that_is_a_file_is_refused_and_kept(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    with pytest.raises(WorkdirError, match="is a file, not a directory"):
+        Workdir(a_file, get_config()).__enter__()
+    assert a_file.read_text() == "mine"
+    assert cli.exit_status(WorkdirError("x")) == cli.EXIT_BAD_INPUT
 
 
 def test_a_failed_background_save_stops_with_one_line(tmp_path, monkeypatch):

@@ -118,6 +118,8 @@ class Workdir:
     def _open(self) -> None:
         if not self.path.parent.is_dir():
             raise WorkdirError(f"the parent directory {self.path.parent} does not exist")
+        if self.path.exists() and not self.path.is_dir():
+            raise WorkdirError(f"{self.path} is a file, not a directory; choose another workdir")
         config_path = self.path / "config.json"
         if config_path.exists():
             old = json.loads(config_path.read_text())
