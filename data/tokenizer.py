@@ -77,7 +77,9 @@ class Tokenizer:
         return self.sp.encode(list(texts), num_threads=num_threads)
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.sp.decode(list(map(int, ids)))
+        # An id past the vocabulary (a padded embedding table's spare row) reads as unknown.
+        n, unk = self.sp.get_piece_size(), self.sp.unk_id()
+        return self.sp.decode([i if 0 <= i < n else unk for i in map(int, ids)])
 
 
 class CharTokenizer:
@@ -135,7 +137,8 @@ class CharTokenizer:
         for i in map(int, ids):
             if i in skip:
                 continue
-            out.append("\ufffd" if i == self.index[UNK] else self.pieces[i])
+            known = 0 <= i < len(self.pieces) and i != self.index[UNK]  # past it: padding
+            out.append(self.pieces[i] if known else "\ufffd")
         return "".join(out)
 
 

@@ -16,10 +16,16 @@ from absl import flags
 
 from experiments import cli
 
+DEFAULT_NEW_TOKENS = 128
 flags.DEFINE_string("workdir", None, "a stage directory with checkpoints", required=True)
 flags.DEFINE_string("prompt", "", "text to continue")
 flags.DEFINE_integer("num_samples", 2, "how many continuations")
-flags.DEFINE_integer("max_new_tokens", 128, "tokens to generate at most")
+flags.DEFINE_integer(
+    "max_new_tokens",
+    None,
+    f"tokens to generate at most (default: {DEFAULT_NEW_TOKENS}, or fewer if the model's "
+    "learned positions end sooner)",
+)
 flags.DEFINE_float("temperature", 0.8, "0 means greedy")
 flags.DEFINE_integer("top_k", 40, "0 disables top-k")
 flags.DEFINE_float("top_p", 1.0, "1.0 disables nucleus sampling")
@@ -34,15 +40,18 @@ def run() -> None:
     from train import sharding
     from train.checkpoint import load_model
 
+    if FLAGS.num_samples < 1:
+        raise ValueError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
     loaded = load_model(Path(FLAGS.workdir), which=FLAGS.checkpoint)
     tokenizer, mesh = loaded.tokenizer, sharding.make_mesh(sharding.MeshConfig())
     sampling = SamplingConfig(
-        max_new_tokens=FLAGS.max_new_tokens,
+        max_new_tokens=FLAGS.max_new_tokens or _room(loaded.cfg, tokenizer, FLAGS.prompt),
         temperature=FLAGS.temperature,
         top_k=FLAGS.top_k,
         top_p=FLAGS.top_p,
         eos_id=tokenizer.eos_id,
         pad_id=tokenizer.pad_id,
+        vocab_size=tokenizer.vocab_size,
     )
     with sharding.mesh_context(mesh):
         texts = sample_texts(
@@ -55,6 +64,20 @@ def run() -> None:
     print(f"checkpoint step {loaded.step}")
     for i, text in enumerate(texts):
         print(f"--- sample {i} ---\n{FLAGS.prompt}{text}")
+
+
+def _room(cfg, tokenizer, prompt: str) -> int:
+    """The default number of new tokens: DEFAULT_NEW_TOKENS, or what a model with learned
+    positions has left after the prompt (and its bos)."""
+    if cfg.positional != "learned":
+        return DEFAULT_NEW_TOKENS
+    used = 1 + len(tokenizer.encode(prompt))
+    if used >= cfg.max_len:
+        raise ValueError(
+            f"the prompt takes {used} of the model's {cfg.max_len} positions, leaving none "
+            "to generate: shorten --prompt"
+        )
+    return min(DEFAULT_NEW_TOKENS, cfg.max_len - used)
 
 
 if __name__ == "__main__":

@@ -34,14 +34,22 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0 means no nucleus filter
     eos_id: int | None = None  # stop a row once it emits this token
     pad_id: int = 0  # written after a row has stopped
+    # The tokenizer's vocabulary, when the model's embedding table is padded past it (GPT-2's
+    # 50257 -> 50304): ids from here up are never chosen. None: every id may be. RL stages
+    # leave it None, so that their log-probs (rlhf/sequences.py) match the sampler's.
+    vocab_size: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(
                 f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}"
             )
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingConfig: bad temperature/top_k/top_p in {self}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 keeps every token), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {self.top_p}")
 
 
 class Samples(NamedTuple):
@@ -72,6 +80,9 @@ def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: f
 
 
 def _choose(logits_BV: jax.Array, rng: jax.Array | None, cfg: SamplingConfig):
+    if cfg.vocab_size is not None and cfg.vocab_size < logits_BV.shape[-1]:
+        in_vocab_V = jnp.arange(logits_BV.shape[-1]) < cfg.vocab_size
+        logits_BV = jnp.where(in_vocab_V, logits_BV, NEG_INF)
     if cfg.temperature == 0:
         token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
         return token_B, jnp.zeros(token_B.shape, jnp.float32)
@@ -111,6 +122,12 @@ def sample(
         model, params = model.inference_form(params, transposed)
     T = cfg.max_new_tokens
     model_cfg = model.cfg
+    if cfg.vocab_size is not None and not 0 < cfg.vocab_size <= model_cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer's {cfg.vocab_size} ids do not fit the model's {model_cfg.vocab_size}"
+        )
+    if cfg.top_k > model_cfg.vocab_size:
+        raise ValueError(f"top_k {cfg.top_k} exceeds the vocabulary ({model_cfg.vocab_size})")
     if P + T > model_cfg.max_len and model_cfg.positional == "learned":
         raise ValueError(
             f"prompt length {P} + max_new_tokens {T} exceeds max_len {model_cfg.max_len}"

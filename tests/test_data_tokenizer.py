@@ -85,6 +85,14 @@ def test_char_tokenizer_interface(tmp_path):
     assert tok.decode(ids) == text
     assert tok.decode([tok.bos_id, *tok.encode("be"), tok.eos_id, tok.pad_id]) == "be"
     assert tok.decode(tok.encode("z")) == "\ufffd"  # unknown character
+    # an id past the vocabulary (a padded embedding table's spare row) reads as unknown
+    assert tok.decode([*tok.encode("be"), tok.vocab_size + 5, -1]) == "be\ufffd\ufffd"
+
+
+def test_ids_past_a_sentencepiece_vocabulary_decode_as_unknown(bpe):
+    ids = bpe.encode("def f():")
+    assert bpe.decode([*ids, bpe.vocab_size + 3]) == bpe.decode([*ids, bpe.sp.unk_id()])
+    assert bpe.decode([*ids, bpe.vocab_size + 3]).startswith("def f():")
 
 
 @pytest.mark.skipif(

@@ -172,6 +172,27 @@ def test_sampled_logprobs_match_filtered_distribution():
     np.testing.assert_allclose(out.logprobs_BT[0], expected, atol=1e-4)
 
 
+def test_ids_past_the_tokenizers_vocabulary_are_never_chosen():
+    """A padded embedding table's spare rows: sampled or greedy, only ids < vocab_size, and
+    greedy picks the best of those."""
+    cfg = get_preset("tiny")
+    model, params = _init(cfg)
+    prompts, lengths = jnp.asarray([[7, 8, 9]] * 4), jnp.asarray([3] * 4)
+    for temperature in (1.0, 0.0):
+        sampling = SamplingConfig(max_new_tokens=12, temperature=temperature, vocab_size=10)
+        out = make_sampler(model, sampling)(params, prompts, lengths, jax.random.key(1))
+        assert int(out.tokens_BT.max()) < 10
+    seq = jnp.concatenate([prompts[:1], out.tokens_BT[:1]], axis=1)
+    logits = model.apply({"params": params}, seq)[0, 2:-1, :10]
+    np.testing.assert_array_equal(out.tokens_BT[0], jnp.argmax(logits, -1))
+    unrestricted = make_sampler(model, SamplingConfig(max_new_tokens=12, temperature=1.0))
+    assert int(unrestricted(params, prompts, lengths, jax.random.key(1)).tokens_BT.max()) >= 10
+    with pytest.raises(ValueError, match="do not fit the model"):
+        make_sampler(model, SamplingConfig(vocab_size=cfg.vocab_size + 1))(
+            params, prompts, lengths, jax.random.key(1)
+        )
+
+
 def test_filters_keep_the_right_tokens():
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     kept = lambda f: (np.asarray(f) > -1e29).tolist()[0]  # noqa: E731

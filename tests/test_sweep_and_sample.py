@@ -73,8 +73,7 @@ def test_sample_command_reads_the_latest_checkpoint(trained_run, tmp_path):
             "experiments.sample",
             f"--workdir={workdir}",
             "--prompt=def ",
-            "--num_samples=3",
-            "--max_new_tokens=12",
+            "--num_samples=3",  # no --max_new_tokens: as many as the 32 positions leave
             "--temperature=0",
         ],
         env=cpu_env(),
@@ -89,16 +88,21 @@ def test_sample_command_reads_the_latest_checkpoint(trained_run, tmp_path):
     assert len(samples) == 3
     assert len(set(samples[i].split("\n", 1)[1] for i in range(3))) == 1  # greedy: all equal
 
-    missing = subprocess.run(
-        [sys.executable, "-m", "experiments.sample", f"--workdir={tmp_path / 'nothing'}"],
-        env=cpu_env(),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert missing.returncode == 2 and "holds no checkpoints" in missing.stderr
-    assert "Traceback" not in missing.stderr
+    for args, message in (
+        ([f"--workdir={tmp_path / 'nothing'}"], "holds no checkpoints"),
+        ([f"--workdir={workdir}", "--num_samples=0"], "--num_samples must be >= 1"),
+        ([f"--workdir={workdir}", "--prompt=" + "x" * 40], "shorten --prompt"),
+    ):
+        refused = subprocess.run(
+            [sys.executable, "-m", "experiments.sample", *args],
+            env=cpu_env(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
+        assert "Traceback" not in refused.stderr
 
 
 def test_best_eval_step_picks_the_lowest_eval_loss_among_kept_checkpoints(tmp_path):

@@ -197,6 +197,7 @@ def _print_samples(stage: loop.Stage, config: ConfigDict) -> None:
         top_p=sc.top_p,
         eos_id=tokenizer.eos_id,
         pad_id=tokenizer.pad_id,
+        vocab_size=tokenizer.vocab_size,
     )
     with sharding.mesh_context(stage.mesh):
         texts = sample_texts(
