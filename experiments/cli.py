@@ -51,9 +51,7 @@ def setup() -> None:
     Then, on an accelerator, the persistent compilation cache and threefry as one kernel
     (train/launch.py); on the CPU neither (the small models and tests that run there
     gain little from a cache shared between processes)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    for name in _QUIET_LOGGERS:  # their warnings must not drown the project's own messages
-        logging.getLogger(name).setLevel(logging.WARNING if FLAGS.verbose else logging.CRITICAL)
+    quiet_library_logs()
     distributed.initialize(
         FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.distributed_auto
     )
@@ -61,6 +59,14 @@ def setup() -> None:
 
     if jax.default_backend() != "cpu":
         launch.configure_accelerator(FLAGS.compilation_cache)
+
+
+def quiet_library_logs() -> None:
+    """The project's own INFO messages; the libraries' only with --verbose (orbax alone logs
+    dozens of lines a checkpoint read)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for name in _QUIET_LOGGERS:  # their warnings must not drown the project's own messages
+        logging.getLogger(name).setLevel(logging.WARNING if FLAGS.verbose else logging.CRITICAL)
 
 
 def exit_status(error: BaseException) -> int | None:

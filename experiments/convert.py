@@ -24,6 +24,7 @@ from absl import app, flags
 import model.hf as hf
 from data.cli import BAD_INPUT, fail, parse_flags
 from data.hf_tokenizer import CONFIG_FILE, is_hf_tokenizer_json
+from experiments import cli
 from model.hf import safetensors_io
 from model.transformer import LanguageModel
 from train import sharding, state
@@ -100,6 +101,7 @@ def import_shardings(cfg):
 
 
 def main(argv: list[str]) -> None:
+    cli.quiet_library_logs()
     command = argv[1] if len(argv) == 2 else None
     try:
         if command == "import":

@@ -372,3 +372,17 @@ def test_convert_commands_write_a_checkpoint_and_export_it(hf_dirs, tmp_path):
     assert (config["eos_token_id"], config["pad_token_id"]) == (eos, eos)  # GPT-2 pads with eos
     with pytest.raises(FileExistsError, match="already exists"):
         convert.export_checkpoint(tmp_path / "work", out)
+    # the command: one line on stdout, and orbax's dozens of log lines only with --verbose
+    command = [
+        sys.executable,
+        "-m",
+        "experiments.convert",
+        "export",
+        f"--workdir={tmp_path / 'work'}",
+    ]
+    run = subprocess.run(
+        [*command, f"--dst={tmp_path / 'out2'}"],
+        capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("exported") and run.stderr == ""
