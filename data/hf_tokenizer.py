@@ -74,6 +74,10 @@ class HFTokenizer:
         encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
         return [e.ids for e in encodings]
 
+    def piece(self, id_: int) -> str:
+        """The vocabulary entry of an id, as the tokenizer stores it (for display)."""
+        return self.backend.id_to_token(id_)
+
     def decode(self, ids: Sequence[int]) -> str:
         skip = {self._pad, self._bos, self._eos}
         kept = [int(i) for i in ids if int(i) not in skip]

@@ -76,6 +76,10 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
         return self.sp.encode(list(texts), num_threads=num_threads)
 
+    def piece(self, id_: int) -> str:
+        """The vocabulary entry of an id, as the tokenizer stores it (for display)."""
+        return self.sp.id_to_piece(id_)
+
     def decode(self, ids: Sequence[int]) -> str:
         # An id past the vocabulary (a padded embedding table's spare row) reads as unknown.
         n, unk = self.sp.get_piece_size(), self.sp.unk_id()
@@ -109,6 +113,10 @@ class CharTokenizer:
         return cls(spec["chars"])
 
     vocab_size = property(lambda self: len(self.pieces))
+
+    def piece(self, id_: int) -> str:
+        return self.pieces[id_]
+
     pad_id = property(lambda self: self.index[PAD])
     bos_id = property(lambda self: self.index[BOS])
     eos_id = property(lambda self: self.index[EOS])

@@ -4,9 +4,10 @@
 
 Inputs (nothing is drawn by hand or invented):
   --pretrain   a workdir of `python -m experiments.pretrain`: its metrics.jsonl and
-               config.json (loss curves, schedule), data/curation_report.json (the
-               curation report), data/ (a real packed batch, for the mask), the tokenizer,
-               and its newest checkpoint (attention patterns of the trained model);
+               config.json (loss curves, schedule), its prepared data (config data.dir,
+               else data/: the curation report, a real packed batch for the mask, the
+               tokenizer), and its newest checkpoint (attention patterns of the trained
+               model);
   --pipeline   a workdir of `python -m experiments.pipeline` (PPO curves); optional;
   the code     the mask rule (model/masking.py), the logical-axis rule table and a real
                parameter's sharding on an 8-device mesh (train/sharding.py, train/state.py),
@@ -14,7 +15,8 @@ Inputs (nothing is drawn by hand or invented):
   BENCHMARKS.md the recorded GPU runs (the kernel-time breakdown).
 
 Writes PNGs and small Markdown tables into docs/figures/, plus provenance.json saying what
-produced each. The PNGs are committed, so the guide builds without rerunning anything.
+produced each; if any generator fails, none of the files there changes. The PNGs are
+committed, so the guide builds without rerunning anything.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -41,7 +45,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from docs.build import FIGURES, REPO, git_revision, table_under_heading  # noqa: E402
+from docs.build import FIGURES, git_revision, table_under_heading  # noqa: E402
 
 DPI = 160
 plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "figure.dpi": DPI})
@@ -61,8 +65,15 @@ def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(steps), np.asarray(values, dtype=float)
 
 
+_staging: list[Path] = []  # where generate() has the generators write, until all succeed
+
+
+def _output(name: str) -> Path:
+    return (_staging[-1] if _staging else FIGURES) / name
+
+
 def _save(fig, name: str) -> Path:
-    path = FIGURES / name
+    path = _output(name)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -134,14 +145,14 @@ def loss_curves(run: Path) -> Path:
         f"`{data_cfg['corpus']}`, on the development machine's 2 CPU cores, shared with other "
         "work (so its throughput says little). {#tbl:pretrain-run}"
     )
-    md = FIGURES / "pretrain_table.md"
+    md = _output("pretrain_table.md")
     md.write_text("\n".join(lines) + "\n\n" + caption + "\n")
     return [png, md]
 
 
 def curation(run: Path) -> list[Path]:
     """Drops by reason (documents and bytes) and the same as a Markdown table."""
-    report = json.loads((run / "data" / "curation_report.json").read_text())
+    report = json.loads((_prepared_dir(run) / "curation_report.json").read_text())
     by_reason = report["dropped"]["by_reason"]
     names = ["kept"] + sorted(by_reason, key=lambda k: -by_reason[k]["bytes"])
     docs = [report["kept"]["docs"]] + [by_reason[k]["docs"] for k in names[1:]]
@@ -181,7 +192,7 @@ def curation(run: Path) -> list[Path]:
         )
         + ". {#tbl:curation}"
     )
-    md = FIGURES / "curation_table.md"
+    md = _output("curation_table.md")
     md.write_text("\n".join(lines) + "\n\n" + caption + "\n")
     return [png, md]
 
@@ -303,20 +314,20 @@ def attention_patterns(run: Path, num_tokens: int = 20) -> Path:
     batch = next(make_eval_iterator(_prepared_dir(run), config["data"]["seq_len"], 1))
     tokens = batch["inputs"][:, :num_tokens]
     tokenizer = load_prepared_tokenizer(_prepared_dir(run))
-    pieces = [tokenizer.decode([int(t)]) or tokenizer.sp.id_to_piece(int(t)) for t in tokens[0]]
+    pieces = [tokenizer.decode([int(t)]) or tokenizer.piece(int(t)) for t in tokens[0]]
     pieces = [p.replace("\n", "\\n").replace(" ", "·") for p in pieces]
 
     recorded = []
     original = attention.reference_attention
 
-    def recording(q_BQHD, k_BKGD, v_BKGD, mask_BQK):
+    def recording(q_BQHD, k_BKGD, v_BKGD, mask_BQK, *rest, **options):
         B, Q, H, D = q_BQHD.shape
         G = k_BKGD.shape[2]
         k_BKHD = jnp.repeat(k_BKGD, H // G, axis=2)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q_BQHD, k_BKHD) * D**-0.5
         scores = jnp.where(mask_BQK[:, None], scores, MASK_VALUE)
         recorded.append(np.asarray(jax.nn.softmax(scores, axis=-1))[0])
-        return original(q_BQHD, k_BKGD, v_BKGD, mask_BQK)
+        return original(q_BQHD, k_BKGD, v_BKGD, mask_BQK, *rest, **options)
 
     with mock.patch.object(attention, "reference_attention", recording):
         LanguageModel(cfg.replace(attention_backend="reference")).apply(
@@ -348,7 +359,7 @@ def tokenizer_example(run: Path) -> Path:
     tokenizer = load_prepared_tokenizer(_prepared_dir(run))
     text = "def attention_mask(q_positions, kv_positions):\n    return kv <= q"
     ids = tokenizer.encode(text)
-    pieces = [tokenizer.sp.id_to_piece(i) for i in ids]
+    pieces = [tokenizer.piece(i) for i in ids]
     assert tokenizer.decode(ids) == text  # the round trip the chapter promises
     rows = ["| # | piece | id |", "| ---: | :--- | ---: |"]
     rows += [f"| {k} | `{p}` | {i} |" for k, (p, i) in enumerate(zip(pieces, ids))]
@@ -365,7 +376,7 @@ def tokenizer_example(run: Path) -> Path:
         f"{len(ids)} tokens. `▁` is sentencepiece's space; `<0x0A>` is the newline, a "
         "byte-fallback token. `decode(encode(text)) == text`. {#tbl:tokens}"
     )
-    md = FIGURES / "tokenizer_table.md"
+    md = _output("tokenizer_table.md")
     md.write_text("\n".join(merged) + "\n\n" + caption + "\n")
     return md
 
@@ -453,7 +464,7 @@ def ground_truth(pipeline: Path) -> Path:
     )
     if checks:
         caption += f"; PPO's final KL to the SFT model: {checks.get('ppo_final_kl', 0):.2f} nats"
-    md = FIGURES / "ground_truth_table.md"
+    md = _output("ground_truth_table.md")
     md.write_text(markdown + "\n\n" + caption + ". {#tbl:ground-truth}\n")
     return md
 
@@ -668,15 +679,25 @@ def generate(pretrain: Path | None, pipeline: Path | None) -> dict[str, dict]:
     provenance_file = FIGURES / "provenance.json"
     provenance = json.loads(provenance_file.read_text()) if provenance_file.exists() else {}
     stamp = {"revision": git_revision(), "date": datetime.date.today().isoformat()}
-    for fn, args, source in jobs:
-        outputs = fn(*args)
-        for path in outputs if isinstance(outputs, list) else [outputs]:
-            provenance[path.name] = {
-                "generator": f"docs/figures.py:{fn.__name__}",
-                "source": source,
-                **stamp,
-            }
-            print(f"wrote {path.relative_to(REPO)}")
+    # Every generator writes into a staging folder; the committed files are replaced only
+    # once all of them have succeeded, so a failure leaves docs/figures/ as it was.
+    _staging.append(Path(tempfile.mkdtemp(prefix=".staging-", dir=FIGURES)))
+    try:
+        made = []
+        for fn, args, source in jobs:
+            outputs = fn(*args)
+            for path in outputs if isinstance(outputs, list) else [outputs]:
+                made.append(path)
+                provenance[path.name] = {
+                    "generator": f"docs/figures.py:{fn.__name__}",
+                    "source": source,
+                    **stamp,
+                }
+        for path in made:
+            os.replace(path, FIGURES / path.name)
+            print(f"wrote {FIGURES / path.name}")
+    finally:
+        shutil.rmtree(_staging.pop(), ignore_errors=True)
     provenance = dict(sorted(provenance.items()))
     provenance_file.write_text(json.dumps(provenance, indent=1) + "\n")
     provenance_table(provenance)
