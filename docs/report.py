@@ -182,8 +182,11 @@ def write_report(workdir: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m docs.report WORKDIR", file=sys.stderr)
+    if args in (["-h"], ["--help"]):
+        print(f"usage: python -m docs.report WORKDIR\n\n{__doc__}")
+        return 0
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m docs.report WORKDIR (a pipeline directory)", file=sys.stderr)
         return 2
     try:
         print(write_report(args[0]))

@@ -167,3 +167,15 @@ def test_host_spans_time_a_compile_by_its_named_spans(tmp_path):
     assert all(
         wall <= total + 1e-6 and threads >= 1 for _, total, wall, threads in spans["top_spans"]
     )
+
+
+def test_report_reprints_saved_rows_and_refuses_missing_files(tmp_path, capsys):
+    from experiments.bench import report
+
+    rows = tmp_path / "bench.jsonl"
+    rows.write_text(json.dumps({"bench": "train", "variant": "tiny/T32", "step_ms": 1.5}) + "\n")
+    assert report.main([str(rows)]) == 0
+    assert "tiny/T32 | 1.5" in capsys.readouterr().out
+    assert report.main([str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert report.main([]) == 2

@@ -50,6 +50,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    rows = [json.loads(line) for path in sys.argv[1:] for line in open(path) if line.strip()]
+def main(paths: list[str]) -> int:
+    if not paths or any(p.startswith("-") for p in paths):
+        print(__doc__.strip(), file=sys.stderr)
+        return 0 if paths in (["-h"], ["--help"]) else 2
+    try:
+        rows = [json.loads(line) for path in paths for line in open(path) if line.strip()]
+    except (OSError, json.JSONDecodeError) as error:
+        print(f"error: {error}; give the bench.jsonl files of runs", file=sys.stderr)
+        return 2
     print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -32,4 +32,10 @@ def measure(size_mib: int = 2048, iters: int = 20) -> dict:
 
 
 if __name__ == "__main__":
+    import sys
+
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("error: needs a CUDA GPU, and torch built with CUDA (the ceiling is the GPU's)")
     print(json.dumps(measure()))
