@@ -14,7 +14,7 @@ SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinysha
 
 
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} is absent")
-def test_shakespeare_char_recipe_trains(tmp_path):
+def test_shakespeare_char_recipe_trains(tmp_path, capsys):
     config = get_config()
     assert (config.model.n_layers, config.model.n_heads, config.model.d_model) == (6, 6, 384)
     assert config.model.dropout_rate == 0.2 and config.optim.b2 == 0.99
@@ -27,8 +27,12 @@ def test_shakespeare_char_recipe_trains(tmp_path):
     config.train.eval_every = 4
     config.train.eval_batches = 2
     config.train.log_every = 1
-    config.sample.num_samples = 0
+    # the samples printed at the end: an untrained model, whose 128-row table is padded past
+    # the ~70 characters, so ids past the vocabulary would be drawn if the sampler allowed it
+    config.sample.num_samples, config.sample.max_new_tokens = 2, 40
     final = train(config, tmp_path / "run")
+    printed = capsys.readouterr().out
+    assert printed.count("--- sample ") == 2 and "\ufffd" not in printed
     losses = [
         r["train/loss"]
         for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
