@@ -7,6 +7,7 @@ named by the line `error: ...`; 130 interrupted (Ctrl-C; the output folder is un
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 
@@ -46,6 +47,8 @@ def run(main: Callable[[], None]) -> None:
 
     def guarded(argv: list[str]) -> None:
         del argv
+        if not FLAGS.verbose:  # TFDS' writer logs every shard it writes at INFO
+            logging.getLogger("absl").setLevel(logging.WARNING)
         try:
             main()
         except (ValueError, OSError) as error:

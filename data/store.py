@@ -44,6 +44,13 @@ def _tfds_builder_class():
         def _generate_examples(self, docs):
             yield from enumerate(docs)
 
+        # TFDS announces a download of "Unknown size" and its end; nothing is downloaded here
+        def _log_download_bytes(self):
+            pass
+
+        def _log_download_done(self):
+            pass
+
     return CuratedCorpus
 
 
@@ -51,6 +58,7 @@ def write_text_dataset(root: Path, splits: dict[str, Sequence[dict]]) -> None:
     """Writes {split: [{"name", "text"}, ...]} as an array_record TFDS dataset under root."""
     import tensorflow_datasets as tfds
 
+    tfds.display_progress_bar(False)  # the caller shows its own progress
     builder = _tfds_builder_class()(splits=splits, data_dir=str(root), file_format="array_record")
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(verify_ssl=False),

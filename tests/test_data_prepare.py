@@ -65,7 +65,7 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     return line
 
 
-def test_prepare_end_to_end(tmp_path, corpus):
+def test_prepare_end_to_end(tmp_path, corpus, capfd):
     (corpus / "junk.bin").write_bytes(b"\x00\x01binary")
     try:
         meta = prepare(
@@ -78,6 +78,8 @@ def test_prepare_end_to_end(tmp_path, corpus):
         )
     finally:
         (corpus / "junk.bin").unlink()
+    printed = capfd.readouterr()
+    assert "Downloading" not in printed.out + printed.err  # nothing is; TFDS said so
     out = tmp_path / "out"
     report = json.loads((out / "curation_report.json").read_text())
     for key in ("input", "kept", "dropped"):
