@@ -34,9 +34,10 @@ class SamplingConfig:
     top_p: float = 1.0  # 1.0 means no nucleus filter
     eos_id: int | None = None  # stop a row once it emits this token
     pad_id: int = 0  # written after a row has stopped
-    # The tokenizer's vocabulary, when the model's embedding table is padded past it (GPT-2's
-    # 50257 -> 50304): ids from here up are never chosen. None: every id may be. RL stages
-    # leave it None, so that their log-probs (rlhf/sequences.py) match the sampler's.
+    # The tokenizer's vocabulary, when the model has more ids than it (gpt2_124m's 50,257 over
+    # a 50,000-piece tokenizer, shakespeare_char's 128 over ~70 characters): ids from here up
+    # are never chosen. None: every id may be. RL stages leave it None, so that their
+    # log-probs (rlhf/sequences.py) match the sampler's.
     vocab_size: int | None = None
 
     def __post_init__(self):
