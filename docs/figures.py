@@ -393,7 +393,7 @@ def _stage_curves(records: list[dict], panels: list[tuple[str, str]], name: str)
 
     def find(suffix: str) -> str | None:
         """The training series ending in `suffix` (the key most records have: not eval/)."""
-        matches = [k for k in counts if k == suffix or k.endswith("/" + suffix)]
+        matches = [k for k in counts if has_panel({k}, suffix)]
         return max(matches, key=lambda k: (counts[k], -len(k)), default=None)
 
     found = [(find(suffix), title) for suffix, title in panels]
@@ -410,28 +410,35 @@ def _stage_curves(records: list[dict], panels: list[tuple[str, str]], name: str)
     return _save(fig, f"{name}_curves.png")
 
 
+def has_panel(keys: set[str], suffix: str) -> bool:
+    """Whether a stage logged the series a panel shows (its name, or `stage/name`)."""
+    return any(k == suffix or k.endswith("/" + suffix) for k in keys)
+
+
+PPO_PANELS = [  # (metric suffix, title); tests/test_posttrain_resume.py checks PPO logs them
+    ("score_mean", "reward-model score"),
+    ("kl", "KL to the SFT model (nats)"),
+    ("beta", "KL coefficient beta"),
+    ("response_length", "response length (tokens)"),
+    ("value_explained_variance", "value explained variance"),
+]
+GRPO_PANELS = [
+    ("reward_mean", "verifiable reward (mean)"),
+    ("check_parses", "sampled answers that parse"),
+    ("frac_groups_all_equal", "groups with equal rewards"),
+    ("kl", "k3 KL to the SFT model"),
+    ("response_length", "response length (tokens)"),
+]
+
+
 def ppo_curves(pipeline: Path) -> Path:
     """Score, KL, KL coefficient, response length and clipping over PPO iterations."""
-    panels = [
-        ("score_mean", "reward-model score"),
-        ("kl", "KL to the SFT model (nats)"),
-        ("beta", "KL coefficient beta"),
-        ("response_length", "response length (tokens)"),
-        ("value_explained_variance", "value explained variance"),
-    ]
-    return _stage_curves(read_jsonl(pipeline / "ppo" / "metrics.jsonl"), panels, "ppo")
+    return _stage_curves(read_jsonl(pipeline / "ppo" / "metrics.jsonl"), PPO_PANELS, "ppo")
 
 
 def grpo_curves(pipeline: Path) -> Path:
     """Verifiable reward, all-equal groups, KL and response length over GRPO iterations."""
-    panels = [
-        ("reward_mean", "verifiable reward (mean)"),
-        ("check_parses", "sampled answers that parse"),
-        ("frac_groups_all_equal", "groups with equal rewards"),
-        ("kl", "k3 KL to the SFT model"),
-        ("response_length", "response length (tokens)"),
-    ]
-    return _stage_curves(read_jsonl(pipeline / "grpo" / "metrics.jsonl"), panels, "grpo")
+    return _stage_curves(read_jsonl(pipeline / "grpo" / "metrics.jsonl"), GRPO_PANELS, "grpo")
 
 
 GROUND_TRUTH_COLUMNS = (
