@@ -169,6 +169,12 @@ def main(run: Callable[[], None]) -> None:
     app.run(wrapped, flags_parser=_parse_flags)
 
 
+def define_model_flags() -> None:
+    """--workdir and --checkpoint: the model of a stage directory (or an import) to read."""
+    flags.DEFINE_string("workdir", None, "a stage directory with checkpoints", required=True)
+    flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "newest, or lowest eval loss")
+
+
 def stage_main(run: Callable, needs: str) -> None:
     """`python -m experiments.STAGE --config=CONFIG --workdir=DIR`: one post-training stage of
     the pipeline directory DIR (which holds `needs`); prints its results as JSON."""

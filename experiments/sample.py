@@ -17,7 +17,7 @@ from absl import flags
 from experiments import cli
 
 DEFAULT_NEW_TOKENS = 128
-flags.DEFINE_string("workdir", None, "a stage directory with checkpoints", required=True)
+cli.define_model_flags()
 flags.DEFINE_string("prompt", "", "text to continue")
 flags.DEFINE_integer("num_samples", 2, "how many continuations")
 flags.DEFINE_integer(
@@ -30,7 +30,6 @@ flags.DEFINE_float("temperature", 0.8, "0 means greedy")
 flags.DEFINE_integer("top_k", 40, "0 disables top-k")
 flags.DEFINE_float("top_p", 1.0, "1.0 disables nucleus sampling")
 flags.DEFINE_integer("seed", 0, "sampling seed")
-flags.DEFINE_enum("checkpoint", "latest", ["latest", "best"], "newest, or lowest eval loss")
 FLAGS = flags.FLAGS
 
 
