@@ -74,7 +74,7 @@ def evaluate_checkpoint(
     from data.tokenizer import tokenizer_identity
     from model.transformer import LanguageModel
     from train import sharding
-    from train.checkpoint import load_model
+    from train.checkpoint import load_model, read_latest_meta
 
     stage_dir, data_dir = Path(stage_dir).absolute(), Path(data_dir).absolute()
     meta = load_meta(data_dir)  # FileNotFoundError names a folder that is not prepared data
@@ -82,14 +82,14 @@ def evaluate_checkpoint(
         raise ValueError(f"{data_dir} has no split {split!r}; it has {sorted(meta['splits'])}")
     mesh = sharding.make_mesh(sharding.MeshConfig())
     sharding.check_batch_size(batch_size, mesh)
-    loaded = load_model(stage_dir, mesh, which)
     theirs = tokenizer_identity(prepared_tokenizer_files(data_dir))["sha256"]
-    ours = loaded.meta.get("tokenizer", {}).get("sha256")
+    ours = read_latest_meta(stage_dir).get("tokenizer", {}).get("sha256")  # before any weight
     if ours and theirs != ours:
         raise ValueError(
             f"{data_dir} is tokenized with another tokenizer (sha256 {theirs[:12]}) than "
             f"{stage_dir}'s ({ours[:12]}); prepare the text with --tokenizer={stage_dir}/tokenizer"
         )
+    loaded = load_model(stage_dir, mesh, which)
     cfg = loaded.cfg
     seq_len = seq_len or cfg.max_len
     if seq_len > cfg.max_len and cfg.positional == "learned":
