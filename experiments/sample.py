@@ -34,7 +34,7 @@ FLAGS = flags.FLAGS
 
 
 def run() -> None:
-    from model.sampling import SamplingConfig, make_sampler, sample_texts
+    from model.sampling import SamplingConfig, fitting_new_tokens, make_sampler, sample_texts
     from model.transformer import LanguageModel
     from train import sharding
     from train.checkpoint import load_model
@@ -44,7 +44,10 @@ def run() -> None:
     loaded = load_model(Path(FLAGS.workdir), which=FLAGS.checkpoint)
     tokenizer, mesh = loaded.tokenizer, sharding.make_mesh(sharding.MeshConfig())
     sampling = SamplingConfig(
-        max_new_tokens=FLAGS.max_new_tokens or _room(loaded.cfg, tokenizer, FLAGS.prompt),
+        max_new_tokens=FLAGS.max_new_tokens
+        or fitting_new_tokens(
+            loaded.cfg, 1 + len(tokenizer.encode(FLAGS.prompt)), DEFAULT_NEW_TOKENS
+        ),
         temperature=FLAGS.temperature,
         top_k=FLAGS.top_k,
         top_p=FLAGS.top_p,
@@ -63,20 +66,6 @@ def run() -> None:
     print(f"checkpoint step {loaded.step}")
     for i, text in enumerate(texts):
         print(f"--- sample {i} ---\n{FLAGS.prompt}{text}")
-
-
-def _room(cfg, tokenizer, prompt: str) -> int:
-    """The default number of new tokens: DEFAULT_NEW_TOKENS, or what a model with learned
-    positions has left after the prompt (and its bos)."""
-    if cfg.positional != "learned":
-        return DEFAULT_NEW_TOKENS
-    used = 1 + len(tokenizer.encode(prompt))
-    if used >= cfg.max_len:
-        raise ValueError(
-            f"the prompt takes {used} of the model's {cfg.max_len} positions, leaving none "
-            "to generate: shorten --prompt"
-        )
-    return min(DEFAULT_NEW_TOKENS, cfg.max_len - used)
 
 
 if __name__ == "__main__":

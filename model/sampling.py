@@ -182,6 +182,20 @@ def sample(
     return Samples(tokens_BT, logprobs_BT, lengths_B, finished_B)
 
 
+def fitting_new_tokens(model_cfg, prompt_tokens: int, wanted: int) -> int:
+    """At most `wanted` new tokens: all of them with RoPE, and what a model with learned
+    positions has left after a prompt of `prompt_tokens` (bos included). ValueError when
+    the prompt leaves none."""
+    if model_cfg.positional != "learned":
+        return wanted
+    if prompt_tokens >= model_cfg.max_len:
+        raise ValueError(
+            f"the prompt takes {prompt_tokens} of the model's {model_cfg.max_len} positions, "
+            "leaving none to generate: shorten the prompt"
+        )
+    return min(wanted, model_cfg.max_len - prompt_tokens)
+
+
 def make_sampler(model: nn.Module, cfg: SamplingConfig) -> Callable[..., Samples]:
     """jitted `sampler(params, prompts_BP, prompt_lengths_B, rng) -> Samples`.
 

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from model.config import get_preset
-from model.sampling import SamplingConfig, filter_logits, make_sampler
+from model.sampling import SamplingConfig, filter_logits, fitting_new_tokens, make_sampler
 from model.transformer import LanguageModel, fill_slots_ahead, init_cache
 from tests.helpers import mesh_of
 from train import sharding
@@ -191,6 +191,14 @@ def test_ids_past_the_tokenizers_vocabulary_are_never_chosen():
         make_sampler(model, SamplingConfig(vocab_size=cfg.vocab_size + 1))(
             params, prompts, lengths, jax.random.key(1)
         )
+
+
+def test_new_tokens_fit_the_learned_positions_left_after_the_prompt():
+    learned, rope = get_preset("tiny", max_len=32), get_preset("tiny-llama", max_len=32)
+    assert fitting_new_tokens(learned, 10, 128) == 22 and fitting_new_tokens(learned, 10, 5) == 5
+    assert fitting_new_tokens(rope, 10, 128) == 128  # RoPE extrapolates: the caller's choice
+    with pytest.raises(ValueError, match="takes 32 of the model's 32 positions"):
+        fitting_new_tokens(learned, 32, 128)
 
 
 def test_filters_keep_the_right_tokens():

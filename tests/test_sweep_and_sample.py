@@ -91,7 +91,7 @@ def test_sample_command_reads_the_latest_checkpoint(trained_run, tmp_path):
     for args, message in (
         ([f"--workdir={tmp_path / 'nothing'}"], "holds no checkpoints"),
         ([f"--workdir={workdir}", "--num_samples=0"], "--num_samples must be >= 1"),
-        ([f"--workdir={workdir}", "--prompt=" + "x" * 40], "shorten --prompt"),
+        ([f"--workdir={workdir}", "--prompt=" + "x" * 40], "shorten the prompt"),
     ):
         refused = subprocess.run(
             [sys.executable, "-m", "experiments.sample", *args],

@@ -16,7 +16,7 @@ import jax
 from ml_collections import ConfigDict
 
 from model.config import ModelConfig
-from model.sampling import SamplingConfig, make_sampler, sample_texts
+from model.sampling import SamplingConfig, fitting_new_tokens, make_sampler, sample_texts
 from model.transformer import LanguageModel
 from train import flops, loop, sharding
 from train.checkpoint import finished_results, load_params, read_latest_meta, store_tokenizer
@@ -190,8 +190,14 @@ def _print_samples(stage: loop.Stage, config: ConfigDict) -> None:
 
     tokenizer = load_stage_tokenizer(stage.directory, stage.meta)
     cfg = ModelConfig(**stage.meta["model"])
+    try:
+        prompt_tokens = 1 + len(tokenizer.encode(sc.prompt))
+        new_tokens = fitting_new_tokens(cfg, prompt_tokens, sc.max_new_tokens)
+    except ValueError as error:  # the training is done and saved: say so, do not fail it
+        log.warning("no samples printed: %s (sample.prompt)", error)
+        return
     sampling = SamplingConfig(
-        max_new_tokens=min(sc.max_new_tokens, cfg.max_len - 16),
+        max_new_tokens=new_tokens,
         temperature=sc.temperature,
         top_k=sc.top_k,
         top_p=sc.top_p,
