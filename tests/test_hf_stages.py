@@ -258,6 +258,7 @@ def test_continued_pretraining_tokenizes_with_the_imported_tokenizer(imports, tm
     from data.prepare import load_meta, prepare
     from tests.run_helpers import make_corpus
     from train.checkpoint import read_latest_meta
+    from train.evaluate import evaluate_checkpoint
     from train.pretrain import train, validate
 
     _, _, imported = imports["gpt2"]
@@ -272,6 +273,9 @@ def test_continued_pretraining_tokenizes_with_the_imported_tokenizer(imports, tm
     meta = load_meta(tmp_path / "data")
     assert meta["tokenizer"]["type"] == "existing" and meta["tokenizer"]["sha256"] == sha
     assert meta["tokenizer"]["files"] == ["tokenizer.json", "tokenizer_config.json"]
+    # the import itself scores that data: its tokenizer is the data's, by sha256
+    scored = evaluate_checkpoint(imported, tmp_path / "data", seq_len=32, max_batches=2)
+    assert scored["step"] == 0 and np.isfinite(scored["eval/bits_per_byte"])
 
     # data tokenized with another tokenizer is refused, in one line
     prepare(f"text:{corpus}", tmp_path / "chars", tokenizer="char", progress=False)
