@@ -118,6 +118,8 @@ def evaluate_checkpoint(
     if progress:
         from tqdm import tqdm
 
-        batches = tqdm(batches, desc=f"evaluating {split}", unit="batch", total=max_batches)
+        rows = -(-(meta["splits"][split]["tokens"] - 1) // seq_len)  # as the packer counts
+        total = min(-(-rows // batch_size), max_batches or rows)
+        batches = tqdm(batches, desc=f"evaluating {split}", unit="batch", total=total)
     metrics = evaluate(eval_step, loaded.params, batches, pipeline.bytes_per_token(data_dir, split))
     return {"step": loaded.step, "split": split, "seq_len": seq_len, **metrics}
