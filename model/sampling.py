@@ -12,7 +12,7 @@ a padding slot stays unseen until its row's new token overwrites it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -207,9 +207,21 @@ def make_sampler(model: nn.Module, cfg: SamplingConfig) -> Callable[..., Samples
     )
 
 
-def sample_texts(sampler, params, tokenizer, prompts: list[str], rng: jax.Array) -> list[str]:
-    """Encodes prompts (bos first), samples, and decodes each continuation up to EOS."""
-    encoded = [[tokenizer.bos_id, *tokenizer.encode(p)] for p in prompts]
+def sample_texts(
+    sampler,
+    params,
+    tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    rng: jax.Array,
+    stop_id: int | None = None,
+) -> list[str]:
+    """Samples after each prompt, text (encoded after bos) or ids as they go in (a rendered
+    chat, rlhf/chat.py), and decodes each continuation up to its stop token: `stop_id`, the
+    sampler's EOS, by default the tokenizer's."""
+    stop_id = tokenizer.eos_id if stop_id is None else stop_id
+    encoded = [
+        [tokenizer.bos_id, *tokenizer.encode(p)] if isinstance(p, str) else list(p) for p in prompts
+    ]
     width = max(len(e) for e in encoded)
     prompts_BP = np.full((len(encoded), width), tokenizer.pad_id, np.int32)
     for row, ids in enumerate(encoded):
@@ -217,8 +229,6 @@ def sample_texts(sampler, params, tokenizer, prompts: list[str], rng: jax.Array)
     lengths_B = np.asarray([len(e) for e in encoded], np.int32)
     out = jax.device_get(sampler(params, prompts_BP, lengths_B, rng))
     return [
-        tokenizer.decode(
-            [int(t) for t in out.tokens_BT[i, : out.lengths_B[i]] if t != tokenizer.eos_id]
-        )
+        tokenizer.decode([int(t) for t in out.tokens_BT[i, : out.lengths_B[i]] if t != stop_id])
         for i in range(len(prompts))
     ]

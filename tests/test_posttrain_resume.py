@@ -302,3 +302,17 @@ def test_a_nonfinite_sft_step_is_skipped_and_counted_when_configured(
     config.sft.train.skip_nonfinite = True
     results = sft.run(config, root)
     assert results["sft/skipped_steps"] == 1
+
+
+def test_the_sample_command_chats_with_the_sft_model(pipeline_for_ppo):
+    """--chat: the prompt as a user's turn of the SFT template, the answer up to <|end|>."""
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.sample", f"--workdir={pipeline_for_ppo[1] / 'sft'}",
+         "--chat", "--system=Answer in Python.", "--prompt=Write the Python function `f0`:",
+         "--num_samples=2", "--max_new_tokens=12", "--temperature=0"],
+        env=cpu_env(), cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = result.stdout.split("--- answer ")[1:]
+    assert len(answers) == 2 and answers[0] == answers[1].replace("1 ---", "0 ---", 1)
+    assert "<|end|>" not in result.stdout and "Write the Python" not in result.stdout
