@@ -214,15 +214,17 @@ def sample_texts(
     prompts: Sequence[str | Sequence[int]],
     rng: jax.Array,
     stop_id: int | None = None,
+    width: int = 0,
 ) -> list[str]:
     """Samples after each prompt, text (encoded after bos) or ids as they go in (a rendered
     chat, rlhf/chat.py), and decodes each continuation up to its stop token: `stop_id`, the
-    sampler's EOS, by default the tokenizer's."""
+    sampler's EOS, by default the tokenizer's. The prompts are right-padded to their longest,
+    or to `width` if longer (the sampler compiles once per width)."""
     stop_id = tokenizer.eos_id if stop_id is None else stop_id
     encoded = [
         [tokenizer.bos_id, *tokenizer.encode(p)] if isinstance(p, str) else list(p) for p in prompts
     ]
-    width = max(len(e) for e in encoded)
+    width = max(width, *(len(e) for e in encoded))
     prompts_BP = np.full((len(encoded), width), tokenizer.pad_id, np.int32)
     for row, ids in enumerate(encoded):
         prompts_BP[row, : len(ids)] = ids

@@ -316,3 +316,16 @@ def test_the_sample_command_chats_with_the_sft_model(pipeline_for_ppo):
     answers = result.stdout.split("--- answer ")[1:]
     assert len(answers) == 2 and answers[0] == answers[1].replace("1 ---", "0 ---", 1)
     assert "<|end|>" not in result.stdout and "Write the Python" not in result.stdout
+
+    # without --prompt, a conversation on stdin: each answer sees the turns before it; a turn
+    # longer than the context is refused, and the conversation goes on
+    talk = subprocess.run(
+        [sys.executable, "-m", "experiments.sample", f"--workdir={pipeline_for_ppo[1] / 'sft'}",
+         "--chat", "--max_new_tokens=12", "--temperature=0"],
+        input="Write the Python function `f0`:\n" + "x" * 200 + "\nAnd `f1`?\n\nnot read\n",
+        env=cpu_env(), cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert talk.returncode == 0, talk.stderr[-3000:]
+    lines = talk.stdout.splitlines()
+    assert sum(line.startswith("model> ") for line in lines) == 2
+    assert any(line.startswith("(that turn takes 2") for line in lines)
