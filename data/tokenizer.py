@@ -81,7 +81,7 @@ class Tokenizer:
         return self.sp.id_to_piece(id_)
 
     def decode(self, ids: Sequence[int]) -> str:
-        # An id past the vocabulary (a padded embedding table's spare row) reads as unknown.
+        # An id past the vocabulary (a spare id of a model with more than this) reads as unknown.
         n, unk = self.sp.get_piece_size(), self.sp.unk_id()
         return self.sp.decode([i if 0 <= i < n else unk for i in map(int, ids)])
 
@@ -145,7 +145,7 @@ class CharTokenizer:
         for i in map(int, ids):
             if i in skip:
                 continue
-            known = 0 <= i < len(self.pieces) and i != self.index[UNK]  # past it: padding
+            known = 0 <= i < len(self.pieces) and i != self.index[UNK]  # past: a spare id
             out.append(self.pieces[i] if known else "\ufffd")
         return "".join(out)
 
