@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from docs import figures
+from docs import figures, plotting
 
 PRETRAIN_OUTPUTS = {
     "pretrain_loss.png",
@@ -36,7 +36,7 @@ def test_every_pretraining_figure_comes_from_the_run(trained_run, figures_dir):
         assert provenance[name]["source"] == f"pretraining workdir {trained_run.workdir}"
         assert (figures_dir / name).stat().st_size > 100
     table = (figures_dir / "pretrain_table.md").read_text()
-    last_eval = [r for r in figures.read_jsonl(trained_run.workdir / "metrics.jsonl")
+    last_eval = [r for r in plotting.read_jsonl(trained_run.workdir / "metrics.jsonl")
                  if "eval/loss" in r][-1]  # fmt: skip
     assert f"eval loss at step {last_eval['step']} | {last_eval['eval/loss']:.3f}" in table
     assert json.loads((figures_dir / "provenance.json").read_text()) == provenance

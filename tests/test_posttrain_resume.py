@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from data.array_batches import ArrayBatches
-from docs import figures
+from docs import run_figures
 from experiments import grpo, ppo, reward, sft
 from experiments.cli import EXIT_INTERRUPTED
 from model.transformer import LanguageModel
@@ -126,8 +126,8 @@ def test_sft_resumes_exactly_after_a_crash(pipeline, tmp_path, monkeypatch, capl
 
 def _logs_every_panel_of_the_guide(stage_dir: Path, panels: list[tuple[str, str]]) -> None:
     """The guide's curves of this stage (docs/figures.py) find every series they plot."""
-    keys = {k for record in figures.read_jsonl(stage_dir / "metrics.jsonl") for k in record}
-    assert [s for s, _ in panels if not figures.has_panel(keys, s)] == []
+    keys = {k for record in run_figures.read_jsonl(stage_dir / "metrics.jsonl") for k in record}
+    assert [s for s, _ in panels if not run_figures.has_panel(keys, s)] == []
 
 
 def test_ppo_resumes_exactly_after_a_crash(pipeline_for_ppo, tmp_path, monkeypatch, caplog):
@@ -135,7 +135,7 @@ def test_ppo_resumes_exactly_after_a_crash(pipeline_for_ppo, tmp_path, monkeypat
     full = copy_of(pipeline_for_ppo, tmp_path / "full")
     killed = copy_of(pipeline_for_ppo, tmp_path / "killed")
     expected = ppo.run(config, full)
-    _logs_every_panel_of_the_guide(full / "ppo", figures.PPO_PANELS)
+    _logs_every_panel_of_the_guide(full / "ppo", run_figures.PPO_PANELS)
 
     with monkeypatch.context() as m:
         crash_at(m, 3)
@@ -156,7 +156,7 @@ def test_grpo_resumes_exactly_after_a_crash(pipeline_for_ppo, tmp_path, monkeypa
     full = copy_of(pipeline_for_ppo, tmp_path / "full")
     killed = copy_of(pipeline_for_ppo, tmp_path / "killed")
     expected = grpo.run(config, full)
-    _logs_every_panel_of_the_guide(full / "grpo", figures.GRPO_PANELS)
+    _logs_every_panel_of_the_guide(full / "grpo", run_figures.GRPO_PANELS)
     assert set(expected["ground_truth"]) == {"sft", "grpo"}
     assert "grpo/check_parses" in expected and "grpo/reward_mean" in expected
 
