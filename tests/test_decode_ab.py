@@ -30,3 +30,14 @@ def test_one_process_measures_the_tiny_sampler(capsys):
     table = capsys.readouterr().out.splitlines()
     assert table[-3].startswith("median copy ceiling")
     assert table[-1].startswith("candidate")
+
+
+def test_several_candidates_are_labelled_by_their_directories(tmp_path, capsys):
+    for name in ("a", "b"):
+        (tmp_path / name / "model").mkdir(parents=True)
+    first, second = str(tmp_path / "a"), str(tmp_path / "b")
+    assert decode_ab.main(["--candidate", first, "--candidate", first]) == 2
+    assert "distinct names" in capsys.readouterr().err
+    # each candidate is checked before any process starts
+    assert decode_ab.main(["--candidate", first, "--candidate", second]) == 2
+    assert capsys.readouterr().err.strip() == f"decode_ab: a {first} holds no model/ package"

@@ -2,8 +2,10 @@
 
     git archive HEAD model | tar -x -C /tmp/baseline    # a tree: a directory with model/
     python -m experiments.bench.decode_ab --baseline /tmp/baseline --rounds 3
+    python -m experiments.bench.decode_ab --baseline . --candidate /tmp/a --candidate /tmp/b
 
-Each process imports `model` from one tree (the candidate defaults to this checkout),
+Each process imports `model` from one tree (the candidate defaults to this checkout; several
+candidates may be given),
 measures the copy ceiling (`ceilings.py`), then the sampler's time per token
 (`decode.run_sampler`, greedy, no EOS), and prints one row. The processes alternate between
 the trees because the copy bandwidth, and the decoding time with it, moves by a few per cent
@@ -113,7 +115,13 @@ def compare(rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.bench.decode_ab", description=__doc__)
     ap.add_argument("--baseline", type=Path, help="a directory holding a model/ package")
-    ap.add_argument("--candidate", type=Path, default=REPO)
+    ap.add_argument(
+        "--candidate",
+        type=Path,
+        action="append",
+        help="a directory holding a model/ package (default this checkout); repeat it for "
+        "several, each labelled by its directory's name",
+    )
     ap.add_argument("--rounds", type=int, default=3, help="processes per tree")
     ap.add_argument("--preset", default="gpt-1.3b")
     ap.add_argument("--batch", type=int, default=1)
@@ -127,7 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(ROW + json.dumps(measure(args)), flush=True)
         return 0
-    trees = {"candidate": args.candidate.resolve()}
+    candidates = [c.resolve() for c in args.candidate or [REPO]]
+    if len(candidates) == 1:
+        trees = {"candidate": candidates[0]}
+    else:
+        trees = {c.name: c for c in candidates}
+        if len(trees) < len(candidates):
+            print("decode_ab: candidates need directories of distinct names", file=sys.stderr)
+            return 2
     if args.baseline is not None:
         trees = {"baseline": args.baseline.resolve(), **trees}
     for label, tree in trees.items():

@@ -23,8 +23,9 @@ from model.layers import Norm
 from model.masking import attention_mask
 from train import losses
 
-# gpt-1.3b decoding one sequence as two rows (model/sampling.py): cache of 128 + 256 slots.
-DECODE_SHAPES = {"gpt-1.3b": (2, 384, 16, 16, 128), "llama-1b": (2, 384, 32, 8, 64)}
+# One sequence, as the sampler decodes it on a GPU (its transposed form, model/sampling.py),
+# with a cache of 128 + 256 slots.
+DECODE_SHAPES = {"gpt-1.3b": (1, 384, 16, 16, 128), "llama-1b": (1, 384, 32, 8, 64)}
 # Kernel settings tried: (formulation, cache slots per block, programs per head, warps,
 # who combines the programs' partial results).
 DECODE_KERNELS = [
