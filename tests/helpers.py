@@ -122,11 +122,25 @@ def cached_decoding_logits(model, params, tokens_BL: jax.Array, prefill: int) ->
     return jnp.concatenate(steps, axis=1)
 
 
+# The GPU that lowering for CUDA targets where there is none: jax 0.11's Pallas lowering asks
+# for one ("No supported GPU devices found, please specify an abstract GPU device"), 0.10's
+# assumes compute capability 9.0. One device, so no kernel sees a mesh to split over.
+_ABSTRACT_GPU = dict(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+
+
+def lower_for_cuda(jitted, *args) -> jax.stages.Lowered:
+    """`jitted(*args)` traced and lowered for CUDA, on a machine with or without a GPU."""
+    device = jax.sharding.AbstractDevice(**_ABSTRACT_GPU)
+    mesh = jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jitted.trace(*args).lower(lowering_platforms=("cuda",))
+
+
 def triton_kernels(jitted, *args) -> list[TritonKernel]:
     """Every Triton kernel of `jitted(*args)` lowered for CUDA, without a GPU (Pallas'
     Triton lowering runs on the CPU): what the interpreter accepts but Triton does not
     (tensor shapes, dtypes) fails here rather than on the GPU."""
-    module = jitted.trace(*args).lower(lowering_platforms=("cuda",)).compiler_ir("stablehlo")
+    module = lower_for_cuda(jitted, *args).compiler_ir("stablehlo")
     kernels = []
 
     def walk(op):

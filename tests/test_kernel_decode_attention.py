@@ -18,7 +18,7 @@ from model.kernels.decode_attention import decode_attention
 from model.masking import attention_mask
 from model.sampling import SamplingConfig, make_sampler
 from model.transformer import LanguageModel
-from tests.helpers import mesh_of
+from tests.helpers import lower_for_cuda, mesh_of
 from train import sharding
 from train.state import param_shardings, strip_axis_names
 
@@ -101,7 +101,7 @@ def test_lowers_to_triton_for_cuda(monkeypatch, formulation, combine):
         spec((B, S), jnp.int32),
     ]
     kernel = functools.partial(decode_attention, formulation=formulation, combine=combine)
-    lowered = jax.jit(kernel).trace(*args).lower(lowering_platforms=("cuda",))
+    lowered = lower_for_cuda(jax.jit(kernel), *args)
     assert "xla.gpu.triton" in lowered.as_text()
 
 

@@ -17,6 +17,7 @@ import pytest
 from model.kernels import flash_attention as fa
 from model.kernels import flash_attention_mgpu as fm
 from model.kernels.partition import interpret_mode
+from tests.helpers import lower_for_cuda
 from tests.test_kernel_flash_attention import (
     _assert_equal_on_real_queries,
     _packed_rows,
@@ -89,7 +90,7 @@ def test_lowers_for_cuda(D, packed):
         out, lse = fm.forward(x, x, x, seg, pos, **settings)
         return fm.backward(x, x, x, seg, pos, out, lse, d_out, **settings)
 
-    lowered = jax.jit(run).trace(x, *ids, out).lower(lowering_platforms=("cuda",))
+    lowered = lower_for_cuda(jax.jit(run), x, *ids, out)
     assert lowered.as_text().count("mosaic_gpu") >= 3  # forward, dq, dk/dv
 
 
@@ -132,7 +133,6 @@ def test_unsupported_shapes_use_the_triton_pair():
         out = fa.flash_attention(q, k, v, None, pos, tuning=BOTH_MGPU, interpret=False)
         return out.astype(jnp.float32).sum()
 
-    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv)
-    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    text = lower_for_cuda(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), q, kv, kv).as_text()
     assert "mosaic_gpu" not in text
     assert "flash_attention_fwd" in text and "flash_attention_dq" in text

@@ -17,6 +17,7 @@ import pytest
 
 from experiments.bench import persistent_layers as pl_probe
 from model.kernels.partition import on_hopper
+from tests.helpers import lower_for_cuda
 
 L, D, F, S = 2, 512, 2048, 128  # 4 heads of 128, 2 cache blocks; at most 32 items a phase
 PROGRAMS = 32
@@ -30,7 +31,7 @@ def _inputs():
 def test_lowers_for_cuda_with_grid_barriers():
     pos, x, ln, weights, kc, vc = _inputs()
     step = functools.partial(pl_probe.layers_step, programs=PROGRAMS)
-    lowered = jax.jit(step).trace(pos, x, ln, *weights, kc, vc).lower(lowering_platforms=("cuda",))
+    lowered = lower_for_cuda(jax.jit(step), pos, x, ln, *weights, kc, vc)
     assert lowered.as_text().count("mosaic_gpu") >= 1
 
 

@@ -17,6 +17,7 @@ from model import layers
 from model.config import get_preset
 from model.sampling import SamplingConfig, sample
 from model.transformer import LanguageModel
+from tests.helpers import lower_for_cuda
 
 D, F = 128, 512  # 8 programs: up 8 column blocks, down 2 column blocks x 4 input slices
 
@@ -33,7 +34,7 @@ def _weights(d=D, f=F):
 
 
 def test_lowers_for_cuda_with_a_grid_barrier():
-    lowered = jax.jit(pm.persistent_mlp).trace(*_weights()).lower(lowering_platforms=("cuda",))
+    lowered = lower_for_cuda(jax.jit(pm.persistent_mlp), *_weights())
     assert lowered.as_text().count("mosaic_gpu") >= 1
 
 
