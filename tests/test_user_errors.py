@@ -124,6 +124,15 @@ def test_a_workdir_that_is_a_file_is_refused_and_kept(tmp_path):
     assert cli.exit_status(WorkdirError("x")) == cli.EXIT_BAD_INPUT
 
 
+def test_a_workdir_that_cannot_be_created_is_refused_in_one_line(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(WorkdirError, match="cannot write to .*Read-only file system"):
+        Workdir(tmp_path / "run", get_config()).__enter__()
+
+
 def test_a_failed_background_save_stops_with_one_line(tmp_path, monkeypatch):
     ckpt = Checkpointer(tmp_path / "checkpoints")
 

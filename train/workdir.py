@@ -137,9 +137,10 @@ class Workdir:
             tmp = config_path.with_name(f".config.json.tmp-{os.getpid()}")
             tmp.write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
             os.replace(tmp, config_path)  # atomic: a crash leaves the old file or the new one
-        except PermissionError as error:
+        except OSError as error:  # no permission, a read-only or special file system
             raise WorkdirError(
-                f"cannot write to {self.path} ({error.strerror}); choose a writable --workdir"
+                f"cannot write to {self.path} ({error.strerror or error}); choose a writable "
+                "--workdir"
             ) from error
 
     def _acquire(self) -> None:
