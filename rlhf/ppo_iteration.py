@@ -13,6 +13,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -52,7 +53,7 @@ class PPOIteration:
             self.ref_params,
             self.reward_params,
             {k: rollout[k] for k in keys},
-            self.kl.beta,
+            jax.device_put(np.float32(self.kl.beta), sharding.replicated(self.mesh)),
         )
         prepared = jax.block_until_ready(prepared)
         t2 = time.perf_counter()

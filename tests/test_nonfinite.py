@@ -76,3 +76,24 @@ def test_skip_nonfinite_counts_and_carries_on(tmp_path, poison_step_6):
     assert final["train/skipped_steps"] == 1
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["train/skipped_steps"] for r in records if "train/loss" in r] == [0] * 5 + [1] * 3
+
+
+def test_an_implicit_copy_to_the_devices_inside_a_step_is_an_error(tmp_path, monkeypatch):
+    """The loop runs each step under a transfer guard: a numpy operand handed to a compiled
+    step (a blocking copy every step) fails loudly instead of slowing the run."""
+    real_run = loop.run
+
+    def run_with_a_leaky_step(stage, cfg):
+        step = stage.step
+        scale = jax.jit(lambda x, s: x * s)
+
+        def leaky(state, batch, rng):
+            state, metrics = step(state, batch, rng)
+            return state, {**metrics, "loss": scale(metrics["loss"], np.float32(1.0))}
+
+        stage.step = leaky
+        return real_run(stage, cfg)
+
+    monkeypatch.setattr(loop, "run", run_with_a_leaky_step)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="Disallowed host-to-device transfer"):
+        train(char_config(tmp_path, **{"train.num_steps": 2}), tmp_path / "run")

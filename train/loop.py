@@ -264,7 +264,13 @@ class _Run:
                 with self._maybe_profile(step):
                     batch = _on_mesh(next(stage.batches), stage.mesh)
                     with jax.profiler.StepTraceAnnotation(stage.name, step_num=step):
-                        self.state, metrics = stage.step(self.state, batch, rng)
+                        # a numpy or Python operand copied to the devices inside a step (a
+                        # blocking copy every step) is an error, not a slowdown; explicit
+                        # `jax.device_put` and `sharding.to_global_batch` stay allowed. The
+                        # device-to-host direction is not guarded: the CPU backend, where the
+                        # tests run, cannot check it (no copy happens there).
+                        with jax.transfer_guard_host_to_device("disallow"):
+                            self.state, metrics = stage.step(self.state, batch, rng)
                 if step == self.start + 1:
                     self._first_step_done(began, metrics)
                 self._flush()

@@ -119,17 +119,19 @@ def sync_processes(name: str) -> None:
 def to_global_batch(np_batch: dict, mesh: Mesh) -> dict:
     """Process-local numpy batch -> dict of global jax.Arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in np_batch.items()}
+    with jax.transfer_guard_host_to_device("allow"):  # the explicit way in (see train/loop.py)
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in np_batch.items()}
 
 
 def full_to_global(arrays: dict, mesh: Mesh) -> dict:
     """Host arrays that every process holds whole -> global arrays split over the batch axes
     (each device takes its slice)."""
     sharding = batch_sharding(mesh)
-    return {
-        k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
-        for k, v in arrays.items()
-    }
+    with jax.transfer_guard_host_to_device("allow"):  # as in to_global_batch
+        return {
+            k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+            for k, v in arrays.items()
+        }
 
 
 def to_host(tree: Any) -> Any:
