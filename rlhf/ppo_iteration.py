@@ -53,7 +53,7 @@ class PPOIteration:
             self.ref_params,
             self.reward_params,
             {k: rollout[k] for k in keys},
-            jax.device_put(np.float32(self.kl.beta), sharding.replicated(self.mesh)),
+            sharding.host_to_replicated(np.float32(self.kl.beta), self.mesh),
         )
         prepared = jax.block_until_ready(prepared)
         t2 = time.perf_counter()

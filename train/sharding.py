@@ -23,6 +23,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -132,6 +133,14 @@ def full_to_global(arrays: dict, mesh: Mesh) -> dict:
             k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
             for k, v in arrays.items()
         }
+
+
+def host_to_replicated(value: Any, mesh: Mesh) -> jax.Array:
+    """A host value that every process holds (e.g. PPO's KL coefficient) -> one array
+    replicated over the mesh, explicitly (the loop guards steps against implicit copies)."""
+    value = np.asarray(value)
+    with jax.transfer_guard_host_to_device("allow"):
+        return jax.make_array_from_callback(value.shape, replicated(mesh), lambda _: value)
 
 
 def to_host(tree: Any) -> Any:
