@@ -16,6 +16,8 @@ functions. The loop owns everything else, for every stage alike:
   - non-finite steps (the update is never applied, train.gradients): stop with a
     diagnostic, or skip and count them with `train.skip_nonfinite=True`;
   - a profiler trace of `profile_steps` steps from `profile_start` on request;
+  - steps run under a host-to-device transfer guard: an implicit copy inside a step (a numpy
+    operand, a Python number) is an error, not a blocking copy every step;
   - the step compiled in a background thread while the checkpoint is read (train.launch).
 Everything jitted lives in the stages' step functions; this file holds the side effects.
 """
