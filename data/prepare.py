@@ -54,6 +54,7 @@ from data.sources import (
 )
 from data.tokenizer import (
     MODEL_TYPES,
+    AnyTokenizer,
     check_vocab_size,
     load_tokenizer,
     tokenizer_files,
@@ -347,7 +348,7 @@ def load_meta(prepared_dir: str | os.PathLike) -> dict:
     return meta
 
 
-def load_prepared_tokenizer(prepared_dir: str | os.PathLike):
+def load_prepared_tokenizer(prepared_dir: str | os.PathLike) -> AnyTokenizer:
     meta = load_meta(prepared_dir)
     return load_tokenizer(Path(prepared_dir) / meta["tokenizer"]["file"])
 

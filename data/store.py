@@ -65,7 +65,7 @@ def write_text_dataset(root: Path, splits: dict[str, Sequence[dict]]) -> None:
     )
 
 
-def read_text_dataset(root: Path, split: str):
+def read_text_dataset(root: Path, split: str) -> Sequence[dict[str, bytes]]:
     """Random-access source of {"name": bytes, "text": bytes} records."""
     builder = _tfds_builder_class()(data_dir=str(root))
     return builder.as_data_source(split=split)

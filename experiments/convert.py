@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import jax
 from absl import app, flags
@@ -25,6 +26,7 @@ import model.hf as hf
 from data.cli import BAD_INPUT, fail, parse_flags
 from data.hf_tokenizer import CONFIG_FILE, is_hf_tokenizer_json
 from experiments import cli
+from model.config import ModelConfig
 from model.hf import safetensors_io
 from model.transformer import LanguageModel
 from train import sharding, state
@@ -88,7 +90,7 @@ def hf_tokenizer_files(directory: Path) -> list[Path]:
     return files
 
 
-def import_shardings(cfg):
+def import_shardings(cfg: ModelConfig) -> Any:
     """Parameters split over every device (FSDP) where the shapes divide, else replicated."""
     init = state.init_fn(LanguageModel(cfg))
     abstract = state.strip_axis_names(jax.eval_shape(init, jax.random.key(0)))

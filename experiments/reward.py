@@ -9,10 +9,13 @@ score mean 0, std 1 (folded into the head: the saved model scores normalised). D
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from data.array_batches import ArrayBatches
@@ -34,7 +37,9 @@ from train import sharding
 from train.state import copy_to, create_train_state, init_fn
 
 
-def accuracy_by_kind(evaluate, params, arrays: dict, kinds: list[str], batch_size: int, mesh):
+def accuracy_by_kind(
+    evaluate: Callable, params: Any, arrays: dict, kinds: list[str], batch_size: int, mesh: Mesh
+) -> dict[str, float]:
     """Held-out accuracy and mean margin, overall and for each corruption kind."""
     n = len(kinds) // batch_size * batch_size
     diffs = []

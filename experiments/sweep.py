@@ -99,7 +99,9 @@ def _replace_atomically(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_results(rows: list[dict], grid: dict[str, list[str]], root: Path, complete: bool):
+def write_results(
+    rows: list[dict], grid: dict[str, list[str]], root: Path, complete: bool
+) -> tuple[Path, Path]:
     """(csv, png) paths written: sweep_results.csv and sweep.png for a complete sweep,
     else the .partial ones, which leaves an earlier complete sweep's files as they were."""
     suffix = "" if complete else ".partial"
@@ -163,7 +165,7 @@ def check_points(config_path: str, grid: dict[str, list[str]], overrides: list[s
             raise ValueError(problem)
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     del argv
     grid, overrides = _SWEEP["grid"], _SWEEP["overrides"]
     if not grid:

@@ -254,7 +254,9 @@ class Norm(nn.Module):
             bias = dense_param(self, "bias", (cfg.d_model,), ("norm",), zeros=True)
         return InputNorm(scale, bias, cfg.norm_eps, cfg.norm == "rmsnorm")
 
-    def add_then_norm(self, x_BLD: jax.Array, residual_BLD: jax.Array):
+    def add_then_norm(
+        self, x_BLD: jax.Array, residual_BLD: jax.Array
+    ) -> tuple[jax.Array, jax.Array]:
         """(x + residual, norm(x + residual)) as one forward kernel (`layer_norm.add_norm`):
         a decoding step's residual add and the norm after it."""
         scale, bias, eps, rms = self.input_norm()
@@ -331,7 +333,7 @@ class Embed(nn.Module):
 
     cfg: ModelConfig
 
-    def setup(self):
+    def setup(self) -> None:
         cfg = self.cfg
         # std 1/sqrt(d) keeps tied logits O(1) at init.
         self.embedding = dense_param(

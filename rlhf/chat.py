@@ -97,7 +97,9 @@ def render_prompt(
     return np.concatenate([ids, np.asarray([tokens.assistant], np.int32)])
 
 
-def sft_example(messages: Sequence[dict], tokenizer: Tokenizer, tokens: ChatTokens | None = None):
+def sft_example(
+    messages: Sequence[dict], tokenizer: Tokenizer, tokens: ChatTokens | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(inputs_N, targets_N, weights_N) for one conversation: next-token pairs,
     weight 1 where the target is an assistant token."""
     ids, assistant = render(messages, tokenizer, tokens)

@@ -230,7 +230,7 @@ def make_grpo_prepare(model: nn.Module, cfg: GRPOConfig) -> Callable:
 # ---------------------------------------------------------------------------- update
 
 
-def make_grpo_loss_sums(model: nn.Module, cfg: GRPOConfig):
+def make_grpo_loss_sums(model: nn.Module, cfg: GRPOConfig) -> Callable:
     """`loss_sums(params, minibatch, rng) -> (loss_sum, sums)` for `accumulate_gradients`:
     the GRPO loss as (sum, weight_sum) by `cfg.loss_normalization`, and token sums of
     the diagnostics with their count in "tokens"."""

@@ -158,7 +158,9 @@ def ppo_token_losses(
     }
 
 
-def explained_variance(values_BT: jax.Array, returns_BT: jax.Array, mask_BT: jax.Array):
+def explained_variance(
+    values_BT: jax.Array, returns_BT: jax.Array, mask_BT: jax.Array
+) -> jax.Array:
     """1 - Var(returns - values) / Var(returns) over the masked entries."""
 
     def var(x):
@@ -252,7 +254,9 @@ def make_prepare(
 # ---------------------------------------------------------------------------- update
 
 
-def make_ppo_loss_sums(policy_model: nn.Module, value_model: RewardModel, cfg: PPOConfig):
+def make_ppo_loss_sums(
+    policy_model: nn.Module, value_model: RewardModel, cfg: PPOConfig
+) -> Callable:
     """`loss_sums(params, minibatch, rng) -> (loss_sum, sums)` for `accumulate_gradients`:
     token sums of the clipped policy loss + vf_coef * clipped value loss over response
     tokens, with weight_sum = the number of response tokens."""

@@ -46,7 +46,9 @@ class RewardModel(nn.Module):
         return nn.with_logical_constraint(scores_BL, ("batch", "length"))
 
 
-def token_scores(model: RewardModel, params: Any, tokens_BL: jax.Array, mask_BL: jax.Array):
+def token_scores(
+    model: RewardModel, params: Any, tokens_BL: jax.Array, mask_BL: jax.Array
+) -> jax.Array:
     """scores_BL for a padded batch (positions and segments derived from the mask)."""
     positions_BL, segments_BL = positions_and_segments(mask_BL)
     return model.apply({"params": params}, tokens_BL, positions_BL, segments_BL)

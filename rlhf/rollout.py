@@ -83,7 +83,9 @@ def make_rollout(model: nn.Module, cfg: SamplingConfig) -> Callable[..., dict]:
     return jax.jit(rollout)
 
 
-def prompt_batch(prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None):
+def prompt_batch(
+    prompts: Sequence[Sequence[int]], pad_id: int, length: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(prompts_BP, prompt_lengths_B) numpy arrays, right-padded as the sampler expects."""
     length = length or max(len(p) for p in prompts)
     tokens_BP, mask_BP = pad_sequences(prompts, length, pad_id, "right")

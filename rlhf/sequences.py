@@ -47,7 +47,9 @@ def lm_logits(
     return filter_logits(logits_BLV[:, :-1], temperature, top_k=0, top_p=1.0)
 
 
-def log_probs_and_entropy(logits_BTV: jax.Array, tokens_BL: jax.Array):
+def log_probs_and_entropy(
+    logits_BTV: jax.Array, tokens_BL: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """(logp_BT of the next tokens, entropy_BT of the predictive distribution)."""
     logp_BT = token_log_probs(logits_BTV, tokens_BL[:, 1:])
     logp_all_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)

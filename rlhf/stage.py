@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import optax
 from ml_collections import ConfigDict
 
 from model.config import ModelConfig
@@ -74,7 +75,7 @@ class StageContext:
         """The stage's results if it already ran to the end (nothing is built then)."""
         return finished_results(self.directory, self.section.train.num_steps)
 
-    def optimizer(self, num_updates: int | None = None):
+    def optimizer(self, num_updates: int | None = None) -> optax.GradientTransformation:
         """AdamW for this stage; its schedule spans `num_updates` (default: num_steps)."""
         return make_optimizer(
             optim_config(self.section.optim, num_updates or self.section.train.num_steps)

@@ -171,7 +171,9 @@ _CORRUPT = {
 }
 
 
-def corrupt(task: FunctionTask, kind: str, pool: Sequence[FunctionTask], rng: random.Random):
+def corrupt(
+    task: FunctionTask, kind: str, pool: Sequence[FunctionTask], rng: random.Random
+) -> str | None:
     """The rejected answer of `kind` for `task`, or None if that corruption is a no-op."""
     return _CORRUPT[kind](task, pool, rng)
 

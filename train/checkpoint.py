@@ -29,7 +29,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from data.tokenizer import tokenizer_identity
+from data.tokenizer import AnyTokenizer, tokenizer_identity
 from model.config import ModelConfig
 from train import sharding
 from train.state import TrainState
@@ -286,7 +286,7 @@ def store_tokenizer(stage_dir: Path, files: list[Path]) -> dict:
     return identity
 
 
-def load_stage_tokenizer(stage_dir: Path, meta: dict):
+def load_stage_tokenizer(stage_dir: Path, meta: dict) -> AnyTokenizer:
     """The tokenizer a checkpoint was written with, checked against its recorded identity."""
     from data.tokenizer import load_tokenizer
 

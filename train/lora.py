@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from jax.sharding import Mesh
 
+from model.config import ModelConfig
 from train import sharding
 from train.state import FROZEN, init_fn, param_shardings
 
@@ -157,7 +158,7 @@ class LoraModel:
     lora: LoraConfig
 
     @property
-    def cfg(self):
+    def cfg(self) -> ModelConfig:
         return self.base.cfg
 
     def init(self, rng: jax.Array, *args, **kwargs) -> dict:
@@ -166,7 +167,7 @@ class LoraModel:
         adapters = init_adapters(base, self.lora, jax.random.fold_in(rng, 1))
         return {**variables, "params": {FROZEN: base, ADAPTERS: adapters}}
 
-    def apply(self, variables: dict, *args, **kwargs):
+    def apply(self, variables: dict, *args, **kwargs) -> Any:
         merged = self.merged(variables["params"])
         return self.base.apply({**variables, "params": merged}, *args, **kwargs)
 

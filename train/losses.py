@@ -15,7 +15,9 @@ from model.kernels import cross_entropy
 from model.transformer import mask_padded_vocab
 
 
-def reference_target_logit_and_log_z(logits_BLV: jax.Array, targets_BL: jax.Array):
+def reference_target_logit_and_log_z(
+    logits_BLV: jax.Array, targets_BL: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """(logit of the target, log of the partition function), float32, by plain autodiff.
 
     The definition `_target_logit_and_log_z` is tested against. Its gradient
@@ -28,7 +30,9 @@ def reference_target_logit_and_log_z(logits_BLV: jax.Array, targets_BL: jax.Arra
     return target_logit_BL, log_z_BL
 
 
-def reference_masked_statistics(logits_BLV, targets_BL, vocab_size: int):
+def reference_masked_statistics(
+    logits_BLV: jax.Array, targets_BL: jax.Array, vocab_size: int
+) -> tuple[jax.Array, jax.Array]:
     """`reference_target_logit_and_log_z` after the model's mask of the padding columns:
     the definition `target_logit_and_log_z` is tested against for unmasked logits."""
     return reference_target_logit_and_log_z(mask_padded_vocab(logits_BLV, vocab_size), targets_BL)

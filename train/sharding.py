@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -179,7 +179,7 @@ def check_divisible(abstract_tree: Any, shardings: Any) -> None:
 
 
 @contextlib.contextmanager
-def mesh_context(mesh: Mesh):
+def mesh_context(mesh: Mesh) -> Iterator[None]:
     """Activates the mesh and the logical axis rules for tracing model code."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
         yield

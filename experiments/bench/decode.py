@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+from collections.abc import Callable
 from functools import partial
 
 import flax.linen as nn
@@ -48,7 +49,7 @@ class DecodeVariant:
         return name + (f"[{extra}]" if extra else "")
 
 
-def make_fns(model: LanguageModel, cfg: ModelConfig, v: DecodeVariant):
+def make_fns(model: LanguageModel, cfg: ModelConfig, v: DecodeVariant) -> tuple[Callable, Callable]:
     cache_len = v.prompt_len + v.new_tokens
 
     def prefill(params, prompt_BP):

@@ -25,6 +25,7 @@ from absl import app, flags
 
 import model.hf as hf
 from experiments.convert import import_shardings
+from model.config import ModelConfig
 from model.hf import llama
 from model.hf import safetensors_io as st
 from model.hf.layout import expand
@@ -75,13 +76,13 @@ def write(directory: Path) -> None:
     st.write_checkpoint(directory, tensors, max_shard_bytes=1_500_000_000)
 
 
-def load(directory: Path):
+def load(directory: Path) -> tuple[ModelConfig, dict]:
     cfg, family = hf.read_config(directory)
     params = hf.load_params(directory, cfg, import_shardings(cfg), family)
     return cfg, jax.block_until_ready(params)
 
 
-def main(argv):
+def main(argv: list[str]) -> None:
     command, directory = argv[1], Path(FLAGS.dir)
     start = time.perf_counter()
     if command == "write":

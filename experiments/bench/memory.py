@@ -146,7 +146,7 @@ def compile_step(
     batch: int,
     seq_len: int,
     microbatches: int,
-):
+) -> tuple[Any, Any]:
     """(compiled step, abstract train state) for abstract inputs: nothing is allocated."""
     model = LanguageModel(cfg)
     tx = make_optimizer(OptimConfig(total_steps=10_000))  # the schedule does not change the timing

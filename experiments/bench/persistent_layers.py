@@ -76,7 +76,7 @@ def layers_step(
     eps: float = 1e-5,
     programs: int = 128,
     skip: tuple[str, ...] = (),
-):
+) -> jax.Array:
     """x after every layer [D] (bf16) for the token at `pos` ([1] int32) with input x_D.
 
     ln [L, 4, D] float32 (norm 1 scale and bias, norm 2 scale and bias); weights [L, in,
@@ -425,7 +425,9 @@ def layers_step(
     return y.astype(dt).reshape(D)
 
 
-def layers_reference(pos, x_D, ln, w_qkv, w_o, w_up, w_down, k_cache, v_cache, *, eps=1e-5):
+def layers_reference(
+    pos, x_D, ln, w_qkv, w_o, w_up, w_down, k_cache, v_cache, *, eps=1e-5
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The same layers in plain JAX (float32 products of bf16 values, bf16 rounding where
     the model rounds); returns (x, k_cache, v_cache)."""
     L, D, _ = w_qkv.shape

@@ -30,6 +30,7 @@ import contextlib
 import functools
 import os
 import tempfile
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,7 @@ _OUT_ROWS = 8  # rows of the [64, BN] result stored (one tile; row 0 is the answ
 SEPARATE_NORMS = (("norm_impl", "xla"),)
 
 
-def persistent_mlp(x_D, w_up, b_up, w_down, b_down, *, bk: int = 128, slots: int = 8):
+def persistent_mlp(x_D, w_up, b_up, w_down, b_down, *, bk: int = 128, slots: int = 8) -> jax.Array:
     """(gelu(x @ w_up + b_up) @ w_down + b_down) for one row x [D], bf16 weights [D, F] and
     [F, D]; GELU in its tanh form, as GPT-2."""
     (D,) = x_D.shape
@@ -162,13 +163,13 @@ def persistent_mlp(x_D, w_up, b_up, w_down, b_down, *, bk: int = 128, slots: int
     return y.astype(x_D.dtype)
 
 
-def mlp_reference(x_D, w_up, b_up, w_down, b_down):
+def mlp_reference(x_D, w_up, b_up, w_down, b_down) -> jax.Array:
     h = jax.nn.gelu(x_D[None] @ w_up + b_up, approximate=True)
     return (h @ w_down + b_down)[0]
 
 
 @contextlib.contextmanager
-def patched_model(bk: int, slots: int):
+def patched_model(bk: int, slots: int) -> Iterator[None]:
     """model.layers.MLP with the kernel in one-token GELU decoding steps of one sequence
     (the sampler's two equal rows), for the duration of the block."""
     original = layers.MLP.__call__

@@ -9,6 +9,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from experiments.bench import fake_params, packed_rows, profile
 from experiments.bench.timing import (
@@ -64,7 +65,7 @@ class TrainVariant:
             f"[{extra}]" if extra else ""
         )
 
-    def make_mesh(self):
+    def make_mesh(self) -> Mesh:
         if self.mesh is None:
             return make_mesh(MeshConfig(data=-1))
         n, have = math.prod(self.mesh), len(jax.devices())
@@ -83,7 +84,7 @@ def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int = 0) -> dict
     }
 
 
-def build(v: TrainVariant):
+def build(v: TrainVariant) -> tuple:
     """(compiled step, state, batch, rng, cfg, compile seconds) on all local devices."""
     max_len = max(v.seq_len, get_preset(v.preset).max_len)
     cfg = get_preset(v.preset, max_len=max_len, **dict(v.model))

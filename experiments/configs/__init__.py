@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 
+from ml_collections import ConfigDict
 
-def load(path: str):
+
+def load(path: str) -> ConfigDict:
     """The ConfigDict of a config file, `FILE` or `FILE:ARG` as `--config` takes it."""
     file, _, arg = path.partition(":")
     spec = importlib.util.spec_from_file_location("user_config", file)

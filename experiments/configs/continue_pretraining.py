@@ -14,10 +14,12 @@ since the model is already trained.
 
 from pathlib import Path
 
+from ml_collections import ConfigDict
+
 from experiments.configs.common import base_config, model_section
 
 
-def get_config(source: str = ""):
+def get_config(source: str = "") -> ConfigDict:
     from train.checkpoint import read_latest_meta  # reads files only, no JAX backend
 
     if not source:

@@ -1,9 +1,11 @@
 """GPT-2 small (124M) at context 1024, the usual recipe (lr 6e-4, 0.5M-token batches)."""
 
+from ml_collections import ConfigDict
+
 from experiments.configs.common import base_config, model_fields
 
 
-def get_config():
+def get_config() -> ConfigDict:
     c = base_config("gpt2-124m")
     # The blocks' parameters stacked, run as straight-line code (a fully unrolled scan):
     # half the operations to compile, so the first step comes seconds sooner (BENCHMARKS.md,

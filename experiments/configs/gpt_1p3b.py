@@ -1,9 +1,11 @@
 """A 1.3B GPT (GPT-3 XL shape) at context 2048, fully sharded over the data devices."""
 
+from ml_collections import ConfigDict
+
 from experiments.configs.common import base_config, model_fields
 
 
-def get_config():
+def get_config() -> ConfigDict:
     c = base_config("gpt-1.3b")
     c.model = model_fields("gpt-1.3b", remat="dots", scan_layers=True)
     c.data.vocab_size = 50000

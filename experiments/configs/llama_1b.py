@@ -1,9 +1,11 @@
 """A Llama-style 1B model: RoPE, RMSNorm, SwiGLU, grouped-query attention, untied head."""
 
+from ml_collections import ConfigDict
+
 from experiments.configs.common import base_config, model_fields
 
 
-def get_config():
+def get_config() -> ConfigDict:
     c = base_config("llama-1b")
     c.model = model_fields("llama-1b", remat="dots", scan_layers=True)
     c.data.vocab_size = 32768

@@ -5,10 +5,12 @@ compute, layers scanned and rematerialised except their matmuls, cuDNN attention
 4096 tokens per GPU per microbatch. BENCHMARKS.md ("Scale-out") plans its memory per device.
 """
 
+from ml_collections import ConfigDict
+
 from experiments.configs.common import base_config, model_fields
 
 
-def get_config():
+def get_config() -> ConfigDict:
     c = base_config("llama-7b")
     c.model = model_fields("llama-7b", attention_backend="cudnn")
     c.data.vocab_size = 32000

@@ -4,11 +4,13 @@ SFT on functions of the standard library and of 3000 package files, then reward 
 GRPO, PPO and DPO. Same stages and report as posttrain_tiny; measured on an H200 in
 BENCHMARKS.md ("Post-training pipeline on a GPU")."""
 
+from ml_collections import ConfigDict
+
 from experiments.configs import posttrain_tiny
 from experiments.configs.common import model_fields
 
 
-def get_config():
+def get_config() -> ConfigDict:
     c = posttrain_tiny.get_config()
     p = c.pretrain
     p.model = model_fields(

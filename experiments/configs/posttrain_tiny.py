@@ -13,7 +13,7 @@ from experiments.configs import stdlib_tiny
 from experiments.configs.common import lora_fields, stage_config
 
 
-def get_config():
+def get_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
     c.stages = "sft,reward,ppo,grpo,dpo"  # post-training stages, in order

@@ -16,10 +16,12 @@ evaluation (nanoGPT samples 200 random batches instead). Wall time to nanoGPT's 
 one H200: BENCHMARKS.md, "Speed round two".
 """
 
+from ml_collections import ConfigDict
+
 from experiments.configs.common import base_config, model_fields
 
 
-def get_config():
+def get_config() -> ConfigDict:
     c = base_config()
     c.model = model_fields(
         "tiny",

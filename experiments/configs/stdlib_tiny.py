@@ -1,9 +1,11 @@
 """The default: a small model on the Python standard library, a few minutes on a laptop CPU."""
 
+from ml_collections import ConfigDict
+
 from experiments.configs.common import base_config, model_fields
 
 
-def get_config():
+def get_config() -> ConfigDict:
     c = base_config()
     c.model = model_fields(
         "tiny", vocab_size=0, d_model=128, n_layers=4, n_heads=4, d_ff=512, max_len=256

@@ -49,7 +49,9 @@ def block_summary(seg_BT, pos_BT, block: int) -> dict[str, jax.Array]:
     }
 
 
-def block_visibility(seg_BT, pos_BT, block_q: int, block_k: int):
+def block_visibility(
+    seg_BT: jax.Array, pos_BT: jax.Array, block_q: int, block_k: int
+) -> tuple[jax.Array, jax.Array]:
     """(may_see_BNM, sees_all_BNM) for query block n and key block m.
 
     may_see is False only where the block pair provably holds no visible pair. Each test

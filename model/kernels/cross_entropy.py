@@ -280,7 +280,9 @@ def _local_columns(targets, x_local, vocab_size, vocab_axes):
     return (targets - first).astype(jnp.int32), jnp.broadcast_to(limit, targets.shape)
 
 
-def forward_statistics(x, targets, vocab_size, tuning, interpret):
+def forward_statistics(
+    x: jax.Array, targets: jax.Array, vocab_size: int, tuning: Tuning, interpret: bool
+) -> tuple[jax.Array, jax.Array]:
     """(target logit, log Z), float32, of logits x [..., V] (no checks, no gradient)."""
     x_spec, row_spec, vocab_axes = _layout(x)
     split_spec = (x_spec[-1], *row_spec)  # partial statistics stacked over the vocab shards
@@ -304,7 +306,7 @@ def forward_statistics(x, targets, vocab_size, tuning, interpret):
 
 def backward_logits(
     x, targets, log_z, g_log_z, g_target, vocab_size, tuning, interpret, fp8_scale=None
-):
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """d loss / d logits [..., V] for the statistics' cotangents, in the logits' dtype; given
     a float32 scalar `fp8_scale` s, the pair (that, d logits / s as e5m2): the fused float8
     head (`fp8_head.py`) takes both from the one pass."""
@@ -350,7 +352,9 @@ def vocab_is_split(x) -> bool:
     return _layout(x)[2] is not None
 
 
-def exponentials(x, targets, vocab_size, tuning, interpret):
+def exponentials(
+    x: jax.Array, targets: jax.Array, vocab_size: int, tuning: Tuning, interpret: bool
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """(e', s, log Z, target logit) of logits x [..., V] whose vocabulary the mesh does not
     split: e' = s (softmax(x) - onehot(target)) in x's dtype, 0 on the padding columns,
     and s [...] float32 its per-row scale, from the single-pass kernel (module docstring);

@@ -79,7 +79,9 @@ def supported(n_heads: int, kv_heads: int, head_dim: int, dtype) -> bool:
     )
 
 
-def forward(q5, k5, v5, seg, pos, *, slots, packed, block, interpret):
+def forward(
+    q5, k5, v5, seg, pos, *, slots, packed, block, interpret
+) -> tuple[jax.Array, jax.Array]:
     """(out_BTGRD, lse_BHTp) like `flash_attention._forward` (R = 1, Tp a multiple of 128):
     q5/k5/v5 as in `backward`."""
     B, T, G, _, D = k5.shape
@@ -99,7 +101,9 @@ def forward(q5, k5, v5, seg, pos, *, slots, packed, block, interpret):
     return out[:, :T, :, None], lse
 
 
-def backward(q5, k5, v5, seg, pos, out5, lse, d_out5, *, slots, packed, block, interpret):
+def backward(
+    q5, k5, v5, seg, pos, out5, lse, d_out5, *, slots, packed, block, interpret
+) -> tuple[jax.Array, ...]:
     """(dq, dk, dv) like `flash_attention._backward`: q5/k5/v5 [B, T, G, S, D] 5-D views
     (the packed array thrice, or q [B, T, G, 1, D] and k, v [B, T, G, 1, D]), out5 and
     d_out5 [B, T, G, 1, D], lse [B, H, Tp'] base 2 from the forward (any Tp' >= T).

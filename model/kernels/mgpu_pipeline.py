@@ -12,6 +12,8 @@ buffer, with one arrival a compute warpgroup).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,13 +25,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 # Version and mode differences.
 
 
-def compiler_params():
+def compiler_params() -> plgpu.CompilerParams:
     """Lane semantics (jax 0.11's default is Warpgroup), whose register layouts the
     kernels spell out; approximate math (ex2.approx, as Triton's exp2 uses)."""
     return plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
-def interpreter():
+def interpreter() -> Any:
     """Mosaic GPU's interpreter (CPU). Not public in jax 0.10: imported from its module."""
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
@@ -41,7 +43,7 @@ _idx = inspect.signature(plgpu.load).parameters.get("idx")
 _LOAD_NEEDS_INDEX = _idx is not None and _idx.default is inspect.Parameter.empty
 
 
-def load(ref, layout, interpret: bool, optimized: bool = True):
+def load(ref: Any, layout: Any, interpret: bool, optimized: bool = True) -> jax.Array:
     """ref's value in a register layout; the interpreter has no layouts (nor `load`).
     optimized=False allows a layout whose transfer has shared-memory bank conflicts."""
     if interpret:
@@ -51,12 +53,12 @@ def load(ref, layout, interpret: bool, optimized: bool = True):
     return plgpu.load(ref, layout=layout, optimized=optimized)
 
 
-def cast(x, layout, interpret: bool):
+def cast(x: jax.Array, layout: Any, interpret: bool) -> jax.Array:
     """x in a register layout (a no-op in the interpreter)."""
     return x if interpret else plgpu.layout_cast(x, layout)
 
 
-def transposed(ref):
+def transposed(ref: Any) -> Any:
     """The transposed view of a [rows, D] shared-memory tile, as a wgmma operand."""
     return ref.transpose((1, 0))
 
@@ -66,13 +68,13 @@ def transposed(ref):
 # producer.
 
 
-def tile_smem(shape, dtype):
+def tile_smem(shape: tuple[int, ...], dtype: Any) -> Any:
     """A shared-memory tile laid out for TMA and wgmma (128-byte swizzle)."""
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     return plgpu.SMEM(shape, dtype, transforms=transforms)
 
 
-def products(terms, interpret: bool):
+def products(terms: Sequence[tuple], interpret: bool) -> tuple[jax.Array, ...]:
     """One group of wgmma products, waited for once. terms: (acc, a, b, trans_b), for
     acc + a @ b (b^T with trans_b), a fresh float32 accumulator where acc is None; a in
     shared memory or registers, b in shared memory. The interpreter has no transposed
@@ -100,17 +102,17 @@ def products(terms, interpret: bool):
     return tuple(pl.run_state(body)(inits))
 
 
-def rows(x, shape):
+def rows(x: jax.Array, shape: tuple[int, int]) -> jax.Array:
     """A per-row vector broadcast over a [rows, cols] tile."""
     return lax.broadcast_in_dim(x, shape, [0])
 
 
-def cols(x, shape):
+def cols(x: jax.Array, shape: tuple[int, int]) -> jax.Array:
     """A per-column vector broadcast over a [rows, cols] tile."""
     return lax.broadcast_in_dim(x, shape, [1])
 
 
-def run_blocks(bounds, slots, step, flush, carry):
+def run_blocks(bounds: Any, slots: int, step: Callable, flush: Callable, carry: Any) -> Any:
     """step(j, slot, carry, masked, first) over blocks [lo, hi): the first one alone
     (`first`: nothing deferred yet; masked, which is always exact), then [lo + 1, full_lo)
     and [full_hi, hi) with the mask and [full_lo, full_hi) without; then flush(slot, carry)
@@ -129,7 +131,7 @@ def run_blocks(bounds, slots, step, flush, carry):
     return lax.fori_loop(lo, rest, lambda _, carry: flush(slot_of(hi - 1), carry), carry)
 
 
-def stream(bounds, block, slots, consumed, streams):
+def stream(bounds: Any, block: int, slots: int, consumed: Any, streams: Sequence[tuple]) -> None:
     """The producer warpgroup: for blocks j in [lo, hi), each stream's block j copied into
     slot (j - lo) % slots once the compute warpgroups have released that slot. A stream
     is (view, buffers, barriers): view(rows) the global array's block, buffers [slots, ...]."""

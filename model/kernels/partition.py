@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -71,7 +72,7 @@ def run_sharded(
     args: Sequence[jax.Array],
     logical_in: Sequence[tuple[str | None, ...]],
     logical_out: tuple[str | None, ...] | Sequence[tuple[str | None, ...]],
-):
+) -> Any:
     """kernel(*args), per device under the active mesh; directly without one.
 
     `logical_in` / `logical_out` name each dimension of each argument / output
