@@ -45,7 +45,7 @@ def site_packages_dirs() -> list[Path]:
     return dirs
 
 
-def license_of(metadata) -> str:
+def license_of(metadata: importlib.metadata.PackageMetadata) -> str:
     """The licence string of one distribution's metadata (see the module docstring)."""
     expression = (metadata.get("License-Expression") or "").strip()
     if expression:

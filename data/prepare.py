@@ -89,7 +89,11 @@ def _assign_splits(docs: list[CuratedDocument], val_fraction: float) -> dict[str
 
 
 def check_options(
-    vocab_size: int, tokenizer: str, val_fraction: float, max_docs: int | None, num_workers
+    vocab_size: int,
+    tokenizer: str,
+    val_fraction: float,
+    max_docs: int | None,
+    num_workers: int | None,
 ) -> None:
     """Refuses options no corpus can satisfy, before anything is read or written."""
     if is_existing(tokenizer):

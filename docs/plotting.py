@@ -39,7 +39,7 @@ def output(name: str) -> Path:
     return (staging[-1] if staging else FIGURES) / name
 
 
-def save(fig, name: str) -> Path:
+def save(fig: plt.Figure, name: str) -> Path:
     path = output(name)
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)

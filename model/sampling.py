@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.auto import use_transposed_decoding
+from model.config import ModelConfig
 from model.transformer import default_positions, fill_slots_ahead, init_cache
 
 NEG_INF = -1e30
@@ -95,7 +96,7 @@ def _choose(logits_BV: jax.Array, rng: jax.Array | None, cfg: SamplingConfig):
 
 def sample(
     model: nn.Module,
-    params,
+    params: Any,
     prompts_BP: jax.Array,
     prompt_lengths_B: jax.Array,
     rng: jax.Array,
@@ -182,7 +183,7 @@ def sample(
     return Samples(tokens_BT, logprobs_BT, lengths_B, finished_B)
 
 
-def fitting_new_tokens(model_cfg, prompt_tokens: int, wanted: int) -> int:
+def fitting_new_tokens(model_cfg: ModelConfig, prompt_tokens: int, wanted: int) -> int:
     """At most `wanted` new tokens: all of them with RoPE, and what a model with learned
     positions has left after a prompt of `prompt_tokens` (bos included). ValueError when
     the prompt leaves none."""
@@ -208,9 +209,9 @@ def make_sampler(model: nn.Module, cfg: SamplingConfig) -> Callable[..., Samples
 
 
 def sample_texts(
-    sampler,
-    params,
-    tokenizer,
+    sampler: Callable,
+    params: Any,
+    tokenizer: Any,  # data.tokenizer's kinds (encode, decode, pad_id), a layer above model/
     prompts: Sequence[str | Sequence[int]],
     rng: jax.Array,
     stop_id: int | None = None,

@@ -54,7 +54,9 @@ def load(config: ConfigDict, root: Path) -> dict[str, list[dict]]:
     return {n: stdlib_tasks.read_jsonl(directory / f"{n}.jsonl") for n in SETS}
 
 
-def chat_rows(records: list[dict], tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+def chat_rows(
+    records: list[dict], tokenizer: chat.Tokenizer, seq_len: int
+) -> dict[str, np.ndarray]:
     """Packed rows of the conversations that fit in `seq_len` (longer ones are dropped, not
     truncated, so every answer is trained to its end)."""
     tokens = chat.ChatTokens.from_tokenizer(tokenizer)
@@ -62,7 +64,9 @@ def chat_rows(records: list[dict], tokenizer, seq_len: int) -> dict[str, np.ndar
     return chat.pack_examples([e for e in examples if len(e[0]) <= seq_len], seq_len)
 
 
-def pair_arrays(pairs: list[dict], tokenizer, length: int) -> tuple[dict, list[str]]:
+def pair_arrays(
+    pairs: list[dict], tokenizer: chat.Tokenizer, length: int
+) -> tuple[dict, list[str]]:
     """The pair batch of every pair whose two sides fit in `length` (strictly, so the last
     real token is never cut), and the corruption kind of each kept pair."""
     batch = chat.preference_batch(pairs, tokenizer, length)
@@ -70,7 +74,9 @@ def pair_arrays(pairs: list[dict], tokenizer, length: int) -> tuple[dict, list[s
     return {k: v[keep] for k, v in batch.items()}, [p["kind"] for p, k in zip(pairs, keep) if k]
 
 
-def prompts_of(records: list[dict], tokenizer, max_prompt_len: int) -> tuple[list, list[dict]]:
+def prompts_of(
+    records: list[dict], tokenizer: chat.Tokenizer, max_prompt_len: int
+) -> tuple[list, list[dict]]:
     """(prompt ids, the records) of the SFT records whose prompt fits `max_prompt_len`."""
     tokens = chat.ChatTokens.from_tokenizer(tokenizer)
     out, kept = [], []

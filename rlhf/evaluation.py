@@ -10,12 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
-from rlhf.chat import ChatTokens
+from rlhf.chat import ChatTokens, Tokenizer
 from rlhf.ground_truth import ground_truth
 from rlhf.rollout import prompt_batch, response_ids
+from rlhf.stage import StageContext
 from rlhf.verifier import Reference
 from train import sharding
 
@@ -27,7 +30,7 @@ def generate(
     prompt_len: int,
     pad_id: int,
     batch_size: int,
-    mesh,
+    mesh: Mesh,
     seed: int,
     score_fn: Callable | None = None,
     reward_params: Any = None,
@@ -54,10 +57,10 @@ def ground_truth_of(
     params: Any,
     records: list[dict],
     prompts: list,
-    tokenizer,
+    tokenizer: Tokenizer,
     prompt_len: int,
     batch_size: int,
-    mesh,
+    mesh: Mesh,
     seed: int,
     score_fn: Callable | None = None,
     reward_params: Any = None,
@@ -93,10 +96,11 @@ def eval_metrics(ground_truth: dict[str, Any]) -> dict[str, float]:
     return {f"eval/{k}": v for k, v in ground_truth.items() if isinstance(v, float)}
 
 
-def held_out_evaluator(ctx, data: dict, lm, tokenizer) -> Callable[[Any], dict[str, Any]]:
+def held_out_evaluator(
+    ctx: StageContext, data: dict, lm: nn.Module, tokenizer: Tokenizer
+) -> Callable[[Any], dict[str, Any]]:
     """`policy_params -> ground truth` on the first `eval.num_prompts` held-out prompts,
-    greedy at `eval.temperature`, scored by DIR/reward's model when that stage exists.
-    `ctx` is the stage's rlhf.stage.StageContext."""
+    greedy at `eval.temperature`, scored by DIR/reward's model when that stage exists."""
     from model.sampling import SamplingConfig
     from rlhf import datasets
     from rlhf.reward_model import RewardModel, sequence_reward

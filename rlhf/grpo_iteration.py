@@ -9,7 +9,7 @@ each prompt repeated G times in consecutive rows, "index" naming its reference.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -76,7 +76,7 @@ def make_grpo_iteration(
     sampling_cfg: SamplingConfig,
     ref_params: Any,
     references: Sequence[Reference],
-    decode,
+    decode: Callable[[list[int]], str],
     weights: RewardWeights = RewardWeights(),
 ) -> GRPOIteration:
     """Compiles sampler, prepare and step for `mesh`; `decode(ids) -> text` is the

@@ -113,7 +113,7 @@ def kl_penalized_rewards(
     ref_logp_BT: jax.Array,
     scores_B: jax.Array,
     mask_BT: jax.Array,
-    beta,
+    beta: float | jax.Array,
     estimator: str = "k1",
 ) -> tuple[jax.Array, jax.Array]:
     """(rewards_BT, kl_BT): -beta * kl per response token, plus the sequence score on the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ class RewardStepConfig:
     num_microbatches: int = 1
 
 
-def pair_rewards(model: RewardModel, params, batch: dict) -> tuple[jax.Array, jax.Array]:
+def pair_rewards(model: RewardModel, params: Any, batch: dict) -> tuple[jax.Array, jax.Array]:
     """(r_chosen_B, r_rejected_B) in one forward pass over 2B rows.
 
     Chosen and rejected rows are interleaved ([B, 2, L] -> [2B, L]) rather than

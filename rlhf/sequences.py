@@ -7,6 +7,8 @@ entry t of any `_BT` array is about token t + 1 given tokens 0..t.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,7 +40,11 @@ def gather_at(x_BL: jax.Array, index_B: jax.Array) -> jax.Array:
 
 
 def lm_logits(
-    model: nn.Module, params, tokens_BL: jax.Array, mask_BL: jax.Array, temperature: float = 1.0
+    model: nn.Module,
+    params: Any,
+    tokens_BL: jax.Array,
+    mask_BL: jax.Array,
+    temperature: float = 1.0,
 ) -> jax.Array:
     """logits_BTV at `temperature` for predicting tokens 1..L-1 (dropout off), through
     the sampler's own `filter_logits`, so log-probs match what was sampled."""
@@ -59,7 +65,7 @@ def log_probs_and_entropy(
 
 def sequence_log_probs(
     model: nn.Module,
-    params,
+    params: Any,
     tokens_BL: jax.Array,
     mask_BL: jax.Array,
     loss_mask_BL: jax.Array,

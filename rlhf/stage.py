@@ -90,7 +90,7 @@ class StageContext:
             loaded = load_model(self.root / source, self.mesh, which)
         return with_chat_tokens(loaded, Path(tempfile.mkdtemp(dir=self.scratch)))
 
-    def policy(self, start: LoadedModel, tx) -> Policy:
+    def policy(self, start: LoadedModel, tx: optax.GradientTransformation) -> Policy:
         """The policy trained from `start`: all its params, or with `lora.rank > 0` fresh
         adapters on it frozen (the optimizer then holds the adapters' moments only)."""
         lm, lora_cfg = LanguageModel(start.cfg), lora.config_of(self.section)

@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 from orbax.checkpoint import checkpoint_managers as policies
 
 from data.tokenizer import AnyTokenizer, tokenizer_identity
@@ -384,7 +385,7 @@ def finished_results(stage_dir: Path, num_steps: int) -> dict | None:
 
 
 def load_model(
-    stage_dir: Path, mesh=None, which: str = "latest", subtree: str | None = None
+    stage_dir: Path, mesh: Mesh | None = None, which: str = "latest", subtree: str | None = None
 ) -> LoadedModel:
     """A language model of any stage (or an imported one) for inference: its config, params
     placed by the rule table on `mesh` (default: data parallel over every device), and its

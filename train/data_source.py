@@ -9,6 +9,7 @@ from typing import Any
 
 import jax
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from data import pipeline
@@ -50,7 +51,7 @@ def tokenizer_option(config: ConfigDict) -> str:
     return dc.tokenizer
 
 
-def build_data(config: ConfigDict, workdir: Path, mesh) -> DataSource:
+def build_data(config: ConfigDict, workdir: Path, mesh: Mesh) -> DataSource:
     """Prepares the corpus and tokenizer if missing, then opens the train and eval streams.
 
     Bits per byte use the bytes per token of the whole validation split, also

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,7 +34,7 @@ def make_eval_step(model: nn.Module) -> Callable[[dict, dict], dict[str, jax.Arr
 
 
 def evaluate(
-    eval_step: Callable, params, batches: Iterable[dict], bytes_per_token: float | None
+    eval_step: Callable, params: Any, batches: Iterable[dict], bytes_per_token: float | None
 ) -> dict[str, float]:
     """Loss (nats/token), perplexity, and bits per byte when the text's bytes per token is known.
 

@@ -35,6 +35,7 @@ from typing import Any, Protocol
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
@@ -165,7 +166,7 @@ def run(stage: Stage, cfg: LoopConfig) -> dict[str, Any]:
 
 
 def compile_ahead(
-    step: Callable, abstract_state: Any, batches: Batches, mesh, seed: int, name: str
+    step: Callable, abstract_state: Any, batches: Batches, mesh: Mesh, seed: int, name: str
 ) -> launch.CompiledAhead:
     """`step` (a `train.sharding.jit_sharded` step) compiling in the background for the
     arguments this loop will pass it: the state's shapes and shardings, the next batch's
@@ -418,7 +419,7 @@ class _Run:
                 )
 
 
-def step_key(seed: int, mesh) -> jax.Array:
+def step_key(seed: int, mesh: Mesh) -> jax.Array:
     """The key every step gets (steps fold in their step number), replicated on the mesh:
     the sharding a step compiled ahead of time expects (train.launch.CompiledAhead). Made by
     a jitted call, since a multi-process mesh is not addressable by `device_put`."""

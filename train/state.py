@@ -179,7 +179,10 @@ def copy_to(tree: Any, shardings: Any) -> Any:
 
 
 def state_with_params(
-    init_params: Callable[[jax.Array], Any], params: Any, tx: optax.GradientTransformation, mesh
+    init_params: Callable[[jax.Array], Any],
+    params: Any,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
 ) -> tuple[TrainState, TrainState]:
     """(state, shardings) holding copies of `params` and a fresh optimizer state (Adam's
     initial moments do not depend on the parameter values)."""

@@ -21,6 +21,7 @@ import dataclasses
 import gc
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -73,7 +74,7 @@ def make_fns(model: LanguageModel, cfg: ModelConfig, v: DecodeVariant) -> tuple[
     return jax.jit(prefill), jax.jit(decode, donate_argnums=2)
 
 
-def bytes_per_step(cfg: ModelConfig, params, v: DecodeVariant) -> float:
+def bytes_per_step(cfg: ModelConfig, params: Any, v: DecodeVariant) -> float:
     """bf16 weights read once (position table: one row) + mean KV bytes attended per step."""
     weights = sum(x.size for x in jax.tree.leaves(params)) * 2
     if cfg.positional == "learned":
@@ -83,7 +84,9 @@ def bytes_per_step(cfg: ModelConfig, params, v: DecodeVariant) -> float:
     return weights + kv
 
 
-def greedy_agreement(model: LanguageModel, params, prompt_BP, first_B, out_BN) -> float:
+def greedy_agreement(
+    model: LanguageModel, params: Any, prompt_BP: jax.Array, first_B: jax.Array, out_BN: jax.Array
+) -> float:
     """Fraction of decoded tokens equal to the argmax of one cache-free forward pass over
     prompt + decoded tokens (1.0 in exact arithmetic; bf16 near-ties can flip a few)."""
     seq = jnp.concatenate([prompt_BP, first_B[:, None], out_BN[:, :-1]], axis=1)

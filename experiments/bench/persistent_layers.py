@@ -62,15 +62,15 @@ _NEG = -1e30
 
 
 def layers_step(
-    pos,
-    x_D,
-    ln,
-    w_qkv,
-    w_o,
-    w_up,
-    w_down,
-    k_cache,
-    v_cache,
+    pos: jax.Array,
+    x_D: jax.Array,
+    ln: jax.Array,
+    w_qkv: jax.Array,
+    w_o: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
     *,
     slots: int = 6,
     eps: float = 1e-5,
@@ -426,8 +426,10 @@ def layers_step(
 
 
 def layers_reference(
-    pos, x_D, ln, w_qkv, w_o, w_up, w_down, k_cache, v_cache, *, eps=1e-5
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    pos: jax.Array, x_D: jax.Array, ln: jax.Array, w_qkv: jax.Array, w_o: jax.Array,
+    w_up: jax.Array, w_down: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+    *, eps: float = 1e-5,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """The same layers in plain JAX (float32 products of bf16 values, bf16 rounding where
     the model rounds); returns (x, k_cache, v_cache)."""
     L, D, _ = w_qkv.shape

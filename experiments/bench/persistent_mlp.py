@@ -50,7 +50,10 @@ _OUT_ROWS = 8  # rows of the [64, BN] result stored (one tile; row 0 is the answ
 SEPARATE_NORMS = (("norm_impl", "xla"),)
 
 
-def persistent_mlp(x_D, w_up, b_up, w_down, b_down, *, bk: int = 128, slots: int = 8) -> jax.Array:
+def persistent_mlp(
+    x_D: jax.Array, w_up: jax.Array, b_up: jax.Array, w_down: jax.Array, b_down: jax.Array,
+    *, bk: int = 128, slots: int = 8,
+) -> jax.Array:  # fmt: skip
     """(gelu(x @ w_up + b_up) @ w_down + b_down) for one row x [D], bf16 weights [D, F] and
     [F, D]; GELU in its tanh form, as GPT-2."""
     (D,) = x_D.shape
@@ -163,7 +166,9 @@ def persistent_mlp(x_D, w_up, b_up, w_down, b_down, *, bk: int = 128, slots: int
     return y.astype(x_D.dtype)
 
 
-def mlp_reference(x_D, w_up, b_up, w_down, b_down) -> jax.Array:
+def mlp_reference(
+    x_D: jax.Array, w_up: jax.Array, b_up: jax.Array, w_down: jax.Array, b_down: jax.Array
+) -> jax.Array:
     h = jax.nn.gelu(x_D[None] @ w_up + b_up, approximate=True)
     return (h @ w_down + b_down)[0]
 

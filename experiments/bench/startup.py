@@ -49,7 +49,7 @@ flags.DEFINE_bool("kernel_rng", True, "init as create_train_state does (fast_rng
 FLAGS = flags.FLAGS
 
 
-def main(_) -> None:
+def main(_: list[str]) -> None:
     times = {"python_and_imports_s": seconds_since_launch()}
     if FLAGS.cache:
         launch.enable_compilation_cache(FLAGS.cache)

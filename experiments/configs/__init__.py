@@ -21,7 +21,7 @@ def load(path: str) -> ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
-def override_problem(config, field: str, value: str | None = None) -> str | None:
+def override_problem(config: ConfigDict, field: str, value: str | None = None) -> str | None:
     """None if `--config.FIELD=VALUE` fits `config`; else one line saying why not: the field
     is unknown (naming the fields there) or the value is not of the field's type."""
     node = config

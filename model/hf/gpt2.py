@@ -8,6 +8,8 @@ tensor whose columns are [q | k | v], each column block head-major.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any
 
 from model.config import ModelConfig
 from model.hf.layout import Rule
@@ -29,7 +31,7 @@ def canonical_name(name: str) -> str | None:
     return _PREFIX + name
 
 
-def config_from_hf(hf: dict, require) -> ModelConfig:
+def config_from_hf(hf: dict, require: Callable[[str], Any]) -> ModelConfig:
     """ModelConfig of a GPT-2 config.json; `require(key)` reads a mandatory field."""
     activation = hf.get("activation_function", "gelu_new")
     if activation not in _TANH_GELU:

@@ -91,7 +91,9 @@ def _scanned_path(path: str) -> tuple[str, int | None]:
     return path.replace(match.group(0), "/blocks/"), int(match.group(1))
 
 
-def param_views(rules: Sequence[Rule], n_layers: int, cfg: ModelConfig, read) -> dict:
+def param_views(
+    rules: Sequence[Rule], n_layers: int, cfg: ModelConfig, read: Callable[[str], Any]
+) -> dict:
     """{our path: lazy view}, stacking layers when cfg.scan_layers; `read(name)` opens a tensor."""
     views: dict[str, Any] = {}
     stacks: dict[str, dict[int, Any]] = {}

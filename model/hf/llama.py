@@ -7,6 +7,9 @@ already in the rotate-half RoPE layout that `model/attention.py` uses.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from model.config import ModelConfig
 from model.hf.layout import Rule
 
@@ -47,7 +50,7 @@ def _rope_fields(hf: dict) -> dict:
     return fields
 
 
-def config_from_hf(hf: dict, require) -> ModelConfig:
+def config_from_hf(hf: dict, require: Callable[[str], Any]) -> ModelConfig:
     """ModelConfig of a Llama config.json; `require(key)` reads a mandatory field."""
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"Llama hidden_act={hf['hidden_act']!r} is not supported (only silu)")

@@ -26,7 +26,7 @@ _INT_MAX = jnp.iinfo(jnp.int32).max
 _INT_MIN = jnp.iinfo(jnp.int32).min
 
 
-def block_summary(seg_BT, pos_BT, block: int) -> dict[str, jax.Array]:
+def block_summary(seg_BT: jax.Array, pos_BT: jax.Array, block: int) -> dict[str, jax.Array]:
     """Per block [B, N]: extreme segment ids and positions of its non-padding tokens.
 
     A block of padding only gets seg_min > seg_max, so it overlaps nothing."""

@@ -305,8 +305,10 @@ def forward_statistics(
 
 
 def backward_logits(
-    x, targets, log_z, g_log_z, g_target, vocab_size, tuning, interpret, fp8_scale=None
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+    x: jax.Array, targets: jax.Array, log_z: jax.Array, g_log_z: jax.Array,
+    g_target: jax.Array, vocab_size: int, tuning: Tuning, interpret: bool,
+    fp8_scale: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:  # fmt: skip
     """d loss / d logits [..., V] for the statistics' cotangents, in the logits' dtype; given
     a float32 scalar `fp8_scale` s, the pair (that, d logits / s as e5m2): the fused float8
     head (`fp8_head.py`) takes both from the one pass."""
@@ -333,7 +335,9 @@ def backward_logits(
     return run_sharded(local, args, [x_spec] + [row_spec] * (len(args) - 1), out_spec)
 
 
-def check_head_inputs(module: str, x, w_VD, targets, vocab_size: int | None) -> int:
+def check_head_inputs(
+    module: str, x: jax.Array, w_VD: jax.Array, targets: jax.Array, vocab_size: int | None
+) -> int:
     """The output-head modules' argument checks (x [..., D], w_VD [V, D], targets [...]);
     returns vocab_size (default V)."""
     V, D = w_VD.shape
@@ -347,7 +351,7 @@ def check_head_inputs(module: str, x, w_VD, targets, vocab_size: int | None) -> 
     return int(vocab_size)
 
 
-def vocab_is_split(x) -> bool:
+def vocab_is_split(x: jax.Array) -> bool:
     """Whether the active mesh splits the last (vocabulary) dimension of logits x."""
     return _layout(x)[2] is not None
 

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.typing import DTypeLike
 
 from model.kernels import flash_attention_mgpu
 from model.kernels.block_visibility import block_visibility, loop_bounds
@@ -85,7 +86,7 @@ class Tuning:
     mgpu_block: int = 64  # their streamed block
     mgpu_slots: int = 3  # and their pipeline depth
 
-    def kernel(self, which: str, H: int, G: int, D: int, dtype, interpret: bool) -> str:
+    def kernel(self, which: str, H: int, G: int, D: int, dtype: DTypeLike, interpret: bool) -> str:
         """The kernel ("triton" or "mgpu") for pass `which` ("fwd" or "bwd") at these shapes."""
         kind = self.fwd_kernel if which == "fwd" else self.bwd_kernel
         if kind == "auto":

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+from jax.typing import DTypeLike
 
 from model.kernels import mgpu_pipeline as mp
 from model.kernels.block_visibility import block_visibility, loop_bounds
@@ -70,7 +71,7 @@ def run_on_this_jax() -> bool:
     return tuple(jax.__version_info__[:2]) >= RUN_ON_JAX
 
 
-def supported(n_heads: int, kv_heads: int, head_dim: int, dtype) -> bool:
+def supported(n_heads: int, kv_heads: int, head_dim: int, dtype: DTypeLike) -> bool:
     """One query head a key/value head, a head dim the 128-byte swizzle tiles, 16-bit."""
     return (
         n_heads == kv_heads
@@ -80,8 +81,9 @@ def supported(n_heads: int, kv_heads: int, head_dim: int, dtype) -> bool:
 
 
 def forward(
-    q5, k5, v5, seg, pos, *, slots, packed, block, interpret
-) -> tuple[jax.Array, jax.Array]:
+    q5: jax.Array, k5: jax.Array, v5: jax.Array, seg: jax.Array, pos: jax.Array,
+    *, slots: int, packed: bool, block: int, interpret: bool,
+) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """(out_BTGRD, lse_BHTp) like `flash_attention._forward` (R = 1, Tp a multiple of 128):
     q5/k5/v5 as in `backward`."""
     B, T, G, _, D = k5.shape
@@ -102,8 +104,10 @@ def forward(
 
 
 def backward(
-    q5, k5, v5, seg, pos, out5, lse, d_out5, *, slots, packed, block, interpret
-) -> tuple[jax.Array, ...]:
+    q5: jax.Array, k5: jax.Array, v5: jax.Array, seg: jax.Array, pos: jax.Array,
+    out5: jax.Array, lse: jax.Array, d_out5: jax.Array,
+    *, slots: int, packed: bool, block: int, interpret: bool,
+) -> tuple[jax.Array, ...]:  # fmt: skip
     """(dq, dk, dv) like `flash_attention._backward`: q5/k5/v5 [B, T, G, S, D] 5-D views
     (the packed array thrice, or q [B, T, G, 1, D] and k, v [B, T, G, 1, D]), out5 and
     d_out5 [B, T, G, 1, D], lse [B, H, Tp'] base 2 from the forward (any Tp' >= T).

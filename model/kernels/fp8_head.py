@@ -34,6 +34,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.typing import DTypeLike
 
 from model.kernels import cross_entropy
 from model.kernels.partition import interpret_mode
@@ -42,13 +43,13 @@ E4M3 = jnp.float8_e4m3fn
 E5M2 = jnp.float8_e5m2
 
 
-def scale_for(amax: jax.Array, dtype) -> jax.Array:
+def scale_for(amax: jax.Array, dtype: DTypeLike) -> jax.Array:
     """float32 scale s with amax / s = the largest finite value of `dtype` (1 for amax 0)."""
     amax = amax.astype(jnp.float32)
     return jnp.where(amax > 0, amax / float(jnp.finfo(dtype).max), 1.0)
 
 
-def quantize(x: jax.Array, dtype=E4M3) -> tuple[jax.Array, jax.Array]:
+def quantize(x: jax.Array, dtype: DTypeLike = E4M3) -> tuple[jax.Array, jax.Array]:
     """(x / s as `dtype`, s), with the per-tensor scale s from max |x|."""
     scale = scale_for(jnp.max(jnp.abs(x)), dtype)
     top = float(jnp.finfo(dtype).max)

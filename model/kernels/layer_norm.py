@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.typing import DTypeLike
 
 from model.kernels.partition import interpret_mode, num_sms, row_logical, run_sharded
 
@@ -463,7 +464,7 @@ def norm_keep_input(
     *,
     eps: float,
     rms: bool,
-    out_dtype,
+    out_dtype: DTypeLike,
     tuning: Tuning = DEFAULT_TUNING,
     interpret: bool | None = None,
     copy: bool = True,
@@ -499,7 +500,7 @@ def add_norm(
     *,
     eps: float,
     rms: bool,
-    out_dtype,
+    out_dtype: DTypeLike,
     tuning: Tuning = ADD_NORM_TUNING,
     interpret: bool | None = None,
 ) -> tuple[jax.Array, jax.Array]:
