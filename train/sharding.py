@@ -127,20 +127,21 @@ def to_global_batch(np_batch: dict, mesh: Mesh) -> dict:
 def full_to_global(arrays: dict, mesh: Mesh) -> dict:
     """Host arrays that every process holds whole -> global arrays split over the batch axes
     (each device takes its slice)."""
-    sharding = batch_sharding(mesh)
-    with jax.transfer_guard_host_to_device("allow"):  # as in to_global_batch
-        return {
-            k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
-            for k, v in arrays.items()
-        }
+    return {k: _whole_to_global(v, batch_sharding(mesh)) for k, v in arrays.items()}
 
 
 def host_to_replicated(value: Any, mesh: Mesh) -> jax.Array:
     """A host value that every process holds (e.g. PPO's KL coefficient) -> one array
-    replicated over the mesh, explicitly (the loop guards steps against implicit copies)."""
+    replicated over the mesh."""
+    return _whole_to_global(value, replicated(mesh))
+
+
+def _whole_to_global(value: Any, sharding: NamedSharding) -> jax.Array:
+    """Each device takes its slice of a host value every process holds whole; an explicit
+    copy, allowed where the loop guards a step against implicit ones (train/loop.py)."""
     value = np.asarray(value)
     with jax.transfer_guard_host_to_device("allow"):
-        return jax.make_array_from_callback(value.shape, replicated(mesh), lambda _: value)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def to_host(tree: Any) -> Any:
