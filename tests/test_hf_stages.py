@@ -231,6 +231,7 @@ def test_pipeline_post_trains_an_import_and_exports_it(imports, tmp_path):
     _export_matches_transformers(root / "sft", tmp_path / "hf", old)
     # SFT asked for one more step resumes: it extends the import again, to the same bytes
     config.sft.train.num_steps = 3
+    config.sft.optim.total_steps = 2  # the schedule it had: one step more at its end value
     sft_stage.run(config, root)
     assert load_model(root / "sft").step == 3
     assert read_latest_meta(root / "sft")["tokenizer"]["sha256"] == sha

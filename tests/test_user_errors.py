@@ -105,6 +105,56 @@ def test_pipeline_checks_every_stage_before_pretraining(tmp_path):
     assert not (tmp_path / "p" / "pretrain").exists()
 
 
+def test_pipeline_checks_algorithms_and_evaluation_before_pretraining(tmp_path):
+    from experiments import pipeline
+    from experiments.configs import posttrain_tiny
+
+    for field, value, fragment in (
+        ("dpo.algorithm.beta", -1.0, "dpo: DPOConfig"),
+        ("grpo.algorithm.loss_normalization", "tokens", "grpo: GRPOConfig"),
+        ("ppo.algorithm.epochs", 0, "ppo: PPOConfig"),
+        ("eval.batch_size", 0, "eval.batch_size must be >= 1"),
+        ("pretrain_checkpoint", "bogus", "pretrain_checkpoint must be 'latest' or 'best'"),
+        ("init_from", str(tmp_path), "is not a stage directory"),
+    ):
+        config = section = posttrain_tiny.get_config()
+        *path, name = field.split(".")
+        for part in path:
+            section = section[part]
+        section[name] = value
+        with pytest.raises(ValueError, match=fragment):
+            pipeline.validate(config)
+    # a config of the other kind is named as such, with where it belongs
+    with pytest.raises(ValueError, match="goes to experiments.pretrain"):
+        pipeline.validate(get_config())
+    with pytest.raises(ValueError, match="goes to experiments.pipeline"):
+        train(posttrain_tiny.get_config(), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_stage_directory_with_no_results_takes_the_corrected_config(tmp_path, caplog):
+    """A first run that stopped on a mistake (a missing corpus, say) has written only its
+    config: the corrected rerun replaces it. Once a run has results, the directory is
+    that experiment's."""
+    wrong, right = get_config(), get_config()
+    wrong.data.corpus = "text:/no/such/file.txt"
+    with Workdir(tmp_path / "run", wrong):
+        pass
+    with caplog.at_level("WARNING"), Workdir(tmp_path / "run", right):
+        (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    assert "replacing it (data.corpus" in caplog.text
+    with pytest.raises(WorkdirError, match="holds another experiment"):
+        Workdir(tmp_path / "run", wrong).__enter__()
+
+
+def test_a_reward_model_is_not_loaded_as_a_language_model(tmp_path, monkeypatch):
+    from train import checkpoint
+
+    monkeypatch.setattr(checkpoint, "read_latest_meta", lambda d: {"model_kind": "reward"})
+    with pytest.raises(ValueError, match="holds a reward model, not a language model"):
+        checkpoint.load_model(tmp_path / "reward")
+
+
 def test_a_busy_workdir_is_refused_naming_the_holder(tmp_path):
     config = get_config()
     with Workdir(tmp_path / "run", config):

@@ -19,6 +19,7 @@ never deleted) and skipped in favour of the previous one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -58,6 +59,7 @@ class Checkpointer:
         self.directory = Path(directory).absolute()
         self.best_metric = best_metric
         self.read_only = read_only
+        self.manager: ocp.CheckpointManager | None = None
         preserve = [policies.LatestN(n=keep_last)]
         if keep_best:
             preserve.append(
@@ -68,11 +70,29 @@ class Checkpointer:
                     keep_checkpoints_without_metrics=False,
                 )
             )
+        if keep_best and not read_only:
+            # orbax reads every kept checkpoint's metrics to rank them, as it opens them
+            unranked = [int(d.name) for d in _numbered(self.directory) if not _ranked(d)]
+            for step in unranked:
+                log.warning(
+                    "the checkpoint of step %d in %s is unreadable (its metrics); falling back "
+                    "to an earlier one",
+                    step,
+                    self.directory,
+                )
+            self._move_aside(unranked)
         options = ocp.CheckpointManagerOptions(
             preservation_policy=policies.AnyPreservationPolicy(preserve),
+            # best_fn makes orbax write each save's metrics to disk: without them a resumed
+            # run would know no checkpoint's rank, and keep-best would drop the best one
+            best_fn=(lambda m: m[best_metric]) if keep_best else None,
+            best_mode="min",
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=not read_only,  # half-written saves of a killed run
             read_only=read_only,
+            # a reader needs no ranking: it never reads the saved metrics, so an unreadable
+            # metrics file cannot stop it from reading the checkpoints beside it
+            lightweight_initialize=read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self._saving: int | None = None
@@ -123,6 +143,11 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
+
+    def delete(self, step: int) -> None:
+        """Deletes the checkpoint of `step`, so that another can be saved as that step."""
+        self.manager.wait_until_finished()
+        self.manager.delete(step)
 
     def read_meta(self, step: int) -> dict:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -223,7 +248,8 @@ class Checkpointer:
                 (self.directory / str(step)).rename(target)
                 log.warning("moved the unreadable checkpoint of step %d to %s", step, target)
         sharding.sync_processes("unreadable checkpoints moved")
-        self.manager.reload()
+        if self.manager is not None:  # None while __init__ checks the folders
+            self.manager.reload()
 
     def close(self) -> None:
         try:
@@ -231,6 +257,21 @@ class Checkpointer:
             self.check()
         finally:
             self.manager.close()
+
+
+def _numbered(directory: Path) -> list[Path]:
+    """The step folders of a checkpoint directory."""
+    return [p for p in directory.glob("*") if p.is_dir() and p.name.isdigit()]
+
+
+def _ranked(step_dir: Path) -> bool:
+    """Whether keep-best can read the step's metrics (absent ones are fine: unranked)."""
+    path = step_dir / "metrics" / "metrics"
+    try:
+        json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _restore_args(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
@@ -343,6 +384,18 @@ def choose_step(stage_dir: Path, steps: list[int], which: str) -> int | None:
     return best
 
 
+def chosen_step(stage_dir: Path, which: str = "latest") -> int:
+    """The step `load_params(stage_dir, ..., which)` reads if every checkpoint is readable."""
+    ckpt = checkpointer_of(stage_dir)
+    try:
+        steps = ckpt.steps()
+    finally:
+        ckpt.close()
+    if not steps:
+        raise FileNotFoundError(f"{stage_dir} holds no checkpoints; run that stage first")
+    return choose_step(stage_dir, steps, which) or steps[-1]
+
+
 def load_params(
     stage_dir: Path, abstract_params: Any, which: str = "latest"
 ) -> tuple[int, Any, dict]:
@@ -397,6 +450,12 @@ def load_model(
 
     stage_dir = Path(stage_dir).absolute()
     meta = read_latest_meta(stage_dir)
+    kind = meta.get("model_kind", "lm")
+    if kind != "lm":  # its trunk would load, and its head be read as the vocabulary's
+        raise ValueError(
+            f"{stage_dir} holds a {kind} model, not a language model: choose a pretraining "
+            "or policy stage (sft, ppo, grpo, dpo) directory"
+        )
     cfg = ModelConfig(**meta["model"])
     mesh = mesh if mesh is not None else sharding.make_mesh(sharding.MeshConfig())
     subtree = subtree if subtree is not None else meta.get("lm_params")

@@ -12,7 +12,8 @@ functions. The loop owns everything else, for every stage alike:
   - exact resume: the newest readable checkpoint restores the state, the batch position
     and the stage's host-side state; a run that starts from scratch says so and keeps the
     earlier metrics;
-  - SIGTERM / SIGINT: save, then raise `Interrupted` (a stopped stage is not finished);
+  - SIGTERM / SIGINT: save, then raise `Interrupted` (a stopped stage is not finished;
+    in the last step, the stage finishes instead);
   - non-finite steps (the update is never applied, train.gradients): stop with a
     diagnostic, or skip and count them with `train.skip_nonfinite=True`;
   - a profiler trace of `profile_steps` steps from `profile_start` on request;
@@ -43,12 +44,7 @@ from train import launch, sharding
 from train.checkpoint import Checkpointer, abstract_like
 from train.metrics_writer import MetricsWriter, keep_history
 from train.state import TrainState
-from train.workdir import (
-    KERNEL_FIELDS,
-    RESUMABLE_PREFIXES,
-    config_differences,
-    differences_message,
-)
+from train.workdir import check_same_experiment
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +148,11 @@ def run(stage: Stage, cfg: LoopConfig) -> dict[str, Any]:
     )
     _compile_ahead(stage, cfg)
     try:
-        start, stage.state, final = _restore(stage, ckpt, cfg)
+        start, stage.state, final, skipped = _restore(stage, ckpt, cfg)
         if final is not None:
             log.info("%s: already finished at step %d", stage.name, start)
             return final
-        run_ = _Run(stage, cfg, ckpt, start, stage.state)
+        run_ = _Run(stage, cfg, ckpt, start, stage.state, skipped)
         try:
             return run_.loop()
         finally:
@@ -204,44 +200,36 @@ def _restore(stage: Stage, ckpt: Checkpointer, cfg: LoopConfig):
                 ckpt.directory,
                 moved,
             )
-        return 0, stage.state, None
+        return 0, stage.state, None, 0
     step, state, data_state, meta = restored
-    _check_same_experiment(stage, meta, step)
+    check_same_experiment(f"the checkpoint of step {step} in {stage.directory}", meta, stage.meta)
     if meta.get("final") is not None and step >= cfg.num_steps:
-        return step, state, meta["final"]
+        return step, state, meta["final"], 0
+    if step > cfg.num_steps:
+        raise ValueError(
+            f"{stage.name}: the newest checkpoint in {ckpt.directory} is of step {step}, past "
+            f"train.num_steps={cfg.num_steps}: set train.num_steps to {step} or more to "
+            "resume, or use a new workdir"
+        )
     stage.batches.set_state(data_state["batches"])
     if stage.set_host_state is not None:
         stage.set_host_state(data_state.get("host", {}))
     log.info("%s: resumed from step %d", stage.name, step)
-    return step, state, None
-
-
-def _check_same_experiment(stage: Stage, meta: dict, step: int) -> None:
-    where = f"the checkpoint of step {step} in {stage.directory}"
-    old_tok, new_tok = meta.get("tokenizer", {}), stage.meta.get("tokenizer", {})
-    if old_tok.get("sha256") != new_tok.get("sha256"):
-        raise ValueError(
-            f"{where} was written with another tokenizer (sha256 "
-            f"{str(old_tok.get('sha256'))[:12]}, now {str(new_tok.get('sha256'))[:12]}); the "
-            "prepared data changed since: restore it, or use a new workdir"
-        )
-    diffs = config_differences(
-        meta.get("config", {}), stage.meta.get("config", {}), RESUMABLE_PREFIXES
-    )
-    diffs += config_differences(meta.get("model", {}), stage.meta.get("model", {}), KERNEL_FIELDS)
-    if diffs:
-        raise ValueError(differences_message(where, diffs))
+    return step, state, None, data_state.get("skipped_steps", 0)
 
 
 class _Run:
     """The state of one run of the loop (split out of `run` to keep each part short)."""
 
-    def __init__(self, stage: Stage, cfg: LoopConfig, ckpt: Checkpointer, start: int, state):
+    def __init__(
+        self, stage: Stage, cfg: LoopConfig, ckpt: Checkpointer, start: int, state, skipped: int
+    ):
         self.stage, self.cfg, self.ckpt, self.start, self.state = stage, cfg, ckpt, start, state
         self.writer = MetricsWriter(stage.directory, resume_step=start)
         self.began = time.perf_counter()
         self.last: dict[str, float] = {}
-        self.skipped = 0
+        self.last_eval: tuple[int, dict] | None = None  # (step, metrics) of the latest
+        self.skipped = skipped  # non-finite steps skipped, since step 0
         self.pending: tuple[int, dict, float] | None = None  # metrics still on the device
         self.window = (time.perf_counter(), 0)  # (start, steps) of the throughput window
         self.window_end = self.window[0]
@@ -281,10 +269,12 @@ class _Run:
                 self.progress.update(1)
                 last = step == cfg.num_steps
                 eval_metrics = self._evaluate(step) if step % cfg.eval_every == 0 else None
-                if signals.received or (step % cfg.checkpoint_every == 0 and not last):
+                # a signal during the last step finishes the stage instead (its final save)
+                stop = signals.received and not last
+                if stop or (step % cfg.checkpoint_every == 0 and not last):
                     self._flush()  # never save a state whose step was not checked
                     self._save(step, eval_metrics)
-                if signals.received:
+                if stop:
                     raise Interrupted(
                         f"{stage.name} stopped by {signals.received} after step {step}; a "
                         f"checkpoint was saved in {self.ckpt.directory}: run the same command "
@@ -300,6 +290,9 @@ class _Run:
         """Waits for the first step once and says how long the start took: the time users
         wait for (BENCHMARKS.md, "Speed round two")."""
         jax.block_until_ready(metrics)
+        # throughput counts from here: the first step's compile is not training. Its own
+        # metrics arrive next, so it starts the count at -1.
+        self.window = (time.perf_counter(), -1)
         log.info(
             "%s: first step done %.1f s after launch (%.1f s in the step, compiling included)",
             self.stage.name,
@@ -318,7 +311,12 @@ class _Run:
             results.update(extra)
         results[f"{stage.metrics_prefix}/skipped_steps"] = self.skipped
         results[f"{stage.name}/seconds"] = time.perf_counter() - self.began  # this run's part
-        self._save(cfg.num_steps, None, final=results)
+        if self.start == cfg.num_steps:  # resumed from the last step's unfinished checkpoint
+            self.ckpt.delete(cfg.num_steps)  # which the final one replaces
+        evaluated = (
+            self.last_eval[1] if self.last_eval and self.last_eval[0] == cfg.num_steps else None
+        )
+        self._save(cfg.num_steps, evaluated, final=results)  # ranked for keep-best too
         return results
 
     def _evaluate(self, step: int) -> dict[str, float] | None:
@@ -330,13 +328,14 @@ class _Run:
         self._pause(time.perf_counter() - began)
         self.writer.write(step, metrics)
         self.last.update(metrics)
+        self.last_eval = (step, metrics)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         self.progress.write(f"{self.stage.name} step {step}: {shown}")
         return metrics
 
     def _save(self, step: int, eval_metrics: dict | None, final: dict | None = None) -> None:
         stage = self.stage
-        data = {"batches": stage.batches.get_state()}
+        data = {"batches": stage.batches.get_state(), "skipped_steps": self.skipped}
         if stage.host_state is not None:
             data["host"] = stage.host_state()
         meta = {**stage.meta, "final": final} if final is not None else stage.meta
@@ -384,7 +383,7 @@ class _Run:
         record = {f"{stage.metrics_prefix}/{k}": v for k, v in metrics.items()}
         record[f"{stage.metrics_prefix}/skipped_steps"] = self.skipped
         postfix = {k: f"{metrics[k]:.4g}" for k in stage.progress_keys if k in metrics}
-        if stage.units_per_step:
+        if stage.units_per_step and steps > 0:
             rate = steps * stage.units_per_step / elapsed
             record[f"{stage.metrics_prefix}/{stage.unit}_per_s"] = rate
             postfix[f"{stage.unit}/s"] = f"{rate:,.0f}"

@@ -40,6 +40,13 @@ def model_config(model: ConfigDict | dict, vocab_size: int) -> ModelConfig:
 
 def validate(config: ConfigDict) -> None:
     """Every check that needs no data, before anything is written or allocated."""
+    missing = [name for name in ("model", "data", "train", "optim") if name not in config]
+    if missing:
+        raise ValueError(
+            f"the config has no {', '.join(missing)} section: pretraining takes a pretraining "
+            "config (experiments/configs/stdlib_tiny.py, ...); a pipeline config "
+            "(posttrain_*.py) goes to experiments.pipeline"
+        )
     tc = config.train
     if tc.global_batch_size < 1:
         raise ValueError(f"train.global_batch_size must be >= 1, got {tc.global_batch_size}")
