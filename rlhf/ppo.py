@@ -20,6 +20,7 @@ Arrays over T = L - 1 follow `rlhf.sequences`: entry t concerns token t + 1.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -47,15 +48,8 @@ class PPOConfig:
     num_microbatches: int = 1  # gradient accumulation inside each minibatch
     whiten_advantages: bool = True
     missing_eos_penalty: float = 1.0  # subtracted from the score of a response without EOS
-    # Per-token KL estimate in the reward: "k1" = log pi - log ref (InstructGPT), or "k3" =
-    # r - 1 - log r with r = ref / pi (Schulman 2020: non-negative, lower variance).
-    kl_estimator: str = "k1"
 
     def __post_init__(self):
-        if self.kl_estimator not in ("k1", "k3"):
-            raise ValueError(
-                f"ppo.algorithm.kl_estimator must be k1 or k3, got {self.kl_estimator!r}"
-            )
         if self.temperature <= 0 or self.epochs < 1 or self.num_minibatches < 1:
             raise ValueError(
                 f"PPOConfig needs temperature > 0, epochs >= 1, num_minibatches >= 1: {self}"
@@ -114,19 +108,35 @@ def kl_penalized_rewards(
     scores_B: jax.Array,
     mask_BT: jax.Array,
     beta: float | jax.Array,
-    estimator: str = "k1",
 ) -> tuple[jax.Array, jax.Array]:
     """(rewards_BT, kl_BT): -beta * kl per response token, plus the sequence score on the
-    last response token. kl_BT is the per-token estimate (see PPOConfig.kl_estimator)."""
+    last response token, with kl_BT = log pi - log ref (the k1 estimate, as InstructGPT).
+
+    Only k1 belongs in a reward. The k3 estimate r - 1 - log r (r = ref / pi) is never
+    negative and estimates the KL's value with less variance, but as a reward its policy
+    gradient is grad KL(pi || ref) - grad KL(ref || pi) (Tang & Munos 2025), which can point
+    the other way; `kl_statistics` reports it instead.
+    """
     mask_BT = mask_BT.astype(jnp.float32)
-    log_ratio_BT = logp_BT - ref_logp_BT
-    if estimator == "k3":
-        kl_BT = (jnp.exp(-log_ratio_BT) - 1.0 + log_ratio_BT) * mask_BT
-    else:
-        kl_BT = log_ratio_BT * mask_BT
+    kl_BT = jnp.where(mask_BT > 0, logp_BT - ref_logp_BT, 0.0)
     last_B = last_token_index(mask_BT)
     at_last_BT = jax.nn.one_hot(last_B, mask_BT.shape[1], dtype=jnp.float32) * mask_BT
     return -beta * kl_BT + scores_B[:, None] * at_last_BT, kl_BT
+
+
+def kl_statistics(
+    logp_BT: jax.Array, ref_logp_BT: jax.Array, mask_BT: jax.Array
+) -> dict[str, jax.Array]:
+    """Mean sequence KL to the reference by k1 (what the reward charges; the controller's
+    input) and by k3 (unbiased as well, never negative, lower variance)."""
+    inside_BT = mask_BT > 0
+    # zeroed outside the response before exp: a padding slot cannot overflow into NaN
+    log_ratio_BT = jnp.where(inside_BT, ref_logp_BT - logp_BT, 0.0)
+    k3_BT = jnp.exp(log_ratio_BT) - 1.0 - log_ratio_BT
+    return {
+        "kl": jnp.mean(jnp.sum(-log_ratio_BT, axis=1)),
+        "kl_k3": jnp.mean(jnp.sum(k3_BT, axis=1)),
+    }
 
 
 def ppo_token_losses(
@@ -136,18 +146,22 @@ def ppo_token_losses(
     values_BT: jax.Array,
     old_values_BT: jax.Array,
     returns_BT: jax.Array,
+    mask_BT: jax.Array,
     clip_eps: float,
     value_clip: float,
 ) -> dict[str, jax.Array]:
-    """Per-token clipped policy loss, clipped value loss and diagnostics (unmasked)."""
-    log_ratio_BT = logp_BT - old_logp_BT
+    """Per-token clipped policy loss, clipped value loss and diagnostics; entries outside
+    `mask_BT` are 0."""
+    inside_BT = mask_BT > 0
+    # zeroed outside the mask before exp, so a padding slot cannot overflow (inf * 0 = NaN)
+    log_ratio_BT = jnp.where(inside_BT, logp_BT - old_logp_BT, 0.0)
     ratio_BT = jnp.exp(log_ratio_BT)
     pg1_BT = -advantages_BT * ratio_BT
     pg2_BT = -advantages_BT * jnp.clip(ratio_BT, 1.0 - clip_eps, 1.0 + clip_eps)
     values_clipped_BT = old_values_BT + jnp.clip(values_BT - old_values_BT, -value_clip, value_clip)
     vf1_BT = jnp.square(values_BT - returns_BT)
     vf2_BT = jnp.square(values_clipped_BT - returns_BT)
-    return {
+    terms = {
         "policy_loss": jnp.maximum(pg1_BT, pg2_BT),
         "value_loss": 0.5 * jnp.maximum(vf1_BT, vf2_BT),
         # Fractions outside the trust region (robust to ties at ratio == 1).
@@ -156,6 +170,7 @@ def ppo_token_losses(
         # k3 estimator of KL(old || new) (Schulman 2020): unbiased and >= 0.
         "approx_kl": ratio_BT - 1.0 - log_ratio_BT,
     }
+    return {name: jnp.where(inside_BT, x_BT, 0.0) for name, x_BT in terms.items()}
 
 
 def explained_variance(
@@ -179,7 +194,9 @@ class KLController:
     horizon: int = 10_000
 
     def update(self, kl: float, n_steps: int) -> float:
-        if self.target is not None:
+        # A non-finite KL (a batch the loop will stop or skip) must not poison beta for good:
+        # beta is host state, saved with every checkpoint.
+        if self.target is not None and math.isfinite(kl):
             error = min(max(kl / self.target - 1.0, -0.2), 0.2)
             self.beta *= 1.0 + error * n_steps / self.horizon
         return self.beta
@@ -219,9 +236,7 @@ def make_prepare(
         raw_scores_B = reward_fn(reward_params, tokens_BL, mask_BL, response_BT)
         no_eos_B = rollout["no_eos"].astype(jnp.float32)
         scores_B = raw_scores_B - cfg.missing_eos_penalty * no_eos_B
-        rewards_BT, kl_BT = kl_penalized_rewards(
-            logp_BT, ref_logp_BT, scores_B, response_BT, beta, cfg.kl_estimator
-        )
+        rewards_BT, _ = kl_penalized_rewards(logp_BT, ref_logp_BT, scores_B, response_BT, beta)
         advantages_BT, returns_BT = gae(rewards_BT, values_BT, response_BT, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages_BT = whiten(advantages_BT, response_BT)
@@ -234,12 +249,11 @@ def make_prepare(
             "advantages": advantages_BT,
             "returns": returns_BT,
         }
-        kl_B = jnp.sum(kl_BT, axis=1)
         stats = {
             "score_mean": jnp.mean(raw_scores_B),
             "score_std": jnp.std(raw_scores_B),
             "reward_mean": jnp.mean(jnp.sum(rewards_BT, axis=1)),  # score + KL penalty
-            "kl": jnp.mean(kl_B),  # sequence KL to the reference, in nats
+            **kl_statistics(logp_BT, ref_logp_BT, response_BT),  # sequence KL, in nats
             "entropy": masked_mean(entropy_BT, response_BT),
             "value_explained_variance": explained_variance(values_BT, returns_BT, response_BT),
             "response_length": jnp.mean(jnp.sum(response_BT, axis=1)),
@@ -273,6 +287,7 @@ def make_ppo_loss_sums(
             values_BT,
             mb["old_values"],
             mb["returns"],
+            mb["response_mask"],
             cfg.clip_eps,
             cfg.value_clip,
         )

@@ -78,11 +78,50 @@ def test_kl_penalty_sign_and_score_at_last_response_token():
     np.testing.assert_allclose(rewards, expected)
 
 
+def test_kl_reward_has_the_policy_gradient_of_the_kl():
+    """The score-function gradient of the per-token KL reward, summed exactly over a small
+    vocabulary, is -grad KL(pi || ref): the penalty pulls the policy towards the reference.
+    (k3 as a reward would give grad KL(pi || ref) - grad KL(ref || pi) instead.)"""
+    theta = jnp.asarray([0.3, -1.2, 0.8, 0.1])
+    ref_logp = jax.nn.log_softmax(jnp.asarray([1.0, 0.2, -0.5, 0.4]))
+
+    def kl(th):
+        logp = jax.nn.log_softmax(th)
+        return jnp.sum(jnp.exp(logp) * (logp - ref_logp))
+
+    logp = jax.nn.log_softmax(theta)
+    rewards, _ = ppo.kl_penalized_rewards(
+        logp[:, None], ref_logp[:, None], jnp.zeros(4), jnp.ones((4, 1)), beta=1.0
+    )  # one row per possible token: its reward
+    grad_logp = jax.jacobian(lambda th: jax.nn.log_softmax(th))(theta)  # [token, theta]
+    policy_gradient = jnp.sum(jnp.exp(logp)[:, None] * rewards * grad_logp, axis=0)
+    np.testing.assert_allclose(policy_gradient, -jax.grad(kl)(theta), rtol=1e-5, atol=1e-7)
+
+
+def test_a_huge_log_ratio_on_padding_leaves_everything_finite():
+    """exp of a log-ratio outside the response must never run: inf * 0 would be NaN and
+    spread through GAE, whitening and the KL controller."""
+    mask = jnp.asarray([[1, 1, 0], [1, 1, 1]], jnp.float32)
+    logp = jnp.asarray([[-1.0, -1.0, -1.0], [-1.0, -2.0, -1.0]])
+    ref = logp.at[1, 1].set(-3.0)  # row 1: 1 nat more likely under the policy
+    pad = (0, 2)  # outside the response, the policy 199 nats below the reference and old
+    stats = ppo.kl_statistics(logp.at[pad].set(-200.0), ref, mask)
+    assert all(np.isfinite(float(v)) for v in stats.values())
+    np.testing.assert_allclose(stats["kl"], 0.5)  # row 1's 1 nat, averaged over 2 rows
+    zeros = jnp.zeros_like(logp)
+    old_logp = logp.at[pad].set(-200.0)  # and here the old policy 199 nats below the new
+    terms = ppo.ppo_token_losses(logp, old_logp, zeros + 1.0, zeros, zeros, zeros, mask, 0.2, 0.2)
+    assert all(bool(jnp.isfinite(v).all()) for v in terms.values())
+    assert float(terms["policy_loss"][pad]) == 0.0
+
+
 @pytest.mark.strict_ranks
 def test_kl_controller():
     adaptive = ppo.KLController(beta=0.1, target=1.0, horizon=100)
     assert adaptive.update(kl=5.0, n_steps=10) == pytest.approx(0.1 * 1.02)  # clipped at +20%
     assert adaptive.update(kl=0.5, n_steps=10) < 0.1 * 1.02  # below target: loosen
+    beta = adaptive.beta
+    assert adaptive.update(kl=float("nan"), n_steps=10) == beta  # a non-finite KL is ignored
     fixed = ppo.KLController(beta=0.1)
     assert fixed.update(kl=100.0, n_steps=10) == 0.1
 
@@ -144,7 +183,7 @@ def test_ppo_loss_ignores_tokens_outside_the_response():
 @pytest.mark.strict_ranks
 def test_clipped_objective_has_no_gradient_beyond_the_clip():
     def loss(logp, adv):
-        terms = ppo.ppo_token_losses(logp, jnp.zeros(()), adv, 0.0, 0.0, 0.0, 0.2, 0.2)
+        terms = ppo.ppo_token_losses(logp, jnp.zeros(()), adv, 0.0, 0.0, 0.0, 1.0, 0.2, 0.2)
         return terms["policy_loss"]
 
     assert jax.grad(loss)(jnp.log(1.5), 1.0) == 0.0  # ratio 1.5 > 1.2 with A > 0: clipped
