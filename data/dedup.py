@@ -72,29 +72,35 @@ class NearDuplicateIndex:
 
     def __init__(self, threshold: float = NEAR_DUP_THRESHOLD):
         self.threshold = threshold
-        self._buckets: list[dict[bytes, int]] = [{} for _ in range(BANDS)]
+        # Every index stored under a band key: a query must be compared with each
+        # document it shares a band with, not only the first one stored there.
+        self._buckets: list[dict[bytes, list[int]]] = [{} for _ in range(BANDS)]
         self._signatures: list[np.ndarray] = []
 
     def find(self, sig: np.ndarray) -> int | None:
-        """The index of a stored signature `sig` near-duplicates, or None (stores nothing)."""
+        """The index of a stored signature `sig` near-duplicates, or None (stores nothing):
+        the first match in band order, then in the order the signatures were added."""
         checked = set()
         for band, key in enumerate(_band_keys(sig)):
-            other = self._buckets[band].get(key)
-            if other is None or other in checked:
-                continue
-            checked.add(other)
-            if np.mean(self._signatures[other] == sig) >= self.threshold:
-                return other
+            for other in self._buckets[band].get(key, ()):
+                if other in checked:
+                    continue
+                checked.add(other)
+                if np.mean(self._signatures[other] == sig) >= self.threshold:
+                    return other
         return None
+
+    def add(self, sig: np.ndarray) -> int:
+        """Stores `sig`, whatever it matches; returns its index."""
+        index = len(self._signatures)
+        self._signatures.append(sig)
+        for band, key in enumerate(_band_keys(sig)):
+            self._buckets[band].setdefault(key, []).append(index)
+        return index
 
     def add_if_new(self, sig: np.ndarray) -> int | None:
         """Adds `sig` and returns None, or returns the index of the near-duplicate it matches."""
         match = self.find(sig)
-        if match is not None:
-            return match
-        keys = _band_keys(sig)
-        index = len(self._signatures)
-        self._signatures.append(sig)
-        for band, key in enumerate(keys):
-            self._buckets[band].setdefault(key, index)
-        return None
+        if match is None:
+            self.add(sig)
+        return match

@@ -9,9 +9,10 @@ so the id only fills space, and the sampler writes it after a row's eos.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as _Backend
@@ -66,12 +67,29 @@ class HFTokenizer:
             raise KeyError(f"tokenizer has no special token {name!r}")
         return idx
 
-    def encode(self, text: str) -> list[int]:
-        # No bos/eos added: callers add them, as with the sentencepiece tokenizer.
-        return self.backend.encode(text, add_special_tokens=False).ids
+    @contextlib.contextmanager
+    def _special_text(self, match_special: bool) -> Iterator[None]:
+        """While open, special-token text in the input is that token (`match_special`) or
+        plain text; the backend's own setting is restored after."""
+        before = self.backend.encode_special_tokens
+        self.backend.encode_special_tokens = not match_special
+        try:
+            yield
+        finally:
+            self.backend.encode_special_tokens = before
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
-        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+    def encode(self, text: str, *, match_special: bool = True) -> list[int]:
+        """Ids of `text`; with `match_special=False` (corpus text, which is only ever text)
+        a special token's text, e.g. "<|endoftext|>", is encoded as the characters it is."""
+        # No bos/eos added: callers add them, as with the sentencepiece tokenizer.
+        with self._special_text(match_special):
+            return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(
+        self, texts: Sequence[str], num_threads: int = 0, *, match_special: bool = True
+    ) -> list[list[int]]:
+        with self._special_text(match_special):
+            encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
         return [e.ids for e in encodings]
 
     def piece(self, id_: int) -> str:

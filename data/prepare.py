@@ -80,6 +80,14 @@ def _assign_splits(docs: list[CuratedDocument], val_fraction: float) -> dict[str
     splits: dict[str, list[CuratedDocument]] = {"train": [], "val": []}
     for doc in docs:
         splits[doc.split or split_of(doc.text, val_fraction)].append(doc)
+    if any(doc.split for doc in docs):  # the cut is the user's: never move text across it
+        for name in SPLITS:
+            if not splits[name]:
+                raise CorpusError(
+                    f"the {name} split of the val_tail cut has no text left after curation "
+                    "(only blank lines); choose another val_tail"
+                )
+        return splits
     # Tiny corpora: make sure both splits exist (moves whole documents, so still disjoint).
     if not splits["val"] and val_fraction > 0:
         splits["val"].append(splits["train"].pop())
@@ -183,7 +191,7 @@ def prepare(
     """Builds DIR from a corpus spec (see data.sources) and returns its meta.json dict."""
     check_options(vocab_size, tokenizer, val_fraction, max_docs, num_workers)
     spec = parse_spec(corpus_spec)
-    check_spec(spec, tfds_data_dir)
+    check_spec(spec, tfds_data_dir, max_docs)
     out = Path(out_dir).resolve()  # a link to a folder: write in the folder
     _check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -332,7 +340,8 @@ def _encode_all(tok, texts: list[str], progress: bool, split: str) -> list[list[
         bar = tqdm(total=len(texts), desc=f"tokenizing {split}", unit=" docs")
     encoded: list[list[int]] = []
     for i in range(0, len(texts), chunk):
-        encoded += tok.encode_batch(texts[i : i + chunk], num_threads=threads)
+        # Corpus text is only text: "<|endoftext|>" written in a document is not eos.
+        encoded += tok.encode_batch(texts[i : i + chunk], num_threads=threads, match_special=False)
         if bar:
             bar.update(len(texts[i : i + chunk]))
     if bar:
@@ -433,7 +442,12 @@ def _define_flags() -> None:
     )
     flags.DEFINE_integer("seed", 0, "seed of sampling in curation and tokenizer training")
     flags.DEFINE_integer("num_workers", None, "curation processes (default: one per core, 2 max)")
-    flags.DEFINE_integer("max_docs", None, "read at most this many documents")
+    flags.DEFINE_integer(
+        "max_docs",
+        None,
+        "read at most this many documents (not with text:PATH:val_tail=F: it would cut off the "
+        "tail that is the val split)",
+    )
     flags.DEFINE_string(
         "tfds_data_dir",
         None,

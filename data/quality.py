@@ -22,7 +22,7 @@ import numpy as np
 # --- Gopher quality rules ---
 GOPHER_MIN_WORDS, GOPHER_MAX_WORDS = 50, 100_000
 GOPHER_MIN_MEAN_WORD_LEN, GOPHER_MAX_MEAN_WORD_LEN = 3.0, 10.0
-GOPHER_MAX_SYMBOL_WORD_RATIO = 0.1  # "#" and ellipses per word
+GOPHER_MAX_SYMBOL_WORD_RATIO = 0.1  # "#" per word, and ellipses per word: each on its own
 GOPHER_MAX_BULLET_LINES = 0.9
 GOPHER_MAX_ELLIPSIS_LINES = 0.3
 GOPHER_MIN_ALPHA_WORDS = 0.8  # fraction of words with at least one letter
@@ -136,8 +136,9 @@ def prose_drop_reason(text: str) -> str | None:
     mean_len = sum(map(len, words)) / n
     if not GOPHER_MIN_MEAN_WORD_LEN <= mean_len <= GOPHER_MAX_MEAN_WORD_LEN:
         return "gopher_mean_word_length"
-    symbols = text.count("#") + text.count("...") + text.count("…")
-    if symbols / n > GOPHER_MAX_SYMBOL_WORD_RATIO:
+    # Gopher limits the hash-to-word and the ellipsis-to-word ratio separately.
+    hashes, ellipses = text.count("#"), text.count("...") + text.count("…")
+    if max(hashes, ellipses) / n > GOPHER_MAX_SYMBOL_WORD_RATIO:
         return "gopher_symbol_ratio"
     lines = [ln for ln in text.split("\n") if ln.strip()]
     if sum(bool(_BULLET.match(ln)) for ln in lines) > GOPHER_MAX_BULLET_LINES * len(lines):
@@ -173,11 +174,17 @@ def _alnum_count(text: str) -> int:
     return len(_NON_ALNUM.sub("", text))
 
 
+def _lines(text: str) -> list[str]:
+    """The lines of `text`; a final newline ends the last line, it starts no empty one."""
+    lines = text.split("\n")
+    return lines[:-1] if len(lines) > 1 and not lines[-1] else lines
+
+
 def code_drop_reason(text: str) -> str | None:
     """Codex / StarCoder source-file rules; None keeps the file."""
     if len(text.encode("utf-8")) > CODE_MAX_BYTES:
         return "code_file_too_large"
-    lines = text.split("\n")
+    lines = _lines(text)
     if max(map(len, lines)) > CODE_MAX_LINE_LEN:
         return "code_max_line_length"
     if len(text) / len(lines) > CODE_MAX_MEAN_LINE_LEN:

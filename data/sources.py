@@ -11,10 +11,11 @@ Spec forms:
   python:holdout=F    - the same without the held-out standard-library files
   text:PATH           - a text file or a folder of files (walked in sorted order)
   text:PATH:val_tail=F - the same, its validation split the contiguous last fraction F of
-                        the text (by characters, cut at a line start), as nanoGPT splits
-                        its corpora: every document carries its split, so data.prepare
-                        does not hash documents into splits for it, and curation keeps
-                        both splits whole (no quality or duplicate drops)
+                        the text (by characters, cut at a line start: `tail_cut`), as
+                        nanoGPT splits its corpora: every document carries its split, so
+                        data.prepare does not hash documents into splits for it, and
+                        curation keeps both splits whole (no quality or duplicate drops);
+                        not with max_docs, which would cut the tail off
   jsonl:PATH:FIELD    - JSON Lines file (or folder of *.jsonl), text in FIELD
   tfds:NAME[:FIELD]   - a TFDS catalog dataset (train split), text in FIELD (default "text"),
                         already prepared in array_record format under the TFDS data dir
@@ -28,10 +29,10 @@ curation can also drop copies of them found elsewhere (a vendored backport in
 site-packages, say).
 
 Sources never raise on bad *content*: a file that is binary, empty, not UTF-8, or
-a JSONL line that is not JSON or lacks the field becomes a `RawDocument` with an
-`error` reason, so the curation report counts it. A missing path, an unknown TFDS name
-or a TFDS dataset that is not prepared raises `CorpusError` naming it, before anything
-is written.
+a JSONL line that is not JSON, lacks the field or holds a lone surrogate becomes a
+`RawDocument` with an `error` reason, so the curation report counts it. A missing path,
+an unknown TFDS name or a TFDS dataset that is not prepared raises `CorpusError` naming
+it, before anything is written.
 """
 
 from __future__ import annotations
@@ -223,19 +224,37 @@ def decode_bytes(data: bytes) -> tuple[str | None, str | None]:
         return None, "invalid_utf8"
 
 
-_PARAGRAPH_BREAK = re.compile(r"(\n[ \t]*\n)")
+def _utf8_size(text: str) -> int | None:
+    """Bytes of `text` in UTF-8, or None when it holds a lone surrogate, which no UTF-8
+    encodes (JSON may write one, "\\ud800"): such text is `invalid_utf8`, never an error."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return None
+
+
+# A line end as curation's normalisation reads one (\r\n, a lone \r, \n), so CRLF and old
+# Mac text is cut into the same pieces as its \n form; a \r\n is never split in two.
+_NEWLINE = r"(?:\r\n|\r(?!\n)|\n)"
+_PARAGRAPH_BREAK = re.compile(rf"({_NEWLINE}[ \t]*{_NEWLINE})")
+
+
+def _chars(text: str) -> int:
+    """Length with each \\r\\n counted as one character, as it is after normalisation."""
+    return len(text) - text.count("\r\n")
 
 
 def split_prose(text: str, chunk_chars: int = PROSE_CHUNK_CHARS) -> list[str]:
-    """Cuts text at blank lines into pieces of about `chunk_chars`; ''.join(pieces) == text."""
-    if len(text) <= chunk_chars:
+    """Cuts text at blank lines into pieces of about `chunk_chars`; ''.join(pieces) == text.
+    Text with \\r\\n or \\r line ends is cut where its \\n form is."""
+    if _chars(text) <= chunk_chars:
         return [text]
     parts = _PARAGRAPH_BREAK.split(text)  # [para, sep, para, sep, ...]
     pieces, current, size = [], [], 0
     for i in range(0, len(parts), 2):
         chunk = parts[i] + (parts[i + 1] if i + 1 < len(parts) else "")
         current.append(chunk)
-        size += len(chunk)
+        size += _chars(chunk)
         if size >= chunk_chars:
             pieces.append("".join(current))
             current, size = [], 0
@@ -264,14 +283,17 @@ def _text_documents(
         yield RawDocument(piece_name, kind, piece, len(piece.encode("utf-8")), split=split)
 
 
-def tail_cut(text: str, fraction: float) -> int:
+def tail_cut(text: str, fraction: float) -> int | None:
     """Where the last `fraction` of `text` begins: the first line start at or after
-    len(text) * (1 - fraction), so no line is split between train and val."""
+    len(text) * (1 - fraction), else (no line starts after it) the last one before it, so
+    no line is split between train and val and neither is empty. None when the text is
+    one line: it has no line start to cut at."""
     at = int(len(text) * (1.0 - fraction))
-    if at == 0 or text[at - 1] == "\n":
-        return at
-    newline = text.find("\n", at)
-    return len(text) if newline < 0 else newline + 1
+    after = text.find("\n", max(at - 1, 0))  # a newline at at-1 makes `at` a line start
+    if 0 <= after < len(text) - 1:
+        return after + 1
+    before = text.rfind("\n", 0, max(at - 1, 0))
+    return before + 1 if before >= 0 else None
 
 
 def _tail_split_documents(root: Path, fraction: float) -> Iterator[RawDocument]:
@@ -288,6 +310,11 @@ def _tail_split_documents(root: Path, fraction: float) -> Iterator[RawDocument]:
         text, error = decode_bytes(data)
         files.append((path, kind, text, len(data), error))
     cut = tail_cut("".join(text for _, _, text, _, error in files if not error), fraction)
+    if cut is None:
+        raise CorpusError(
+            f"text:{root}:val_tail={fraction}: the text is one line, so it has no line start "
+            "to cut the val tail at; break it into lines, or leave out :val_tail=F"
+        )
     start = 0  # offset of the current file in the joined text
     for path, kind, text, nbytes, error in files:
         if error:
@@ -320,7 +347,11 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[RawDocument]:
             if not isinstance(text, str):
                 yield RawDocument(name, "prose", None, len(line), "jsonl_missing_field")
                 continue
-            yield RawDocument(name, "prose", text, len(text.encode("utf-8")))
+            nbytes = _utf8_size(text)
+            if nbytes is None:
+                yield RawDocument(name, "prose", None, len(line), "invalid_utf8")
+                continue
+            yield RawDocument(name, "prose", text, nbytes)
 
 
 def _tfds_builder(name: str, data_dir: str | None):
@@ -371,12 +402,24 @@ def _tfds_documents(
                 continue
         else:
             text = str(value)
+            if _utf8_size(text) is None:
+                nbytes = len(text.encode("utf-8", "surrogatepass"))
+                yield RawDocument(doc_name, "prose", None, nbytes, "invalid_utf8")
+                continue
         for j, piece in enumerate(split_prose(text)):
             yield RawDocument(f"{doc_name}#{j}", "prose", piece, len(piece.encode("utf-8")))
 
 
-def check_spec(spec: CorpusSpec, tfds_data_dir: str | None = None) -> None:
-    """Fails early (before any output is touched) on a missing path or TFDS dataset."""
+def check_spec(
+    spec: CorpusSpec, tfds_data_dir: str | None = None, max_docs: int | None = None
+) -> None:
+    """Fails early (before any output is touched) on a missing path or TFDS dataset, or on
+    max_docs with val_tail (the documents read first would leave out the tail)."""
+    if max_docs is not None and spec.val_tail:
+        raise CorpusError(
+            f"max_docs cannot be used with {spec}: reading only the first documents would "
+            "leave out the tail that val_tail makes the val split; leave out one of them"
+        )
     if spec.kind in ("text", "jsonl"):
         _require(Path(spec.path))
     if spec.kind == "tfds":
@@ -391,7 +434,7 @@ def iter_documents(
 ) -> Iterator[RawDocument]:
     """Raw documents of a corpus in a deterministic order (at most `max_docs`)."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
-    check_spec(spec, tfds_data_dir)
+    check_spec(spec, tfds_data_dir, max_docs)
     if spec.kind == "stdlib":
         stream = _stdlib_documents(spec.holdout)
     elif spec.kind == "python":

@@ -11,7 +11,9 @@ which sentencepiece uses to encode spaces.
 
 Ids: 0 <pad>, 1 <unk>, 2 <s> (bos), 3 </s> (eos), then the chat-role tokens SFT uses.
 Chat-role tokens are user-defined symbols: they are matched in text, so a chat template
-can be written as a string.
+can be written as a string. Corpus text is encoded with `match_special=False` (as every
+tokenizer here takes it): a document that writes "<|user|>" holds those characters, not
+the role token, so decode(encode(text)) == text and no role token appears mid-document.
 """
 
 from __future__ import annotations
@@ -41,6 +43,14 @@ class Tokenizer:
 
     def __init__(self, processor: spm.SentencePieceProcessor):
         self.sp = processor
+        self._literal_sp: spm.SentencePieceProcessor | None = None  # built when first used
+
+    def _processor(self, match_special: bool) -> spm.SentencePieceProcessor:
+        if match_special:
+            return self.sp
+        if self._literal_sp is None:
+            self._literal_sp = _literal_processor(self.sp)
+        return self._literal_sp
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
@@ -70,11 +80,15 @@ class Tokenizer:
             raise KeyError(f"tokenizer has no special token {name!r}")
         return idx
 
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
+    def encode(self, text: str, *, match_special: bool = True) -> list[int]:
+        """Ids of `text`; with `match_special=False` (corpus text) a special token's text,
+        e.g. "<|user|>", is encoded as the characters it is."""
+        return self._processor(match_special).encode(text)
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
-        return self.sp.encode(list(texts), num_threads=num_threads)
+    def encode_batch(
+        self, texts: Sequence[str], num_threads: int = 0, *, match_special: bool = True
+    ) -> list[list[int]]:
+        return self._processor(match_special).encode(list(texts), num_threads=num_threads)
 
     def piece(self, id_: int) -> str:
         """The vocabulary entry of an id, as the tokenizer stores it (for display)."""
@@ -126,18 +140,22 @@ class CharTokenizer:
             raise KeyError(f"tokenizer has no special token {name!r}")
         return self.index[name]
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, match_special: bool = True) -> list[int]:
+        """Ids of `text`; with `match_special=False` (corpus text) a chat token's text is
+        encoded as the characters it is."""
         unk = self.index[UNK]
         ids: list[int] = []
-        for part in self._special.split(text):
+        for part in self._special.split(text) if match_special else [text]:
             if part in self.index and part in CHAT_TOKENS:
                 ids.append(self.index[part])
             else:
                 ids.extend(self.index.get(c, unk) for c in part)
         return ids
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int = 0) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
+    def encode_batch(
+        self, texts: Sequence[str], num_threads: int = 0, *, match_special: bool = True
+    ) -> list[list[int]]:
+        return [self.encode(t, match_special=match_special) for t in texts]
 
     def decode(self, ids: Sequence[int]) -> str:
         skip = {self.pad_id, self.bos_id, self.eos_id}
@@ -148,6 +166,22 @@ class CharTokenizer:
             known = 0 <= i < len(self.pieces) and i != self.index[UNK]  # past: a spare id
             out.append(self.pieces[i] if known else "\ufffd")
         return "".join(out)
+
+
+def _literal_processor(sp: spm.SentencePieceProcessor) -> spm.SentencePieceProcessor:
+    """The same model with its user-defined pieces (the chat tokens) made control pieces:
+    every id keeps its piece, but sentencepiece matches only user-defined pieces in text,
+    so their text is encoded as plain characters (and control pieces are never produced)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(sp.serialized_model_proto())
+    user_defined = [p for p in proto.pieces if p.type == pb.ModelProto.SentencePiece.USER_DEFINED]
+    if not user_defined:
+        return sp
+    for piece in user_defined:
+        piece.type = pb.ModelProto.SentencePiece.CONTROL
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
 
 AnyTokenizer = Tokenizer | CharTokenizer | HFTokenizer

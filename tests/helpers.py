@@ -215,3 +215,24 @@ def pallas_blocks_out_of_bounds(fn, *args) -> list[str]:
                 if any(a < 0 or a + s > d for a, s, d in zip(starts, sizes, dims)):
                     problems.append(f"{eqn.params['name']}: operand {i} at grid point {point}")
     return problems
+
+
+def write_bpe_tokenizer(directory, special_tokens=("<|endoftext|>",)) -> int:
+    """A small byte-level BPE tokenizer.json like GPT-2's in `directory`; returns the id
+    of its first special token (GPT-2's eos)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = (
+        "def add(a, b):\n    return a + b\n" * 20 + "the quick brown fox jumps over the lazy dog\n"
+    )
+    backend.train_from_iterator([text], trainer)
+    backend.save(str(directory / "tokenizer.json"))
+    return backend.token_to_id(special_tokens[0])

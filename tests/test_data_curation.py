@@ -161,3 +161,106 @@ def test_curation_forks_no_process_where_jax_runs():
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fork" not in result.stderr  # JAX's at-fork warning, even where it is swallowed
+
+
+def test_crlf_and_cr_prose_is_cut_where_its_lf_form_is():
+    from data.curate import normalize
+
+    para = ("word " * 60).strip()
+    lf = "\n\n".join([para] * 200)
+    pieces = split_prose(lf)
+    assert len(pieces) > 5
+    for newline in ("\r\n", "\r"):
+        text = lf.replace("\n", newline)
+        cut = split_prose(text)
+        assert "".join(cut) == text
+        assert [normalize(p) for p in cut] == pieces  # the same pieces once curated
+    # a single CRLF line end is not a paragraph break
+    assert split_prose("a\r\nb\r\n" * 3000) == ["a\r\nb\r\n" * 3000]
+
+
+def test_jsonl_lone_surrogate_is_invalid_utf8_not_an_error(tmp_path):
+    path = tmp_path / "c.jsonl"
+    lines = [json.dumps({"body": PROSE}), json.dumps({"body": "bad \ud800 text"})]
+    assert "\\ud800" in lines[1]  # valid JSON, but no UTF-8 encodes the string it holds
+    path.write_text("\n".join(lines) + "\n")
+    kept, report = curate(iter_documents(f"jsonl:{path}:body"), num_workers=1)
+    _account(report)
+    assert [d.name for d in kept] == [f"{path}:1"]
+    invalid = report["dropped"]["by_reason"]["invalid_utf8"]
+    assert invalid["examples"] == [f"{path}:2"] and invalid["bytes"] == len(lines[1]) + 1
+
+
+def test_near_duplicate_index_compares_every_document_sharing_a_band():
+    import numpy as np
+
+    from data import dedup
+
+    rows, rng = dedup.ROWS, np.random.default_rng(0)
+    b = rng.integers(0, 2**32, size=dedup.NUM_PERM, dtype=np.uint64).astype(np.uint32)
+    a = rng.integers(0, 2**32, size=dedup.NUM_PERM, dtype=np.uint64).astype(np.uint32)
+    a[:rows] = b[:rows]  # A shares band 0 with B, and nothing else
+    c = b.copy()
+    for band in range(1, dedup.BANDS):  # C: B with one row changed in every other band
+        c[band * rows] += 1
+    assert np.mean(b == c) >= dedup.NEAR_DUP_THRESHOLD > np.mean(a == c)
+    index = dedup.NearDuplicateIndex()
+    assert index.add_if_new(a) is None and index.add_if_new(b) is None
+    assert index.find(c) == 1  # B, though A was stored first under band 0's key
+    assert index.add_if_new(c) == 1 and index.find(c) == 1
+
+
+def _changed(words: list[str], start: int, step: int = 50) -> list[str]:
+    """Every `step`-th word from `start` changed: 5 shingles less in common per change."""
+    return [w + "x" if i >= start and (i - start) % step == 0 else w for i, w in enumerate(words)]
+
+
+def _code_lines(words: list[str]) -> str:
+    return "\n".join(" ".join(words[i : i + 10]) for i in range(0, len(words), 10)) + "\n"
+
+
+def test_a_near_copy_of_any_held_out_document_is_dropped():
+    import numpy as np
+
+    from data import dedup
+    from data.sources import RawDocument
+
+    # H2 is a near copy of H1; D is a near copy of H2 but not of H1.
+    words = [f"name{i}" for i in range(300)]
+    h1, h2, d = map(_code_lines, (words, _changed(words, 10), _changed(_changed(words, 10), 35)))
+    perm = dedup.permutation_params(0)
+    sig = {k: dedup.minhash_signature(v, *perm) for k, v in {"h1": h1, "h2": h2, "d": d}.items()}
+    jaccard = {k: np.mean(sig[k[0]] == sig[k[1]]) for k in (("h1", "h2"), ("h2", "d"), ("h1", "d"))}
+    assert min(jaccard[("h1", "h2")], jaccard[("h2", "d")]) >= dedup.NEAR_DUP_THRESHOLD
+    assert jaccard[("h1", "d")] < dedup.NEAR_DUP_THRESHOLD
+    held_out = [RawDocument(f"{k}.py", "code", v, len(v)) for k, v in (("h1", h1), ("h2", h2))]
+    kept, report = curate([RawDocument("d.py", "code", d, len(d))], held_out=held_out)
+    assert kept == [] and report["dropped"]["by_reason"]["held_out_near_copy"]["docs"] == 1
+
+
+def _with_symbols(hashes: int, ellipses: int) -> str:
+    """PROSE (109 words) with `hashes` words marked "#" and `ellipses` words ending "..."."""
+    words = PROSE.split()
+    for i in range(hashes):
+        words[2 * i] = "#" + words[2 * i]
+    for i in range(ellipses):
+        words[2 * i + 1] += "..."
+    return " ".join(words)
+
+
+def test_gopher_limits_hashes_and_ellipses_each_on_its_own():
+    from data.quality import prose_drop_reason
+
+    assert len(PROSE.split()) == 109
+    assert prose_drop_reason(_with_symbols(6, 6)) is None  # 0.055 of each: under 0.1 each
+    assert prose_drop_reason(_with_symbols(12, 0)) == "gopher_symbol_ratio"  # 0.11
+    assert prose_drop_reason(_with_symbols(0, 12)) == "gopher_symbol_ratio"
+
+
+def test_code_mean_line_length_counts_no_line_after_the_final_newline():
+    from data.quality import code_drop_reason
+
+    line = "x = '" + "a" * 140 + "'"  # 146 characters: over the mean of 100
+    assert code_drop_reason(line + "\n") == "code_mean_line_length"
+    assert code_drop_reason(line) == "code_mean_line_length"
+    assert code_drop_reason(line + "\n\n") is None  # a second, empty line: 74 a line

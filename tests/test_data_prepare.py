@@ -311,3 +311,23 @@ def test_tfds_source_with_mock_data(tmp_path, monkeypatch):
     with tfds.testing.mock_data(num_examples=3):
         docs = list(iter_documents("tfds:lm1b:nofield", tfds_data_dir=str(tmp_path)))
         assert [d.error for d in docs] == ["tfds_missing_field"] * 3
+
+
+def test_special_token_text_in_a_document_is_tokenized_as_text(tmp_path):
+    import numpy as np
+
+    folder = write_corpus(tmp_path / "texts", n=4)
+    for path in folder.iterdir():  # every document, so both splits have one
+        path.write_text(path.read_text() + "A chat log writes <|user|> and <|end|> here.\n")
+    options = dict(tokenizer="char", val_fraction=0.5, num_workers=1, progress=False)
+    meta = prepare(f"text:{folder}", tmp_path / "out", **options)
+    tok = load_tokenizer(tmp_path / "out" / meta["tokenizer"]["file"])
+    specials = {tok.special_id("<|user|>"), tok.special_id("<|end|>")}
+    texts = sorted(p.read_text() for p in folder.iterdir())
+    decoded = []
+    for split in ("train", "val"):
+        tokens = store.TokenizedSplit.open(tmp_path / "out" / split, np.dtype(meta["token_dtype"]))
+        docs = [tokens.document(i).tolist() for i in range(tokens.num_docs)]
+        assert not specials & {i for doc in docs for i in doc}
+        decoded += [tok.decode(doc) for doc in docs]
+    assert sorted(decoded) == texts

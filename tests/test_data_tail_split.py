@@ -96,3 +96,47 @@ def test_prepare_keeps_the_tail_as_val(tmp_path):
         assert (out / split).is_dir()
         for f in (out / split).iterdir():
             assert f.read_bytes() == (tmp_path / "again" / split / f.name).read_bytes()
+
+
+def test_tail_cut_falls_back_to_the_last_line_start_and_never_leaves_val_empty():
+    # no newline after the cut point: the last line start before it, not the end of the text
+    assert tail_cut("abc\ndef\nghi", 0.1) == 8
+    assert tail_cut("abc\r\ndef\r\nghi", 0.1) == 10
+    assert tail_cut("abc\ndef\n", 0.01) == 4  # the final newline starts no line
+    assert tail_cut("one line only", 0.5) is None and tail_cut("a\n", 0.01) is None
+
+
+def test_val_tail_of_a_last_line_without_newline_is_that_line(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("line one\nline two\nline three\n")
+    (folder / "b.txt").write_text("b1 text\nb2 text\nlast line no newline")
+    splits = split_texts(iter_documents(f"text:{folder}:val_tail=0.1"))
+    assert splits["val"] == "last line no newline"
+    assert splits["train"] + splits["val"] == joined(folder)
+
+
+def test_val_tail_of_one_line_is_refused_in_one_line(tmp_path):
+    (tmp_path / "one.txt").write_text("a single line of text without any line break")
+    with pytest.raises(CorpusError, match="is one line, so it has no line start") as refused:
+        list(iter_documents(f"text:{tmp_path}:val_tail=0.1"))
+    assert "\n" not in str(refused.value)
+
+
+def test_max_docs_with_val_tail_is_refused_before_anything_is_written(tmp_path):
+    folder = line_corpus(tmp_path / "texts", 3)
+    with pytest.raises(CorpusError, match="max_docs cannot be used with .*val_tail") as refused:
+        prepare(f"text:{folder}:val_tail=0.2", tmp_path / "out", max_docs=2, progress=False)
+    assert "\n" not in str(refused.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["texts"]
+
+
+def test_a_val_tail_split_left_empty_by_curation_is_refused():
+    from data.curate import CuratedDocument
+    from data.prepare import _assign_splits
+
+    train = CuratedDocument("a.txt@train", "prose", "some text\n", 10, "train")
+    with pytest.raises(CorpusError, match="val split of the val_tail cut has no text left"):
+        _assign_splits([train], val_fraction=0.05)
+    val = CuratedDocument("a.txt@val", "prose", "the tail\n", 9, "val")
+    assert _assign_splits([train, val], 0.05) == {"train": [train], "val": [val]}

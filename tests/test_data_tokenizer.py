@@ -12,6 +12,7 @@ from data.tokenizer import (
     load_tokenizer,
     train_tokenizer,
 )
+from tests.helpers import write_bpe_tokenizer
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -103,3 +104,41 @@ def test_char_tokenizer_on_tinyshakespeare(tmp_path):
     tok = train_tokenizer([text], tmp_path / "s.json", model_type="char")
     assert tok.vocab_size == 65 + 8  # nanoGPT's 65 characters + the shared special tokens
     assert tok.decode(tok.encode(text[:5000])) == text[:5000]
+
+
+LITERAL = 'print("<|user|> asked, <|assistant|> said <|end|>")\n# <|endoftext|> <s></s>\n'
+
+
+def _specials(tok, names) -> set[int]:
+    return {tok.bos_id, tok.eos_id, *(tok.special_id(n) for n in names)}
+
+
+def test_corpus_text_that_writes_chat_tokens_keeps_them_as_text(bpe, tmp_path):
+    char = CharTokenizer.build([LITERAL])
+    for tok in (bpe, char):
+        ids = tok.encode(LITERAL, match_special=False)
+        assert tok.decode(ids) == LITERAL and not set(ids) & _specials(tok, CHAT_TOKENS)
+        assert tok.encode_batch([LITERAL, "x"], match_special=False) == [
+            ids,
+            tok.encode("x", match_special=False),
+        ]
+        assert tok.encode("<|user|>") == [tok.special_id("<|user|>")]  # templates still do
+    assert bpe.encode("def f(x):\n", match_special=False) == bpe.encode("def f(x):\n")
+
+
+def test_hf_corpus_text_that_writes_a_special_token_keeps_it_as_text(tmp_path):
+    import json
+
+    from data.hf_tokenizer import HFTokenizer
+
+    write_bpe_tokenizer(tmp_path, ["<|endoftext|>", *CHAT_TOKENS])
+    config = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = HFTokenizer.load(tmp_path / "tokenizer.json")
+    ids = tok.encode(LITERAL, match_special=False)
+    assert tok.decode(ids) == LITERAL and not set(ids) & _specials(tok, CHAT_TOKENS)
+    assert tok.encode_batch([LITERAL], match_special=False) == [ids]
+    assert not tok.backend.encode_special_tokens  # the backend's setting is restored
+    # prompts and templates still get the special tokens
+    assert tok.encode("a<|endoftext|>")[-1] == tok.eos_id
+    assert tok.encode("<|user|>") == [tok.special_id("<|user|>")]
