@@ -9,7 +9,7 @@ Every turn ends with `<|end|>`, which is also the token that stops generation
 carry loss weight, so the model learns to answer and to stop, never to imitate
 the user.
 
-The tokenizer is any object with `encode(text) -> list[int]`, `decode(ids)`,
+The tokenizer is any object with `encode(text, match_special=...) -> list[int]`, `decode(ids)`,
 `pad_id`, `bos_id`, `eos_id` and `special_id(name)` (attributes or zero-argument
 methods: `ChatTokens.from_tokenizer` reads either).
 """
@@ -26,7 +26,7 @@ ROLES = ("system", "user", "assistant")
 
 
 class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, *, match_special: bool = True) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -77,7 +77,8 @@ def render(
     ids, assistant = [tokens.bos], [False]
     for message in messages:
         role = message["role"]
-        body = [*tokenizer.encode(message["content"]), tokens.end]
+        # a message's text is text: a "<|end|>" written in it is not the stop token
+        body = [*tokenizer.encode(message["content"], match_special=False), tokens.end]
         ids += [tokens.role(role), *body]
         assistant += [False] + [role == "assistant"] * len(body)
     return np.asarray(ids, np.int32), np.asarray(assistant, bool)

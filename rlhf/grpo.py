@@ -5,7 +5,8 @@ Dr. GRPO (Liu et al. 2025) as options. One iteration:
 
   1. sample G responses per prompt (`repeat_for_groups`, then `rlhf.rollout`): rows
      k*G .. k*G+G-1 of the rollout are the group of prompt k;
-  2. score each response on the host (`rlhf.verifier.verifiable_rewards`) -> rewards [B];
+  2. score each response on the host (`rlhf.verifier.verifiable_rewards`) -> rewards [B],
+     less `missing_eos_penalty` for a response cut off at the length limit;
   3. `make_grpo_prepare`: log-probs of the policy (the "old" policy) and, when
      kl_beta > 0, of the frozen reference, at the sampling temperature, and the
      group-relative advantage of every response
@@ -59,6 +60,9 @@ class GRPOConfig:
     num_minibatches: int = 1  # optimizer updates per epoch
     num_microbatches: int = 1  # gradient accumulation inside each minibatch
     temperature: float = 1.0  # sampling temperature; log-probs are recomputed at it
+    # Subtracted from the reward of a response cut off at the length limit, as PPO does:
+    # unpenalised, the reference followed by anything at all scores as the reference.
+    missing_eos_penalty: float = 1.0
 
     def __post_init__(self):
         problems = []
@@ -198,7 +202,9 @@ def make_grpo_prepare(model: nn.Module, cfg: GRPOConfig) -> Callable:
         logits_BTV = lm_logits(model, params, tokens_BL, mask_BL, cfg.temperature)
         logp_BT, entropy_BT = log_probs_and_entropy(logits_BTV, tokens_BL)
         rewards_B = rewards_B.astype(jnp.float32)
-        advantages_B = group_advantages(rewards_B, cfg.group_size, cfg.std_normalize)
+        no_eos_B = rollout["no_eos"].astype(jnp.float32)
+        shaped_B = rewards_B - cfg.missing_eos_penalty * no_eos_B
+        advantages_B = group_advantages(shaped_B, cfg.group_size, cfg.std_normalize)
         batch = {
             "tokens": tokens_BL,
             "mask": mask_BL,
@@ -207,9 +213,9 @@ def make_grpo_prepare(model: nn.Module, cfg: GRPOConfig) -> Callable:
             "advantages": advantages_B,
         }
         tokens = jnp.maximum(jnp.sum(response_BT), 1.0)
-        rewards_KG = rewards_B.reshape(-1, cfg.group_size)
+        rewards_KG = shaped_B.reshape(-1, cfg.group_size)
         stats = {
-            "reward_mean": jnp.mean(rewards_B),
+            "reward_mean": jnp.mean(rewards_B),  # the verifier's, without the penalty
             "reward_std": jnp.std(rewards_B),
             # Groups whose rewards are all equal teach nothing (their advantages are 0).
             "frac_groups_all_equal": jnp.mean(jnp.all(rewards_KG == rewards_KG[:, :1], axis=1)),

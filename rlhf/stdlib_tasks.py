@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from data import packages, sources
-from rlhf.verifier import module_names
+from rlhf.verifier import module_names, parse, top_level_functions, uses_undefined_names
 
 CORRUPTIONS = ("other_body", "truncation", "shuffled_lines", "renamed_identifiers", "broken_syntax")
 _SKIP_DIRS = frozenset({"idlelib", "turtledemo"})  # GUI code: few self-contained functions
@@ -33,7 +33,7 @@ class FunctionTask:
     file: str  # path relative to the corpus root: the unit of the train/eval split
     name: str
     header: str  # `def ...:` through the docstring, dedented
-    body: tuple[str, ...]  # the lines after the docstring
+    body: tuple[str, ...]  # the lines after the docstring, as written (dedented like header)
     # Names bound at the top of the file (rlhf.verifier.module_names): the verifier's
     # undefined-names check counts them as known.
     module_names: tuple[str, ...] = ()
@@ -67,14 +67,30 @@ def package_files(limit: int) -> list[tuple[Path, Path]]:
     return sorted(found, key=key)[:limit]
 
 
-def _functions(tree: ast.Module) -> Iterable[ast.FunctionDef | ast.AsyncFunctionDef]:
-    """Top-level functions and methods of top-level classes."""
-    is_function = lambda n: isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
-    for node in tree.body:
-        if is_function(node):
-            yield node
-        elif isinstance(node, ast.ClassDef):
-            yield from filter(is_function, node.body)
+def _string_continuation_lines(node: ast.AST) -> set[int]:
+    """Line numbers (1-based) inside a string literal that spans lines: their text is the
+    string's, so no indentation may be taken off them."""
+    return {
+        line
+        for n in ast.walk(node)
+        if isinstance(n, ast.JoinedStr)
+        or (isinstance(n, ast.Constant) and isinstance(n.value, str | bytes))
+        for line in range(n.lineno + 1, n.end_lineno + 1)
+    }
+
+
+def _body_lines(lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef) -> list[str]:
+    """The function's source lines after its docstring, exactly as written (blank lines
+    kept), less the def's indentation; lines inside a string literal are left whole."""
+    def_line = lines[node.lineno - 1]
+    indent = def_line[: len(def_line) - len(def_line.lstrip())]
+    verbatim = _string_continuation_lines(node)
+    body = []
+    for number in range(node.body[0].end_lineno + 1, node.end_lineno + 1):
+        line = lines[number - 1]
+        dedent = number not in verbatim and line.startswith(indent)
+        body.append(line[len(indent) :] if dedent else line)
+    return body
 
 
 def mine_file(path: Path, root: Path, max_chars: int = 1200) -> list[FunctionTask]:
@@ -84,19 +100,20 @@ def mine_file(path: Path, root: Path, max_chars: int = 1200) -> list[FunctionTas
         tree = ast.parse(text)
     except (SyntaxError, UnicodeDecodeError, ValueError):
         return []
-    lines = text.splitlines()
+    # ast numbers lines by \n only (read_text made \r\n and \r into \n); str.splitlines
+    # would also split at form feeds and other separators and shift every later line.
+    lines = text.split("\n")
     known = tuple(module_names(tree))
     tasks = []
-    for node in _functions(tree):
+    for node in top_level_functions(tree):
         if ast.get_docstring(node) is None or len(node.body) < 2:
             continue
         doc_end = node.body[0].end_lineno
         header = textwrap.dedent("\n".join(lines[node.lineno - 1 : doc_end]))
-        indent = len(lines[node.lineno - 1]) - len(lines[node.lineno - 1].lstrip())
-        body = [line[indent:] for line in lines[doc_end : node.end_lineno]]
-        body = tuple(line.rstrip() for line in body if line.strip())
+        body = tuple(_body_lines(lines, node))
         task = FunctionTask(str(path.relative_to(root)), node.name, header, body, known)
-        if body and len(task.source) <= max_chars and _parses(task.source):
+        has_code = any(line.strip() for line in body)
+        if has_code and len(task.source) <= max_chars and _passes_its_own_checks(task):
             tasks.append(task)
     return tasks
 
@@ -104,6 +121,14 @@ def mine_file(path: Path, root: Path, max_chars: int = 1200) -> list[FunctionTas
 def split_of(file: str, eval_fraction: float) -> str:
     """'eval' or 'train' by the rule that also keeps eval files out of pretraining."""
     return "eval" if sources.is_held_out(file, eval_fraction) else "train"
+
+
+def _passes_its_own_checks(task: FunctionTask) -> bool:
+    """Compiles alone, and uses no name its module does not bind (a few build names in
+    `globals()` or in their class body): a reference that could not score full marks
+    would teach nothing."""
+    tree = parse(task.source)
+    return tree is not None and not uses_undefined_names(tree, task.module_names)
 
 
 def _parses(code: str) -> bool:
@@ -131,9 +156,13 @@ def _truncation(task, pool, rng):
 
 def _shuffled_lines(task, pool, rng):
     body = list(task.body)
+
+    def code(lines):  # moving blank lines alone would change nothing that matters
+        return [line for line in lines if line.strip()]
+
     for _ in range(5):
         rng.shuffle(body)
-        if tuple(body) != task.body:
+        if code(body) != code(task.body):
             return "\n".join([task.header, *body])
     return None
 

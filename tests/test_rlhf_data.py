@@ -1,5 +1,6 @@
 """Chat template, loss masks, packing, preference batches, mined tasks and ground truth."""
 
+import ast
 import random
 
 import jax
@@ -29,6 +30,19 @@ def test_render_marks_only_assistant_text_and_its_end():
     # ... its role token and everything the user/system wrote are not.
     assert not assistant[ids == SPECIALS["<|assistant|>"]].any()
     assert not assistant[ids == SPECIALS["<|user|>"]].any()
+
+
+def test_a_message_that_writes_a_chat_token_keeps_it_as_text():
+    """A mined function may contain "<|end|>" in a string: as the stop token mid-answer it
+    would teach the model to stop there."""
+    from data.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.build(["return '<|end|>' + x"])
+    message = {"role": "assistant", "content": "return '<|end|>' + x"}
+    ids, assistant = chat.render([message], tok)
+    end = tok.special_id("<|end|>")
+    assert list(ids).count(end) == 1 and ids[-1] == end  # only the turn's own end
+    assert tok.decode(ids[assistant][:-1]) == message["content"]
 
 
 def test_sft_weights_are_zero_on_prompt_tokens():
@@ -177,6 +191,9 @@ def test_corruptions_are_controlled(tmp_path):
             assert parses(r["rejected"]) and not defines_function(r["rejected"], r["name"])
         if r["kind"] in ("other_body", "shuffled_lines", "truncation"):
             assert r["rejected"].split("\n")[0] == r["chosen"].split("\n")[0]  # same signature
+        if r["kind"] == "shuffled_lines":  # the code moved, not only its blank lines
+            code = [[ln for ln in r[k].split("\n") if ln.strip()] for k in ("chosen", "rejected")]
+            assert code[0] != code[1]
     task = tasks[0]
     shuffled = stdlib_tasks.corrupt(task, "shuffled_lines", tasks, random.Random(0))
     assert sorted(shuffled.split("\n")) == sorted(task.source.split("\n"))
@@ -194,3 +211,42 @@ def test_ground_truth_parses_and_never_executes():
     assert 0 < low < 2 / 3 < high < 1
     table = comparison_table({"sft": result, "ppo": result})
     assert table.count("\n") == 3 and "| sft |" in table
+
+
+def test_mining_after_a_form_feed_line_takes_the_right_lines(tmp_path):
+    # str.splitlines() splits at the form feed too; ast's line numbers do not
+    (tmp_path / "m.py").write_text(
+        '# section\n\x0c\ndef f(a):\n    """Doc."""\n    b = a + 1\n    return b\n'
+    )
+    (task,) = stdlib_tasks.mine_file(tmp_path / "m.py", tmp_path)
+    assert task.source == 'def f(a):\n    """Doc."""\n    b = a + 1\n    return b'
+
+
+def test_mined_source_is_the_function_as_written(tmp_path):
+    method = (
+        "class C:\n"
+        "    def page(self):\n"
+        '        """The page."""\n'
+        "        head = '''<html>\n"
+        "\n"
+        "<body>\n"
+        "  </body>'''\n"
+        "\n"
+        "# a comment at column 0\n"
+        "        return head\n"
+    )
+    (tmp_path / "m.py").write_text(method)
+    (task,) = stdlib_tasks.mine_file(tmp_path / "m.py", tmp_path)
+    assert task.header == 'def page(self):\n    """The page."""'
+    # the string's lines, its blank line included, and the blank line after it are kept
+    assert task.body == (
+        "    head = '''<html>",
+        "",
+        "<body>",
+        "  </body>'''",
+        "",
+        "# a comment at column 0",
+        "    return head",
+    )
+    head = ast.parse(task.source).body[0].body[1].value  # the string, as Python reads it
+    assert head.value == "<html>\n\n<body>\n  </body>"

@@ -127,10 +127,16 @@ def _direct_log_probs(lm, params, tokens, mask, temperature):
 
 
 @functools.cache
-def _prepared(kl_beta, std_normalize):
+def _prepared(kl_beta, std_normalize, missing_eos_penalty=0.0):
     lm, params = init_lm()
     _, ref_params = init_lm(seed=1)
-    cfg = GRPOConfig(group_size=4, kl_beta=kl_beta, std_normalize=std_normalize, temperature=0.7)
+    cfg = GRPOConfig(
+        group_size=4,
+        kl_beta=kl_beta,
+        std_normalize=std_normalize,
+        temperature=0.7,
+        missing_eos_penalty=missing_eos_penalty,
+    )
     rewards = np.asarray([0.0, 1.0, 0.5, 0.5, 0.2, 0.2, 0.2, 0.2], np.float32)
     prepare = jax.jit(grpo.make_grpo_prepare(lm, cfg))
     batch, stats = prepare(params, ref_params if kl_beta else None, _rollout(), rewards)
@@ -154,6 +160,14 @@ def test_prepare_log_probs_advantages_and_reference_only_when_needed():
     assert float(stats["kl"]) == pytest.approx(float(kl.sum() / m.sum()), rel=1e-4)
     (batch0, stats0), _, _ = _prepared(0.0, True)
     assert "ref_logp" not in batch0 and "kl" not in stats0  # beta = 0: no reference pass
+
+
+def test_an_answer_cut_off_at_the_length_limit_is_penalised():
+    (batch, stats), rewards, _ = _prepared(0.0, True, missing_eos_penalty=1.0)
+    no_eos = _rollout()["no_eos"]
+    expected = grpo.group_advantages(jnp.asarray(rewards - no_eos.astype(np.float32)), 4, True)
+    np.testing.assert_allclose(batch["advantages"], expected, rtol=1e-6)
+    assert stats["reward_mean"] == pytest.approx(0.35)  # the verifier's reward, as logged
 
 
 def test_repeat_for_groups_keeps_each_group_in_consecutive_rows():

@@ -59,8 +59,8 @@ def test_hostile_inputs_do_not_parse_and_score_zero():
 
 
 def test_code_too_deep_for_pyflakes_counts_as_unchecked():
-    answer = HEADER + "    return value" + " + 1" * 1200 + "\n"
-    ast.parse(answer)  # parses, but pyflakes recurses past the limit on it
+    answer = HEADER + "    return value" + " + 1" * 600 + "\n"
+    compile(answer, "<answer>", "exec")  # compiles, but pyflakes recurses past the limit
     assert _failing(answer) == {"no_undefined_names"}
 
 
@@ -74,6 +74,12 @@ def test_code_too_deep_for_pyflakes_counts_as_unchecked():
         "    raise NotImplementedError('subclasses do this')\n",
         "    return clamp(value, low, high=high)\n",
         "    pass\n    ...\n    'a stray string'\n",
+        "    return\n",  # each of these scored above an honest attempt once
+        "    return None\n",
+        "    return 0\n",
+        "    None\n",
+        "    f'todo'\n",
+        "    raise NotImplemented\n",
     ],
 )
 def test_trivial_bodies(body):
@@ -87,6 +93,39 @@ def test_trivial_bodies(body):
 def test_a_method_calling_itself_is_trivial():
     method = Reference("step", 'def step(self, n):\n    """Step."""\n    return n + 1\n')
     assert _failing("def step(self, n):\n    return self.step(n)\n", method) == {"nontrivial"}
+    # a base class's or another module's function of the same name is real work
+    for delegate in ("Base.step(self, n)", "counter.step(n)"):
+        answer = f"import counter\nclass Base: pass\ndef step(self, n):\n    return {delegate}\n"
+        assert check_answer(answer, method)["nontrivial"] == 1.0, delegate
+
+
+def test_what_would_hide_an_undefined_name_from_pyflakes_counts_as_one():
+    hidden = HEADER + "    return _unknown_helper(value, low, high)\n"
+    star_import = "from os import *\n" + hidden
+    declared_global = hidden.replace("    return", "    global _unknown_helper\n    return")
+    caught = hidden.replace("    return _u", "    try:\n        return _u")
+    caught += "    except NameError:\n        return value\n"
+    for answer in (star_import, declared_global, caught):
+        assert _failing(answer) == {"no_undefined_names"}, answer
+    assigned_global = HEADER + "    global _seen\n    _seen = value\n    return _checked(value)\n"
+    assert _failing(assigned_global) == set()  # a global the code binds is defined
+
+
+def test_the_definition_graded_is_the_one_python_would_call():
+    nested = "def outer():\n" + "".join("    " + line + "\n" for line in REF.source.split("\n"))
+    assert check_answer(nested, REF)["defines_name"] == 0.0  # not callable as clamp
+    redefined = REF.source + "\n" + HEADER + "    pass\n"  # Python keeps the second
+    assert _failing(redefined) == {"nontrivial"}
+    method = "class Limits:\n" + "".join("    " + ln + "\n" for ln in REF.source.split("\n"))
+    assert _failing(method) == set()  # as mined: methods of top-level classes count
+
+
+def test_code_python_would_not_compile_does_not_parse():
+    for body in ("    break\n", "    await value\n", "    nonlocal low\n"):
+        ast.parse(HEADER + body)  # the parser lets each through; compiling does not
+        assert check_answer(HEADER + body, REF)["parses"] == 0.0, body
+    duplicate = "def clamp(value, value, *, high=None):\n    return value\n"
+    assert verifiable_reward(duplicate, REF) == 0.0
 
 
 def test_a_placeholder_is_right_when_the_reference_is_one():
@@ -106,6 +145,7 @@ def test_a_placeholder_is_right_when_the_reference_is_one():
         "def clamp(value, low=0, *args, high=None):\n",  # extra *args
         "def clamp(value, /, low=0, *, high=None):\n",  # positional-only
         "async def clamp(value, low=0, *, high=None, **kw):\n",  # extra **kwargs
+        "async def clamp(value, low=0, *, high=None):\n",  # called differently
     ],
 )
 def test_wrong_signature(header):
@@ -221,6 +261,7 @@ def test_wilson_interval_known_values():
     assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
     assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
     assert wilson_interval(0, 0) == (0.0, 1.0)
+    assert wilson_interval(0, 1000)[0] == 0.0 and wilson_interval(1000, 1000)[1] == 1.0  # exactly
 
 
 def test_ground_truth_reports_each_component_with_an_interval():
