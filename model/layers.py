@@ -43,6 +43,7 @@ def dense_param(
     and returned, as [*outputs, *inputs] (`dense(..., out_in=True)` takes it so).
     """
     cfg: ModelConfig = module.cfg
+    fan_in = fan_in or shape[0]  # of the [*inputs, *outputs] shape, before any reordering
     if n_in and cfg.weights_layout == "out_in":
         shape, axes = shape[n_in:] + shape[:n_in], axes[n_in:] + axes[:n_in]
     if zeros:
@@ -50,7 +51,7 @@ def dense_param(
     elif ones:
         init = nn.initializers.ones_init()
     else:
-        init = _own_kernel(nn.initializers.truncated_normal(stddev=(fan_in or shape[0]) ** -0.5))
+        init = _own_kernel(nn.initializers.truncated_normal(stddev=fan_in**-0.5))
     if module.has_variable("params", name):
         # Applying: Flax's `param` would trace the initializer again only to check the
         # shape, for every parameter on every trace (about an eighth of tracing a step).

@@ -65,7 +65,9 @@ def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int, top_p: f
     """Temperature, top-k and top-p (nucleus, Holtzman et al. 2019) applied to logits.
 
     Returns float32 logits whose softmax is the sampling distribution; PPO
-    recomputes log-probs with this same function so they match the sampler.
+    recomputes log-probs with this same function so they match the sampler. Both cuts are
+    by value: tokens tied with the last one kept are kept too (top-k as Hugging Face's
+    warper; its top-p cuts ties by sort order instead, which no logit can justify).
     """
     logits = logits_BV.astype(jnp.float32) / max(temperature, 1e-6)
     if top_k:

@@ -55,6 +55,22 @@ def test_inference_form_transposes_exactly_the_products(name):
     assert seen >= {"query", "key", "value", "out", "down"}
 
 
+def test_a_model_made_in_the_served_layout_draws_each_weight_at_its_trained_scale():
+    """std 1/sqrt(inputs) whichever way a weight is stored: the fan-in is not its first
+    dimension once the outputs come first."""
+    cfg = get_preset("tiny-llama")
+    tokens = jnp.zeros((1, 4), jnp.int32)
+
+    def stds(layout: str) -> dict[str, float]:
+        params = LanguageModel(cfg.replace(weights_layout=layout)).init(jax.random.key(0), tokens)
+        leaves = jax.tree_util.tree_leaves_with_path(strip_axis_names(params["params"]))
+        return {jax.tree_util.keystr(p): float(jnp.std(x)) for p, x in leaves if x.ndim > 1}
+
+    trained, served = stds("in_out"), stds("out_in")
+    for path, std in trained.items():
+        assert served[path] == pytest.approx(std, rel=0.2), path
+
+
 def _decode(cfg, params, tokens, transposed: bool):
     """Logits of a prefill of 6 tokens, then of 4 one-token steps, in one form."""
     model, params = LanguageModel(cfg).inference_form(params, transposed)

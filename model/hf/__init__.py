@@ -40,9 +40,12 @@ def read_json(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object of fields")
+    return value
 
 
 def read_config(hf_dir: str | Path) -> tuple[ModelConfig, ModuleType]:
