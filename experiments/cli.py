@@ -192,6 +192,10 @@ def stage_main(run: Callable, needs: str) -> None:
                 f"{workdir} is not a pipeline directory: give the one that holds {needs} "
                 "(python -m experiments.pipeline makes one)"
             )
+        from experiments.pipeline import validate_stage
+
+        # the stage is named by its module's file: run as a script, its module is __main__
+        validate_stage(FLAGS.config, Path(run.__code__.co_filename).stem)
         result = run(FLAGS.config, workdir)
         print(json.dumps(result, indent=2, default=str))
 

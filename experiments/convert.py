@@ -23,7 +23,7 @@ import jax
 from absl import app, flags
 
 import model.hf as hf
-from data.cli import BAD_INPUT, fail, parse_flags
+from data.cli import fail, parse_flags
 from data.hf_tokenizer import CONFIG_FILE, is_hf_tokenizer_json
 from experiments import cli
 from model.config import ModelConfig
@@ -59,6 +59,8 @@ def export_checkpoint(
 ) -> list[Path]:
     """A checkpoint of this project -> an HF model directory `dst` (which must not exist)."""
     workdir, dst = Path(workdir), Path(dst)
+    if max_shard_bytes < 1:
+        raise ValueError(f"--max_shard_bytes must be at least 1 (bytes), not {max_shard_bytes}")
     if not workdir.exists():
         raise FileNotFoundError(f"{workdir} does not exist")
     if dst.exists():
@@ -116,8 +118,11 @@ def main(argv: list[str]) -> None:
             print(f"exported {FLAGS.workdir} to {FLAGS.dst}: {', '.join(f.name for f in files)}")
         else:
             raise ValueError(f"usage: python -m experiments.convert {{{'|'.join(COMMANDS)}}} ...")
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        fail(str(error), BAD_INPUT)
+    except Exception as error:  # noqa: BLE001 - mapped as every entry point maps, or a bug
+        status = cli.exit_status(error)
+        if status is None or FLAGS.verbose:
+            raise
+        fail(str(error), status)
 
 
 def _need(*names: str) -> None:

@@ -22,6 +22,11 @@ from rlhf.evaluation import held_out_evaluator
 from train import sharding
 
 
+def dpo_config(section: ConfigDict) -> DPOConfig:
+    """DPOConfig from the stage's `algorithm` section."""
+    return DPOConfig(num_microbatches=section.train.num_microbatches, **section.algorithm.to_dict())
+
+
 def run(config: ConfigDict, root: Path) -> dict:
     with stage.open_stage("dpo", config, root) as ctx:
         if ctx.finished is not None:
@@ -36,6 +41,12 @@ def run(config: ConfigDict, root: Path) -> dict:
         bs = dc.train.global_batch_size
         # Reference log-probs only for the pairs the steps will see (one epoch at most).
         available = len(arrays["chosen_tokens"]) // bs * bs
+        if not available:
+            raise ValueError(
+                f"dpo: {len(arrays['chosen_tokens'])} preference pairs fit in "
+                f"dpo.data.seq_len, fewer than dpo.train.global_batch_size={bs}: lower the "
+                "batch size"
+            )
         n = min(available, dc.train.num_steps * bs)
         keep = np.random.default_rng(dc.train.seed).permutation(available)[:n]
         arrays = {k: v[keep] for k, v in arrays.items()}
@@ -56,7 +67,7 @@ def run(config: ConfigDict, root: Path) -> dict:
         ]
         for key in ("ref_chosen_logp", "ref_rejected_logp"):
             arrays[key] = np.concatenate([r[key] for r in ref])
-        algo = DPOConfig(num_microbatches=dc.train.num_microbatches, **dc.algorithm.to_dict())
+        algo = dpo_config(dc)
         evaluate = held_out_evaluator(ctx, data, lm, sft.tokenizer)
         return stage.run(
             ctx,

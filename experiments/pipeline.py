@@ -45,14 +45,53 @@ def stage_names(config: ConfigDict) -> list[str]:
 def validate(config: ConfigDict) -> None:
     """Every section checked before the first stage starts, so a bad value in the last
     stage does not surface after an hour of pretraining."""
-    from rlhf import datasets, stage
+    from rlhf import datasets
     from train import pretrain
 
-    if not config.init_from:
+    if "stages" not in config or "pretrain" not in config:
+        raise ValueError(
+            "the config has no stages or pretrain section: experiments.pipeline takes a "
+            "pipeline config (experiments/configs/posttrain_*.py); a pretraining config goes "
+            "to experiments.pretrain"
+        )
+    if config.pretrain_checkpoint not in ("latest", "best"):
+        raise ValueError(
+            f"pretrain_checkpoint must be 'latest' or 'best', got {config.pretrain_checkpoint!r}"
+        )
+    if config.init_from:
+        if not (Path(config.init_from) / "checkpoints").is_dir():
+            raise ValueError(
+                f"init_from={config.init_from} is not a stage directory (no checkpoints/ in "
+                "it): name a pretraining or SFT stage, or a model imported with "
+                "experiments.convert"
+            )
+    else:
         pretrain.validate(config.pretrain)
         datasets.check_held_out(config)
     for name in stage_names(config):
-        stage.validate(config[name], name)
+        validate_stage(config, name)
+
+
+def validate_stage(config: ConfigDict, name: str) -> None:
+    """One post-training stage's section (and the evaluation they share), before anything
+    of it is written."""
+    from experiments import dpo, grpo, ppo
+    from rlhf import stage
+    from rlhf.evaluation import check_eval_config
+
+    if name not in config:
+        raise ValueError(
+            f"the config has no {name} section: post-training stages take a pipeline config "
+            "(experiments/configs/posttrain_*.py)"
+        )
+    stage.validate(config[name], name)
+    algorithm = {"ppo": ppo.ppo_config, "grpo": grpo.grpo_config, "dpo": dpo.dpo_config}
+    try:
+        if name in algorithm:
+            algorithm[name](config[name])
+        check_eval_config(config.eval)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{name}: {error}") from None
 
 
 def _pretrain(config: ConfigDict, root: Path) -> dict:
@@ -78,17 +117,25 @@ def run_stage(name: str, fn: Callable, config: ConfigDict, root: Path) -> dict:
 
 
 def compression_baselines(config: ConfigDict, root: Path) -> dict:
-    """The pretrained model's best held-out bits per byte beside zlib -9 and lzma -9 on the
-    same held-out documents (each compressed on its own)."""
+    """The bits per byte of the pretraining checkpoint post-training started from, over the
+    whole held-out split, beside zlib -9 and lzma -9 on the same documents (each compressed
+    on its own). Training's own evaluations read only `train.eval_batches` batches."""
     from data.compression import held_out_baselines
-    from train.metrics_writer import read_metrics
+    from train.data_source import data_dir
+    from train.evaluate import evaluate_checkpoint
 
-    data_dir = Path(config.pretrain.data.dir or root / "pretrain" / "data")
-    rows = read_metrics(root / "pretrain" / "metrics.jsonl")
-    model = min(r["eval/bits_per_byte"] for r in rows if r.get("eval/bits_per_byte") is not None)
-    out = held_out_baselines(data_dir)
-    out["model_best"] = model
-    out["model_over_lzma"] = model / out["lzma_9"]
+    pc, stage_dir = config.pretrain, root / "pretrain"
+    prepared = data_dir(pc, stage_dir)
+    scored = evaluate_checkpoint(
+        stage_dir,
+        prepared,
+        seq_len=pc.data.seq_len,
+        batch_size=pc.train.global_batch_size,
+        which=config.pretrain_checkpoint,
+    )
+    out = held_out_baselines(prepared)
+    out["model_best"] = scored["eval/bits_per_byte"]
+    out["model_over_lzma"] = out["model_best"] / out["lzma_9"]
     return out
 
 
@@ -119,8 +166,9 @@ def report(results: dict, root: Path, config: ConfigDict) -> dict:
     if "compression" in summary:
         c = summary["compression"]
         summary["ground_truth_markdown"] += (
-            f"\n\nHeld-out bits per byte ({c['docs']} held-out documents): pretrained model (best "
-            f"checkpoint) {c['model_best']:.3f}, zlib -9 {c['zlib_9']:.3f}, lzma -9 "
+            f"\n\nHeld-out bits per byte ({c['docs']} held-out documents): pretrained model "
+            f"({config.pretrain_checkpoint} checkpoint) {c['model_best']:.3f}, zlib -9 "
+            f"{c['zlib_9']:.3f}, lzma -9 "
             f"{c['lzma_9']:.3f} (model / lzma = {c['model_over_lzma']:.2f})"
         )
     out = root / "report"

@@ -6,30 +6,48 @@
 runs every point of the grid one after another (each in its own workdir
 under --root, resumable), or with --print_only prints one command per point
 for a cluster scheduler. Then it writes ROOT/sweep_results.csv, prints a
-table of the final metrics, and plots ROOT/sweep.png. If a point failed, the
-results go to ROOT/sweep_results.partial.csv and sweep.partial.png instead:
-the results of an earlier complete sweep are never replaced by partial ones.
-Every file is written under a temporary name and renamed into place.
+table of each point's status ("done", "failed: ERROR", "stopped", "not run")
+and final metrics (blank unless done), and plots ROOT/sweep.png. Unless
+every point is done, the results go to ROOT/sweep_results.partial.csv and
+sweep.partial.png instead: the results of an earlier complete sweep are
+never replaced by partial ones. Every file is written under a temporary
+name and renamed into place.
+
+The points share the prepared data in ROOT/data; where swept values change
+the config's data section (`--sweep.data.vocab_size=...`), each distinct data
+section gets its own folder, ROOT/data_FIELD=VALUE..., shared by the points
+that have it.
+
+SIGTERM or SIGINT (Ctrl-C) goes on to the point running, which saves a
+checkpoint and stops; the sweep starts no further point, writes the partial
+table and ends with 4: the same command resumes it (finished points return at
+once, the stopped one resumes from its checkpoint).
 
 Exit status: 0 every point finished; 1 some point failed (its own `error:` line is above
 the table); 2 bad input, found before any point runs: a flag, the config file, or a sweep
-or override field the config lacks or a value of the wrong type.
+or override field the config lacks or a value of the wrong type; 4 stopped by a signal.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import itertools
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 from absl import app, flags
+from ml_collections import ConfigDict, config_flags
 
-from data.cli import BAD_INPUT, fail, parse_flags
-from experiments import configs
+from data.cli import fail, parse_flags
+from experiments import cli, configs
+from train import loop
+from train.loop import Interrupted
 from train.metrics_writer import read_metrics
 
 flags.DEFINE_string("config", "experiments/configs/stdlib_tiny.py", "experiment config file")
@@ -39,6 +57,7 @@ FLAGS = flags.FLAGS
 
 _SWEEP: dict = {}  # the grid and overrides, parsed before absl sees the flags
 FINAL_METRICS = ("train/loss", "eval/loss", "eval/bits_per_byte")
+DONE, STOPPED, NOT_RUN = "done", "stopped", "not run"
 
 
 def split_sweep_args(argv: list[str]) -> tuple[dict[str, list[str]], list[str], list[str]]:
@@ -66,16 +85,36 @@ def point_name(point: dict[str, str]) -> str:
     return "_".join(f"{field.split('.')[-1]}={value}" for field, value in point.items())
 
 
-def point_command(point: dict[str, str], overrides: list[str], root: Path) -> list[str]:
+def point_args(point: dict[str, str], overrides: list[str]) -> list[str]:
+    """The point's --config.* arguments: every point's overrides, then its grid values."""
+    return [*overrides, *(f"--config.{field}={value}" for field, value in point.items())]
+
+
+def point_command(
+    point: dict[str, str], overrides: list[str], root: Path, data_dir: Path
+) -> list[str]:
     return [
         sys.executable,
         "-m",
         "experiments.pretrain",
         f"--config={FLAGS.config}",
         f"--workdir={root / point_name(point)}",
-        f"--config.data.dir={root / 'data'}",
-        *overrides,
-        *(f"--config.{field}={value}" for field, value in point.items()),
+        f"--config.data.dir={data_dir}",  # before the user's: a --config.data.dir of theirs wins
+        *point_args(point, overrides),
+    ]
+
+
+def data_dirs(point_configs: list[ConfigDict], root: Path) -> list[Path]:
+    """Each point's prepared-data folder: ROOT/data when the points' data sections are the
+    same, else one folder per distinct data section (the points with the same share it),
+    named by the data fields that differ."""
+    sections = [{k: v for k, v in c.data.to_dict().items() if k != "dir"} for c in point_configs]
+    differing = [k for k in sections[0] if len({repr(s.get(k)) for s in sections}) > 1]
+    if not differing:
+        return [root / "data"] * len(sections)
+    return [
+        root / ("data_" + "_".join(f"{k}={quote(str(s[k]), safe='')}" for k in differing))
+        for s in sections
     ]
 
 
@@ -109,7 +148,7 @@ def write_results(
 
     def write_table(path: Path) -> None:
         with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[*grid, *FINAL_METRICS])
+            writer = csv.DictWriter(f, fieldnames=[*grid, "status", *FINAL_METRICS])
             writer.writeheader()
             writer.writerows(rows)
 
@@ -146,9 +185,12 @@ def plot(rows: list[dict], grid: dict[str, list[str]], out_path: Path) -> None:
     plt.close(fig)
 
 
-def check_points(config_path: str, grid: dict[str, list[str]], overrides: list[str]) -> None:
-    """Raises ValueError naming the first grid value or override the config cannot take, so
-    that a typo fails before the first point runs rather than in every point."""
+def check_points(
+    config_path: str, grid: dict[str, list[str]], overrides: list[str]
+) -> list[ConfigDict]:
+    """Each point's config, as its run will read it; raises ValueError naming the first grid
+    value or override the config cannot take, so that a typo fails before the first point
+    runs rather than in every point."""
     if not Path(config_path.partition(":")[0]).is_file():
         raise ValueError(
             f"the config file {config_path!r} does not exist; see experiments/configs/"
@@ -163,52 +205,152 @@ def check_points(config_path: str, grid: dict[str, list[str]], overrides: list[s
         problem = configs.override_problem(config, field, value)
         if problem:
             raise ValueError(problem)
+    # The overrides applied as the run applies them: this also checks the fields that
+    # override_problem cannot (an unset placeholder's type, say).
+    return [_point_config(config_path, point, overrides) for point in grid_points(grid)]
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    grid, overrides = _SWEEP["grid"], _SWEEP["overrides"]
-    if not grid:
-        fail("nothing to sweep: give at least one --sweep.FIELD=v1,v2", BAD_INPUT)
+def _point_config(config_path: str, point: dict[str, str], overrides: list[str]) -> ConfigDict:
+    values = flags.FlagValues()
+    argv = ["sweep", f"--config={config_path}", *point_args(point, overrides)]
+    config_flags.DEFINE_config_file("config", config_path, flag_values=values, sys_argv=argv)
     try:
-        check_points(FLAGS.config, grid, overrides)
-    except ValueError as error:
-        fail(str(error), BAD_INPUT)
-    root = Path(FLAGS.root).absolute()
+        values(argv)
+    except flags.Error as error:
+        raise ValueError(
+            f"{error} (point {point_name(point)}): give the field a value of its type"
+        ) from error
+    return values.config
+
+
+class PointSignals(loop.StopSignals):
+    """The loop's SIGTERM/SIGINT handling, for the sweep: a signal goes on to the point
+    running (a process group of its own, so that Ctrl-C reaches it once, from here), which
+    saves and stops; the sweep starts no further point."""
+
+    def __init__(self):
+        self.point: subprocess.Popen | None = None
+        super().__init__()
+
+    def _handle(self, signum, frame):
+        if self.point is not None and self.point.poll() is None:
+            self.point.send_signal(signum)
+            self.received = self.received or signal.Signals(signum).name
+        else:
+            super()._handle(signum, frame)
+
+
+def run_point(command: list[str], signals: PointSignals) -> str:
+    """Runs one point (its stderr passed on); its status: "done" or "failed: ITS ERROR".
+    Raises Interrupted if it stopped on a signal after saving (exit status 4)."""
+    # a session of its own (Python 3.10 has no process_group=): Ctrl-C reaches it from here
+    point = subprocess.Popen(command, stderr=subprocess.PIPE, start_new_session=True)
+    signals.point = point
+    decode, tail = codecs.getincrementaldecoder("utf-8")(errors="replace").decode, ""
+    try:
+        while chunk := point.stderr.read1(1 << 16):
+            text = decode(chunk)
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            tail = (tail + text)[-4000:]
+        status = point.wait()
+    finally:
+        signals.point = None
+    errors = [line for line in tail.splitlines() if line.startswith("error: ")]
+    message = errors[-1][len("error: ") :] if errors else f"exit status {status}"
+    if status == cli.EXIT_INTERRUPTED:
+        raise Interrupted(message)
+    return DONE if status == 0 else f"failed: {message}"
+
+
+def sweep(config_path: str, grid: dict[str, list[str]], overrides: list[str], root: Path) -> None:
+    if not grid:
+        raise ValueError("nothing to sweep: give at least one --sweep.FIELD=v1,v2")
+    point_configs = check_points(config_path, grid, overrides)
     points = grid_points(grid)
+    commands = [
+        point_command(point, overrides, root, data_dir)
+        for point, data_dir in zip(points, data_dirs(point_configs, root))
+    ]
     if FLAGS.print_only:
-        for point in points:
-            print(shlex.join(point_command(point, overrides, root)))
+        for command in commands:
+            print(shlex.join(command))
         return
     root.mkdir(parents=True, exist_ok=True)
-    failed = []
-    for i, point in enumerate(points, 1):
-        print(f"[{i}/{len(points)}] {point_name(point)}", flush=True)
-        if subprocess.run(point_command(point, overrides, root)).returncode != 0:
-            failed.append(point_name(point))
-    rows = [{**point, **final_metrics(root / point_name(point))} for point in points]
-    header = [*grid, *FINAL_METRICS]
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for row in rows:
-        cells = [row[h] if h in grid else _fmt(row[h]) for h in header]
-        print("| " + " | ".join(cells) + " |")
-    table, figure = write_results(rows, grid, root, complete=not failed)
+    rows = [{**point, "status": NOT_RUN, **dict.fromkeys(FINAL_METRICS)} for point in points]
+    stopped = _run_points(points, commands, rows, root)
+    _print_table(rows, grid)
+    table, figure = write_results(rows, grid, root, complete=all(r["status"] == DONE for r in rows))
     print(f"results: {table}, plot: {figure}")
+    if stopped:
+        later = sum(r["status"] == NOT_RUN for r in rows)
+        raise Interrupted(
+            f"the sweep {stopped}; {later} point(s) not started: run the same command to resume"
+        )
+    failed = [point_name(p) for p, r in zip(points, rows) if r["status"] != DONE]
     if failed:
         kept = root / "sweep_results.csv"
         earlier = f"; the earlier {kept} is kept" if kept.exists() else ""
         sys.exit(f"error: {len(failed)} point(s) failed: {', '.join(failed)}{earlier}")
 
 
+def _run_points(
+    points: list[dict], commands: list[list[str]], rows: list[dict], root: Path
+) -> str | None:
+    """Runs the points in turn, filling in their rows; None, or what stopped the sweep."""
+    signals = PointSignals()
+    try:
+        for i, (point, command, row) in enumerate(zip(points, commands, rows), 1):
+            name = point_name(point)
+            if signals.received:
+                return f"was stopped by {signals.received} before {name}"
+            print(f"[{i}/{len(points)}] {name}", flush=True)
+            try:
+                row["status"] = run_point(command, signals)
+            except Interrupted:
+                row["status"] = STOPPED
+            if row["status"] == DONE:
+                row.update(final_metrics(root / name))
+            elif signals.received:
+                row["status"] = STOPPED  # however it ended (a second Ctrl-C ends it at once)
+            if row["status"] == STOPPED:
+                return f"stopped at {name} (its checkpoints are kept)"
+            if signals.received:
+                return f"was stopped by {signals.received} after {name} finished"
+        return None
+    finally:
+        signals.restore()
+
+
+def _print_table(rows: list[dict], grid: dict[str, list[str]]) -> None:
+    header = [*grid, "status", *FINAL_METRICS]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        cells = [_fmt(row[h]) if h in FINAL_METRICS else row[h] for h in header]
+        print("| " + " | ".join(cells) + " |")
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def main(argv: list[str]) -> None:
+    """Runs the sweep; an error a user can act on ends with its one line and status."""
+    del argv
+    try:
+        sweep(FLAGS.config, _SWEEP["grid"], _SWEEP["overrides"], Path(FLAGS.root).absolute())
+    except Exception as error:  # noqa: BLE001 - mapped, or re-raised as a bug
+        status = cli.exit_status(error)
+        if status is None or FLAGS.verbose:
+            raise
+        fail(str(error), status)
 
 
 def _parse(argv: list[str]) -> list[str]:
     try:
         grid, overrides, rest = split_sweep_args(argv[1:])
     except ValueError as error:
-        fail(f"{error} (see --help)", BAD_INPUT)
+        fail(f"{error} (see --help)", cli.EXIT_BAD_INPUT)
     _SWEEP.update(grid=grid, overrides=overrides)
     return parse_flags(argv[:1] + rest)
 

@@ -96,6 +96,20 @@ def eval_metrics(ground_truth: dict[str, Any]) -> dict[str, float]:
     return {f"eval/{k}": v for k, v in ground_truth.items() if isinstance(v, float)}
 
 
+def check_eval_config(ec: Any) -> None:
+    """The `eval` section's values, checked before any stage trains (the evaluation runs
+    after training, where a bad value would cost the whole stage)."""
+    problems = [
+        f"eval.{name} must be >= 1, got {ec[name]}"
+        for name in ("num_prompts", "batch_size", "max_prompt_len", "max_new_tokens")
+        if ec[name] < 1
+    ]
+    if ec.temperature < 0:
+        problems.append(f"eval.temperature must be >= 0, got {ec.temperature}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def held_out_evaluator(
     ctx: StageContext, data: dict, lm: nn.Module, tokenizer: Tokenizer
 ) -> Callable[[Any], dict[str, Any]]:
@@ -107,6 +121,7 @@ def held_out_evaluator(
     from rlhf.rollout import make_rollout
 
     ec = ctx.config.eval
+    check_eval_config(ec)
     prompts, records = datasets.prompts_of(data["sft_eval"], tokenizer, ec.max_prompt_len)
     prompts, records = prompts[: ec.num_prompts], records[: ec.num_prompts]
     sampling = SamplingConfig(
@@ -119,7 +134,7 @@ def held_out_evaluator(
     score_fn = reward_params = None
     if (ctx.root / "reward" / "checkpoints").is_dir():
         rm = RewardModel(lm.cfg)
-        reward_params = ctx.load_reward(lm.cfg)
+        reward_params = ctx.load_reward(lm.cfg, trains_on_it=False)
         score_fn = jax.jit(lambda p, t, m: sequence_reward(rm, p, t, m))
     return lambda params: ground_truth_of(
         rollout,

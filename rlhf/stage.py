@@ -33,9 +33,11 @@ from rlhf.chat_vocab import with_chat_tokens
 from train import loop, lora, sharding
 from train.checkpoint import (
     LoadedModel,
+    chosen_step,
     finished_results,
     load_model,
     load_params,
+    read_latest_meta,
     store_tokenizer,
 )
 from train.optim import make_optimizer, optim_config
@@ -65,6 +67,9 @@ class StageContext:
     mesh: Any
     identity: dict  # the config this stage's results depend on (recorded, compared)
     scratch: Path  # a temporary directory, removed when the stage ends
+    # The checkpoints this stage trains from, {"dir", "which", "step"} each: recorded in its
+    # meta and compared, since an earlier stage trained further changes them, not the config.
+    inputs: list = dataclasses.field(default_factory=list)
 
     @property
     def section(self) -> ConfigDict:
@@ -72,8 +77,23 @@ class StageContext:
 
     @property
     def finished(self) -> dict | None:
-        """The stage's results if it already ran to the end (nothing is built then)."""
-        return finished_results(self.directory, self.section.train.num_steps)
+        """The stage's results if it already ran to the end (nothing is built then) from the
+        checkpoints it would start from now."""
+        results = finished_results(self.directory, self.section.train.num_steps)
+        if results is not None:
+            check_inputs(self.name, self.root, read_latest_meta(self.directory))
+        return results
+
+    def _record_input(self, directory: Path, which: str, step: int) -> None:
+        """Notes a checkpoint the stage trains from; on a resume, it must be the one the
+        stage's checkpoints were trained from."""
+        if directory.is_relative_to(self.root):  # the pipeline directory may move
+            directory = directory.relative_to(self.root)
+        self.inputs.append({"dir": str(directory), "which": which, "step": step})
+        if (self.directory / "checkpoints").is_dir() and any(
+            (self.directory / "checkpoints").iterdir()
+        ):
+            check_inputs(self.name, self.root, read_latest_meta(self.directory))
 
     def optimizer(self, num_updates: int | None = None) -> optax.GradientTransformation:
         """AdamW for this stage; its schedule spans `num_updates` (default: num_steps)."""
@@ -85,9 +105,11 @@ class StageContext:
         """The language model of an earlier stage (or the imported model `init_from`), with
         the chat tokens added where its tokenizer lacks them (rlhf/chat_vocab.py)."""
         if source == "pretrain" and self.config.get("init_from"):
-            loaded = load_model(Path(self.config.init_from), self.mesh, which)
+            directory = Path(self.config.init_from).absolute()
         else:
-            loaded = load_model(self.root / source, self.mesh, which)
+            directory = self.root / source
+        loaded = load_model(directory, self.mesh, which)
+        self._record_input(directory, which, loaded.step)
         return with_chat_tokens(loaded, Path(tempfile.mkdtemp(dir=self.scratch)))
 
     def policy(self, start: LoadedModel, tx: optax.GradientTransformation) -> Policy:
@@ -103,12 +125,16 @@ class StageContext:
         state, shardings = state_with_params(init_fn(model), start_params, tx, self.mesh)
         return Policy(model, state, shardings, start_params)
 
-    def load_reward(self, cfg: ModelConfig) -> Any:
-        """The reward model's params (normalised), from DIR/reward."""
+    def load_reward(self, cfg: ModelConfig, trains_on_it: bool = True) -> Any:
+        """The reward model's params (normalised), from DIR/reward; `trains_on_it` records
+        it as an input (PPO), unlike scoring an evaluation."""
         from rlhf.reward_model import RewardModel
 
         target = abstract_params(RewardModel(cfg), self.mesh)
-        return load_params(self.root / "reward", target)[1]
+        step, params, _ = load_params(self.root / "reward", target)
+        if trains_on_it:
+            self._record_input(self.root / "reward", "latest", step)
+        return params
 
     def meta(self, start: LoadedModel, **extra) -> dict:
         """The stage's checkpoint meta: its config, the model, the tokenizer it inherits."""
@@ -121,8 +147,23 @@ class StageContext:
             "config": self.identity,
             "model": dataclasses.asdict(start.cfg),
             "tokenizer": store_tokenizer(self.directory, files),
+            "inputs": self.inputs,
             **extra,
         }
+
+
+def check_inputs(name: str, root: Path, meta: dict) -> None:
+    """Refuses stage `name` of pipeline directory `root` if its recorded inputs
+    (`StageContext.inputs`) are not the checkpoints it would start from now: an earlier
+    stage has trained further since."""
+    for used in meta.get("inputs", []):
+        now = chosen_step(root / used["dir"], used["which"])
+        if now != used["step"]:
+            raise ValueError(
+                f"{name} was trained from step {used['step']} of {used['dir']}, which now gives "
+                f"step {now}: delete {root / name} and the stages after it to train them on "
+                "it, or use a new pipeline directory"
+            )
 
 
 def validate(section: ConfigDict, name: str) -> None:

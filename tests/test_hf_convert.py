@@ -25,7 +25,7 @@ from model.config import get_preset  # noqa: E402
 from model.hf import safetensors_io as st  # noqa: E402
 from model.sampling import SamplingConfig, sample  # noqa: E402
 from model.transformer import LanguageModel  # noqa: E402
-from tests.helpers import mesh_of  # noqa: E402
+from tests.helpers import mesh_of, write_bpe_tokenizer  # noqa: E402
 from train import state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -231,30 +231,10 @@ def test_sharded_load_places_each_parameter_by_the_rule_table(hf_dirs, monkeypat
     assert up == [48 * 32 // 8] * 8
 
 
-def _write_bpe_tokenizer(directory):
-    """A small byte-level BPE tokenizer.json like GPT-2's; returns its eos id."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    text = (
-        "def add(a, b):\n    return a + b\n" * 20 + "the quick brown fox jumps over the lazy dog\n"
-    )
-    backend.train_from_iterator([text], trainer)
-    backend.save(str(directory / "tokenizer.json"))
-    return backend.token_to_id("<|endoftext|>")
-
-
 def test_hf_tokenizer_matches_transformers_and_pads_with_eos(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    eos = _write_bpe_tokenizer(src)
+    eos = write_bpe_tokenizer(src)
     (src / "config.json").write_text(json.dumps({"bos_token_id": eos, "eos_token_id": eos}))
     files = hf.tokenizer_files(src, tmp_path)  # GPT-2's hub layout: no tokenizer_config.json
     assert [f.name for f in files] == ["tokenizer.json", "tokenizer_config.json"]
@@ -338,18 +318,24 @@ def test_cli_reports_bad_input_in_one_line(hf_dirs, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def _gpt2_with_tokenizer(hf_dirs, tmp_path) -> tuple[Path, int]:
+    """(folder, eos id): the tiny GPT-2 with a BPE tokenizer whose eos its config names."""
+    src = _edit_config(hf_dirs["gpt2"][1], tmp_path)
+    eos = write_bpe_tokenizer(src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(
+        json.dumps({**config, "bos_token_id": eos, "eos_token_id": eos})
+    )
+    return src, eos
+
+
 def test_convert_commands_write_a_checkpoint_and_export_it(hf_dirs, tmp_path):
     """An import is an ordinary checkpoint of this project (params only, the model config,
     the tokenizer with its identity): load_model reads it, and export gives back the files."""
     from experiments import convert
     from train.checkpoint import load_model, read_latest_meta
 
-    src = _edit_config(hf_dirs["gpt2"][1], tmp_path)
-    eos = _write_bpe_tokenizer(src)
-    config = json.loads((src / "config.json").read_text())
-    (src / "config.json").write_text(
-        json.dumps({**config, "bos_token_id": eos, "eos_token_id": eos})
-    )
+    src, eos = _gpt2_with_tokenizer(hf_dirs, tmp_path)
     convert.import_checkpoint(src, tmp_path / "work")
     loaded = load_model(tmp_path / "work")
     assert loaded.cfg == hf.read_config(src)[0] and loaded.step == 0
@@ -386,3 +372,39 @@ def test_convert_commands_write_a_checkpoint_and_export_it(hf_dirs, tmp_path):
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith("exported") and run.stderr == ""
+
+
+def test_a_config_json_that_is_not_an_object_is_one_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text('["gpt2"]')
+    with pytest.raises(ValueError, match="config.json holds a JSON list, not an object"):
+        hf.read_config(tmp_path)
+
+
+def test_export_mistakes_are_one_line_with_status_2(hf_dirs, tmp_path):
+    """A checkpoint's edited tokenizer copy (a CheckpointError) and a shard size below one
+    byte end as every entry point's user errors do, writing nothing."""
+    from experiments import convert
+
+    src, eos = _gpt2_with_tokenizer(hf_dirs, tmp_path)
+    convert.import_checkpoint(src, tmp_path / "work")
+    dst = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "experiments.convert", "export",
+        f"--workdir={tmp_path / 'work'}", f"--dst={dst}",
+    ]  # fmt: skip
+
+    def one_line_error(*args: str) -> str:
+        run = subprocess.run(
+            [*command, *args], capture_output=True, text=True,
+            env={"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        assert run.returncode == 2, run.stderr[-2000:]
+        lines = run.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr[-2000:]
+        assert not dst.exists()
+        return lines[0]
+
+    assert "--max_shard_bytes must be at least 1" in one_line_error("--max_shard_bytes=0")
+    with open(tmp_path / "work" / "tokenizer" / "tokenizer.json", "a") as f:
+        f.write(" ")
+    assert "is not the one the checkpoint was trained with" in one_line_error()

@@ -25,7 +25,7 @@ from experiments.cli import EXIT_INTERRUPTED
 from model.transformer import LanguageModel
 from tests.run_helpers import REPO, cpu_env, posttrain_config
 from train import loop, sharding
-from train.checkpoint import finished_results, load_params
+from train.checkpoint import finished_results, load_params, read_latest_meta
 from train.metrics_writer import MetricsWriter
 from train.state import abstract_params
 
@@ -240,6 +240,24 @@ def test_a_checkpoint_of_another_config_is_refused_untouched(pipeline, tmp_path)
     relaxed = config.copy_and_resolve_references()
     relaxed.sft.train.update(eval_every=5, log_every=3, checkpoint_every=5)
     assert sft.run(relaxed, root)["sft/train_rows"] > 0
+
+
+def test_a_stage_trained_from_an_earlier_checkpoint_of_its_input_is_refused(
+    pipeline_for_ppo, tmp_path
+):
+    """SFT trained further after the reward model learned from it: the finished reward stage
+    is not its result any more, and is not reported as one."""
+    config, source = pipeline_for_ppo
+    root = shutil.copytree(source, tmp_path / "pipeline")
+    sft_steps = config.sft.train.num_steps
+    inputs = read_latest_meta(root / "reward")["inputs"]
+    assert inputs == [{"dir": "sft", "which": "latest", "step": sft_steps}]
+    longer = config.copy_and_resolve_references()
+    longer.sft.train.num_steps = sft_steps + 2
+    longer.sft.optim.total_steps = sft_steps  # the same schedule: a resume, not a new run
+    sft.run(longer, root)
+    with pytest.raises(ValueError, match=f"from step {sft_steps} of sft, which now gives step"):
+        reward.run(longer, root)
 
 
 def test_array_batches_are_a_function_of_the_position_and_split_over_processes():

@@ -58,6 +58,7 @@ def test_sweep_runs_the_grid_and_writes_table_and_plot(tmp_path):
     with open(tmp_path / "sweep" / "sweep_results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["optim.lr"], r["model.n_layers"]) for r in rows] == [("0.001", "1"), ("0.01", "1")]
+    assert [r["status"] for r in rows] == ["done", "done"]
     assert all(float(r["eval/loss"]) > 0 for r in rows)
     assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 1000
     # The points share one prepared data directory.

@@ -84,7 +84,6 @@ def get_config() -> ConfigDict:
             num_minibatches=2,  # optimizer updates per epoch
             whiten_advantages=True,
             missing_eos_penalty=1.0,  # subtracted from the score of a response without EOS
-            kl_estimator="k1",  # per-token KL in the reward: k1 (log-ratio) or k3
             kl_coef=0.05,  # initial KL coefficient beta
             kl_target=6.0,  # adaptive controller's target KL (0: fixed beta)
             kl_horizon=10_000,  # adaptive controller's horizon
@@ -112,6 +111,7 @@ def get_config() -> ConfigDict:
             loss_normalization="sequence",  # sequence (GRPO) | token (DAPO) | constant (Dr. GRPO)
             epochs=1,
             num_minibatches=1,
+            missing_eos_penalty=1.0,  # subtracted from the reward of an answer cut off
             # The verifiable reward (rlhf/verifier.py): 0 unless it parses, else these.
             reward_weights=dict(
                 parses=0.1,
