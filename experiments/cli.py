@@ -158,15 +158,21 @@ def main(run: Callable[[], None]) -> None:
         if len(argv) > 1:
             fail(f"unexpected arguments: {' '.join(argv[1:])}", EXIT_BAD_INPUT)
         setup()
-        try:
-            run()
-        except Exception as error:  # noqa: BLE001 - mapped, or re-raised as a bug
-            status = exit_status(error)
-            if status is None or FLAGS.verbose:
-                raise
-            fail(str(error), status)
+        run_mapped(run)
 
     app.run(wrapped, flags_parser=_parse_flags)
+
+
+def run_mapped(run: Callable[[], None]) -> None:
+    """`run()`, an error a user can act on ending in its one line and documented status; a
+    bug (or any error with --verbose) keeps its traceback."""
+    try:
+        run()
+    except Exception as error:  # noqa: BLE001 - mapped, or re-raised as a bug
+        status = exit_status(error)
+        if status is None or FLAGS.verbose:
+            raise
+        fail(str(error), status)
 
 
 def define_model_flags() -> None:

@@ -23,7 +23,7 @@ import jax
 from absl import app, flags
 
 import model.hf as hf
-from data.cli import fail, parse_flags
+from data.cli import parse_flags
 from data.hf_tokenizer import CONFIG_FILE, is_hf_tokenizer_json
 from experiments import cli
 from model.config import ModelConfig
@@ -107,7 +107,8 @@ def import_shardings(cfg: ModelConfig) -> Any:
 def main(argv: list[str]) -> None:
     cli.quiet_library_logs()
     command = argv[1] if len(argv) == 2 else None
-    try:
+
+    def run() -> None:
         if command == "import":
             _need("src", "workdir")
             import_checkpoint(FLAGS.src, FLAGS.workdir)
@@ -118,11 +119,8 @@ def main(argv: list[str]) -> None:
             print(f"exported {FLAGS.workdir} to {FLAGS.dst}: {', '.join(f.name for f in files)}")
         else:
             raise ValueError(f"usage: python -m experiments.convert {{{'|'.join(COMMANDS)}}} ...")
-    except Exception as error:  # noqa: BLE001 - mapped as every entry point maps, or a bug
-        status = cli.exit_status(error)
-        if status is None or FLAGS.verbose:
-            raise
-        fail(str(error), status)
+
+    cli.run_mapped(run)
 
 
 def _need(*names: str) -> None:

@@ -337,13 +337,8 @@ def _fmt(value) -> str:
 def main(argv: list[str]) -> None:
     """Runs the sweep; an error a user can act on ends with its one line and status."""
     del argv
-    try:
-        sweep(FLAGS.config, _SWEEP["grid"], _SWEEP["overrides"], Path(FLAGS.root).absolute())
-    except Exception as error:  # noqa: BLE001 - mapped, or re-raised as a bug
-        status = cli.exit_status(error)
-        if status is None or FLAGS.verbose:
-            raise
-        fail(str(error), status)
+    root = Path(FLAGS.root).absolute()
+    cli.run_mapped(lambda: sweep(FLAGS.config, _SWEEP["grid"], _SWEEP["overrides"], root))
 
 
 def _parse(argv: list[str]) -> list[str]:
