@@ -51,6 +51,8 @@ def run() -> None:
 
     if FLAGS.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")
+    if FLAGS.max_new_tokens is not None and FLAGS.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be >= 1, got {FLAGS.max_new_tokens}")
     loaded = load_model(Path(FLAGS.workdir), which=FLAGS.checkpoint)
     tokenizer, mesh = loaded.tokenizer, sharding.make_mesh(sharding.MeshConfig())
     if FLAGS.chat:

@@ -92,6 +92,7 @@ def test_sample_command_reads_the_latest_checkpoint(trained_run, tmp_path):
     for args, message in (
         ([f"--workdir={tmp_path / 'nothing'}"], "holds no checkpoints"),
         ([f"--workdir={workdir}", "--num_samples=0"], "--num_samples must be >= 1"),
+        ([f"--workdir={workdir}", "--max_new_tokens=0"], "--max_new_tokens must be >= 1"),
         ([f"--workdir={workdir}", "--prompt=" + "x" * 40], "shorten the prompt"),
         ([f"--workdir={workdir}", "--chat", "--prompt=hi"], "never taught the chat template"),
     ):

@@ -147,6 +147,13 @@ def test_a_stage_directory_with_no_results_takes_the_corrected_config(tmp_path, 
         Workdir(tmp_path / "run", wrong).__enter__()
 
 
+def test_a_batch_of_no_rows_is_named_as_such():
+    from train import sharding
+
+    with pytest.raises(ValueError, match="global batch size must be >= 1, got 0"):
+        sharding.check_batch_size(0, single_device_mesh())
+
+
 def test_a_reward_model_is_not_loaded_as_a_language_model(tmp_path, monkeypatch):
     from train import checkpoint
 

@@ -97,7 +97,9 @@ def data_parallel_size(mesh: Mesh) -> int:
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
     """The global batch must split evenly over the data-parallel devices."""
     dp = data_parallel_size(mesh)
-    if global_batch_size <= 0 or global_batch_size % dp:
+    if global_batch_size <= 0:
+        raise ValueError(f"the global batch size must be >= 1, got {global_batch_size}")
+    if global_batch_size % dp:
         raise ValueError(
             f"global batch size {global_batch_size} is not divisible by the data-parallel size "
             f"{dp} (mesh axes {BATCH_AXES} = {tuple(mesh.shape[a] for a in BATCH_AXES)})"
