@@ -9,7 +9,7 @@ every id the tokenizer had keeps its meaning. Two formats can grow:
     tokens into its own models).
 A character tokenizer always has the project's special tokens, so it never needs this.
 The output depends only on the input files and the tokens, so a resumed stage writes the
-same bytes (the same sha256 identity, train/checkpoint.py).
+same bytes (the same sha256 identity, train/saved_model.py).
 """
 
 from __future__ import annotations

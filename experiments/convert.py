@@ -30,7 +30,7 @@ from model.config import ModelConfig
 from model.hf import safetensors_io
 from model.transformer import LanguageModel
 from train import sharding, state
-from train.checkpoint import load_model, save_model
+from train.saved_model import load_model, save_model
 from train.sharding import MeshConfig
 
 FLAGS = flags.FLAGS

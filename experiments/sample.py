@@ -47,7 +47,7 @@ def run() -> None:
     from model.transformer import LanguageModel
     from rlhf.chat import render_prompt
     from train import sharding
-    from train.checkpoint import load_model
+    from train.saved_model import load_model
 
     if FLAGS.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {FLAGS.num_samples}")

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from data.special_tokens import add_special_tokens
 from data.tokenizer import CHAT_TOKENS, load_tokenizer
 from model.config import ModelConfig
-from train.checkpoint import LoadedModel
+from train.saved_model import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,8 @@ from model.config import ModelConfig
 from model.transformer import LanguageModel
 from rlhf.chat_vocab import with_chat_tokens
 from train import loop, lora, sharding
-from train.checkpoint import (
+from train.optim import make_optimizer, optim_config
+from train.saved_model import (
     LoadedModel,
     chosen_step,
     finished_results,
@@ -40,7 +41,6 @@ from train.checkpoint import (
     read_latest_meta,
     store_tokenizer,
 )
-from train.optim import make_optimizer, optim_config
 from train.state import TrainState, abstract_params, init_fn, state_with_params
 from train.workdir import Workdir
 

@@ -333,7 +333,7 @@ def test_convert_commands_write_a_checkpoint_and_export_it(hf_dirs, tmp_path):
     """An import is an ordinary checkpoint of this project (params only, the model config,
     the tokenizer with its identity): load_model reads it, and export gives back the files."""
     from experiments import convert
-    from train.checkpoint import load_model, read_latest_meta
+    from train.saved_model import load_model, read_latest_meta
 
     src, eos = _gpt2_with_tokenizer(hf_dirs, tmp_path)
     convert.import_checkpoint(src, tmp_path / "work")

@@ -23,7 +23,7 @@ from experiments import convert  # noqa: E402
 from model.transformer import LanguageModel  # noqa: E402
 from rlhf import chat_vocab  # noqa: E402
 from tests.run_helpers import synthetic_posttrain_data  # noqa: E402
-from train.checkpoint import load_model  # noqa: E402
+from train.saved_model import load_model  # noqa: E402
 
 EOT = "<|endoftext|>"
 # Python source: enough distinct merges for a few hundred BPE tokens.
@@ -198,7 +198,7 @@ def _export_matches_transformers(stage_dir: Path, dst: Path, old_vocab: int) -> 
 def test_grown_untied_model_exports_to_transformers(imports, tmp_path):
     """Llama untied, its embedding and head grown past the padded rows: the export holds
     the new rows and transformers computes the same logits."""
-    from train.checkpoint import save_model
+    from train.saved_model import save_model
 
     _, _, imported = imports["llama"]
     start = load_model(imported)
@@ -213,7 +213,7 @@ def test_pipeline_post_trains_an_import_and_exports_it(imports, tmp_path):
     tokenizer, DPO inherits it, and the SFT model exports with the extended vocabulary."""
     from experiments import pipeline
     from experiments import sft as sft_stage
-    from train.checkpoint import read_latest_meta
+    from train.saved_model import read_latest_meta
 
     _, _, imported = imports["gpt2"]
     root = tmp_path / "run"
@@ -258,9 +258,9 @@ def _continued_pretraining_config(imported: Path, corpus: Path, data_dir: Path):
 def test_continued_pretraining_tokenizes_with_the_imported_tokenizer(imports, tmp_path, caplog):
     from data.prepare import load_meta, prepare
     from tests.run_helpers import make_corpus
-    from train.checkpoint import read_latest_meta
     from train.evaluate import evaluate_checkpoint
     from train.pretrain import train, validate
+    from train.saved_model import read_latest_meta
 
     _, _, imported = imports["gpt2"]
     corpus = make_corpus(tmp_path / "text")
@@ -296,8 +296,8 @@ def test_continue_pretraining_config_takes_the_model_from_the_import(imports, tm
     """`--config=experiments/configs/continue_pretraining.py:DIR`: nothing typed in."""
     from experiments.configs import continue_pretraining
     from tests.run_helpers import make_corpus
-    from train.checkpoint import read_latest_meta
     from train.pretrain import train
+    from train.saved_model import read_latest_meta
 
     _, _, imported = imports["llama"]
     c = continue_pretraining.get_config(str(imported))

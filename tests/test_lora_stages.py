@@ -17,8 +17,8 @@ from tests.run_helpers import posttrain_config
 from tests.test_lora import expected_delta
 from tests.test_posttrain_resume import Crash, copy_of, crash_at, rows, without_times
 from train import sharding
-from train.checkpoint import load_model, load_params, read_latest_meta
 from train.lora import LoraConfig, LoraModel
+from train.saved_model import load_model, load_params, read_latest_meta
 from train.state import FROZEN, abstract_params
 
 LORA = dict(rank=4, alpha=8.0, targets="attention,mlp")

@@ -25,8 +25,8 @@ from experiments.cli import EXIT_INTERRUPTED
 from model.transformer import LanguageModel
 from tests.run_helpers import REPO, cpu_env, posttrain_config
 from train import loop, sharding
-from train.checkpoint import finished_results, load_params, read_latest_meta
 from train.metrics_writer import MetricsWriter
+from train.saved_model import finished_results, load_params, read_latest_meta
 from train.state import abstract_params
 
 
@@ -78,7 +78,7 @@ def rows(stage_dir: Path) -> list[dict]:
 
 def final_params(root: Path, stage: str) -> list[np.ndarray]:
     from model.config import ModelConfig
-    from train.checkpoint import read_latest_meta
+    from train.saved_model import read_latest_meta
 
     meta = read_latest_meta(root / stage)
     mesh = sharding.make_mesh(sharding.MeshConfig())

@@ -126,7 +126,7 @@ def test_best_eval_step_picks_the_lowest_eval_loss_among_kept_checkpoints(tmp_pa
 
 
 def test_load_model_takes_the_best_checkpoint_when_asked(trained_run, tmp_path):
-    from train.checkpoint import load_model
+    from train.saved_model import load_model
 
     assert TRAINED_RUN_SETTINGS == {"train.num_steps": 8, "train.eval_every": 4}
     workdir = shutil.copytree(trained_run.workdir, tmp_path / "run")

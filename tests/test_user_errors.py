@@ -155,11 +155,11 @@ def test_a_batch_of_no_rows_is_named_as_such():
 
 
 def test_a_reward_model_is_not_loaded_as_a_language_model(tmp_path, monkeypatch):
-    from train import checkpoint
+    from train import saved_model
 
-    monkeypatch.setattr(checkpoint, "read_latest_meta", lambda d: {"model_kind": "reward"})
+    monkeypatch.setattr(saved_model, "read_latest_meta", lambda d: {"model_kind": "reward"})
     with pytest.raises(ValueError, match="holds a reward model, not a language model"):
-        checkpoint.load_model(tmp_path / "reward")
+        saved_model.load_model(tmp_path / "reward")
 
 
 def test_a_busy_workdir_is_refused_naming_the_holder(tmp_path):
@@ -263,7 +263,7 @@ def test_a_checkpoint_is_never_decoded_with_another_tokenizer(trained, tmp_path)
         shutil.rmtree(data_dir, ignore_errors=True)
         shutil.copytree(tmp_path / "data_backup", data_dir)
     # Reading the model for sampling uses the tokenizer stored with the checkpoint.
-    from train.checkpoint import load_model
+    from train.saved_model import load_model
 
     assert load_model(workdir).tokenizer.vocab_size > 20
 

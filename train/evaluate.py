@@ -75,7 +75,7 @@ def evaluate_checkpoint(
     from data.tokenizer import tokenizer_identity
     from model.transformer import LanguageModel
     from train import sharding
-    from train.checkpoint import load_model, read_latest_meta
+    from train.saved_model import load_model, read_latest_meta
 
     stage_dir, data_dir = Path(stage_dir).absolute(), Path(data_dir).absolute()
     meta = load_meta(data_dir)  # FileNotFoundError names a folder that is not prepared data

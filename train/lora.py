@@ -12,7 +12,7 @@ axes + "lora_rank" and B "lora_rank" + W's output axes, so the one rule table
 (train/sharding.py) shards each like its kernel.
 
 `LoraModel` wraps the language model and merges in its `apply`, so every step, evaluation and
-sampler runs unchanged on it. Checkpoints hold both parts; `train.checkpoint.load_model` returns
+sampler runs unchanged on it. Checkpoints hold both parts; `train.saved_model.load_model` returns
 the merged params, so sampling, the next stage and the HF export see an ordinary model.
 """
 

@@ -19,12 +19,12 @@ from model.config import ModelConfig
 from model.sampling import SamplingConfig, fitting_new_tokens, make_sampler, sample_texts
 from model.transformer import LanguageModel
 from train import flops, loop, sharding
-from train.checkpoint import finished_results, load_params, read_latest_meta, store_tokenizer
 from train.data_source import build_data
 from train.evaluate import evaluate, make_eval_step
 from train.metrics_writer import plot_loss_curves
 from train.optim import make_optimizer, optim_config
 from train.pretrain_step import StepConfig, make_pretrain_step
+from train.saved_model import finished_results, load_params, read_latest_meta, store_tokenizer
 from train.state import abstract_params, abstract_train_state, create_train_state, init_fn
 from train.workdir import Workdir
 
@@ -193,7 +193,7 @@ def _print_samples(stage: loop.Stage, config: ConfigDict) -> None:
     sc = config.sample
     if not sc.num_samples:
         return
-    from train.checkpoint import load_stage_tokenizer
+    from train.saved_model import load_stage_tokenizer
 
     tokenizer = load_stage_tokenizer(stage.directory, stage.meta)
     cfg = ModelConfig(**stage.meta["model"])

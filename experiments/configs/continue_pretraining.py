@@ -20,7 +20,7 @@ from experiments.configs.common import base_config, model_section
 
 
 def get_config(source: str = "") -> ConfigDict:
-    from train.checkpoint import read_latest_meta  # reads files only, no JAX backend
+    from train.saved_model import read_latest_meta  # reads files only, no JAX backend
 
     if not source:
         raise ValueError(
