@@ -103,8 +103,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
         cause = error.__cause__ or error
         if cause is not error:  # the config file's own error: it says what to do
             fail(_first_line(cause), EXIT_BAD_INPUT)
+        path = _config_path(argv, _default_config[0])
+        if isinstance(error, AttributeError) and "get_config" in str(error):
+            fail(
+                f"the config file {path!r} defines no get_config(): a config file returns its "
+                "ConfigDict from get_config(); see experiments/configs/",
+                EXIT_BAD_INPUT,
+            )
         if any(arg.startswith("--config.") for arg in argv):
-            fail(_config_problem(error, _config_path(argv, _default_config[0])), EXIT_BAD_INPUT)
+            fail(_config_problem(error, path), EXIT_BAD_INPUT)
         fail(f"{_first_line(error)} (see --helpfull)", EXIT_BAD_INPUT)
         raise  # unreachable
 
@@ -116,7 +123,10 @@ def define_config(default: str, help_text: str, **kwargs) -> None:
 
     _default_config[0] = default
     path = _config_path(sys.argv, default)
-    if not Path(path.split(":")[0]).is_file():
+    file = Path(path.split(":")[0])
+    if file.is_dir():
+        fail(f"--config={path!r} is a directory: name a config file in it", EXIT_BAD_INPUT)
+    if not file.is_file():
         fail(f"the config file {path!r} does not exist; see experiments/configs/", EXIT_BAD_INPUT)
     try:
         config_flags.DEFINE_config_file("config", default, help_text, **kwargs)

@@ -7,7 +7,9 @@ PREPARED_DIR is a `data.prepare` output tokenized with that model's tokenizer
 (`python -m data.prepare --corpus=... --out=PREPARED_DIR --tokenizer=STAGE_DIR/tokenizer`).
 Every token of the split is scored once, rows packed as in training, and the loss
 (nats/token), perplexity and bits per byte (comparable across tokenizers) are printed as
-JSON. Nothing is written. Exit statuses: experiments/cli.py.
+JSON. With --max_batches the figures are an estimate from the split's first batches, and the
+JSON's "scored" says so ("first N of M batches"; "whole split" otherwise). Nothing is
+written. Exit statuses: experiments/cli.py.
 """
 
 from __future__ import annotations

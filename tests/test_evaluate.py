@@ -26,6 +26,9 @@ def test_equals_the_evaluation_logged_in_training(trained_run):
         assert got[key] == pytest.approx(logged[-1][key], rel=1e-5), key
     whole = evaluate_checkpoint(trained_run.workdir, trained_run.prepared, seq_len=32)
     assert whole["eval/loss"] != got["eval/loss"]  # every batch of the split, not 2
+    # the partial pass says it is one (an estimate); the whole one says so too
+    assert got["scored"].startswith("first 2 of ") and got["scored"].endswith(" batches")
+    assert whole["scored"] == "whole split"
 
 
 def test_refuses_data_of_another_tokenizer_and_impossible_rows(trained_run, tmp_path):

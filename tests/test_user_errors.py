@@ -55,6 +55,8 @@ def _one_line_error(result, status: int, *fragments: str) -> None:
         ([f"--config={CONFIG}", "--config.no_such_field=1"], ["'no_such_field'", "optim, "]),
         ([f"--config={CONFIG}", "--config.train.num_steps=many"], ["num_steps", "'many'"]),
         (["--config=/nonexistent/config.py"], ["/nonexistent/config.py"]),
+        (["--config=experiments/configs"], ["'experiments/configs' is a directory"]),
+        (["--config=experiments/configs/common.py"], ["common.py' defines no get_config()"]),
         (["--config.train.eval_every=0"], ["train.eval_every must be >= 1"]),
         (["--config.train.global_batch_size=0"], ["train.global_batch_size must be >= 1"]),
         (["--config.optim.lr=nan"], ["optim.lr must be a finite number > 0"]),

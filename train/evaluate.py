@@ -116,11 +116,14 @@ def evaluate_checkpoint(
             max_batches=max_batches,
         )
     )
+    rows = -(-(meta["splits"][split]["tokens"] - 1) // seq_len)  # as the packer counts
+    split_batches = -(-rows // batch_size)
+    total = min(split_batches, max_batches or split_batches)
     if progress:
         from tqdm import tqdm
 
-        rows = -(-(meta["splits"][split]["tokens"] - 1) // seq_len)  # as the packer counts
-        total = min(-(-rows // batch_size), max_batches or rows)
         batches = tqdm(batches, desc=f"evaluating {split}", unit="batch", total=total)
     metrics = evaluate(eval_step, loaded.params, batches, pipeline.bytes_per_token(data_dir, split))
-    return {"step": loaded.step, "split": split, "seq_len": seq_len, **metrics}
+    # A partial pass is an estimate: its bits per byte use the whole split's bytes per token.
+    scored = f"first {total} of {split_batches} batches" if total < split_batches else "whole split"
+    return {"step": loaded.step, "split": split, "seq_len": seq_len, "scored": scored, **metrics}
