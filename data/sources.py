@@ -70,7 +70,9 @@ class RawDocument:
     name: str  # file path, "path:line" or "tfds:name[i]"; shown in report examples
     kind: str  # "code" or "prose": selects the quality rules
     text: str | None  # None when `error` is set
-    nbytes: int  # bytes as read; the report's byte counts add these up
+    # The document's bytes, which the report's counts add up: its text's UTF-8 bytes; for
+    # one that could not be read, the raw bytes (a JSONL record: its whole line)
+    nbytes: int
     error: str | None = None  # drop reason found while reading
     package: str | None = None  # python corpus: the distribution (or "stdlib")
     license: str | None = None  # python corpus: the distribution's licence

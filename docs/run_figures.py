@@ -357,7 +357,7 @@ PPO_PANELS = [  # (metric suffix, title); tests/test_posttrain_resume.py checks 
 ]
 GRPO_PANELS = [
     ("reward_mean", "verifiable reward (mean)"),
-    ("check_parses", "sampled answers that parse"),
+    ("no_eos_frac", "answers cut off at the length limit"),
     ("frac_groups_all_equal", "groups with equal rewards"),
     ("kl", "k3 KL to the SFT model"),
     ("response_length", "response length (tokens)"),
@@ -377,6 +377,7 @@ def grpo_curves(pipeline: Path) -> Path:
 GROUND_TRUTH_COLUMNS = (
     "parse_rate",
     "defines_name_rate",
+    "stopped_rate",
     "verifiable_reward_mean",
     "reward_mean",
     "n",
@@ -399,7 +400,8 @@ def ground_truth(pipeline: Path) -> Path:
     caption = (
         ": Held-out ground truth of every policy of the CPU pipeline run of @fig:ppo and "
         "@fig:grpo: greedy answers to the prompts of held-out files; rates and means with their "
-        "95% intervals; `verifiable_reward_mean` is GRPO's reward (`rlhf/verifier.py`), "
+        "95% intervals; `stopped_rate` the answers that ended before the length limit, "
+        "`verifiable_reward_mean` GRPO's reward (`rlhf/verifier.py`), "
         "`reward_mean` the normalised reward-model score. From `report/summary.json` of that run"
     )
     if checks:
