@@ -131,7 +131,10 @@ _ABSTRACT_GPU = dict(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platfor
 def lower_for_cuda(jitted, *args) -> jax.stages.Lowered:
     """`jitted(*args)` traced and lowered for CUDA, on a machine with or without a GPU."""
     device = jax.sharding.AbstractDevice(**_ABSTRACT_GPU)
-    mesh = jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=device)
+    # Auto axes, as the project's meshes have (train/sharding.py): jax 0.11's AbstractMesh
+    # defaults to Explicit ones, under which reshapes inside the kernels' wrappers fail.
+    auto = (jax.sharding.AxisType.Auto,)
+    mesh = jax.sharding.AbstractMesh((1,), ("gpu",), axis_types=auto, abstract_device=device)
     with jax.sharding.use_abstract_mesh(mesh):
         return jitted.trace(*args).lower(lowering_platforms=("cuda",))
 

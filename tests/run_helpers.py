@@ -33,7 +33,10 @@ def cpu_env(devices: int = 1) -> dict[str, str]:
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAG}",
-        "PYTHONPATH": os.pathsep.join((str(WITHOUT_TORCH), str(REPO))),
+        # the inherited path last: packages installed outside the environment stay importable
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(WITHOUT_TORCH), str(REPO), os.environ.get("PYTHONPATH")) if p
+        ),
     }
 
 
